@@ -1,0 +1,38 @@
+"""Llama / Qwen2 family decoder: config, pure forward, KV-cache decode, HF import/export."""
+
+from grpo_jax.models.config import ModelConfig
+from grpo_jax.models.hf import load_pretrained, save_pretrained
+from grpo_jax.models.transformer import (
+    KVCache,
+    Params,
+    forward,
+    forward_hidden,
+    forward_with_cache,
+    init_cache,
+    init_params,
+    logical_axes,
+    logits_from_hidden,
+    logprobs_from_hidden,
+    param_shapes,
+    positions_from_mask,
+    token_logprobs,
+)
+
+__all__ = [
+    "KVCache",
+    "ModelConfig",
+    "Params",
+    "forward",
+    "forward_hidden",
+    "forward_with_cache",
+    "init_cache",
+    "init_params",
+    "load_pretrained",
+    "logical_axes",
+    "logits_from_hidden",
+    "logprobs_from_hidden",
+    "param_shapes",
+    "positions_from_mask",
+    "save_pretrained",
+    "token_logprobs",
+]

@@ -1,0 +1,390 @@
+"""A pure-functional decoder-only transformer (Llama / Qwen2 family).
+
+Params are a plain dict pytree; layer weights are stacked on a leading `layers` axis so the layer
+stack runs under `lax.scan` (compile time independent of depth). Every parameter has logical axis
+names (`logical_axes`), which `grpo_jax.sharding` maps to mesh axes.
+
+Layout (D hidden, H heads, K kv heads, Dh head dim, F mlp, V vocab, L layers):
+    embed        [V, D]                       ("vocab", "embed")
+    layers/attn_norm, mlp_norm [L, D]         ("layers", "norm")
+    layers/q     [L, D, H, Dh]   k, v [L, D, K, Dh]   o [L, H, Dh, D]
+    layers/q_bias [L, H, Dh]  k_bias, v_bias [L, K, Dh]  o_bias [L, D]   (optional)
+    layers/gate, up [L, D, F]   down [L, F, D]
+    final_norm   [D]
+    lm_head      [D, V]   (absent when embeddings are tied)
+
+RoPE follows the Hugging Face "rotate half" convention so imported checkpoints need no permutation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from grpo_jax.models.config import ModelConfig
+
+Params = dict[str, Any]
+KVCache = dict[str, jax.Array]  # {"k": [L, B, S, K, Dh], "v": [L, B, S, K, Dh]}
+
+_NEG_INF = -1e30
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------------------------
+
+
+def param_shapes(config: ModelConfig) -> dict[str, Any]:
+    """Shape of every parameter, as a pytree of tuples mirroring the params dict."""
+    L, D, F, V = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    H, K, Dh = config.num_heads, config.num_kv_heads, config.resolved_head_dim
+    layers = {
+        "attn_norm": (L, D),
+        "q": (L, D, H, Dh),
+        "k": (L, D, K, Dh),
+        "v": (L, D, K, Dh),
+        "o": (L, H, Dh, D),
+        "mlp_norm": (L, D),
+        "gate": (L, D, F),
+        "up": (L, D, F),
+        "down": (L, F, D),
+    }
+    if config.qkv_bias:
+        layers.update(q_bias=(L, H, Dh), k_bias=(L, K, Dh), v_bias=(L, K, Dh))
+    if config.o_bias:
+        layers["o_bias"] = (L, D)
+    shapes = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
+    if not config.tie_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def logical_axes(config: ModelConfig) -> dict[str, Any]:
+    """Logical axis names of every parameter (same structure as the params)."""
+    layers = {
+        "attn_norm": ("layers", "norm"),
+        "q": ("layers", "embed", "heads", "head_dim"),
+        "k": ("layers", "embed", "kv_heads", "head_dim"),
+        "v": ("layers", "embed", "kv_heads", "head_dim"),
+        "o": ("layers", "heads", "head_dim", "embed"),
+        "mlp_norm": ("layers", "norm"),
+        "gate": ("layers", "embed", "mlp"),
+        "up": ("layers", "embed", "mlp"),
+        "down": ("layers", "mlp", "embed"),
+    }
+    if config.qkv_bias:
+        layers.update(
+            q_bias=("layers", "heads", "head_dim"),
+            k_bias=("layers", "kv_heads", "head_dim"),
+            v_bias=("layers", "kv_heads", "head_dim"),
+        )
+    if config.o_bias:
+        layers["o_bias"] = ("layers", "norm")
+    axes = {"embed": ("vocab", "embed"), "layers": layers, "final_norm": ("norm",)}
+    if not config.tie_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+    """Random init: normal(0, 0.02) matrices (scaled-down output projections), unit norms, zero biases.
+
+    Wrap in `jax.jit(..., out_shardings=...)` (see `grpo_jax.sharding.init_sharded_params`) to create the
+    params directly sharded without ever materialising them on one device.
+    """
+    shapes = param_shapes(config)
+    dtype = config.weight_dtype
+    std = 0.02
+    out_std = std / math.sqrt(2 * config.num_layers)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(rng, len(flat))
+    leaves = []
+    for key, (path, shape) in zip(keys, flat):
+        name = path[-1].key
+        if name.endswith("norm"):
+            leaves.append(jnp.ones(shape, dtype))
+        elif name.endswith("bias"):
+            leaves.append(jnp.zeros(shape, dtype))
+        else:
+            scale = out_std if name in ("o", "down") else std
+            leaves.append((scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm (Zhang & Sennrich 2019), computed in float32 like HF, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_frequencies(config: ModelConfig) -> jax.Array:
+    """Inverse RoPE frequencies [Dh/2], with Llama-3 or linear scaling applied (RoFormer arXiv 2104.09864)."""
+    dh = config.resolved_head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    scaling = config.rope_scaling_dict
+    if not scaling or scaling.get("rope_type", "default") == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # Llama 3.1 frequency-dependent scaling (transformers `_compute_llama3_parameters`).
+    low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+    high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+    old_context = float(scaling.get("original_max_position_embeddings", 8192))
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate x [B, T, N, Dh] by positions [B, T] (rotate-half convention)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """Positions [B, T] counting only real tokens, so left padding does not shift RoPE."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Grouped-query attention.
+
+    q [B, T, H, Dh], k/v [B, S, K, Dh], allowed [B, T, S] bool -> [B, T, H, Dh].
+    Fully masked query rows (padding) produce zeros, never NaN.
+    """
+    b, t, h, dh = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
+    scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(allowed[:, None, None, :, :], probs, 0.0).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, dh)
+
+
+def _remat_policy(name: str):
+    return {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_saveable,
+        "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[name]
+
+
+def _decoder_layer(config, layer, x, positions, inv_freq, allowed, cache_kv=None, cache_index=None):
+    """One pre-norm decoder block. x [B, T, D]. With cache_kv ([B, S, K, Dh] x2), the new keys/values
+    are written at `cache_index` and attention reads the whole cache; returns (x, new_cache_kv)."""
+    dtype = config.compute_dtype
+    w = jax.tree_util.tree_map(lambda p: p.astype(dtype), layer)
+    h = rms_norm(x, w["attn_norm"], config.rms_norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, w["q"])
+    k = jnp.einsum("btd,dhk->bthk", h, w["k"])
+    v = jnp.einsum("btd,dhk->bthk", h, w["v"])
+    if config.qkv_bias:
+        q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    new_cache = None
+    if cache_kv is not None:
+        cache_k, cache_v = cache_kv
+        cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, axis=1)
+        cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache_index, axis=1)
+        new_cache = (cache_k, cache_v)
+        k, v = cache_k.astype(dtype), cache_v.astype(dtype)
+    attn = attention(q, k, v, allowed)
+    out = jnp.einsum("bthk,hkd->btd", attn, w["o"])
+    if config.o_bias:
+        out = out + w["o_bias"]
+    x = x + out
+    h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
+    gated = jax.nn.silu(jnp.einsum("btd,df->btf", h, w["gate"])) * jnp.einsum("btd,df->btf", h, w["up"])
+    x = x + jnp.einsum("btf,fd->btd", gated, w["down"])
+    return x, new_cache
+
+
+def _run_layers(config, layers, x, positions, allowed, cache=None, cache_index=None):
+    """Apply the layer stack (scanned or unrolled); returns (x, new_cache or None)."""
+    inv_freq = rope_inv_frequencies(config)
+
+    def body(x, layer_and_cache):
+        layer, cache_kv = layer_and_cache
+        return _decoder_layer(config, layer, x, positions, inv_freq, allowed, cache_kv, cache_index)
+
+    if config.remat != "none":
+        body = jax.checkpoint(body, policy=_remat_policy(config.remat))
+    cache_kv = None if cache is None else (cache["k"], cache["v"])
+    if config.scan_layers:
+        x, new_kv = jax.lax.scan(body, x, (layers, cache_kv))
+    else:
+        outs = []
+        for i in range(config.num_layers):
+            take = lambda a, i=i: a[i]
+            x, kv = body(x, jax.tree_util.tree_map(take, (layers, cache_kv)))
+            outs.append(kv)
+        new_kv = None if cache is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+    new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
+    return x, new_cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------
+
+
+def embed_tokens(config: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    return jnp.take(params["embed"], tokens, axis=0).astype(config.compute_dtype)
+
+
+def logits_from_hidden(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """hidden [..., D] (final-normed) -> float32 logits [..., V]."""
+    dtype = config.compute_dtype
+    if config.tie_embeddings:
+        return jnp.einsum(
+            "...d,vd->...v", hidden, params["embed"].astype(dtype), preferred_element_type=jnp.float32
+        )
+    return jnp.einsum(
+        "...d,dv->...v", hidden, params["lm_head"].astype(dtype), preferred_element_type=jnp.float32
+    )
+
+
+def forward_hidden(
+    config: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    *,
+    attention_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+) -> jax.Array:
+    """Final-normed hidden states [B, T, D] (compute dtype) for a full sequence.
+
+    attention_mask [B, T] (1 real, 0 padding) masks padded keys; positions default to the count of
+    real tokens so left-padded and unpadded sequences give the same values on real tokens.
+    """
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, jnp.int32)
+    if positions is None:
+        positions = positions_from_mask(attention_mask)
+    t = tokens.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    allowed = causal[None] & (attention_mask[:, None, :] > 0)
+    x = embed_tokens(config, params, tokens)
+    x, _ = _run_layers(config, params["layers"], x, positions, allowed)
+    return rms_norm(x, params["final_norm"].astype(config.compute_dtype), config.rms_norm_eps)
+
+
+def forward(
+    config: ModelConfig, params: Params, tokens: jax.Array, *, attention_mask: jax.Array | None = None
+) -> jax.Array:
+    """Training forward: tokens [B, T] int32 -> logits float32 [B, T, V] (DESIGN.md §3 contract)."""
+    hidden = forward_hidden(config, params, tokens, attention_mask=attention_mask)
+    return logits_from_hidden(config, params, hidden)
+
+
+def token_logprobs(
+    config: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    *,
+    attention_mask: jax.Array | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 128,
+    with_entropy: bool = False,
+):
+    """Log-probability of each next token, without materialising [B, T, V] logits at once.
+
+    tokens [B, T]; returns logprobs [B, T-1] where entry t is log p(tokens[t+1] | tokens[:t+1]) under
+    softmax(logits / temperature), and, if `with_entropy`, the entropy [B, T-1] of that distribution.
+    The vocabulary projection runs over sequence chunks of `chunk_size` under `jax.checkpoint`, so
+    the backward pass also keeps only one chunk of logits alive.
+    """
+    hidden = forward_hidden(config, params, tokens, attention_mask=attention_mask)[:, :-1]
+    targets = tokens[:, 1:]
+    return logprobs_from_hidden(
+        config, params, hidden, targets, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy
+    )
+
+
+def logprobs_from_hidden(config, params, hidden, targets, *, temperature=1.0, chunk_size=128, with_entropy=False):
+    """Chunked vocabulary projection: hidden [B, T, D], targets [B, T] -> logprobs [B, T] (+ entropy)."""
+    b, t, d = hidden.shape
+    chunk = max(1, min(chunk_size, t))
+    num_chunks = -(-t // chunk)
+    pad = num_chunks * chunk - t
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    hidden_chunks = hidden.reshape(b, num_chunks, chunk, d).swapaxes(0, 1)
+    target_chunks = targets.reshape(b, num_chunks, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(h, y):
+        logits = logits_from_hidden(config, params, h) / temperature
+        logp_all = jax.nn.log_softmax(logits, axis=-1)
+        logp = jnp.take_along_axis(logp_all, y[..., None], axis=-1)[..., 0]
+        ent = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+        return logp, ent
+
+    def body(carry, xs):
+        return carry, one_chunk(*xs)
+
+    _, (logp, ent) = jax.lax.scan(body, None, (hidden_chunks, target_chunks))
+    logp = logp.swapaxes(0, 1).reshape(b, -1)[:, :t]
+    ent = ent.swapaxes(0, 1).reshape(b, -1)[:, :t]
+    return (logp, ent) if with_entropy else logp
+
+
+# ----------------------------------------------------------------------------------------------
+# KV-cache decoding
+# ----------------------------------------------------------------------------------------------
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """Zeroed KV cache {"k", "v"}: [L, B, S, K, Dh] each."""
+    dtype = config.compute_dtype if dtype is None else dtype
+    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.resolved_head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def forward_with_cache(
+    config: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    cache_index: jax.Array,
+    key_mask: jax.Array,
+) -> tuple[jax.Array, KVCache]:
+    """Prefill a block or extend by one token, reading and writing the KV cache.
+
+    tokens/positions [B, T] are written at cache slots [cache_index, cache_index + T); key_mask [B, S]
+    marks which cache slots hold real tokens (including the new ones). A query at slot s attends to
+    slots <= s that are real. Returns (float32 logits [B, T, V], updated cache).
+    """
+    t = tokens.shape[1]
+    s = cache["k"].shape[2]
+    query_slots = cache_index + jnp.arange(t)
+    causal = jnp.arange(s)[None, :] <= query_slots[:, None]  # [T, S]
+    allowed = causal[None] & (key_mask[:, None, :] > 0)
+    x = embed_tokens(config, params, tokens)
+    x, cache = _run_layers(config, params["layers"], x, positions, allowed, cache, cache_index)
+    x = rms_norm(x, params["final_norm"].astype(config.compute_dtype), config.rms_norm_eps)
+    return logits_from_hidden(config, params, x), cache

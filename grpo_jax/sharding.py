@@ -1,0 +1,176 @@
+"""Device mesh, logical-axis sharding rules, sharded init and batch placement.
+
+One `Mesh` with axes ("data", "fsdp", "tensor"). Parameters carry logical axis names
+(`grpo_jax.models.logical_axes`); `DEFAULT_RULES` maps each logical name to mesh axes, so changing
+the table changes the parallelism, not the model code. Batches are sharded over ("data", "fsdp").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis name -> mesh axis (or tuple of mesh axes, or None for replicated)
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("length", None),
+)
+
+
+def make_mesh(shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1), devices=None) -> Mesh:
+    """Build a ("data", "fsdp", "tensor") mesh; one entry may be -1 and is filled from the device count.
+
+    Raises ValueError naming the shape and the device count when they do not fit.
+    """
+    if isinstance(shape, Mapping):
+        unknown = sorted(set(shape) - set(MESH_AXES))
+        if unknown:
+            raise ValueError(f"mesh shape: unknown axis name(s) {unknown}; axes are {MESH_AXES}")
+        shape = [shape.get(axis, 1) for axis in MESH_AXES]
+    shape = [int(s) for s in shape]
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh shape {shape}: sizes must be positive, with at most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if n % known:
+            raise ValueError(f"mesh shape {shape} does not divide the {n} available devices")
+        shape[shape.index(-1)] = n // known
+    if math.prod(shape) != n:
+        raise ValueError(
+            f"mesh shape {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but {n} are available"
+        )
+    device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES)
+
+
+def logical_to_spec(
+    logical: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None, rules=None
+) -> P:
+    """Map logical axis names to a PartitionSpec.
+
+    With `shape` and `mesh`, a mesh axis that does not divide the dimension (or is already used by an
+    earlier dimension) is dropped, so e.g. 2 kv heads on a 4-way tensor axis are replicated instead of
+    failing.
+    """
+    table = dict(DEFAULT_RULES if rules is None else rules)
+    used: set[str] = set()
+    spec = []
+    for dim, name in enumerate(logical):
+        target = table.get(name) if name is not None else None
+        axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        kept = []
+        for axis in axes:
+            if axis in used:
+                continue
+            if mesh is not None and shape is not None:
+                size = math.prod(mesh.shape[a] for a in kept + [axis])
+                if shape[dim] % size:
+                    continue
+            kept.append(axis)
+        used.update(kept)
+        spec.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
+    return P(*spec)
+
+
+def param_shardings(mesh: Mesh, axes_tree, shapes_tree, rules=None):
+    """NamedSharding for every parameter from its logical axes and shape."""
+    return jax.tree_util.tree_map(
+        lambda axes, shape: NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules)),
+        axes_tree,
+        shapes_tree,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def model_param_shardings(mesh: Mesh, model_config, rules=None):
+    from grpo_jax.models import logical_axes, param_shapes
+
+    return param_shardings(mesh, logical_axes(model_config), param_shapes(model_config), rules)
+
+
+def init_sharded_params(model_config, rng: jax.Array, mesh: Mesh, rules=None):
+    """Initialise params directly in their sharding: shapes via `jax.eval_shape`, then a jitted init with
+    `out_shardings`, so no device ever holds the full unsharded model."""
+    from grpo_jax.models import init_params
+
+    shardings = model_param_shardings(mesh, model_config, rules)
+    jax.eval_shape(lambda r: init_params(model_config, r), rng)  # validates shapes before allocating
+    return jax.jit(lambda r: init_params(model_config, r), out_shardings=shardings)(rng)
+
+
+def batch_spec(ndim: int) -> P:
+    return P(BATCH_AXES, *([None] * (ndim - 1)))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a batch array: leading dim over ("data", "fsdp"), the rest replicated."""
+    return NamedSharding(mesh, batch_spec(ndim))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(batch, mesh: Mesh):
+    """Place a host batch (pytree of numpy arrays holding THIS process's rows) on the mesh.
+
+    Single process: the arrays are the global batch. Multi-host: each process passes its slice and
+    `jax.make_array_from_process_local_data` assembles the global array. Scalars are replicated.
+    """
+
+    def place(x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return jax.device_put(x, replicated(mesh))
+        sharding = batch_sharding(mesh, x.ndim)
+        data_parallel = math.prod(mesh.shape[a] for a in BATCH_AXES)
+        global_rows = x.shape[0] * jax.process_count()
+        if global_rows % data_parallel:
+            raise ValueError(
+                f"batch dimension {global_rows} is not divisible by the data-parallel size {data_parallel} "
+                f"(mesh {dict(mesh.shape)})"
+            )
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree_util.tree_map(place, batch)
+
+
+def initialize_distributed(**kwargs) -> None:
+    """Start JAX's multi-controller runtime on a multi-host TPU/GPU slice; a no-op for a single process.
+
+    On Cloud TPU all arguments are discovered automatically; elsewhere pass coordinator_address,
+    num_processes and process_id (forwarded to `jax.distributed.initialize`).
+    """
+    if kwargs or _looks_multihost():
+        jax.distributed.initialize(**kwargs)
+
+
+def _looks_multihost() -> bool:
+    import os
+
+    return any(
+        os.environ.get(k) for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
+    ) and os.environ.get("TPU_WORKER_HOSTNAMES", "localhost") not in ("", "localhost")

@@ -1,0 +1,126 @@
+"""HF parity: tiny random transformers Llama/Qwen2 models load with identical logits, and export back."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grpo_jax import models
+from grpo_jax.testing import tiny_model_config, tiny_params
+
+torch = pytest.importorskip("torch")  # the [hf] extra; .ci/run installs it
+transformers = pytest.importorskip("transformers")
+
+VARIANTS = {
+    "qwen2_untied": ("qwen2", dict(tie_word_embeddings=False)),
+    "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True)),
+    "llama_gqa_untied": ("llama", dict(attention_bias=False, tie_word_embeddings=False)),
+    "llama_bias_tied": ("llama", dict(attention_bias=True, tie_word_embeddings=True)),
+    "llama3_rope_scaling": ("llama", dict(rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+}
+
+
+def _hf_model(family, extra, seed=0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=500.0)
+    if family == "qwen2":
+        cfg = transformers.Qwen2Config(**common, **extra)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        cfg = transformers.LlamaConfig(**common, **extra)
+        model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # random, non-trivial biases and norms so every tensor matters
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.float().eval()
+
+
+def _hf_logits(model, tokens, mask):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask))
+    return out.logits.numpy()
+
+
+TOKENS = np.array([[5, 17, 33, 2, 90, 11, 7, 60, 3, 44, 21, 8], [9, 1, 4, 77, 23, 5, 6, 18, 40, 33, 2, 13]])
+MASK = np.ones_like(TOKENS)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_hf_import_and_export_parity(variant, tmp_path):
+    family, extra = VARIANTS[variant]
+    hf_model = _hf_model(family, extra)
+    src = tmp_path / "hf"
+    hf_model.save_pretrained(src, safe_serialization=True)
+    expected = _hf_logits(hf_model, TOKENS, MASK)
+
+    config, params = models.load_pretrained(str(src))
+    assert config.architecture == family
+    assert config.tie_embeddings == extra.get("tie_word_embeddings", False)
+    got = np.asarray(models.forward(config, params, jnp.asarray(TOKENS)))
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+    out = tmp_path / "export"
+    models.save_pretrained(config, params, str(out))
+    cls = transformers.Qwen2ForCausalLM if family == "qwen2" else transformers.LlamaForCausalLM
+    reloaded = cls.from_pretrained(out).float().eval()
+    np.testing.assert_allclose(_hf_logits(reloaded, TOKENS, MASK), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_checkpoint_with_index_loads_onto_mesh(tmp_path):
+    from grpo_jax.testing import mesh_2x2x2
+
+    config = tiny_model_config(architecture="qwen2", qkv_bias=True)
+    params = tiny_params(config)
+    models.save_pretrained(config, params, str(tmp_path), max_shard_bytes=20_000)
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+    mesh = mesh_2x2x2()
+    loaded_config, loaded = models.load_pretrained(str(tmp_path), mesh=mesh)
+    assert loaded_config == config
+    assert len(loaded["layers"]["gate"].addressable_shards) == 8
+    np.testing.assert_array_equal(np.asarray(loaded["layers"]["q"]), np.asarray(params["layers"]["q"]))
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    config = tiny_model_config()
+    models.save_pretrained(config, tiny_params(config), str(tmp_path))
+    with open(tmp_path / "config.json") as f:
+        hf = json.load(f)
+
+    hf_bad = dict(hf, architectures=["MistralForCausalLM"], model_type="mistral")
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(hf_bad, f)
+    with pytest.raises(ValueError, match="unsupported architecture 'MistralForCausalLM'"):
+        models.load_pretrained(str(tmp_path))
+
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(dict(hf, intermediate_size=80), f)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight' has shape \(64, 32\), expected"):
+        models.load_pretrained(str(tmp_path))
+
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(dict(hf, num_hidden_layers=3), f)
+    with pytest.raises(ValueError, match="missing tensor 'model.layers.2.input_layernorm.weight'"):
+        models.load_pretrained(str(tmp_path))
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        models.load_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_config_reads_both_rope_spellings():
+    from grpo_jax.models.hf import config_from_hf
+
+    base = dict(architectures=["LlamaForCausalLM"], vocab_size=10, hidden_size=8, intermediate_size=16,
+                num_hidden_layers=1, num_attention_heads=2)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    v4 = config_from_hf(dict(base, rope_theta=5e5, rope_scaling=scaling))
+    v5 = config_from_hf(dict(base, rope_parameters=dict(scaling, rope_theta=5e5)))
+    assert v4 == v5
+    assert v4.rope_theta == 5e5 and v4.rope_scaling_dict["factor"] == 8.0
