@@ -1,0 +1,276 @@
+"""The jitted sampler: G completions per prompt with a KV cache, in one compiled program.
+
+Each distinct prompt is prefilled ONCE and its KV cache fanned out to its G samples (shared prefix);
+decoding is a `lax.while_loop` over a typed `SamplingState` that stops as soon as every sequence has
+emitted a stop token or the budget is reached. Nothing loops over tokens in Python.
+
+Output order: the G samples of prompt 0, then the G samples of prompt 1, ... (row `b * G + j` is sample
+`j` of prompt `b`); the GRPO step's grouping relies on it.
+
+Randomness: the random stream of a row is `fold_in(fold_in(rng, hash(prompt tokens)), j)` advanced by
+the decode step, so a sample depends on (rng, prompt content, sample index) and not on the prompt's
+row: permuting the prompts permutes the rollouts and changes nothing else. (Two identical prompts in
+one batch therefore receive identical samples.)
+
+Logprobs: `logprobs` are log softmax(logits / temperature) of the sampled token — exactly what the
+training forward computes for the same tokens at the same temperature, so GRPO can use them as π_old
+with no importance correction. With top-k/top-p truncation, `sampling_logprobs` gives the log-prob
+under the truncated, renormalised distribution actually sampled from. Greedy (`temperature=0`) reports
+logprobs at temperature 1.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from grpo_jax.models import ModelConfig, forward_with_cache, init_cache, positions_from_mask
+from grpo_jax.sharding import BATCH_AXES
+
+_NEG_INF = -1e30
+
+
+@flax.struct.dataclass
+class Rollout:
+    """G completions per prompt. N = B * G rows, L = max_new_tokens, P = prompt length.
+
+    tokens [N, L] int32 (pad after the stop token); logprobs / sampling_logprobs [N, L] float32 (0 where
+    mask is 0); mask [N, L] int32 (1 on generated tokens up to and including the stop token);
+    lengths [N] int32; truncated [N] bool (no stop token within the budget); prompt_tokens [N, P] and
+    prompt_mask [N, P] (each prompt repeated per sample); num_steps: decode steps actually run.
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    sampling_logprobs: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+    truncated: jax.Array
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+    num_steps: jax.Array
+
+
+@flax.struct.dataclass
+class SamplingState:
+    """Loop state. `step` = tokens generated so far; `logits` [N, V] predict token `step`."""
+
+    step: jax.Array
+    done: jax.Array  # [N] bool
+    tokens: jax.Array  # [N, L]
+    logprobs: jax.Array  # [N, L]
+    sampling_logprobs: jax.Array  # [N, L]
+    mask: jax.Array  # [N, L]
+    logits: jax.Array  # [N, V]
+    cache: dict  # {"k", "v"}: [layers, N, P + L, kv_heads, head_dim]
+    key_mask: jax.Array  # [N, P + L]
+    row_keys: jax.Array  # [N] PRNG keys
+
+
+def truncate_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Mask logits [..., V] outside the top-k set and outside the nucleus (smallest set with mass >= top_p,
+    Holtzman et al. 2019 arXiv 1904.09751). The most likely token is always kept."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, _NEG_INF, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = mass_before < top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, _NEG_INF, logits)
+    return logits
+
+
+def _prompt_hash(prompt_tokens: jax.Array, prompt_mask: jax.Array) -> jax.Array:
+    """A content hash [B] of each prompt's real tokens (independent of left padding)."""
+    tokens = jnp.where(prompt_mask > 0, prompt_tokens, 0).astype(jnp.uint32)
+    positions = positions_from_mask(prompt_mask).astype(jnp.uint32)
+    mixed = (tokens + jnp.uint32(0x9E3779B9)) * (positions * jnp.uint32(2654435761) + jnp.uint32(1))
+    mixed = jnp.where(prompt_mask > 0, mixed ^ (mixed >> 15), 0)
+    return jnp.sum(mixed * jnp.uint32(0x85EBCA6B), axis=-1, dtype=jnp.uint32)
+
+
+def _choose(logits, row_keys, step, stop_ids, min_new_tokens, temperature, top_k, top_p):
+    """Pick the next token for every row; return (token [N], logprob [N], sampling_logprob [N])."""
+    if min_new_tokens:
+        is_stop = jnp.isin(jnp.arange(logits.shape[-1]), jnp.asarray(stop_ids))
+        logits = jnp.where(is_stop & (step < min_new_tokens), _NEG_INF, logits)
+    if temperature == 0.0:
+        token = jnp.argmax(logits, axis=-1)
+        logp_all = jax.nn.log_softmax(logits, axis=-1)
+        sampling_logp = jnp.zeros(token.shape, jnp.float32)
+    else:
+        scaled = logits / temperature
+        logp_all = jax.nn.log_softmax(scaled, axis=-1)
+        truncated = truncate_logits(scaled, top_k=top_k, top_p=top_p)
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+        token = jax.vmap(jax.random.categorical)(step_keys, truncated)
+        sampling_logp = jnp.take_along_axis(jax.nn.log_softmax(truncated, axis=-1), token[:, None], axis=-1)[:, 0]
+    logp = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
+    return token.astype(jnp.int32), logp, sampling_logp
+
+
+def _constrain_rows(x, mesh, axis):
+    """Shard dimension `axis` of x over the batch axes when a mesh is given and it divides."""
+    if mesh is None:
+        return x
+    data_parallel = 1
+    for a in BATCH_AXES:
+        data_parallel *= mesh.shape[a]
+    if x.shape[axis] % data_parallel:
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = BATCH_AXES
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "model_config", "num_samples", "max_new_tokens", "temperature", "top_p", "top_k", "stop_ids",
+        "min_new_tokens", "pad_id", "mesh",
+    ),
+)
+def _generate(model_config, params, prompt_tokens, prompt_mask, rng, *, num_samples, max_new_tokens,
+              temperature, top_p, top_k, stop_ids, min_new_tokens, pad_id, mesh):
+    batch, prompt_len = prompt_tokens.shape
+    n, total = batch * num_samples, prompt_len + max_new_tokens
+    prompt_mask = prompt_mask.astype(jnp.int32)
+
+    # Prefill each distinct prompt once, then fan its cache out to its G samples.
+    key_mask = jnp.pad(prompt_mask, ((0, 0), (0, max_new_tokens)))
+    cache = init_cache(model_config, batch, total)
+    logits, cache = forward_with_cache(
+        model_config, params, prompt_tokens, positions_from_mask(prompt_mask), cache, 0, key_mask
+    )
+    fan_out = lambda x, axis: _constrain_rows(jnp.repeat(x, num_samples, axis=axis), mesh, axis)
+    cache = jax.tree_util.tree_map(lambda c: fan_out(c, 1), cache)
+    key_mask = fan_out(key_mask, 0)
+    last_logits = fan_out(logits[:, -1], 0)
+    prompt_lengths = jnp.sum(prompt_mask, axis=-1)
+    next_position = fan_out(prompt_lengths, 0)
+
+    prompt_keys = jax.vmap(lambda h: jax.random.fold_in(rng, h))(_prompt_hash(prompt_tokens, prompt_mask))
+    row_keys = jax.vmap(lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(jnp.arange(num_samples)))(
+        prompt_keys
+    ).reshape(n)
+
+    choose = functools.partial(
+        _choose, stop_ids=stop_ids, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p,
+    )
+    stop_ids_arr = jnp.asarray(stop_ids, jnp.int32)
+
+    def record(state: SamplingState) -> SamplingState:
+        """Sample token `state.step` from `state.logits` and write it (pad once a row is done)."""
+        token, logp, sampling_logp = choose(state.logits, state.row_keys, state.step)
+        live = ~state.done
+        token = jnp.where(live, token, pad_id)
+        column = lambda buf, value: jax.lax.dynamic_update_slice_in_dim(buf, value[:, None], state.step, axis=1)
+        return state.replace(
+            tokens=column(state.tokens, token),
+            logprobs=column(state.logprobs, jnp.where(live, logp, 0.0)),
+            sampling_logprobs=column(state.sampling_logprobs, jnp.where(live, sampling_logp, 0.0)),
+            mask=column(state.mask, live.astype(jnp.int32)),
+            done=state.done | (live & jnp.isin(token, stop_ids_arr)),
+            step=state.step + 1,
+        )
+
+    def decode_one(state: SamplingState) -> SamplingState:
+        """Feed the last sampled token through the cache, then sample the next one."""
+        last = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)
+        slot = prompt_len + state.step - 1
+        key_mask = jax.lax.dynamic_update_slice_in_dim(
+            state.key_mask, jnp.ones((n, 1), jnp.int32), slot, axis=1
+        )
+        positions = (next_position + state.step - 1)[:, None]
+        logits, cache = forward_with_cache(model_config, params, last, positions, state.cache, slot, key_mask)
+        return record(state.replace(logits=logits[:, 0], cache=cache, key_mask=key_mask))
+
+    zeros = jnp.zeros((n, max_new_tokens), jnp.float32)
+    state = SamplingState(
+        step=jnp.asarray(0, jnp.int32),
+        done=jnp.zeros((n,), bool),
+        tokens=jnp.full((n, max_new_tokens), pad_id, jnp.int32),
+        logprobs=zeros,
+        sampling_logprobs=zeros,
+        mask=jnp.zeros((n, max_new_tokens), jnp.int32),
+        logits=last_logits,
+        cache=cache,
+        key_mask=key_mask,
+        row_keys=row_keys,
+    )
+    state = record(state)
+    state = jax.lax.while_loop(
+        lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done), decode_one, state
+    )
+    return Rollout(
+        tokens=state.tokens,
+        logprobs=state.logprobs,
+        sampling_logprobs=state.sampling_logprobs,
+        mask=state.mask,
+        lengths=jnp.sum(state.mask, axis=-1),
+        truncated=~state.done,
+        prompt_tokens=jnp.repeat(prompt_tokens, num_samples, axis=0),
+        prompt_mask=jnp.repeat(prompt_mask, num_samples, axis=0),
+        num_steps=state.step,
+    )
+
+
+def generate(
+    model_config: ModelConfig,
+    params,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    rng: jax.Array,
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_id: int,
+    stop_ids: Sequence[int] = (),
+    min_new_tokens: int = 0,
+    pad_id: int = 0,
+    mesh=None,
+) -> Rollout:
+    """Sample `num_samples` completions for each left-padded prompt (DESIGN.md §3 contract).
+
+    prompt_tokens/prompt_mask [B, P] (left-padded); returns a `Rollout` with N = B * num_samples rows in
+    prompt-major order. `eos_id` and any `stop_ids` end a sequence (the stop token is included in the
+    mask); `min_new_tokens` forbids stopping earlier; `temperature=0.0` is greedy. Pass the `mesh` to pin
+    the fanned-out KV cache and rows to the ("data", "fsdp") axes. One compilation per distinct set of
+    static arguments and shapes.
+    """
+    if num_samples < 1 or max_new_tokens < 1:
+        raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples}, {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
+    stops = tuple(sorted({int(eos_id), *(int(s) for s in stop_ids)}))
+    return _generate(
+        model_config, params, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask), rng,
+        num_samples=int(num_samples), max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+        top_p=float(top_p), top_k=int(top_k), stop_ids=stops, min_new_tokens=int(min_new_tokens),
+        pad_id=int(pad_id), mesh=mesh,
+    )
+
+
+def rollout_logprobs(model_config: ModelConfig, params, rollout: Rollout, *, temperature: float = 1.0):
+    """Recompute the logprobs of a rollout's tokens with the training forward: [N, L] (0 off-mask).
+
+    This is the π_θ(o_t | q, o_<t) of the GRPO loss; on fresh params it equals `rollout.logprobs`.
+    """
+    from grpo_jax.models import token_logprobs
+
+    tokens = jnp.concatenate([rollout.prompt_tokens, rollout.tokens], axis=1)
+    mask = jnp.concatenate([rollout.prompt_mask, rollout.mask], axis=1)
+    logp = token_logprobs(model_config, params, tokens, attention_mask=mask, temperature=temperature or 1.0)
+    prompt_len = rollout.prompt_tokens.shape[1]
+    return jnp.where(rollout.mask > 0, logp[:, prompt_len - 1:], 0.0)
