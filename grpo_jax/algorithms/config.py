@@ -1,0 +1,198 @@
+"""`GRPOConfig`: every switch of the GRPO family, validated once, named after the papers' symbols.
+
+Sources: GRPO, DeepSeekMath (arXiv 2402.03300) eq. 3 and §4.1; DeepSeek-R1 (arXiv 2501.12948);
+DAPO (arXiv 2503.14476); Dr. GRPO (arXiv 2503.20783); GSPO (arXiv 2507.18071).
+The presets `dapo_config`, `dr_grpo_config` and `gspo_config` set each paper's recipe (DESIGN.md §4).
+"""
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+from grpo_jax.algorithms.advantages import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES
+from grpo_jax.algorithms.grpo import LOSS_AGGREGATIONS, RATIO_LEVELS
+from grpo_jax.algorithms.kl import KL_ESTIMATORS
+
+# Estimators whose baseline is the group: they need at least two samples per prompt to learn anything.
+_GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOConfig:
+    """Hyperparameters of GRPO and its variants; defaults are DeepSeekMath's except G (64 there).
+
+    Attributes:
+      num_generations: G, completions sampled per prompt (the group).
+      kl_coef: β, weight of the KL penalty to the reference policy (DeepSeekMath 0.04; R1 0.001).
+      clip_eps_low: ε_low, the ratio is clipped below at 1 − ε_low (ε = 0.2).
+      clip_eps_high: ε_high, the ratio is clipped above at 1 + ε_high (DAPO clip-higher: 0.28).
+      num_iterations: μ, policy updates on each batch of rollouts (GRPO algorithm 1; 1 = on-policy).
+      num_minibatches: minibatches each batch of rollouts is split into per iteration (R1: 16).
+      advantage_estimator: "grpo" | "dr_grpo" | "rloo" | "reinforce_pp" (see `ADVANTAGE_ESTIMATORS`).
+      advantage_scale: for "grpo": "group" (std of the group), "batch", or "none".
+      advantage_eps: ε added to the std before dividing (verl 1e-6, TRL 1e-4).
+      loss_agg: "seq_mean_token_mean" (GRPO) | "token_mean" (DAPO) | "seq_mean_token_sum_norm" (Dr. GRPO).
+      kl_estimator: "k1" | "k2" | "k3"; DeepSeekMath eq. 4 is k3.
+      kl_in_reward: fold −β·KL into the reward (PPO style) instead of adding β·KL to the loss.
+      ratio_level: "token" (GRPO) or "sequence" (GSPO's length-normalised sequence ratio s_i).
+      dual_clip_c: c of dual-clip PPO (arXiv 1912.09729) for negative advantages, > 1; None = off.
+      entropy_coef: weight of an entropy bonus in the loss (0 = off).
+      max_len_norm: the constant of Dr. GRPO's "seq_mean_token_sum_norm"; None = the generation budget.
+      dynamic_sampling: DAPO dynamic sampling: groups whose rewards are all equal get weight 0.
+      max_grad_norm: global gradient-norm clip; None = off.
+      reference_reset_every: iterative GRPO (§4.1.4): reset π_ref to π_θ every this many steps; 0 = never
+        (R1: 400).
+      temperature: sampling temperature of the rollouts (R1: 1.0; 0.7 in its last stage).
+    """
+
+    num_generations: int = 8
+    kl_coef: float = 0.04
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    num_iterations: int = 1
+    num_minibatches: int = 1
+    advantage_estimator: str = "grpo"
+    advantage_scale: str = "group"
+    advantage_eps: float = 1e-6
+    loss_agg: str = "seq_mean_token_mean"
+    kl_estimator: str = "k3"
+    kl_in_reward: bool = False
+    ratio_level: str = "token"
+    dual_clip_c: float | None = None
+    entropy_coef: float = 0.0
+    max_len_norm: int | None = None
+    dynamic_sampling: bool = False
+    max_grad_norm: float | None = 1.0
+    reference_reset_every: int = 0
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        _require_int(self, "num_generations", minimum=1)
+        _require_float(self, "kl_coef", minimum=0.0)
+        _require_float(self, "clip_eps_low", "in (0, 1)", lambda v: 0 < v < 1)
+        _require_float(self, "clip_eps_high", "> 0", lambda v: v > 0)
+        _require_int(self, "num_iterations", minimum=1)
+        _require_int(self, "num_minibatches", minimum=1)
+        _require_choice(self, "advantage_estimator", tuple(ADVANTAGE_ESTIMATORS))
+        _require_choice(self, "advantage_scale", ADVANTAGE_SCALES)
+        _require_float(self, "advantage_eps", minimum=0.0)
+        _require_choice(self, "loss_agg", LOSS_AGGREGATIONS)
+        _require_choice(self, "kl_estimator", tuple(KL_ESTIMATORS))
+        _require_bool(self, "kl_in_reward")
+        _require_choice(self, "ratio_level", RATIO_LEVELS)
+        if self.dual_clip_c is not None:
+            _require_float(self, "dual_clip_c", "> 1 or None", lambda v: v > 1)
+        _require_float(self, "entropy_coef", minimum=0.0)
+        if self.max_len_norm is not None:
+            _require_int(self, "max_len_norm", minimum=1)
+        _require_bool(self, "dynamic_sampling")
+        if self.max_grad_norm is not None:
+            _require_float(self, "max_grad_norm", "> 0 or None", lambda v: v > 0)
+        _require_int(self, "reference_reset_every", minimum=0)
+        _require_float(self, "temperature", "> 0", lambda v: v > 0)
+        if self.advantage_estimator in _GROUP_ESTIMATORS and self.num_generations < 2:
+            _fail(
+                "num_generations",
+                self.num_generations,
+                f">= 2 for the group baseline of advantage_estimator={self.advantage_estimator!r}",
+            )
+        if self.advantage_scale != "group" and self.advantage_estimator != "grpo":
+            _fail(
+                "advantage_scale",
+                self.advantage_scale,
+                f"'group' (the default) unless advantage_estimator='grpo'; "
+                f"{self.advantage_estimator!r} fixes its own scaling",
+            )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "GRPOConfig":
+        """Build from a dict or `ml_collections.ConfigDict`, rejecting keys that are not fields."""
+        if hasattr(values, "to_dict"):
+            values = values.to_dict()
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown GRPOConfig key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def advantage_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `compute_advantages(self.advantage_estimator, rewards, G, **kwargs)`."""
+        kwargs: dict[str, Any] = {"eps": self.advantage_eps}
+        if self.advantage_estimator == "grpo":
+            kwargs["scale"] = self.advantage_scale
+        return kwargs
+
+    @property
+    def loss_kl_coef(self) -> float:
+        """β as it enters the policy loss: 0 when the KL is folded into the reward instead."""
+        return 0.0 if self.kl_in_reward else self.kl_coef
+
+
+def _fail(name: str, value: Any, requirement: str):
+    raise ValueError(f"GRPOConfig.{name} must be {requirement}, got {value!r}")
+
+
+def _require_int(config: GRPOConfig, name: str, *, minimum: int):
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        _fail(name, value, f"an integer >= {minimum}")
+
+
+def _require_float(
+    config: GRPOConfig, name: str, requirement: str | None = None, check=None, *, minimum=None
+):
+    value = getattr(config, name)
+    if minimum is not None:
+        requirement, check = f">= {minimum}", lambda v: v >= minimum
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        _fail(name, value, f"a finite number {requirement}")
+    if not check(value):
+        _fail(name, value, requirement)
+
+
+def _require_bool(config: GRPOConfig, name: str):
+    value = getattr(config, name)
+    if not isinstance(value, bool):
+        _fail(name, value, "True or False")
+
+
+def _require_choice(config: GRPOConfig, name: str, choices: tuple[str, ...]):
+    value = getattr(config, name)
+    if value not in choices:
+        _fail(name, value, f"one of {choices}")
+
+
+def dapo_config(**overrides) -> GRPOConfig:
+    """DAPO (arXiv 2503.14476): clip-higher 0.2/0.28, token-level loss, no KL, dynamic sampling, G = 16.
+
+    Overlong reward shaping is a reward (grpo_jax.rewards), not a loss switch.
+    """
+    recipe = dict(
+        num_generations=16,
+        clip_eps_low=0.2,
+        clip_eps_high=0.28,
+        kl_coef=0.0,
+        loss_agg="token_mean",
+        dynamic_sampling=True,
+    )
+    return GRPOConfig(**{**recipe, **overrides})
+
+
+def dr_grpo_config(**overrides) -> GRPOConfig:
+    """Dr. GRPO (arXiv 2503.20783): advantages without std, token sums / a constant, β = 0."""
+    recipe = dict(advantage_estimator="dr_grpo", loss_agg="seq_mean_token_sum_norm", kl_coef=0.0)
+    return GRPOConfig(**{**recipe, **overrides})
+
+
+def gspo_config(**overrides) -> GRPOConfig:
+    """GSPO (arXiv 2507.18071): sequence-level ratio clipped to [1 − 3e-4, 1 + 4e-4], no KL term."""
+    recipe = dict(ratio_level="sequence", clip_eps_low=3e-4, clip_eps_high=4e-4, kl_coef=0.0)
+    return GRPOConfig(**{**recipe, **overrides})

@@ -1,0 +1,205 @@
+"""The GRPO policy loss and the variants every ablation needs, as one pure function of arrays.
+
+DeepSeekMath (arXiv 2402.03300) eq. 3, to be maximised:
+    1/G Σ_i 1/|o_i| Σ_t [ min(r_{i,t} Â_{i,t}, clip(r_{i,t}, 1-ε, 1+ε) Â_{i,t}) − β D_KL[π_θ || π_ref] ]
+with r_{i,t} = π_θ(o_{i,t}) / π_old(o_{i,t}). We minimise its negative. Switches (config, not forks):
+asymmetric clip-higher ε_low/ε_high (DAPO, arXiv 2503.14476 §3.1), dual clip for negative advantages
+(Ye et al., arXiv 1912.09729), sequence-level ratio (GSPO, arXiv 2507.18071), entropy bonus, and the loss
+aggregations of GRPO, DAPO (token level) and Dr. GRPO (constant normaliser).
+
+Shapes: N sequences (prompts × G), T completion tokens; logprobs `[N, T]` are those of the sampled tokens.
+"""
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from grpo_jax.algorithms.advantages import group_advantages, zero_variance_groups
+from grpo_jax.algorithms.kl import kl_divergence
+
+__all__ = [
+    "LOSS_AGGREGATIONS",
+    "RATIO_LEVELS",
+    "aggregate_loss",
+    "group_advantages",
+    "policy_loss",
+    "zero_variance_groups",
+]
+
+LOSS_AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+RATIO_LEVELS = ("token", "sequence")
+
+
+def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """numerator / denominator, 0 where the denominator is 0 (an empty batch or sequence)."""
+    return numerator / jnp.where(denominator > 0, denominator, 1.0)
+
+
+def _sequence_weights(sample_weight: jax.Array | None, num_sequences: int) -> jax.Array:
+    if sample_weight is None:
+        return jnp.ones(num_sequences, jnp.float32)
+    return jnp.asarray(sample_weight, jnp.float32)
+
+
+def aggregate_loss(
+    per_token_loss: jax.Array,
+    mask: jax.Array,
+    loss_agg: str,
+    *,
+    sample_weight: jax.Array | None = None,
+    max_len_norm: float | None = None,
+) -> jax.Array:
+    """Reduce a per-token loss `[N, T]` to a scalar.
+
+    loss_agg:
+      "seq_mean_token_mean": mean over the tokens of each sequence, then over sequences (GRPO eq. 3).
+      "token_mean": sum over every token of the batch / number of tokens (DAPO eq. 8).
+      "seq_mean_token_sum_norm": per-sequence token sum / the constant `max_len_norm` (default T, the
+        generation budget), then mean over sequences (Dr. GRPO, arXiv 2503.20783 §3.2).
+    sample_weight `[N]` (e.g. 0 for DAPO's zero-variance groups): the sequence means are weighted by it
+    and divided by the weighted count of non-empty sequences; for "token_mean" every token carries its
+    sequence's weight and the sum is divided by the weighted token count. Sequences with an all-zero
+    mask count for nothing, and an entirely empty batch gives loss 0, never NaN.
+    """
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; known: {LOSS_AGGREGATIONS}")
+    mask = jnp.asarray(mask, jnp.float32)
+    weighted_loss = jnp.where(mask > 0, per_token_loss, 0.0) * mask  # [N, T]
+    sequence_weight = _sequence_weights(sample_weight, mask.shape[0])  # [N]
+    if loss_agg == "token_mean":
+        token_weight = mask * sequence_weight[:, None]
+        return _safe_divide(jnp.sum(weighted_loss * sequence_weight[:, None]), jnp.sum(token_weight))
+    lengths = mask.sum(axis=1)  # [N]
+    if loss_agg == "seq_mean_token_mean":
+        per_sequence = _safe_divide(weighted_loss.sum(axis=1), lengths)
+    else:
+        normaliser = mask.shape[1] if max_len_norm is None else max_len_norm
+        per_sequence = weighted_loss.sum(axis=1) / normaliser
+    sequence_weight = sequence_weight * (lengths > 0)
+    return _safe_divide(jnp.sum(sequence_weight * per_sequence), jnp.sum(sequence_weight))
+
+
+def _is_zero(value) -> bool:
+    return isinstance(value, numbers.Number) and value == 0
+
+
+def policy_loss(
+    logprobs: jax.Array,
+    old_logprobs: jax.Array,
+    ref_logprobs: jax.Array | None,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    clip_eps_low: float,
+    clip_eps_high: float,
+    kl_coef: float,
+    loss_agg: str,
+    kl_estimator: str = "k3",
+    ratio_level: str = "token",
+    dual_clip_c: float | None = None,
+    entropy: jax.Array | None = None,
+    entropy_coef: float = 0.0,
+    max_len_norm: float | None = None,
+    sample_weight: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped-surrogate GRPO loss (negated DeepSeekMath eq. 3) and its metrics.
+
+    Args:
+      logprobs: `[N, T]` log π_θ of the sampled tokens (differentiated).
+      old_logprobs: `[N, T]` log π_old, the sampling policy (a constant).
+      ref_logprobs: `[N, T]` log π_ref, or None when `kl_coef` is the Python number 0.
+      advantages: `[N]` (outcome supervision, the same for every token) or `[N, T]` (process supervision).
+      mask: `[N, T]`, 1 on completion tokens; padded positions may hold any value, even -inf.
+      clip_eps_low, clip_eps_high: ε_low, ε_high; the ratio is clipped to [1 − ε_low, 1 + ε_high].
+      kl_coef: β, weight of the per-token KL penalty in the loss.
+      loss_agg: one of `LOSS_AGGREGATIONS`, see `aggregate_loss`.
+      kl_estimator: "k1" | "k2" | "k3" (DeepSeekMath eq. 4 is k3).
+      ratio_level: "token" (GRPO) or "sequence" (GSPO): s_i = exp(mean_t log r_{i,t}) is clipped per
+        sequence. It enters each token as GSPO-token's sg[s_i] · π_θ(o_t) / sg[π_θ(o_t)] (arXiv
+        2507.18071), whose value and gradient equal GSPO's whenever advantages are per sequence.
+      dual_clip_c: c > 1; for Â < 0 the surrogate is floored at c·Â, bounding the loss of very large
+        ratios (Ye et al., arXiv 1912.09729). None disables it.
+      entropy: `[N, T]` entropy of π_θ at each position (differentiated), needed if `entropy_coef` != 0.
+      entropy_coef: weight of the entropy bonus (subtracted from the loss).
+      max_len_norm: the Dr. GRPO constant for "seq_mean_token_sum_norm" (default T).
+      sample_weight: `[N]` sequence weights (see `aggregate_loss`); None weighs every sequence 1.
+
+    Returns:
+      (loss, metrics). Metrics are scalars averaged over the tokens that count (mask × sample_weight):
+      loss, pg_loss (the clipped surrogate part, aggregated like the loss), kl (mean per-token KL, 0 without a
+      reference), clip_frac / clip_frac_low / clip_frac_high (share of tokens whose clip is active, i.e.
+      whose gradient it zeroes: r > 1 + ε_high with Â > 0, r < 1 − ε_low with Â < 0), ratio_mean,
+      ratio_min, ratio_max, plus dual_clip_frac and entropy when those are in use.
+    """
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; known: {RATIO_LEVELS}")
+    if dual_clip_c is not None and not dual_clip_c > 1:
+        raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
+    if ref_logprobs is None and not _is_zero(kl_coef):
+        raise ValueError(f"ref_logprobs is None but kl_coef={kl_coef}; pass reference logprobs or kl_coef=0")
+    if entropy is None and not _is_zero(entropy_coef):
+        raise ValueError(f"entropy is None but entropy_coef={entropy_coef}")
+
+    mask = jnp.asarray(mask, jnp.float32)
+    valid = mask > 0
+    # Sanitise padding first so that -inf or NaN there can reach neither the loss nor its gradient.
+    logprobs = jnp.where(valid, logprobs.astype(jnp.float32), 0.0)
+    old_logprobs = jnp.where(valid, old_logprobs.astype(jnp.float32), 0.0)
+    advantages = jnp.asarray(advantages, jnp.float32)
+    if advantages.ndim == 1:
+        advantages = advantages[:, None]
+    advantages = jnp.where(valid, jnp.broadcast_to(advantages, logprobs.shape), 0.0)
+
+    log_ratio = logprobs - old_logprobs  # [N, T]
+    if ratio_level == "sequence":
+        sequence_log_ratio = _safe_divide(jnp.sum(log_ratio * mask, axis=1), mask.sum(axis=1))  # [N]
+        log_ratio = jax.lax.stop_gradient(sequence_log_ratio[:, None]) + (
+            logprobs - jax.lax.stop_gradient(logprobs)
+        )
+    ratio = jnp.exp(log_ratio)
+    clipped_ratio = jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
+    surrogate = jnp.minimum(ratio * advantages, clipped_ratio * advantages)
+    if dual_clip_c is not None:
+        surrogate = jnp.where(advantages < 0, jnp.maximum(surrogate, dual_clip_c * advantages), surrogate)
+    per_token_loss = -surrogate
+
+    if ref_logprobs is None:
+        kl = jnp.zeros_like(logprobs)
+    else:
+        ref_logprobs = jnp.where(valid, ref_logprobs.astype(jnp.float32), 0.0)
+        kl = kl_divergence(kl_estimator, logprobs, ref_logprobs)
+        if not _is_zero(kl_coef):
+            per_token_loss = per_token_loss + kl_coef * kl
+    if entropy is not None:
+        entropy = jnp.where(valid, entropy.astype(jnp.float32), 0.0)
+        if not _is_zero(entropy_coef):
+            per_token_loss = per_token_loss - entropy_coef * entropy
+
+    aggregate = lambda x: aggregate_loss(
+        x, mask, loss_agg, sample_weight=sample_weight, max_len_norm=max_len_norm
+    )
+    loss = aggregate(per_token_loss)
+
+    token_weight = mask * _sequence_weights(sample_weight, mask.shape[0])[:, None]
+    counted = token_weight > 0
+    token_mean = lambda x: _safe_divide(jnp.sum(x * token_weight), jnp.sum(token_weight))
+    any_counted = jnp.any(counted)
+    clipped_low = (advantages < 0) & (ratio < 1.0 - clip_eps_low)
+    clipped_high = (advantages > 0) & (ratio > 1.0 + clip_eps_high)
+    metrics = {
+        "loss": loss,
+        "pg_loss": aggregate(-surrogate),
+        "kl": token_mean(kl),
+        "clip_frac": token_mean(clipped_low | clipped_high),
+        "clip_frac_low": token_mean(clipped_low),
+        "clip_frac_high": token_mean(clipped_high),
+        "ratio_mean": token_mean(ratio),
+        "ratio_min": jnp.where(any_counted, jnp.min(jnp.where(counted, ratio, jnp.inf)), 1.0),
+        "ratio_max": jnp.where(any_counted, jnp.max(jnp.where(counted, ratio, -jnp.inf)), 1.0),
+    }
+    if dual_clip_c is not None:
+        metrics["dual_clip_frac"] = token_mean((advantages < 0) & (ratio > dual_clip_c))
+    if entropy is not None:
+        metrics["entropy"] = token_mean(entropy)
+    return loss, jax.lax.stop_gradient(metrics)
