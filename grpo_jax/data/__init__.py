@@ -1,0 +1,52 @@
+"""Data: prompt templates, synthetic and file tasks, grain pipelines, the rejection-sampling SFT writer."""
+
+from grpo_jax.data.files import last_boxed, load_jsonl_task
+from grpo_jax.data.pipeline import (
+    make_prompt_dataset,
+    make_sft_dataset,
+    prompt_length_stats,
+    sft_length_stats,
+    tokenize_answer,
+    tokenize_prompt,
+    tokenize_sft_example,
+)
+from grpo_jax.data.rejection import write_rejection_sft
+from grpo_jax.data.tasks import (
+    TASKS,
+    ArithmeticTask,
+    CountdownTask,
+    Example,
+    countdown_solution_is_valid,
+    evaluate_expression,
+)
+from grpo_jax.data.templates import (
+    PLAIN_TEMPLATE,
+    R1_ZERO_TEMPLATE,
+    TEMPLATES,
+    chat_template,
+    format_prompt,
+)
+
+__all__ = [
+    "PLAIN_TEMPLATE",
+    "R1_ZERO_TEMPLATE",
+    "TASKS",
+    "TEMPLATES",
+    "ArithmeticTask",
+    "CountdownTask",
+    "Example",
+    "chat_template",
+    "countdown_solution_is_valid",
+    "evaluate_expression",
+    "format_prompt",
+    "last_boxed",
+    "load_jsonl_task",
+    "make_prompt_dataset",
+    "make_sft_dataset",
+    "prompt_length_stats",
+    "sft_length_stats",
+    "tokenize_answer",
+    "tokenize_prompt",
+    "tokenize_sft_example",
+    "write_rejection_sft",
+]

@@ -1,0 +1,11 @@
+"""grpo_jax: GRPO, R1-Zero and R1 training for language models in JAX, one XLA program per RL update.
+
+Public entry points (stable names, DESIGN.md §3):
+  grpo_jax.models.load_pretrained / forward           the Llama/Qwen2 policy
+  grpo_jax.sampling.generate                           G completions per prompt with a KV cache
+  grpo_jax.algorithms.grpo.group_advantages / policy_loss
+  grpo_jax.rewards.math.extract_answer / is_equivalent
+  grpo_jax.training.make_grpo_step                     the one-program GRPO update
+"""
+
+__version__ = "0.1.0"
