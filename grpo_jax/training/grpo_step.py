@@ -1,0 +1,276 @@
+"""The whole GRPO update as ONE jitted XLA program.
+
+    step(state, batch) -> (state, metrics)
+
+Inside one program: reference logprobs (frozen π_ref, skipped when β = 0), in-graph rewards plus host
+rewards, group advantages on the GLOBAL batch (a group may span devices), dynamic sampling as a mask,
+μ × minibatch inner updates under `lax.scan` (policy logprobs, ratio against π_old = the sampler's
+logprobs, clipped surrogate + KL, grads, optax update), and on-device metric reduction.
+Formulas: DeepSeekMath (arXiv 2402.03300) eq. 3-4 and §4.1; variants per `GRPOConfig`.
+
+The batch (N = prompts × G rows, prompt-major as the sampler emits them):
+    prompt_tokens [N, P], prompt_mask [N, P]          left-padded prompts
+    completion_tokens [N, L], completion_mask [N, L]  sampled tokens, 1 up to and including the stop token
+    old_logprobs [N, L]                               the sampler's logprobs (π_old)
+    truncated [N] bool                                no stop token within the budget
+    answer_tokens [N, A], answer_mask [N, A]          per-example targets for in-graph rewards (optional)
+    host_rewards [N] float32                          weighted sum of Python rewards (optional)
+    poison () bool                                    debug switch: make this step's loss NaN (optional)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from grpo_jax import models
+from grpo_jax.algorithms import GRPOConfig, compute_advantages, kl_divergence, policy_loss, zero_variance_groups
+from grpo_jax.sharding import BATCH_AXES, replicated
+from grpo_jax.training.state import TrainState
+
+RewardFn = Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def rollout_to_batch(rollout, prompt_batch: dict, num_generations: int, host_rewards=None) -> dict:
+    """Assemble the step's batch from a sampler `Rollout` and the prompt batch it came from.
+
+    Per-example targets ([B, ...] in `prompt_batch`) are repeated G times to line up with the rows.
+    """
+    repeat = lambda x: jnp.repeat(x, num_generations, axis=0)
+    batch = {
+        "prompt_tokens": rollout.prompt_tokens,
+        "prompt_mask": rollout.prompt_mask,
+        "completion_tokens": rollout.tokens,
+        "completion_mask": rollout.mask,
+        "old_logprobs": rollout.logprobs,
+        "truncated": rollout.truncated,
+    }
+    for key in ("answer_tokens", "answer_mask"):
+        if key in prompt_batch:
+            batch[key] = repeat(jnp.asarray(prompt_batch[key]))
+    if host_rewards is not None:
+        batch["host_rewards"] = jnp.asarray(host_rewards, jnp.float32)
+    return batch
+
+
+def completion_logprobs(model_config, params, batch, *, temperature, chunk_size, with_entropy=False):
+    """Logprobs (and entropies) [N, L] of the completion tokens under `params`, at `temperature`."""
+    tokens = jnp.concatenate([batch["prompt_tokens"], batch["completion_tokens"]], axis=1)
+    mask = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1)
+    out = models.token_logprobs(
+        model_config, params, tokens, attention_mask=mask, temperature=temperature, chunk_size=chunk_size,
+        with_entropy=with_entropy,
+    )
+    start = batch["prompt_tokens"].shape[1] - 1
+    if with_entropy:
+        return out[0][:, start:], out[1][:, start:]
+    return out[:, start:]
+
+
+def _masked_mean(x, mask):
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def grpo_loss(params, mb: dict, *, grpo: GRPOConfig, model_config, chunk_size: int = 128):
+    """The GRPO objective on one minibatch (DeepSeekMath eq. 3): -> (loss, metrics); differentiated by the step.
+
+    mb holds the batch keys plus `advantages` [N] or [N, L], `sample_weight` [N] and, when β > 0,
+    `ref_logprobs` [N, L].
+    """
+    logprobs, entropy = completion_logprobs(
+        model_config, params, mb, temperature=grpo.temperature, chunk_size=chunk_size, with_entropy=True
+    )
+    loss, metrics = policy_loss(
+        logprobs,
+        mb["old_logprobs"],
+        mb.get("ref_logprobs"),
+        mb["advantages"],
+        mb["completion_mask"],
+        clip_eps_low=grpo.clip_eps_low,
+        clip_eps_high=grpo.clip_eps_high,
+        kl_coef=grpo.loss_kl_coef,
+        loss_agg=grpo.loss_agg,
+        kl_estimator=grpo.kl_estimator,
+        ratio_level=grpo.ratio_level,
+        dual_clip_c=grpo.dual_clip_c,
+        entropy=entropy,
+        entropy_coef=grpo.entropy_coef,
+        max_len_norm=grpo.max_len_norm,
+        sample_weight=mb.get("sample_weight"),
+    )
+    if "poison" in mb:
+        loss = loss + jnp.where(mb["poison"], jnp.nan, 0.0)
+    mask = mb["completion_mask"] > 0
+    metrics["sampler_logprob_diff"] = jnp.max(jnp.where(mask, jnp.abs(logprobs - mb["old_logprobs"]), 0.0))
+    metrics["entropy"] = _masked_mean(entropy, mask)
+    return loss, metrics
+
+
+def _to_minibatches(tree, num_minibatches: int, mesh):
+    """[N, ...] -> [M, N/M, ...] with minibatch m = rows m, m+M, m+2M, ...: every minibatch is spread
+    over all data-parallel devices instead of living on a few of them."""
+
+    def split(x):
+        n = x.shape[0]
+        y = x.reshape(n // num_minibatches, num_minibatches, *x.shape[1:]).swapaxes(0, 1)
+        if mesh is not None:
+            spec = jax.sharding.PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 1)))
+            dp = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+            if y.shape[1] % dp == 0:
+                y = jax.lax.with_sharding_constraint(y, jax.sharding.NamedSharding(mesh, spec))
+        return y
+
+    return jax.tree_util.tree_map(split, tree)
+
+
+def make_grpo_step(
+    grpo: GRPOConfig,
+    model_config: models.ModelConfig,
+    optimizer: optax.GradientTransformation,
+    *,
+    reward_fn: RewardFn | None = None,
+    mesh=None,
+    state_shardings: TrainState | None = None,
+    lr_schedule: optax.Schedule | None = None,
+    logprob_chunk_size: int = 128,
+    grad_accum_steps: int = 1,
+    donate: bool = True,
+):
+    """Build the jitted `step(state, batch) -> (state, metrics)` (see the module docstring for the batch).
+
+    `reward_fn(batch, reward_params) -> (total [N], {name: [N]})` runs in-graph (see
+    `grpo_jax.rewards.make_reward_fns`); `host_rewards` in the batch are added to its total.
+    `grad_accum_steps` splits each minibatch into micro-batches whose gradients are summed before one
+    optimizer update. Pass `state_shardings` to pin the output state to the input layout.
+    """
+    G = grpo.num_generations
+    M = grpo.num_minibatches
+    needs_reference = grpo.kl_coef > 0
+    logprobs_of = functools.partial(
+        completion_logprobs, model_config, temperature=grpo.temperature, chunk_size=logprob_chunk_size
+    )
+
+    loss_fn = functools.partial(grpo_loss, grpo=grpo, model_config=model_config, chunk_size=logprob_chunk_size)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulated_grads(params, mb):
+        if grad_accum_steps == 1:
+            return grad_fn(params, mb)
+        micro = _to_minibatches({k: v for k, v in mb.items() if k != "poison"}, grad_accum_steps, None)
+        if "poison" in mb:
+            micro["poison"] = jnp.broadcast_to(mb["poison"], (grad_accum_steps,))
+
+        def body(acc, one):
+            (loss, metrics), grads = grad_fn(params, one)
+            return jax.tree_util.tree_map(jnp.add, acc, (loss, metrics, grads)), None
+
+        zeros = jax.tree_util.tree_map(
+            jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], micro)))
+        )
+        (loss, metrics, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]), micro)
+        scale = 1.0 / grad_accum_steps
+        metrics = jax.tree_util.tree_map(lambda x: x * scale, metrics)
+        return (loss * scale, metrics), jax.tree_util.tree_map(lambda g: g * scale, grads)
+
+    def step(state: TrainState, batch: dict):
+        batch = dict(batch)
+        mask = batch["completion_mask"]
+        n = mask.shape[0]
+        if n % (G * M) and n % M:
+            raise ValueError(f"batch of {n} rows does not split into {M} minibatches")
+
+        with jax.named_scope("reference_logprobs"):
+            if needs_reference:
+                if state.ref_params is None:
+                    raise ValueError("kl_coef > 0 needs a reference: create the state with with_reference=True")
+                batch["ref_logprobs"] = jax.lax.stop_gradient(logprobs_of(state.ref_params, batch))
+
+        with jax.named_scope("rewards"):
+            if reward_fn is not None:
+                rewards, per_reward = reward_fn(batch, state.reward_params)
+            else:
+                rewards, per_reward = jnp.zeros((n,), jnp.float32), {}
+            if "host_rewards" in batch:
+                rewards = rewards + batch["host_rewards"]
+                per_reward = dict(per_reward, host=batch["host_rewards"])
+            rewards = rewards.astype(jnp.float32)
+            score = rewards
+            if grpo.kl_in_reward and needs_reference:
+                seq_kl = jnp.sum(kl_divergence(grpo.kl_estimator, batch["old_logprobs"], batch["ref_logprobs"])
+                                 * mask, axis=-1)
+                score = rewards - grpo.kl_coef * seq_kl
+
+        with jax.named_scope("advantages"):
+            advantages = compute_advantages(grpo.advantage_estimator, score, G, **grpo.advantage_kwargs)
+            zero_variance = zero_variance_groups(score, G)
+            weight = jnp.where(zero_variance, 0.0, 1.0) if grpo.dynamic_sampling else jnp.ones((n,), jnp.float32)
+            batch["advantages"] = advantages
+            batch["sample_weight"] = weight
+
+        poison = batch.pop("poison", None)
+        train_keys = [k for k in batch if k not in ("host_rewards", "truncated")]
+        minibatches = _to_minibatches({k: batch[k] for k in train_keys}, M, mesh)
+
+        def inner_update(carry, index):
+            params, opt_state = carry
+            mb = jax.tree_util.tree_map(lambda x: x[index % M], minibatches)
+            if poison is not None:
+                mb["poison"] = poison
+            with jax.named_scope("policy_loss"):
+                (loss, metrics), grads = accumulated_grads(params, mb)
+            with jax.named_scope("optimizer"):
+                grad_norm = optax.tree.norm(grads)
+                finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                updates, new_opt_state = optimizer.update(grads, opt_state, params)
+                new_params = optax.apply_updates(params, updates)
+                keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+                params, opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
+            metrics = dict(metrics, loss=loss, grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.float32))
+            return (params, opt_state), metrics
+
+        (params, opt_state), inner = jax.lax.scan(
+            inner_update, (state.params, state.opt_state), jnp.arange(grpo.num_iterations * M)
+        )
+
+        with jax.named_scope("metrics"):
+            lengths = jnp.sum(mask, axis=-1).astype(jnp.float32)
+            mean_over_updates = lambda x: jnp.mean(x)
+            metrics = {
+                "reward/mean": jnp.mean(rewards),
+                "reward/std": jnp.std(rewards),
+                "advantage/mean_abs": jnp.mean(jnp.abs(advantages)),
+                "loss": mean_over_updates(inner["loss"]),
+                "pg_loss": mean_over_updates(inner["pg_loss"]),
+                "kl": mean_over_updates(inner["kl"]),
+                "clip_frac": mean_over_updates(inner["clip_frac"]),
+                "clip_frac_low": mean_over_updates(inner["clip_frac_low"]),
+                "clip_frac_high": mean_over_updates(inner["clip_frac_high"]),
+                "ratio_max": jnp.max(inner["ratio_max"]),
+                "entropy": mean_over_updates(inner["entropy"]),
+                "grad_norm": mean_over_updates(inner["grad_norm"]),
+                "nonfinite_updates": jnp.sum(inner["nonfinite"]),
+                "sampler_logprob_diff": inner["sampler_logprob_diff"][0],
+                "completion_len/mean": jnp.mean(lengths),
+                "completion_len/max": jnp.max(lengths),
+                "truncated_frac": jnp.mean(batch["truncated"].astype(jnp.float32)),
+                "zero_variance_frac": jnp.mean(zero_variance.astype(jnp.float32)),
+            }
+            for name, value in per_reward.items():
+                metrics[f"reward/{name}"] = jnp.mean(value)
+            if lr_schedule is not None:
+                updates_per_step = grpo.num_iterations * M
+                metrics["learning_rate"] = lr_schedule(state.step * updates_per_step)
+
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    jit_kwargs = {"donate_argnums": (0,) if donate else ()}
+    if state_shardings is not None:
+        jit_kwargs["out_shardings"] = (state_shardings, replicated(mesh))
+    return jax.jit(step, **jit_kwargs)

@@ -1,0 +1,138 @@
+"""Train state and optimizer: a plain pytree placed on the mesh with explicit shardings."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from grpo_jax import sharding as shd
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resume needs besides the data iterator.
+
+    step: RL (or SFT) steps taken; params: the policy π_θ; opt_state: optax state; ref_params: the frozen
+    reference π_ref (None when no KL is used); reward_params: frozen params of model-based rewards
+    (e.g. {"reward_model": ...}), empty otherwise; rng: the base key (each step folds in `step`).
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ref_params: Any
+    reward_params: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """AdamW with linear warmup then constant or cosine decay, after a global-norm clip.
+
+    learning_rate: peak lr (DeepSeekMath 1e-6, R1 3e-6); warmup_steps / total_steps count optimizer
+    updates; schedule: "constant" | "cosine"; max_grad_norm: None = no clip.
+    """
+
+    learning_rate: float = 1e-6
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            raise ValueError(f"OptimizerConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"OptimizerConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.warmup_steps < 0 or self.total_steps < 1:
+            raise ValueError(
+                f"OptimizerConfig: warmup_steps >= 0 and total_steps >= 1 required, got "
+                f"{self.warmup_steps}, {self.total_steps}"
+            )
+
+
+def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
+    warmup = max(config.warmup_steps, 0)
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, config.learning_rate, max(warmup, 1), max(config.total_steps, warmup + 1), 0.1 * config.learning_rate
+        )
+    if warmup == 0:
+        return optax.constant_schedule(config.learning_rate)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, config.learning_rate, warmup), optax.constant_schedule(config.learning_rate)],
+        [warmup],
+    )
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    parts = []
+    if config.max_grad_norm is not None:
+        parts.append(optax.clip_by_global_norm(config.max_grad_norm))
+    parts.append(
+        optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
+                    weight_decay=config.weight_decay)
+    )
+    return optax.chain(*parts)
+
+
+def state_shardings(state_shapes: TrainState, param_shardings, optimizer, mesh) -> TrainState:
+    """Shardings of a TrainState: params/ref like the policy params, optimizer moments like their params,
+    everything else replicated."""
+    replicated = shd.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        optimizer,
+        lambda _, s: s,
+        state_shapes.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    return TrainState(
+        step=replicated,
+        params=param_shardings,
+        opt_state=opt_shardings,
+        ref_params=None if state_shapes.ref_params is None else param_shardings,
+        reward_params=jax.tree_util.tree_map(lambda _: replicated, state_shapes.reward_params),
+        rng=replicated,
+    )
+
+
+def create_train_state(params, optimizer, mesh, param_shardings, *, rng, with_reference: bool = True,
+                       reward_params=None) -> tuple[TrainState, TrainState]:
+    """Build the train state directly in its shardings; returns (state, state_shardings).
+
+    The reference starts as a copy of the policy (DeepSeekMath: π_ref ← π_θ at the start of each
+    iteration). The optimizer state is created inside a jit with `out_shardings`, never unsharded.
+    """
+    reward_params = {} if reward_params is None else reward_params
+
+    def build(p, key, rp):
+        return TrainState(
+            step=jnp.asarray(0, jnp.int32),
+            params=p,
+            opt_state=optimizer.init(p),
+            ref_params=jax.tree_util.tree_map(jnp.copy, p) if with_reference else None,
+            reward_params=rp,
+            rng=key,
+        )
+
+    shapes = jax.eval_shape(build, params, rng, reward_params)
+    shardings = state_shardings(shapes, param_shardings, optimizer, mesh)
+    state = jax.jit(build, out_shardings=shardings)(params, rng, reward_params)
+    return state, shardings
+
+
+def reset_reference(state: TrainState) -> TrainState:
+    """Iterative GRPO (DeepSeekMath §4.1.4): π_ref ← π_θ. Same shapes and shardings: no recompile."""
+    if state.ref_params is None:
+        return state
+    return state.replace(ref_params=jax.tree_util.tree_map(jnp.copy, state.params))

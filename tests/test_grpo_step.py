@@ -1,0 +1,181 @@
+"""The one-program GRPO step: ratio/clip sanity, no wasted reference forward, one compile, sharded ==
+single device (groups spanning devices), finite-difference gradient, NaN skip, HLO contents, learning."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grpo_jax import sampling, sharding
+from grpo_jax.algorithms import GRPOConfig
+from grpo_jax.training import (
+    OptimizerConfig,
+    create_train_state,
+    grpo_loss,
+    learning_rate_schedule,
+    make_grpo_step,
+    make_optimizer,
+    reset_reference,
+    rollout_to_batch,
+)
+from grpo_jax.testing import mesh_2x2x2, tiny_model_config, tiny_params
+
+CONFIG = tiny_model_config(vocab_size=32)
+EOS = 1
+TARGET = 7
+MAX_NEW = 4
+
+
+def contains_target(batch, params):
+    hit = jnp.any((batch["completion_tokens"] == TARGET) & (batch["completion_mask"] > 0), axis=-1)
+    reward = hit.astype(jnp.float32)
+    return reward, {"contains": reward}
+
+
+def _prompts(batch_size):
+    tokens = np.tile(np.arange(3, 3 + 5, dtype=np.int32), (batch_size, 1)) + np.arange(batch_size)[:, None]
+    mask = np.ones_like(tokens)
+    mask[::2, :2] = 0
+    return tokens, mask
+
+
+def _setup(grpo, *, mesh=None, lr=1e-2, seed=0, with_reference=True, batch_size=4, adam_eps=1e-8, **step_kw):
+    mesh = mesh or sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    opt_config = OptimizerConfig(learning_rate=lr, max_grad_norm=1.0, eps=adam_eps)
+    optimizer = make_optimizer(opt_config)
+    shardings = sharding.model_param_shardings(mesh, CONFIG)
+    params = jax.device_put(tiny_params(CONFIG, seed=seed), shardings)
+    state, state_sh = create_train_state(params, optimizer, mesh, shardings, rng=jax.random.key(seed),
+                                         with_reference=with_reference)
+    step = make_grpo_step(grpo, CONFIG, optimizer, reward_fn=contains_target, mesh=mesh, state_shardings=state_sh,
+                          lr_schedule=learning_rate_schedule(opt_config), **step_kw)
+    tokens, mask = _prompts(batch_size)
+    rollout = sampling.generate(CONFIG, tiny_params(CONFIG, seed=seed), tokens, mask, jax.random.key(seed + 1),
+                                num_samples=grpo.num_generations, max_new_tokens=MAX_NEW,
+                                temperature=grpo.temperature, eos_id=EOS)
+    batch = rollout_to_batch(rollout, {}, grpo.num_generations)
+    return state, step, batch, mesh
+
+
+def _host(tree):
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def test_fresh_policy_ratio_is_one_and_nothing_clips():
+    state, step, batch, _ = _setup(GRPOConfig(num_generations=4, kl_coef=0.04))
+    _, metrics = step(state, batch)
+    assert float(metrics["clip_frac"]) == 0.0
+    assert abs(float(metrics["ratio_max"]) - 1.0) < 1e-5
+    assert float(metrics["sampler_logprob_diff"]) <= 1e-5
+    assert float(metrics["kl"]) < 1e-6  # π_ref == π_θ at the start
+    for key in ("reward/mean", "reward/std", "kl", "clip_frac", "entropy", "completion_len/mean", "truncated_frac",
+                "loss", "grad_norm", "learning_rate", "zero_variance_frac", "reward/contains"):
+        assert np.isfinite(float(metrics[key])), key
+
+
+def test_zero_kl_never_evaluates_the_reference():
+    # The state holds no reference at all: any reference forward would fail to trace.
+    state, step, batch, _ = _setup(GRPOConfig(num_generations=4, kl_coef=0.0), with_reference=False)
+    new_state, metrics = step(state, batch)
+    assert new_state.ref_params is None and float(metrics["kl"]) == 0.0
+    with_kl = _setup(GRPOConfig(num_generations=4, kl_coef=0.1))
+    text_kl = with_kl[1].lower(with_kl[0], with_kl[2]).as_text(debug_info=True)
+    text_no_kl = step.lower(new_state, batch).as_text(debug_info=True)
+    assert "reference_logprobs" in text_kl and "reference_logprobs" not in text_no_kl
+
+
+def test_step_is_one_program_with_rewards_advantages_loss_and_optimizer():
+    state, step, batch, _ = _setup(GRPOConfig(num_generations=4))
+    hlo = step.lower(state, batch).as_text(debug_info=True)
+    for scope in ("rewards", "advantages", "policy_loss", "optimizer", "reference_logprobs"):
+        assert scope in hlo, scope
+    assert hlo.count("func.func public @main") == 1
+
+
+def test_step_compiles_once_and_reference_reset_does_not_recompile():
+    state, step, batch, _ = _setup(GRPOConfig(num_generations=4, num_iterations=2, num_minibatches=2))
+    state, _ = step(state, batch)
+    state = reset_reference(state)
+    state, _ = step(state, batch)
+    state, metrics = step(state, batch)
+    assert step._cache_size() == 1
+    assert int(state.step) == 3
+    assert float(metrics["clip_frac"]) >= 0.0
+
+
+def test_sharded_step_matches_single_device_with_groups_across_devices():
+    grpo = GRPOConfig(num_generations=8, kl_coef=0.04, num_minibatches=2, num_iterations=2)
+    # 2 prompts x G=8 = 16 rows over data*fsdp = 4 devices: every group spans two devices.
+    # A large Adam eps keeps updates proportional to the gradient, so float reduction-order noise in
+    # near-zero gradients is not amplified to a full lr-sized step (which would test Adam, not sharding).
+    kw = dict(batch_size=2, lr=1e-2, adam_eps=1e-2)
+    single_state, single_step, batch, _ = _setup(grpo, **kw)
+    expected_state, expected = single_step(single_state, batch)
+    mesh = mesh_2x2x2()
+    state, step, _, _ = _setup(grpo, mesh=mesh, **kw)
+    assert state.params["layers"]["q"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    placed = sharding.shard_batch(_host(batch), mesh)
+    got_state, got = step(state, placed)
+    for key in expected:
+        np.testing.assert_allclose(float(got[key]), float(expected[key]), rtol=2e-4, atol=1e-6, err_msg=key)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6),
+                           _host(got_state.params), _host(expected_state.params))
+
+
+def test_gradient_matches_finite_differences():
+    grpo = GRPOConfig(num_generations=4, kl_coef=0.1)
+    _, _, batch, _ = _setup(grpo)
+    params = tiny_params(CONFIG, seed=0)
+    ref = tiny_params(CONFIG, seed=5)
+    mb = dict(batch)
+    from grpo_jax.training.grpo_step import completion_logprobs
+    mb["ref_logprobs"] = completion_logprobs(CONFIG, ref, mb, temperature=1.0, chunk_size=128)
+    mb["advantages"] = jnp.linspace(-1.0, 1.0, batch["completion_mask"].shape[0])
+    mb["sample_weight"] = jnp.ones(batch["completion_mask"].shape[0])
+    loss = lambda p: grpo_loss(p, mb, grpo=grpo, model_config=CONFIG)[0]
+    grads = jax.grad(loss)(params)
+    leaves = jax.tree_util.tree_leaves
+    unit = lambda tree: jax.tree_util.tree_map(
+        lambda x: x / jnp.sqrt(sum(jnp.vdot(y, y) for y in leaves(tree))), tree)
+    keys = iter(jax.random.split(jax.random.key(3), len(leaves(params))))
+    random_direction = jax.tree_util.tree_map(lambda p: jax.random.normal(next(keys), p.shape), params)
+    eps = 3e-2
+    for direction in (unit(grads), unit(random_direction)):
+        shifted = lambda s, d=direction: jax.tree_util.tree_map(lambda p, x: p + s * eps * x, params, d)
+        numeric = float((loss(shifted(1.0)) - loss(shifted(-1.0))) / (2 * eps))
+        analytic = float(sum(jnp.vdot(g, x) for g, x in zip(leaves(grads), leaves(direction))))
+        assert abs(numeric - analytic) <= 0.05 * abs(analytic) + 1e-6, (numeric, analytic)
+    assert float(jnp.sqrt(sum(jnp.vdot(g, g) for g in leaves(grads)))) > 1e-3
+
+
+def test_nonfinite_update_is_skipped_and_counted():
+    state, step, batch, _ = _setup(GRPOConfig(num_generations=4))
+    before = _host(state.params)
+    new_state, metrics = step(state, dict(batch, poison=jnp.asarray(True)))
+    assert float(metrics["nonfinite_updates"]) == 1.0
+    jax.tree_util.tree_map(np.testing.assert_array_equal, _host(new_state.params), before)
+    _, metrics = step(new_state, dict(batch, poison=jnp.asarray(False)))
+    assert float(metrics["nonfinite_updates"]) == 0.0
+
+
+def test_dynamic_sampling_masks_zero_variance_groups():
+    grpo = GRPOConfig(num_generations=4, dynamic_sampling=True)
+    state, step, batch, _ = _setup(grpo)
+    rewards = np.asarray(contains_target(batch, None)[0]).reshape(-1, 4)
+    expected = np.mean(rewards.min(axis=1) == rewards.max(axis=1))
+    _, metrics = step(state, batch)
+    assert float(metrics["zero_variance_frac"]) == pytest.approx(expected)
+
+
+def test_the_step_learns_a_bandit_task():
+    grpo = GRPOConfig(num_generations=8, kl_coef=0.0, temperature=1.0)
+    state, step, batch, _ = _setup(grpo, lr=1e-2, with_reference=False)
+    tokens, mask = _prompts(4)
+    rewards = []
+    for i in range(60):
+        rollout = sampling.generate(CONFIG, state.params, tokens, mask, jax.random.key(100 + i),
+                                    num_samples=8, max_new_tokens=MAX_NEW, eos_id=EOS)
+        state, metrics = step(state, rollout_to_batch(rollout, {}, 8))
+        rewards.append(float(metrics["reward/mean"]))
+    assert np.mean(rewards[:5]) < 0.4
+    assert np.mean(rewards[-5:]) > 0.9, rewards
