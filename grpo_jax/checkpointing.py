@@ -1,0 +1,465 @@
+"""Checkpoints of the whole train state with orbax: save, keep last-N plus best, restore into shardings.
+
+Layout of `DIR/checkpoints/` (orbax CheckpointManager): one folder per step, each with three items:
+  state/   every array of the TrainState as a nested dict keyed by the pytree path
+           (params, opt_state, ref_params, reward_params, step, rng as raw key data)
+  extra/   a JSON dict from the trainer: data iterator position, stage, stage step, config
+           fingerprint, counters, ...
+  meta/    a JSON dict written here: format version, PRNG implementation of each typed key, and the
+           shape/dtype of every saved leaf (so a structure mismatch gives one clear message)
+
+Orbax writes each step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a run
+killed mid-write leaves no folder that `latest_step` would pick. A checkpoint is never written when
+params, optimizer state or reference hold a NaN/inf: resuming would only replay the divergence.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from orbax.checkpoint import checkpoint_managers
+
+from grpo_jax.training.state import TrainState
+
+FORMAT_VERSION = 1
+_STATE_FIELDS = ("step", "params", "opt_state", "ref_params", "reward_params", "rng")
+
+
+def checkpoint_directory(workdir: str | os.PathLike) -> Path:
+    """The checkpoint folder of a workdir (DESIGN.md §3: `DIR/checkpoints/`)."""
+    return Path(workdir) / "checkpoints"
+
+
+# ----------------------------------------------------------------------------------------------------
+# TrainState <-> nested dict of plain arrays
+# ----------------------------------------------------------------------------------------------------
+
+
+def _key_name(key) -> str:
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def _is_prng_key(leaf) -> bool:
+    return jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _state_leaves(state: TrainState) -> list[tuple[str, Any]]:
+    """(slash-joined path, leaf) for every array of the state, in pytree order.
+
+    Each field is flattened on its own so the names do not depend on how flax orders dataclass fields.
+    """
+    named = []
+    for field in _STATE_FIELDS:
+        leaves, _ = jax.tree_util.tree_flatten_with_path(getattr(state, field))
+        for path, leaf in leaves:
+            named.append(("/".join((field, *(_key_name(k) for k in path))), leaf))
+    return named
+
+
+def _nest(named: list[tuple[str, Any]]) -> dict:
+    tree: dict = {}
+    for name, leaf in named:
+        *parents, last = name.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = leaf
+    return tree
+
+
+def _leaf_signature(leaf) -> dict:
+    """Shape and dtype as saved on disk (typed keys are stored as their uint32 key data)."""
+    if _is_prng_key(leaf):
+        leaf = jax.eval_shape(jax.random.key_data, leaf)
+    return {"shape": list(leaf.shape), "dtype": str(np.dtype(leaf.dtype))}
+
+
+def _describe_state(state: TrainState) -> tuple[dict, dict]:
+    """(nested dict of savable arrays, meta JSON) for a concrete TrainState."""
+    named, prng_impls, signatures = [], {}, {}
+    for name, leaf in _state_leaves(state):
+        signatures[name] = _leaf_signature(leaf)
+        if _is_prng_key(leaf):
+            prng_impls[name] = str(jax.random.key_impl(leaf))
+            leaf = jax.random.key_data(leaf)
+        named.append((name, leaf))
+    meta = {"format_version": FORMAT_VERSION, "prng_impls": prng_impls, "leaves": signatures}
+    return _nest(named), meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# Guards: NaN refusal and config compatibility
+# ----------------------------------------------------------------------------------------------------
+
+
+@jax.jit
+def _finite_flags(trees: dict) -> dict:
+    """{group name: all floating leaves finite} as device scalars, one program per state structure."""
+
+    def all_finite(tree):
+        flags = [
+            jnp.all(jnp.isfinite(x))
+            for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)
+        ]
+        return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+    return {name: all_finite(tree) for name, tree in trees.items()}
+
+
+def nonfinite_groups(state: TrainState) -> list[str]:
+    """Names of the state groups (params, opt_state, ref_params) holding a NaN or inf; [] when clean."""
+    flags = jax.device_get(
+        _finite_flags({"params": state.params, "opt_state": state.opt_state, "ref_params": state.ref_params})
+    )
+    return [name for name, ok in flags.items() if not bool(ok)]
+
+
+def check_compatible(
+    saved_fingerprint: Mapping[str, Any] | None,
+    current_fingerprint: Mapping[str, Any] | None,
+    *,
+    directory: str | os.PathLike | None = None,
+) -> None:
+    """Raise ONE ValueError naming every field where the checkpoint's fingerprint differs from the config.
+
+    A fingerprint is a flat dict from the trainer (model shape fields, tokenizer vocab hash, ...); nested
+    dicts are compared by dotted name. Fields present on only one side count as differences.
+    """
+    saved = _flatten_fingerprint(saved_fingerprint or {})
+    current = _flatten_fingerprint(current_fingerprint or {})
+    missing = object()
+    differences = []
+    for field in sorted(set(saved) | set(current)):
+        old, new = saved.get(field, missing), current.get(field, missing)
+        if old != new:
+            old_text = f"no {field}" if old is missing else f"{field}={old!r}"
+            new_text = "has no such field" if new is missing else f"says {new!r}"
+            differences.append(f"{old_text}, the config now {new_text}")
+    if differences:
+        where = f"checkpoint in {directory}" if directory is not None else "checkpoint"
+        raise ValueError(
+            f"{where} was made with {'; '.join(differences)}; use a new --workdir or restore the config"
+        )
+
+
+def _flatten_fingerprint(fingerprint: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in fingerprint.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten_fingerprint(value, name + "."))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpointer
+# ----------------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Orbax CheckpointManager for TrainStates: keeps the last `keep_last` steps plus the `keep_best` best.
+
+    directory: the checkpoint folder itself (use `checkpoint_directory(workdir)` for `DIR/checkpoints`).
+    best_metric / best_mode: which `metrics` entry ranks checkpoints and whether higher ("max") or lower
+    ("min") is better. Checkpoints saved without that metric are kept or dropped by `keep_last` alone;
+    the best `keep_best` checkpoints with it are never deleted. keep_best=0 disables best tracking.
+    async_save: `save` returns once arrays are copied to host; the write continues in the background,
+    so the caller may donate the state to the next step right away. The folder is created if missing.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep_last: int = 3,
+        keep_best: int = 1,
+        best_metric: str = "eval/accuracy",
+        best_mode: str = "max",
+        async_save: bool = True,
+    ):
+        if keep_last < 1:
+            raise ValueError(f"Checkpointer keep_last must be >= 1 (the resume point), got {keep_last}")
+        if keep_best < 0:
+            raise ValueError(f"Checkpointer keep_best must be >= 0, got {keep_best}")
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"Checkpointer best_mode must be 'max' or 'min', got {best_mode!r}")
+        self.directory = Path(directory).absolute()
+        self.best_metric = best_metric
+        self.refused_saves = 0
+        self._tracks_best = keep_best > 0
+        self._best_mode = best_mode
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=_LatestAndBest(keep_last=keep_last, keep_best=keep_best, score=self._score),
+            # best_fn only makes orbax persist each step's metrics; ranking is done by _score/_LatestAndBest.
+            best_fn=self._score if self._tracks_best else None,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "extra", "meta")
+        )
+
+    def _score(self, metrics: Mapping[str, Any] | None) -> float | None:
+        """The ranking value of a checkpoint's saved metrics, higher is better; None when it has none."""
+        if not metrics or self.best_metric not in metrics:
+            return None
+        value = float(metrics[self.best_metric])
+        return value if self._best_mode == "max" else -value
+
+    # -- queries -------------------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None. Unfinished (tmp) folders are never counted."""
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step with the best `best_metric` among checkpoints saved with it; None if there is none."""
+        if not self._tracks_best:
+            return None
+        scored = [(self._score(self._manager.metrics(s)), s) for s in self.all_steps()]
+        scored = [(score, s) for score, s in scored if score is not None]
+        return max(scored)[1] if scored else None
+
+    def _resolve_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
+            return steps[-1]
+        if int(step) not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available: {steps}")
+        return int(step)
+
+    def read_extra(self, step: int | None = None) -> dict:
+        """The trainer's JSON `extra` of a checkpoint (latest if step is None), without loading arrays."""
+        step = self._resolve_step(step)
+        return dict(
+            self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+        )
+
+    # -- save ----------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        *,
+        extra: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Save `state` and the JSON-serialisable `extra` as checkpoint `step`; True if a save started.
+
+        Returns False (and logs why) when the step already exists or, after a warning, when params,
+        optimizer state or reference hold a non-finite value. `metrics` may carry `best_metric`; a
+        missing or non-finite value just means this checkpoint does not compete for "best".
+        """
+        step = int(step)
+        if step in self._manager.all_steps():
+            logging.info(
+                "checkpoint for step %d already exists in %s; not saving again", step, self.directory
+            )
+            return False
+        bad = nonfinite_groups(state)
+        if bad:
+            self.refused_saves += 1
+            logging.warning(
+                "refusing to save checkpoint at step %d: non-finite values in %s (the last good checkpoint "
+                "stays the resume point)",
+                step,
+                ", ".join(bad),
+            )
+            return False
+        try:
+            extra = json.loads(json.dumps(dict(extra), allow_nan=False))
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"checkpoint extra must be JSON-serialisable without NaN/inf: {error}"
+            ) from error
+        tree, meta = _describe_state(state)
+        ranking = {} if self._tracks_best else None
+        if self._tracks_best and metrics is not None and self.best_metric in metrics:
+            value = float(np.asarray(jax.device_get(metrics[self.best_metric])))
+            if math.isfinite(value):
+                ranking = {self.best_metric: value}
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(tree),
+                extra=ocp.args.JsonSave(extra),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            metrics=ranking,
+            force=force,
+        )
+
+    # -- restore -------------------------------------------------------------------------------------
+
+    def restore(
+        self,
+        state_template: TrainState,
+        state_shardings: TrainState | None = None,
+        step: int | None = None,
+        *,
+        fingerprint: Mapping[str, Any] | None = None,
+    ) -> tuple[TrainState, dict]:
+        """Restore checkpoint `step` (latest if None) into the structure of `state_template`.
+
+        state_template: a TrainState of arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`);
+        state_shardings: a TrainState of shardings like `create_train_state` returns; each array is read
+        directly into its sharding. Without it, the template's own shardings are used (or one device).
+        fingerprint: when given, compared to the saved `extra["fingerprint"]` before any array is read.
+        Returns (state, extra). Raises FileNotFoundError when there is no such checkpoint and ValueError
+        when the fingerprint or the state structure differ.
+        """
+        step = self._resolve_step(step)
+        saved = self._manager.restore(
+            step, args=ocp.args.Composite(extra=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+        )
+        extra, meta = dict(saved["extra"]), dict(saved["meta"])
+        if fingerprint is not None:
+            check_compatible(extra.get("fingerprint"), fingerprint, directory=self.directory)
+
+        template_leaves = _state_leaves(state_template)
+        self._check_structure(meta["leaves"], template_leaves, step)
+        if state_shardings is not None:
+            by_name = dict(_state_leaves_of_shardings(state_shardings))
+            missing = [name for name, _ in template_leaves if name not in by_name]
+            if missing:
+                raise ValueError(
+                    f"state_shardings has no sharding for {_summarise(missing)}; pass the shardings "
+                    "returned with the state template"
+                )
+            sharding_leaves = [by_name[name] for name, _ in template_leaves]
+        else:
+            sharding_leaves = [getattr(leaf, "sharding", None) for _, leaf in template_leaves]
+
+        default_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        targets = []
+        for (name, leaf), leaf_sharding in zip(template_leaves, sharding_leaves, strict=True):
+            signature = _leaf_signature(leaf)
+            targets.append(
+                (
+                    name,
+                    jax.ShapeDtypeStruct(
+                        tuple(signature["shape"]),
+                        np.dtype(signature["dtype"]),
+                        sharding=leaf_sharding or default_sharding,
+                    ),
+                )
+            )
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nest(targets)))
+        )["state"]
+
+        values = []
+        for name, _ in template_leaves:
+            value = restored
+            for part in name.split("/"):
+                value = value[part]
+            if name in meta["prng_impls"]:
+                value = jax.random.wrap_key_data(value, impl=meta["prng_impls"][name])
+            values.append(value)
+        fields, start = {}, 0
+        for field in _STATE_FIELDS:
+            treedef = jax.tree_util.tree_structure(getattr(state_template, field))
+            fields[field] = jax.tree_util.tree_unflatten(treedef, values[start : start + treedef.num_leaves])
+            start += treedef.num_leaves
+        return state_template.replace(**fields), extra
+
+    def _check_structure(self, saved_leaves: Mapping[str, dict], template_leaves, step: int) -> None:
+        expected = {name: _leaf_signature(leaf) for name, leaf in template_leaves}
+        only_saved = sorted(set(saved_leaves) - set(expected))
+        only_template = sorted(set(expected) - set(saved_leaves))
+        changed = sorted(n for n in set(saved_leaves) & set(expected) if saved_leaves[n] != expected[n])
+        problems = []
+        if only_saved:
+            problems.append(f"only the checkpoint has {_summarise(only_saved)}")
+        if only_template:
+            problems.append(f"only the current state has {_summarise(only_template)}")
+        for name in changed[:3]:
+            problems.append(f"{name} was {saved_leaves[name]}, now {expected[name]}")
+        if problems:
+            raise ValueError(
+                f"checkpoint step {step} in {self.directory} does not match the current train state: "
+                f"{'; '.join(problems)}; use a new --workdir or restore the config"
+            )
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Block until background saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _LatestAndBest(checkpoint_managers.PreservationPolicy):
+    """Preserve the newest `keep_last` checkpoints plus the `keep_best` highest-scoring ones.
+
+    Unlike orbax's BestN, a checkpoint without the metric is neither kept forever nor ranked: only
+    `keep_last` decides about it.
+    """
+
+    def __init__(self, *, keep_last: int, keep_best: int, score):
+        self.keep_last, self.keep_best, self.score = keep_last, keep_best, score
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        del context
+        order = sorted(range(len(checkpoints)), key=lambda i: checkpoints[i].step)
+        keep = set(order[-self.keep_last :])
+        if self.keep_best:
+            scored = [(self.score(checkpoints[i].metrics), checkpoints[i].step, i) for i in order]
+            scored = sorted(item for item in scored if item[0] is not None)
+            keep.update(i for _, _, i in scored[-self.keep_best :])
+        return [i in keep for i in range(len(checkpoints))]
+
+
+def _state_leaves_of_shardings(shardings: TrainState) -> list[tuple[str, Any]]:
+    """Like `_state_leaves` for a TrainState whose leaves are Sharding objects."""
+    named = []
+    for field in _STATE_FIELDS:
+        leaves, _ = jax.tree_util.tree_flatten_with_path(
+            getattr(shardings, field), is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+        )
+        for path, leaf in leaves:
+            named.append(("/".join((field, *(_key_name(k) for k in path))), leaf))
+    return named
+
+
+def _summarise(names: list[str]) -> str:
+    groups = sorted({name.split("/")[0] for name in names})
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{listed} (in {', '.join(groups)})"

@@ -1,0 +1,158 @@
+"""From an ml_collections config to the pieces a run needs: tokenizer, task splits, model, mesh.
+
+Everything here validates before anything is written to the workdir, so a bad config or data file
+fails with one clear message and leaves nothing that a resume would trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any
+
+import jax
+
+from grpo_jax import models, sharding
+from grpo_jax.algorithms import GRPOConfig
+from grpo_jax.data.files import load_jsonl_task
+from grpo_jax.data.tasks import TASKS
+from grpo_jax.data.templates import format_prompt
+from grpo_jax.tokenizers import load_tokenizer, train_sentencepiece
+from grpo_jax.training.state import OptimizerConfig
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def _plain(value):
+    """ConfigDict / tuples -> plain Python containers."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+@dataclasses.dataclass
+class TaskData:
+    name: str
+    train: list[dict]
+    test: list[dict]
+    correctness: str  # key of grpo_jax.training.evaluator.CORRECTNESS
+
+
+def build_task(config) -> TaskData:
+    """Synthetic task from `TASKS` or a JSONL file task; train and held-out splits never overlap."""
+    task = config.task
+    if task.name in TASKS:
+        generator = TASKS[task.name](seed=config.seed, **_plain(task.kwargs))
+        train = generator.split("train", task.train_size)
+        test = generator.split("test", task.test_size)
+    elif task.name in ("gsm8k", "math"):
+        for field in ("train_file", "test_file"):
+            if not task.get(field):
+                raise ValueError(f"config.task.{field} is required for task {task.name!r}")
+        fields = _plain(task.kwargs)
+        train = load_jsonl_task(task.train_file, kind=task.name, **fields)
+        test = load_jsonl_task(task.test_file, kind=task.name, **fields)
+        if task.train_size:
+            train = train[: task.train_size]
+        if task.test_size:
+            test = test[: task.test_size]
+    else:
+        raise ValueError(
+            f"config.task.name={task.name!r} is not a known task; known: {sorted(TASKS) + ['gsm8k', 'math']}"
+        )
+    correctness = "countdown" if task.name == "countdown" else "math"
+    return TaskData(task.name, train, test, correctness)
+
+
+def build_tokenizer(config, task: TaskData, workdir: str):
+    """Load `config.tokenizer.path`, or reuse the workdir's trained tokenizer, or train one in-process.
+
+    The trained SentencePiece model is deterministic in its texts (the task's train split, templated),
+    and is saved into the workdir so a resume (and `scripts/evaluate.py`) reads the same vocabulary.
+    """
+    if config.tokenizer.path:
+        return load_tokenizer(config.tokenizer.path)
+    if config.model.pretrained:
+        return load_tokenizer(config.model.pretrained)
+    saved = os.path.join(workdir, TOKENIZER_FILE)
+    if os.path.exists(saved):
+        return load_tokenizer(saved)
+    texts = [format_prompt(config.template, e["prompt"]) + " " + e.get("completion", "") for e in task.train]
+    return train_sentencepiece(texts, vocab_size=config.tokenizer.vocab_size)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    pieces = "\n".join(tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size))
+    return hashlib.sha256(pieces.encode()).hexdigest()[:16]
+
+
+def build_model_config(config, tokenizer) -> models.ModelConfig:
+    """From scratch: the fields of `config.model` (vocab from the tokenizer); or an HF directory's config."""
+    if config.model.pretrained:
+        import json
+
+        from grpo_jax.models.hf import config_from_hf
+
+        path = os.path.join(config.model.pretrained, "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config.model.pretrained: no config.json in {config.model.pretrained}")
+        with open(path) as f:
+            return config_from_hf(json.load(f), where=path, dtype=config.model.dtype,
+                                  param_dtype=config.model.param_dtype, remat=config.model.remat)
+    fields = {k: v for k, v in _plain(config.model).items() if k not in ("pretrained",)}
+    fields["vocab_size"] = fields.get("vocab_size") or tokenizer.vocab_size
+    if fields["vocab_size"] < tokenizer.vocab_size:
+        raise ValueError(
+            f"config.model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size}"
+        )
+    return models.ModelConfig(**fields)
+
+
+def initial_params(config, model_config, mesh):
+    """Pretrained weights (placed straight into their shardings) or a sharded random init."""
+    if config.model.pretrained:
+        _, params = models.load_pretrained(
+            config.model.pretrained, mesh=mesh, param_dtype=model_config.param_dtype, dtype=model_config.dtype,
+            remat=model_config.remat,
+        )
+        return params
+    return sharding.init_sharded_params(model_config, jax.random.key(config.seed), mesh)
+
+
+def build_mesh(config):
+    return sharding.make_mesh(tuple(config.mesh))
+
+
+def grpo_config(stage_config) -> GRPOConfig:
+    """The typed GRPOConfig of a GRPO stage's `algo` section (unknown keys and bad values raise)."""
+    return GRPOConfig.from_dict(_plain(stage_config.algo))
+
+
+def optimizer_config(stage_config, total_updates: int) -> OptimizerConfig:
+    return OptimizerConfig(
+        learning_rate=stage_config.learning_rate,
+        warmup_steps=stage_config.warmup_steps,
+        total_steps=max(total_updates, 1),
+        schedule=stage_config.schedule,
+        weight_decay=stage_config.weight_decay,
+        max_grad_norm=stage_config.max_grad_norm,
+    )
+
+
+def fingerprint(model_config: models.ModelConfig, tokenizer) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: model shapes and the tokenizer's vocabulary."""
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+            "head_dim", "qkv_bias", "o_bias", "tie_embeddings", "param_dtype")
+    return {
+        "model": {k: getattr(model_config, k) for k in keys},
+        "tokenizer": {"vocab_size": tokenizer.vocab_size, "hash": tokenizer_fingerprint(tokenizer)},
+    }
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    return (tokenizer.eos_id,)

@@ -1,0 +1,61 @@
+"""The jitted SFT step (cold start, rejection-sampling SFT): next-token loss on completion tokens only.
+
+Batch (from `grpo_jax.data.make_sft_dataset`): tokens [B, T], attention_mask [B, T], loss_mask [B, T]
+(1 on completion tokens and EOS, aligned with `tokens`: the target at t is predicted from position t-1),
+optionally poison () bool (debug switch that makes the loss NaN).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from grpo_jax import models
+from grpo_jax.algorithms import sft_loss
+from grpo_jax.sharding import replicated
+from grpo_jax.training.state import TrainState
+
+
+def sft_objective(params, batch, *, model_config, chunk_size: int = 128):
+    """Token-mean NLL of the completion tokens: -> (loss, metrics)."""
+    logprobs = models.token_logprobs(
+        model_config, params, batch["tokens"], attention_mask=batch["attention_mask"], chunk_size=chunk_size
+    )
+    loss, metrics = sft_loss(logprobs, batch["loss_mask"][:, 1:])
+    if "poison" in batch:
+        loss = loss + jnp.where(batch["poison"], jnp.nan, 0.0)
+    return loss, metrics
+
+
+def make_sft_step(model_config, optimizer, *, mesh=None, state_shardings=None, lr_schedule=None,
+                  chunk_size: int = 128, donate: bool = True):
+    """`step(state, batch) -> (state, metrics)`; a non-finite loss or gradient skips the update (counted)."""
+
+    def step(state: TrainState, batch):
+        (loss, metrics), grads = jax.value_and_grad(sft_objective, has_aux=True)(
+            state.params, batch, model_config=model_config, chunk_size=chunk_size
+        )
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, nonfinite_updates=(~finite).astype(jnp.float32))
+        if lr_schedule is not None:
+            metrics["learning_rate"] = lr_schedule(state.step)
+        new_state = state.replace(
+            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state)
+        )
+        return new_state, metrics
+
+    kwargs = {"donate_argnums": (0,) if donate else ()}
+    if state_shardings is not None:
+        kwargs["out_shardings"] = (state_shardings, replicated(mesh))
+    return jax.jit(step, **kwargs)
+
+
+def make_sft_eval(model_config, *, chunk_size: int = 128):
+    """Jitted held-out loss: `eval(params, batch) -> metrics`."""
+    return jax.jit(lambda params, batch: sft_objective(params, batch, model_config=model_config,
+                                                       chunk_size=chunk_size)[1])

@@ -1,0 +1,240 @@
+"""Checkpointer: sharded bitwise round trip, keep-last + best, NaN refusal, crash safety, fingerprints."""
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from grpo_jax import sharding as shd
+from grpo_jax.checkpointing import Checkpointer, check_compatible, checkpoint_directory
+from grpo_jax.testing import mesh_2x2x2, tiny_model_config
+from grpo_jax.training.state import OptimizerConfig, create_train_state, make_optimizer
+
+FINGERPRINT = {"model": {"hidden_size": 32, "num_layers": 2, "vocab_size": 128}, "tokenizer_hash": "abc123"}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A trained-one-step state on the (2, 2, 2) mesh: sharded params, non-zero Adam moments, a reference
+    and a reward model."""
+    config = tiny_model_config()
+    mesh = mesh_2x2x2()
+    params = shd.init_sharded_params(config, jax.random.key(0), mesh)
+    param_shardings = shd.model_param_shardings(mesh, config)
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2))
+    reward_params = {"reward_model": {"head": jnp.arange(6, dtype=jnp.float32).reshape(2, 3)}}
+    state, shardings = create_train_state(
+        params, optimizer, mesh, param_shardings, rng=jax.random.key(7), reward_params=reward_params
+    )
+
+    @jax.jit
+    def one_update(state):
+        grads = jax.tree_util.tree_map(lambda p: jnp.sin(p * 3.0) + 0.1, state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+            rng=jax.random.fold_in(state.rng, 1),
+        )
+
+    state = one_update(state)
+    return dict(
+        config=config,
+        mesh=mesh,
+        optimizer=optimizer,
+        param_shardings=param_shardings,
+        state=state,
+        shardings=shardings,
+    )
+
+
+def _bits(x):
+    x = np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+    return x.dtype.str, x.shape, x.tobytes()
+
+
+def _abstract(state):
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+
+def test_sharded_round_trip_is_bitwise(setup, tmp_path):
+    state, shardings = setup["state"], setup["shardings"]
+    assert float(np.abs(np.asarray(state.opt_state[1][0].mu["layers"]["q"])).max()) > 0  # Adam state is live
+    expected = [_bits(x) for x in jax.tree_util.tree_leaves(state)]
+    expected_shardings = jax.tree_util.tree_leaves(
+        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+    )
+    # save a copy and delete it right after save returns: the async write must not need the device buffers
+    # (the trainer donates the state to the next step).
+    copy = jax.tree_util.tree_map(jnp.copy, state)
+    extra = {"stage": "grpo", "stage_step": 1, "data": {"epoch": 0, "index": 12}, "fingerprint": FINGERPRINT}
+    with Checkpointer(checkpoint_directory(tmp_path)) as checkpointer:
+        assert checkpointer.save(1, copy, extra=extra)
+        jax.tree_util.tree_map(lambda x: x.delete(), copy)
+        checkpointer.wait()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+
+    with Checkpointer(tmp_path / "checkpoints") as checkpointer:
+        assert checkpointer.latest_step() == 1
+        restored, restored_extra = checkpointer.restore(_abstract(state), shardings, fingerprint=FINGERPRINT)
+    assert restored_extra == extra
+    assert [_bits(x) for x in jax.tree_util.tree_leaves(restored)] == expected
+    restored_leaves = jax.tree_util.tree_leaves(restored)
+    assert len(restored_leaves) == len(expected_shardings)
+    for leaf, sharding in zip(restored_leaves, expected_shardings, strict=True):
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+    assert restored.params["layers"]["q"].sharding.spec == jax.sharding.PartitionSpec(
+        None, "fsdp", "tensor", None
+    )
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
+    assert jax.dtypes.issubdtype(restored.rng.dtype, jax.dtypes.prng_key)
+    assert int(restored.step) == 1
+
+
+def test_no_reference_and_no_reward_params(setup, tmp_path):
+    mesh, optimizer = setup["mesh"], setup["optimizer"]
+    state, shardings = create_train_state(
+        setup["state"].params,
+        optimizer,
+        mesh,
+        setup["param_shardings"],
+        rng=jax.random.key(3),
+        with_reference=False,
+    )
+    assert state.ref_params is None and state.reward_params == {}
+    checkpointer = Checkpointer(tmp_path, async_save=False)
+    assert checkpointer.save(5, state, extra={})
+    restored, extra = checkpointer.restore(state, shardings)  # a concrete template works too
+    assert extra == {}
+    assert restored.ref_params is None and restored.reward_params == {}
+    assert [_bits(x) for x in jax.tree_util.tree_leaves(restored)] == [
+        _bits(x) for x in jax.tree_util.tree_leaves(state)
+    ]
+    # The config now asks for a reference: one clear message instead of an orbax stack trace.
+    with pytest.raises(ValueError, match=r"only the current state has ref_params/.*use a new --workdir"):
+        checkpointer.restore(_abstract(setup["state"]), setup["shardings"])
+    checkpointer.close()
+
+
+def _small_state(setup, value=1.0):
+    state = setup["state"]
+    return state.replace(params=jax.tree_util.tree_map(lambda p: jnp.full_like(p, value), state.params))
+
+
+def test_keep_last_plus_best(setup, tmp_path):
+    state = _small_state(setup)
+    checkpointer = Checkpointer(tmp_path, keep_last=2, keep_best=1, async_save=False)
+    accuracy = {2: 0.9, 4: 0.5, 5: float("nan")}  # steps 1, 3, 6 have no eval; NaN does not compete
+    for step in range(1, 7):
+        metrics = {"reward/mean": 0.1}
+        if step in accuracy:
+            metrics["eval/accuracy"] = accuracy[step]
+        assert checkpointer.save(step, state, extra={"step": step}, metrics=metrics)
+    assert checkpointer.all_steps() == [2, 5, 6]
+    assert checkpointer.best_step() == 2
+    assert checkpointer.latest_step() == 6
+    assert not checkpointer.save(6, state, extra={})  # an existing step is not overwritten
+    checkpointer.close()
+
+    # The ranking survives a restart; a better checkpoint replaces the old best.
+    checkpointer = Checkpointer(tmp_path, keep_last=2, keep_best=1, async_save=False)
+    assert checkpointer.best_step() == 2
+    assert checkpointer.save(7, state, extra={}, metrics={"eval/accuracy": 0.95})
+    assert checkpointer.all_steps() == [6, 7]
+    assert checkpointer.best_step() == 7
+    checkpointer.close()
+
+
+def test_keep_best_min_mode(setup, tmp_path):
+    state = _small_state(setup)
+    checkpointer = Checkpointer(
+        tmp_path, keep_last=1, keep_best=2, best_metric="loss", best_mode="min", async_save=False
+    )
+    for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 5.0), (5, None)]:
+        checkpointer.save(step, state, extra={}, metrics=None if loss is None else {"loss": loss})
+    assert checkpointer.all_steps() == [2, 3, 5]
+    assert checkpointer.best_step() == 2
+    checkpointer.close()
+
+
+def test_refuses_to_save_nan(setup, tmp_path, caplog):
+    checkpointer = Checkpointer(tmp_path, async_save=False)
+    state = setup["state"]
+    poisoned_params = state.replace(
+        params={**state.params, "embed": state.params["embed"].at[3, 5].set(jnp.nan)}
+    )
+    mu = state.opt_state[1][0].mu
+    poisoned_opt = state.replace(
+        opt_state=(
+            state.opt_state[0],
+            (
+                state.opt_state[1][0]._replace(mu={**mu, "final_norm": mu["final_norm"] * jnp.inf}),
+                *state.opt_state[1][1:],
+            ),
+        )
+    )
+    with caplog.at_level(logging.WARNING):
+        assert not checkpointer.save(1, poisoned_params, extra={})
+        assert not checkpointer.save(2, poisoned_opt, extra={})
+    assert "refusing to save checkpoint at step 1: non-finite values in params" in caplog.text
+    assert "refusing to save checkpoint at step 2: non-finite values in opt_state" in caplog.text
+    assert checkpointer.refused_saves == 2
+    assert checkpointer.latest_step() is None
+    assert [name for name in os.listdir(tmp_path) if name[0].isdigit()] == []
+    assert checkpointer.save(3, state, extra={})  # a clean state still saves
+    assert checkpointer.all_steps() == [3]
+    checkpointer.close()
+
+
+def test_latest_step_ignores_unfinished_write(setup, tmp_path):
+    checkpointer = Checkpointer(tmp_path, async_save=False)
+    checkpointer.save(3, _small_state(setup), extra={"ok": True})
+    checkpointer.close()
+    # What a run killed while writing step 9 leaves behind.
+    stray = tmp_path / "9.orbax-checkpoint-tmp"  # the name orbax 0.12 writes to before the rename
+    (stray / "state").mkdir(parents=True)
+    (stray / "state" / "partial").write_bytes(b"\0" * 16)
+    checkpointer = Checkpointer(tmp_path, async_save=False)
+    assert checkpointer.latest_step() == 3
+    assert checkpointer.all_steps() == [3]
+    assert checkpointer.read_extra() == {"ok": True}
+    assert checkpointer.save(4, _small_state(setup), extra={})
+    assert not stray.exists()  # removed by the manager (it waits for that cleanup before saving)
+    assert checkpointer.all_steps() == [3, 4]
+    checkpointer.close()
+
+
+def test_fingerprint_mismatch_names_the_fields(tmp_path):
+    saved = {"model": {"hidden_size": 64, "num_layers": 2}, "tokenizer_hash": "abc"}
+    check_compatible(saved, {"model": {"hidden_size": 64, "num_layers": 2}, "tokenizer_hash": "abc"})
+    with pytest.raises(ValueError) as error:
+        check_compatible(
+            saved,
+            {"model": {"hidden_size": 128, "num_layers": 2}, "tokenizer_hash": "xyz"},
+            directory=tmp_path / "checkpoints",
+        )
+    assert str(error.value) == (
+        f"checkpoint in {tmp_path / 'checkpoints'} was made with model.hidden_size=64, "
+        "the config now says 128; tokenizer_hash='abc', the config now says 'xyz'; "
+        "use a new --workdir or restore the config"
+    )
+
+
+def test_restore_checks_fingerprint_and_missing_checkpoints(setup, tmp_path):
+    checkpointer = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint to restore in .*checkpoints"):
+        checkpointer.restore(_abstract(setup["state"]), setup["shardings"])
+    checkpointer.save(2, _small_state(setup), extra={"fingerprint": FINGERPRINT})
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 4 .* available: \[2\]"):
+        checkpointer.restore(_abstract(setup["state"]), setup["shardings"], step=4)
+    changed = {**FINGERPRINT, "model": {**FINGERPRINT["model"], "num_layers": 4}}
+    with pytest.raises(ValueError, match="made with model.num_layers=2, the config now says 4; use a new"):
+        checkpointer.restore(_abstract(setup["state"]), setup["shardings"], fingerprint=changed)
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        checkpointer.save(3, _small_state(setup), extra={"bad": object()})
+    checkpointer.close()
