@@ -23,6 +23,44 @@ class _QuietLibraries(logging.logging.Filter):
         return record.levelno >= logging.logging.WARNING or "orbax" not in record.pathname
 
 
+def _fail(message: str) -> None:
+    """Exit non-zero with the problem as the last line of stderr, whitespace folded onto one line."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    sys.exit(1)
+
+
+def _unknown_key_message(error: LookupError | AttributeError, argv: list[str]) -> str:
+    """ml_collections raises KeyError("'name'\\nDid you mean ...") (maybe inside an AttributeError) for an
+    override of a key the config does not have; name the override it came from."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = str(error.args[0]) if error.args else str(error)
+    name, _, hint = text.partition("\n")
+    name = name.strip("\"'")
+    overrides = [arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
+    matching = [o for o in overrides if name in o.split(".")[1:]]
+    where = f"--{matching[0]}: " if matching else ""
+    return f"{where}the config has no key {name!r}" + (f" ({hint.strip()})" if hint.strip() else "")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with a bad config file, key or value reported in one line, not a traceback."""
+    try:
+        args = flags.FLAGS(argv)
+    except flags.Error as error:
+        text = str(error)
+        if "Traceback (most recent call last)" in text:  # get_config() raised: keep its last line
+            text = text.split("Traceback")[0] + text.strip().splitlines()[-1]
+        _fail(text)
+    except (KeyError, AttributeError) as error:
+        _fail(_unknown_key_message(error, argv))
+    try:
+        _CONFIG.value.keys()  # a config file that cannot be read only raises when first used
+    except OSError as error:
+        _fail(f"--config: {str(error).strip().splitlines()[-1].strip()}")
+    return args
+
+
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -32,12 +70,12 @@ def main(argv):
         summary = train(_CONFIG.value, os.path.abspath(_WORKDIR.value))
     except (ValueError, FileNotFoundError, TrainingError) as error:
         logging.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        _fail(error)
     for stage, result in summary["stages"].items():
-        print(f"{stage}: final eval accuracy {result['final_eval_accuracy']}, best {result['best_eval_accuracy']}")
+        final, best = result["final_eval_accuracy"], result["best_eval_accuracy"]
+        print(f"{stage}: final eval accuracy {final}, best {best}")
     print(f"wall time {summary['wall_time_s']:.0f}s; results in {_WORKDIR.value}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import os
 from typing import Any
 
@@ -43,11 +44,24 @@ class TaskData:
     correctness: str  # key of grpo_jax.training.evaluator.CORRECTNESS
 
 
+def _check_task_kwargs(name: str, factory, kwargs: dict, reserved: tuple[str, ...]) -> None:
+    """One clear error for `config.task.kwargs` keys the task does not take (e.g. a synthetic task's
+    `num_digits` left over after switching `config.task.name` to a JSONL task)."""
+    accepted = sorted(set(inspect.signature(factory).parameters) - set(reserved))
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"config.task.kwargs: {unknown} are not options of task {name!r} (accepted: {accepted})"
+        )
+
+
 def build_task(config) -> TaskData:
     """Synthetic task from `TASKS` or a JSONL file task; train and held-out splits never overlap."""
     task = config.task
     if task.name in TASKS:
-        generator = TASKS[task.name](seed=config.seed, **_plain(task.kwargs))
+        kwargs = _plain(task.kwargs)
+        _check_task_kwargs(task.name, TASKS[task.name], kwargs, reserved=("seed",))
+        generator = TASKS[task.name](seed=config.seed, **kwargs)
         train = generator.split("train", task.train_size)
         test = generator.split("test", task.test_size)
     elif task.name in ("gsm8k", "math"):
@@ -55,6 +69,7 @@ def build_task(config) -> TaskData:
             if not task.get(field):
                 raise ValueError(f"config.task.{field} is required for task {task.name!r}")
         fields = _plain(task.kwargs)
+        _check_task_kwargs(task.name, load_jsonl_task, fields, reserved=("path", "kind"))
         train = load_jsonl_task(task.train_file, kind=task.name, **fields)
         test = load_jsonl_task(task.test_file, kind=task.name, **fields)
         if task.train_size:

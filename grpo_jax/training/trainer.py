@@ -92,6 +92,15 @@ def train(config, workdir: str) -> dict:
         if stage_kind(name) == "grpo":
             setup.grpo_config(config[name])
     mesh = setup.build_mesh(config)
+    _check_batches_fit_mesh(config, stages, mesh)
+
+    # A resume is refused before anything (config.json included) is written into the old run's workdir.
+    fingerprint = setup.fingerprint(model_config, tokenizer)
+    checkpointer = Checkpointer(checkpoint_directory(workdir), keep_last=config.checkpoint.keep_last,
+                                keep_best=config.checkpoint.keep_best, async_save=config.checkpoint.async_save)
+    resume = checkpointer.read_extra() if checkpointer.latest_step() is not None else None
+    if resume is not None:
+        check_compatible(resume["fingerprint"], fingerprint, directory=checkpointer.directory)
 
     os.makedirs(workdir, exist_ok=True)
     tokenizer_path = os.path.join(workdir, setup.TOKENIZER_FILE)
@@ -101,10 +110,7 @@ def train(config, workdir: str) -> dict:
         f.write(config.to_json_best_effort(indent=2))
     logging.info("config:\n%s", config)
 
-    checkpointer = Checkpointer(checkpoint_directory(workdir), keep_last=config.checkpoint.keep_last,
-                                keep_best=config.checkpoint.keep_best, async_save=config.checkpoint.async_save)
     metrics = MetricsWriter(workdir, tensorboard=config.tensorboard)
-    fingerprint = setup.fingerprint(model_config, tokenizer)
     evaluator = Evaluator(
         model_config, tokenizer, task.test[: config.eval.num_problems], template=config.template,
         max_prompt_len=config.max_prompt_len, max_new_tokens=config.max_new_tokens,
@@ -118,10 +124,7 @@ def train(config, workdir: str) -> dict:
     run = Run(config, workdir, task, tokenizer, model_config, mesh, checkpointer, metrics, evaluator,
               fingerprint, offsets, {name: [] for name in stages})
 
-    resume = None
-    if checkpointer.latest_step() is not None:
-        resume = checkpointer.read_extra()
-        check_compatible(resume["fingerprint"], fingerprint, directory=checkpointer.directory)
+    if resume is not None:
         metrics.truncate_lines(resume["metrics_lines"])
         run.history.update(resume.get("history", {}))
         logging.info("resuming from %s at stage %s step %d", checkpointer.directory, resume["stage"],
@@ -152,6 +155,20 @@ def train(config, workdir: str) -> dict:
     write_summary(workdir, summary)
     plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
     return summary
+
+
+def _check_batches_fit_mesh(config, stages: list[str], mesh) -> None:
+    """Training batches are split over the ("data", "fsdp") devices: a size that does not divide fails
+    here, before anything is written, rather than at that stage's first step."""
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    sizes = {}
+    for name in stages:
+        field = "batch_size" if stage_kind(name) == "sft" else "prompts_per_step"
+        sizes[f"config.{name}.{field}"] = config[name][field] * jax.process_count()
+    bad = [f"{key}={size}" for key, size in sizes.items() if size % data_parallel]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} must be divisible by the data-parallel size {data_parallel} "
+                         f"(mesh {dict(mesh.shape)})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,10 +233,11 @@ def _poison(run: Run, global_step: int) -> np.bool_:
     return np.bool_(global_step == run.config.debug.poison_step)
 
 
-def _finish_stage(run, index, name, state, stage_step, data_iter, last_eval_step, nonfinite):
-    eval_metrics = None
-    if last_eval_step != stage_step and run.config[name].eval_at_end:
-        eval_metrics = _evaluate(run, name, state.params, stage_step)
+def _finish_stage(run, index, name, state, stage_step, data_iter, last_eval, nonfinite):
+    """Final eval (unless the loop just ran one) and the stage-done checkpoint, ranked by that eval."""
+    last_step, eval_metrics = last_eval
+    if last_step != stage_step:
+        eval_metrics = _evaluate(run, name, state.params, stage_step) if run.config[name].eval_at_end else None
     _save(run, index, name, state, stage_step, data_iter, done=True, eval_metrics=eval_metrics,
           nonfinite_in_a_row=nonfinite)
 
@@ -260,7 +278,7 @@ def run_sft_stage(run: Run, index: int, params, resume) -> Any:
     heldout_loss = make_sft_eval(run.model_config, chunk_size=config.logprob_chunk_size)
     state, stage_step, extra = _start_or_resume(run, index, state, shardings, data_iter, resume)
     nonfinite = extra.get("nonfinite_in_a_row", 0)
-    last_eval = -1
+    last_eval = (-1, None)
     with ProgressBar(sc.steps, desc=name, initial=stage_step, disable=not config.progress_bar) as bar:
         while stage_step < sc.steps:
             t0 = time.time()
@@ -275,14 +293,14 @@ def run_sft_stage(run: Run, index: int, params, resume) -> Any:
             m = _host_metrics(step_metrics)
             m["step_time_s"] = time.time() - t0
             m["truncated_frac"] = float(np.mean(batch["truncated"]))
-            nonfinite = _check_nonfinite(run, name, m, nonfinite, stage_step)
             if stage_step % sc.eval_every == 0 or stage_step == sc.steps:
                 m.update({f"heldout/{k}": float(v) for k, v in heldout_loss(state.params, heldout).items()})
-            run.metrics.write(global_step, "sft", m)
+            run.metrics.write(global_step, "sft", m)  # before a non-finite stop, so its line is kept
+            nonfinite = _check_nonfinite(run, name, m, nonfinite, stage_step)
             eval_metrics = None
             if stage_step % sc.eval_every == 0 or (stage_step == sc.steps and sc.eval_at_end):
                 eval_metrics = _evaluate(run, name, state.params, stage_step)
-                last_eval = stage_step
+                last_eval = (stage_step, eval_metrics)
             bar.update(1, loss=m["loss"], **({"acc": eval_metrics["eval/accuracy"]} if eval_metrics else {}))
             if stage_step % sc.checkpoint_every == 0 and stage_step < sc.steps:
                 _save(run, index, name, state, stage_step, data_iter, eval_metrics=eval_metrics,
@@ -347,10 +365,9 @@ def run_grpo_stage(run: Run, index: int, params, resume) -> Any:
                              logprob_chunk_size=config.logprob_chunk_size)
     state, stage_step, extra = _start_or_resume(run, index, state, shardings, data_iter, resume)
     nonfinite = extra.get("nonfinite_in_a_row", 0)
-    last_eval = -1
+    last_eval = (-1, None)
     if stage_step == 0 and sc.eval_at_start:
-        _evaluate(run, name, state.params, 0)
-        last_eval = 0
+        last_eval = (0, _evaluate(run, name, state.params, 0))
     try:
         with ProgressBar(sc.steps, desc=name, initial=stage_step, disable=not config.progress_bar) as bar:
             while stage_step < sc.steps:
@@ -367,6 +384,7 @@ def run_grpo_stage(run: Run, index: int, params, resume) -> Any:
                     temperature=grpo.temperature, top_p=sc.top_p, top_k=sc.top_k, eos_id=run.tokenizer.eos_id,
                     pad_id=run.tokenizer.pad_id, mesh=run.mesh,
                 )
+                jax.block_until_ready(rollout.tokens)
                 sample_time = time.time() - t0
                 host_values, host_logged = (None, {})
                 if host_rewards is not None:
@@ -380,12 +398,12 @@ def run_grpo_stage(run: Run, index: int, params, resume) -> Any:
                 m = _host_metrics(step_metrics)
                 m.update(host_logged, sample_time_s=sample_time, step_time_s=time.time() - t0,
                          prompt_truncated_frac=float(np.mean(prompts["prompt_truncated"])))
+                run.metrics.write(global_step, "grpo", m)  # before a non-finite stop, so its line is kept
                 nonfinite = _check_nonfinite(run, name, m, nonfinite, stage_step)
-                run.metrics.write(global_step, "grpo", m)
                 eval_metrics = None
                 if stage_step % sc.eval_every == 0 or (stage_step == sc.steps and sc.eval_at_end):
                     eval_metrics = _evaluate(run, name, state.params, stage_step)
-                    last_eval = stage_step
+                    last_eval = (stage_step, eval_metrics)
                 bar.update(1, reward=m["reward/mean"], kl=m["kl"],
                            **({"acc": eval_metrics["eval/accuracy"]} if eval_metrics else {}))
                 if stage_step % sc.checkpoint_every == 0 and stage_step < sc.steps:

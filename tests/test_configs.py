@@ -1,0 +1,175 @@
+"""Every shipped config parses and its typed pieces validate, so a typo fails here, not hours into a run.
+
+Config files are discovered with a glob: a new `configs/*.py` is covered without editing this file. Each
+file's `get_config()` is checked, and its `runlocal` variant when the file mentions one (STYLE.md: the
+closing `runlocal` block shrinks any config to laptop size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import types
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from grpo_jax import models
+from grpo_jax.data.tasks import TASKS
+from grpo_jax.data.templates import TEMPLATES
+from grpo_jax.rewards import HOST_REWARDS, TokenSpec, make_reward_fns
+from grpo_jax.testing import tiny_tokenizer
+from grpo_jax.training import setup
+from grpo_jax.training.trainer import stage_kind
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_FILES = sorted(CONFIG_DIR.glob("*.py"))
+
+# What scripts/train.py reads from a config (grpo_jax/training/trainer.py and setup.py).
+TOP_LEVEL_KEYS = {
+    "seed",
+    "mesh",
+    "template",
+    "max_prompt_len",
+    "max_new_tokens",
+    "max_answer_len",
+    "logprob_chunk_size",
+    "max_nonfinite_in_a_row",
+    "progress_bar",
+    "tensorboard",
+    "task",
+    "tokenizer",
+    "model",
+    "stages",
+    "eval",
+    "checkpoint",
+    "debug",
+}
+SECTION_KEYS = {
+    "task": {"name", "kwargs", "train_size", "test_size", "train_file", "test_file"},
+    "tokenizer": {"path", "vocab_size"},
+    "model": {"pretrained"},
+    "eval": {"num_problems", "batch_size", "k", "temperature"},
+    "checkpoint": {"keep_last", "keep_best", "async_save"},
+    "debug": {"poison_step"},
+}
+OPTIMIZER_KEYS = {
+    "steps",
+    "learning_rate",
+    "warmup_steps",
+    "schedule",
+    "weight_decay",
+    "max_grad_norm",
+    "eval_every",
+    "eval_at_end",
+    "checkpoint_every",
+}
+STAGE_KEYS = {
+    "sft": OPTIMIZER_KEYS | {"batch_size", "num_examples", "max_len"},
+    "grpo": OPTIMIZER_KEYS
+    | {
+        "prompts_per_step",
+        "top_p",
+        "top_k",
+        "rewards",
+        "host_rewards",
+        "host_reward_timeout_s",
+        "eval_at_start",
+        "algo",
+    },
+}
+
+
+def _load(path: Path) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(f"configs_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _variants(path: Path) -> list[str | None]:
+    return [None, "runlocal"] if "runlocal" in path.read_text() else [None]
+
+
+CASES = [
+    pytest.param(path, variant, id=f"{path.stem}" + (f":{variant}" if variant else ""))
+    for path in CONFIG_FILES
+    for variant in _variants(path)
+]
+
+
+def test_the_embedded_default_is_discovered():
+    assert CONFIG_DIR / "quickstart.py" in CONFIG_FILES
+    assert (CONFIG_DIR / "quickstart.py", "runlocal") in [tuple(case.values) for case in CASES]
+
+
+@pytest.fixture(scope="module")
+def token_spec():
+    return TokenSpec.from_tokenizer(tiny_tokenizer())
+
+
+@pytest.mark.parametrize("path, variant", CASES)
+def test_config_parses_and_its_typed_pieces_validate(path, variant, token_spec):
+    get_config = _load(path).get_config
+    config = get_config(variant) if variant else get_config()
+    assert isinstance(config, ml_collections.ConfigDict)
+    config.lock()  # scripts/train.py locks it, then writes it as config.json
+    assert config.to_json_best_effort()
+
+    missing = TOP_LEVEL_KEYS - set(config.keys())
+    assert not missing, f"{path.name}: missing top-level keys {sorted(missing)}"
+    for section, keys in SECTION_KEYS.items():
+        lacking = keys - set(config[section].keys())
+        assert not lacking, f"{path.name}: config.{section} lacks {sorted(lacking)}"
+    assert len(tuple(config.mesh)) == 3 and all(isinstance(n, int) for n in config.mesh)
+    assert config.template in TEMPLATES
+
+    # Task: a known name; a synthetic task builds its splits, a JSONL task names its files.
+    task = config.task
+    assert task.name in (*TASKS, "gsm8k", "math"), task.name
+    if task.name in TASKS:
+        data = setup.build_task(config)
+        assert len(data.train) == task.train_size and len(data.test) == task.test_size
+        assert config.eval.num_problems <= len(data.test)
+    else:
+        assert task.train_file and task.test_file
+
+    # Model: the fields of ModelConfig (vocab from the tokenizer when 0), or a pretrained directory.
+    if not config.model.pretrained:
+        vocab = config.model.get("vocab_size") or config.tokenizer.vocab_size
+        fake_tokenizer = types.SimpleNamespace(vocab_size=vocab)
+        model_config = setup.build_model_config(config, fake_tokenizer)
+        assert model_config.hidden_size == config.model.hidden_size
+    else:
+        fields = {f.name for f in dataclasses.fields(models.ModelConfig)}
+        assert set(config.model.keys()) - {"pretrained"} <= fields
+
+    # Stages: valid names, each with its section; typed algorithm and optimizer configs validate.
+    stages = list(config.stages)
+    assert stages and len(set(stages)) == len(stages)
+    for name in stages:
+        kind = stage_kind(name)
+        section = config[name]
+        missing = STAGE_KEYS[kind] - set(section.keys())
+        assert not missing, f"{path.name}: config.{name} lacks {sorted(missing)}"
+        assert section.steps > 0 and section.checkpoint_every > 0 and section.eval_every > 0
+        setup.optimizer_config(section, section.steps)
+        if kind == "grpo":
+            grpo = setup.grpo_config(section)
+            assert section.prompts_per_step * grpo.num_generations > 0
+            make_reward_fns([tuple(r) for r in section.rewards], token_spec, tokenizer=tiny_tokenizer())
+            unknown = [spec[0] for spec in section.host_rewards if spec[0] not in HOST_REWARDS]
+            assert not unknown, f"{path.name}: config.{name}.host_rewards names unknown rewards {unknown}"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.stem for p in CONFIG_FILES])
+def test_get_config_takes_an_optional_variant(path):
+    """`--config=configs/x.py` calls get_config() with no argument; `x.py:variant` passes a string."""
+    parameters = list(inspect.signature(_load(path).get_config).parameters.values())
+    assert len(parameters) <= 1
+    if parameters:
+        assert parameters[0].default is None
+        with pytest.raises(ValueError):  # a mistyped variant must not silently give the full config
+            _load(path).get_config("no-such-variant")
