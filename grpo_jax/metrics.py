@@ -117,7 +117,8 @@ class MetricsWriter:
             for name, value in line.items():
                 if name in ("step", "stage", "nonfinite") or isinstance(value, (str, bool)) or value is None:
                     continue
-                self._tensorboard.add_scalar(f"{stage}/{name}", value, global_step=line["step"])
+                tag = name if name.startswith(f"{stage}/") else f"{stage}/{name}"
+                self._tensorboard.add_scalar(tag.replace("@", "_at_"), value, global_step=line["step"])
         return line
 
     @property

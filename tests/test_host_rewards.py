@@ -124,3 +124,22 @@ def test_bad_arguments_raise_at_the_boundary():
         HostRewardRunner({"length": length_reward}, num_workers=0)(["a", "b"], [{}])
     with pytest.raises(ValueError):
         HostRewardRunner({}, num_workers=0)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think> 2+2=4 </think> <answer> 4 </answer>", 1.0),
+        ("  <think>a\nb</think>\n<answer>4</answer> ", 1.0),
+        ("<answer> 4 </answer>", 0.0),
+        ("<think> a </think> <answer> 4 </answer> trailing", 0.0),
+        ("<think> a </think> <think> b </think> <answer> 4 </answer>", 0.0),
+        ("<answer> 4 </answer> <think> a </think>", 0.0),
+        ("<think> a <answer> 4 </answer> </think>", 0.0),
+    ],
+)
+def test_r1_format_reward_on_text(text, expected):
+    from grpo_jax.rewards.host import HOST_REWARDS, r1_format_reward
+
+    assert r1_format_reward(text, {}) == expected
+    assert HOST_REWARDS["r1_format"] is r1_format_reward

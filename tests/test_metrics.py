@@ -65,9 +65,11 @@ def test_tensorboard_tags(tmp_path):
     with MetricsWriter(tmp_path) as writer:
         writer.write(1, "grpo", {"reward/mean": 0.5, "note": "text is not a scalar", "loss": float("nan")})
         writer.write(2, "grpo", {"reward/mean": 0.75})
+        writer.write(2, "eval", {"eval/pass@k": 0.5})
     assert _tensorboard_scalars(tmp_path / "tensorboard") == [
         ("grpo/reward/mean", 1, 0.5),
         ("grpo/reward/mean", 2, 0.75),
+        ("eval/pass_at_k", 2, 0.5),  # no doubled stage prefix; '@' is not a legal TensorBoard tag character
     ]
 
 

@@ -20,6 +20,8 @@ Time-outs, two layers (sympy can hang, and a hung thread cannot be killed):
 
 from __future__ import annotations
 
+import re
+
 import multiprocessing
 import os
 import pickle
@@ -61,9 +63,22 @@ def countdown_host_reward(completion_text: str, example: Mapping[str, Any]) -> f
     return countdown_reward(completion_text, example["numbers"], example["target"])
 
 
+_R1_FORMAT = re.compile(r"\s*<think>(?:(?!</?think>|</?answer>).)*</think>\s*<answer>(?:(?!</?think>|</?answer>).)*</answer>\s*",
+                        re.DOTALL)
+
+
+def r1_format_reward(completion_text: str, example: Mapping[str, Any]) -> float:
+    """DeepSeek-R1 format reward on text: 1.0 iff the completion is `<think> … </think> <answer> … </answer>`
+    with each tag once, in order (whitespace around allowed). The text-level twin of the in-graph
+    `format` reward, for tokenizers whose tags are not single tokens (e.g. Qwen2.5's). The caller passes
+    the completion without its stop token."""
+    return 1.0 if _R1_FORMAT.fullmatch(completion_text) else 0.0
+
+
 HOST_REWARDS: dict[str, HostRewardFn] = {
     "math_accuracy": math_accuracy_reward,
     "countdown": countdown_host_reward,
+    "r1_format": r1_format_reward,
 }
 
 

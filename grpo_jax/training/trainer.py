@@ -327,7 +327,8 @@ def _host_reward_fn(run: Run, stage_config):
 
     def compute(rollout, example_index, group_size):
         tokens, mask = jax.device_get((rollout.tokens, rollout.mask))
-        texts = [run.tokenizer.decode(t[m > 0].tolist()) for t, m in zip(tokens, mask)]
+        eos = run.tokenizer.eos_id
+        texts = [run.tokenizer.decode([i for i in t[m > 0].tolist() if i != eos]) for t, m in zip(tokens, mask)]
         examples = [run.task.train[int(i)] for i in np.repeat(example_index, group_size)]
         rewards, stats = runner(texts, examples)
         total = sum(weights[k] * v for k, v in rewards.items())
@@ -357,8 +358,10 @@ def run_grpo_stage(run: Run, index: int, params, resume) -> Any:
     state, shardings = _stage_state(run, sc, params, optimizer, with_reference=grpo.kl_coef > 0)
     if resume is not None and resume.get("stage_done"):
         return _restore_finished(run, index, state, shardings, resume)
-    token_spec = TokenSpec.from_tokenizer(run.tokenizer)
-    reward_fn = make_reward_fns([tuple(r) for r in sc.rewards], token_spec, tokenizer=run.tokenizer)
+    reward_fn = None
+    if sc.rewards:  # in-graph rewards need the R1 tags as single tokens; host rewards work on text
+        token_spec = TokenSpec.from_tokenizer(run.tokenizer)
+        reward_fn = make_reward_fns([tuple(r) for r in sc.rewards], token_spec, tokenizer=run.tokenizer)
     host_rewards, host_runner = _host_reward_fn(run, sc)
     step_fn = make_grpo_step(grpo, run.model_config, optimizer, reward_fn=reward_fn, mesh=run.mesh,
                              state_shardings=shardings, lr_schedule=learning_rate_schedule(opt_config),
