@@ -11,8 +11,8 @@ is rewarded for the tag format (in-graph, weight 0.5) and for an answer equivale
 given by flags. Sizes are for one TPU v4-8 / 8-GPU host with Qwen2.5-1.5B: params and optimizer state
 sharded over every device (fsdp), bf16 compute over fp32 master weights, full remat.
 
-The in-graph format reward needs <think>, </think>, <answer>, </answer> to be single tokens of the
-model's tokenizer (add them as special tokens if they are not).
+The format reward runs on the host over decoded text (`r1_format`): Qwen2.5's tokenizer splits
+<think>/<answer> into several tokens, which the in-graph `format` reward cannot read.
 `:runlocal` is a seconds-long CPU run for the tests: it still needs the three paths, pointing at a tiny
 random Qwen2 directory (with a `tokenizer.model`) and tiny JSONL files that the test writes.
 """
@@ -73,8 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             max_grad_norm=1.0,
             top_p=1.0,
             top_k=0,
-            rewards=(("format", 0.5),),
-            host_rewards=(("math_accuracy", 1.0),),
+            rewards=(),
+            host_rewards=(("r1_format", 0.5), ("math_accuracy", 1.0)),
             host_reward_timeout_s=5.0,
             eval_every=50,
             eval_at_start=True,
