@@ -24,73 +24,83 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.progress_bar = True
     c.tensorboard = True
 
-    c.task = ml_collections.ConfigDict(dict(
-        name="arithmetic",
-        kwargs=dict(num_digits=(1, 3), operations=("+",)),
-        train_size=4000,
-        test_size=200,
-        train_file="",
-        test_file="",
-    ))
+    c.task = ml_collections.ConfigDict(
+        dict(
+            name="arithmetic",
+            kwargs=dict(num_digits=(1, 3), operations=("+",)),
+            train_size=4000,
+            test_size=200,
+            train_file="",
+            test_file="",
+        )
+    )
     c.tokenizer = ml_collections.ConfigDict(dict(path="", vocab_size=48))
-    c.model = ml_collections.ConfigDict(dict(
-        pretrained="",
-        vocab_size=0,  # 0: the tokenizer's
-        hidden_size=128,
-        intermediate_size=384,
-        num_layers=3,
-        num_heads=4,
-        num_kv_heads=2,
-        rope_theta=10000.0,
-        tie_embeddings=True,
-        param_dtype="float32",
-        dtype="float32",
-        remat="none",
-    ))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            pretrained="",
+            vocab_size=0,  # 0: the tokenizer's
+            hidden_size=128,
+            intermediate_size=384,
+            num_layers=3,
+            num_heads=4,
+            num_kv_heads=2,
+            rope_theta=10000.0,
+            tie_embeddings=True,
+            param_dtype="float32",
+            dtype="float32",
+            remat="none",
+        )
+    )
 
     c.stages = ("sft", "grpo")
-    c.sft = ml_collections.ConfigDict(dict(
-        steps=300,
-        batch_size=32,
-        num_examples=1000,
-        max_len=72,
-        learning_rate=3e-3,
-        warmup_steps=20,
-        schedule="cosine",
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        eval_every=300,
-        eval_at_end=True,
-        checkpoint_every=100,
-    ))
-    c.grpo = ml_collections.ConfigDict(dict(
-        steps=100,
-        prompts_per_step=16,
-        learning_rate=5e-4,
-        warmup_steps=0,
-        schedule="constant",
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        top_p=1.0,
-        top_k=0,
-        rewards=(("format", 0.2), ("accuracy", 1.0)),
-        host_rewards=(),
-        host_reward_timeout_s=5.0,
-        eval_every=50,
-        eval_at_start=False,
-        eval_at_end=True,
-        checkpoint_every=25,
-        algo=ml_collections.ConfigDict(dict(
-            num_generations=8,
-            kl_coef=0.01,
-            clip_eps_low=0.2,
-            clip_eps_high=0.28,
-            num_iterations=1,
-            num_minibatches=1,
-            loss_agg="token_mean",
-            temperature=1.0,
-        )),
-    ))
+    c.sft = ml_collections.ConfigDict(
+        dict(
+            steps=300,
+            batch_size=32,
+            num_examples=1000,
+            max_len=72,
+            learning_rate=3e-3,
+            warmup_steps=20,
+            schedule="cosine",
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            eval_every=300,
+            eval_at_end=True,
+            checkpoint_every=100,
+        )
+    )
+    c.grpo = ml_collections.ConfigDict(
+        dict(
+            steps=100,
+            prompts_per_step=16,
+            learning_rate=5e-4,
+            warmup_steps=0,
+            schedule="constant",
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            top_p=1.0,
+            top_k=0,
+            rewards=(("format", 0.2), ("accuracy", 1.0)),
+            host_rewards=(),
+            host_reward_timeout_s=5.0,
+            eval_every=50,
+            eval_at_start=False,
+            eval_at_end=True,
+            checkpoint_every=25,
+            algo=ml_collections.ConfigDict(
+                dict(
+                    num_generations=8,
+                    kl_coef=0.01,
+                    clip_eps_low=0.2,
+                    clip_eps_high=0.28,
+                    num_iterations=1,
+                    num_minibatches=1,
+                    loss_agg="token_mean",
+                    temperature=1.0,
+                )
+            ),
+        )
+    )
     c.eval = ml_collections.ConfigDict(dict(num_problems=200, batch_size=200, k=0, temperature=1.0))
     c.checkpoint = ml_collections.ConfigDict(dict(keep_last=2, keep_best=1, async_save=True))
     c.debug = ml_collections.ConfigDict(dict(poison_step=-1))

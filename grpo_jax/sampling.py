@@ -111,7 +111,9 @@ def _choose(logits, row_keys, step, stop_ids, min_new_tokens, temperature, top_k
         truncated = truncate_logits(scaled, top_k=top_k, top_p=top_p)
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
         token = jax.vmap(jax.random.categorical)(step_keys, truncated)
-        sampling_logp = jnp.take_along_axis(jax.nn.log_softmax(truncated, axis=-1), token[:, None], axis=-1)[:, 0]
+        sampling_logp = jnp.take_along_axis(jax.nn.log_softmax(truncated, axis=-1), token[:, None], axis=-1)[
+            :, 0
+        ]
     logp = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
     return token.astype(jnp.int32), logp, sampling_logp
 
@@ -127,18 +129,43 @@ def _constrain_rows(x, mesh, axis):
         return x
     spec = [None] * x.ndim
     spec[axis] = BATCH_AXES
-    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+    return jax.lax.with_sharding_constraint(
+        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    )
 
 
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "model_config", "num_samples", "max_new_tokens", "temperature", "top_p", "top_k", "stop_ids",
-        "min_new_tokens", "pad_id", "mesh",
+        "model_config",
+        "num_samples",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop_ids",
+        "min_new_tokens",
+        "pad_id",
+        "mesh",
     ),
 )
-def _generate(model_config, params, prompt_tokens, prompt_mask, rng, *, num_samples, max_new_tokens,
-              temperature, top_p, top_k, stop_ids, min_new_tokens, pad_id, mesh):
+def _generate(
+    model_config,
+    params,
+    prompt_tokens,
+    prompt_mask,
+    rng,
+    *,
+    num_samples,
+    max_new_tokens,
+    temperature,
+    top_p,
+    top_k,
+    stop_ids,
+    min_new_tokens,
+    pad_id,
+    mesh,
+):
     batch, prompt_len = prompt_tokens.shape
     n, total = batch * num_samples, prompt_len + max_new_tokens
     prompt_mask = prompt_mask.astype(jnp.int32)
@@ -162,7 +189,11 @@ def _generate(model_config, params, prompt_tokens, prompt_mask, rng, *, num_samp
     ).reshape(n)
 
     choose = functools.partial(
-        _choose, stop_ids=stop_ids, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k,
+        _choose,
+        stop_ids=stop_ids,
+        min_new_tokens=min_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
         top_p=top_p,
     )
     stop_ids_arr = jnp.asarray(stop_ids, jnp.int32)
@@ -172,7 +203,9 @@ def _generate(model_config, params, prompt_tokens, prompt_mask, rng, *, num_samp
         token, logp, sampling_logp = choose(state.logits, state.row_keys, state.step)
         live = ~state.done
         token = jnp.where(live, token, pad_id)
-        column = lambda buf, value: jax.lax.dynamic_update_slice_in_dim(buf, value[:, None], state.step, axis=1)
+        column = lambda buf, value: jax.lax.dynamic_update_slice_in_dim(
+            buf, value[:, None], state.step, axis=1
+        )
         return state.replace(
             tokens=column(state.tokens, token),
             logprobs=column(state.logprobs, jnp.where(live, logp, 0.0)),
@@ -207,9 +240,7 @@ def _generate(model_config, params, prompt_tokens, prompt_mask, rng, *, num_samp
         row_keys=row_keys,
     )
     state = record(state)
-    state = jax.lax.while_loop(
-        lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done), decode_one, state
-    )
+    state = jax.lax.while_loop(lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done), decode_one, state)
     return Rollout(
         tokens=state.tokens,
         logprobs=state.logprobs,
@@ -255,10 +286,20 @@ def generate(
         raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
     stops = tuple(sorted({int(eos_id), *(int(s) for s in stop_ids)}))
     return _generate(
-        model_config, params, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask), rng,
-        num_samples=int(num_samples), max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-        top_p=float(top_p), top_k=int(top_k), stop_ids=stops, min_new_tokens=int(min_new_tokens),
-        pad_id=int(pad_id), mesh=mesh,
+        model_config,
+        params,
+        jnp.asarray(prompt_tokens, jnp.int32),
+        jnp.asarray(prompt_mask),
+        rng,
+        num_samples=int(num_samples),
+        max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
+        stop_ids=stops,
+        min_new_tokens=int(min_new_tokens),
+        pad_id=int(pad_id),
+        mesh=mesh,
     )
 
 
@@ -273,4 +314,4 @@ def rollout_logprobs(model_config: ModelConfig, params, rollout: Rollout, *, tem
     mask = jnp.concatenate([rollout.prompt_mask, rollout.mask], axis=1)
     logp = token_logprobs(model_config, params, tokens, attention_mask=mask, temperature=temperature or 1.0)
     prompt_len = rollout.prompt_tokens.shape[1]
-    return jnp.where(rollout.mask > 0, logp[:, prompt_len - 1:], 0.0)
+    return jnp.where(rollout.mask > 0, logp[:, prompt_len - 1 :], 0.0)

@@ -172,5 +172,6 @@ def _looks_multihost() -> bool:
     import os
 
     return any(
-        os.environ.get(k) for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
+        os.environ.get(k)
+        for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
     ) and os.environ.get("TPU_WORKER_HOSTNAMES", "localhost") not in ("", "localhost")

@@ -8,6 +8,7 @@ import pytest
 
 from grpo_jax import sampling, sharding
 from grpo_jax.algorithms import GRPOConfig
+from grpo_jax.testing import mesh_2x2x2, tiny_model_config, tiny_params
 from grpo_jax.training import (
     OptimizerConfig,
     create_train_state,
@@ -18,7 +19,6 @@ from grpo_jax.training import (
     reset_reference,
     rollout_to_batch,
 )
-from grpo_jax.testing import mesh_2x2x2, tiny_model_config, tiny_params
 
 CONFIG = tiny_model_config(vocab_size=32)
 EOS = 1
@@ -45,14 +45,31 @@ def _setup(grpo, *, mesh=None, lr=1e-2, seed=0, with_reference=True, batch_size=
     optimizer = make_optimizer(opt_config)
     shardings = sharding.model_param_shardings(mesh, CONFIG)
     params = jax.device_put(tiny_params(CONFIG, seed=seed), shardings)
-    state, state_sh = create_train_state(params, optimizer, mesh, shardings, rng=jax.random.key(seed),
-                                         with_reference=with_reference)
-    step = make_grpo_step(grpo, CONFIG, optimizer, reward_fn=contains_target, mesh=mesh, state_shardings=state_sh,
-                          lr_schedule=learning_rate_schedule(opt_config), **step_kw)
+    state, state_sh = create_train_state(
+        params, optimizer, mesh, shardings, rng=jax.random.key(seed), with_reference=with_reference
+    )
+    step = make_grpo_step(
+        grpo,
+        CONFIG,
+        optimizer,
+        reward_fn=contains_target,
+        mesh=mesh,
+        state_shardings=state_sh,
+        lr_schedule=learning_rate_schedule(opt_config),
+        **step_kw,
+    )
     tokens, mask = _prompts(batch_size)
-    rollout = sampling.generate(CONFIG, tiny_params(CONFIG, seed=seed), tokens, mask, jax.random.key(seed + 1),
-                                num_samples=grpo.num_generations, max_new_tokens=MAX_NEW,
-                                temperature=grpo.temperature, eos_id=EOS)
+    rollout = sampling.generate(
+        CONFIG,
+        tiny_params(CONFIG, seed=seed),
+        tokens,
+        mask,
+        jax.random.key(seed + 1),
+        num_samples=grpo.num_generations,
+        max_new_tokens=MAX_NEW,
+        temperature=grpo.temperature,
+        eos_id=EOS,
+    )
     batch = rollout_to_batch(rollout, {}, grpo.num_generations)
     return state, step, batch, mesh
 
@@ -68,8 +85,20 @@ def test_fresh_policy_ratio_is_one_and_nothing_clips():
     assert abs(float(metrics["ratio_max"]) - 1.0) < 1e-5
     assert float(metrics["sampler_logprob_diff"]) <= 1e-5
     assert float(metrics["kl"]) < 1e-6  # π_ref == π_θ at the start
-    for key in ("reward/mean", "reward/std", "kl", "clip_frac", "entropy", "completion_len/mean", "truncated_frac",
-                "loss", "grad_norm", "learning_rate", "zero_variance_frac", "reward/contains"):
+    for key in (
+        "reward/mean",
+        "reward/std",
+        "kl",
+        "clip_frac",
+        "entropy",
+        "completion_len/mean",
+        "truncated_frac",
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "zero_variance_frac",
+        "reward/contains",
+    ):
         assert np.isfinite(float(metrics[key])), key
 
 
@@ -113,13 +142,18 @@ def test_sharded_step_matches_single_device_with_groups_across_devices():
     expected_state, expected = single_step(single_state, batch)
     mesh = mesh_2x2x2()
     state, step, _, _ = _setup(grpo, mesh=mesh, **kw)
-    assert state.params["layers"]["q"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert state.params["layers"]["q"].sharding.spec == jax.sharding.PartitionSpec(
+        None, "fsdp", "tensor", None
+    )
     placed = sharding.shard_batch(_host(batch), mesh)
     got_state, got = step(state, placed)
     for key in expected:
         np.testing.assert_allclose(float(got[key]), float(expected[key]), rtol=2e-4, atol=1e-6, err_msg=key)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6),
-                           _host(got_state.params), _host(expected_state.params))
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6),
+        _host(got_state.params),
+        _host(expected_state.params),
+    )
 
 
 def test_gradient_matches_finite_differences():
@@ -129,6 +163,7 @@ def test_gradient_matches_finite_differences():
     ref = tiny_params(CONFIG, seed=5)
     mb = dict(batch)
     from grpo_jax.training.grpo_step import completion_logprobs
+
     mb["ref_logprobs"] = completion_logprobs(CONFIG, ref, mb, temperature=1.0, chunk_size=128)
     mb["advantages"] = jnp.linspace(-1.0, 1.0, batch["completion_mask"].shape[0])
     mb["sample_weight"] = jnp.ones(batch["completion_mask"].shape[0])
@@ -136,12 +171,13 @@ def test_gradient_matches_finite_differences():
     grads = jax.grad(loss)(params)
     leaves = jax.tree_util.tree_leaves
     unit = lambda tree: jax.tree_util.tree_map(
-        lambda x: x / jnp.sqrt(sum(jnp.vdot(y, y) for y in leaves(tree))), tree)
+        lambda x: x / jnp.sqrt(sum(jnp.vdot(y, y) for y in leaves(tree))), tree
+    )
     keys = iter(jax.random.split(jax.random.key(3), len(leaves(params))))
     random_direction = jax.tree_util.tree_map(lambda p: jax.random.normal(next(keys), p.shape), params)
     eps = 3e-2
     for direction in (unit(grads), unit(random_direction)):
-        shifted = lambda s, d=direction: jax.tree_util.tree_map(lambda p, x: p + s * eps * x, params, d)
+        shifted = lambda s, d=direction: jax.tree_util.tree_map(lambda p, v: p + s * eps * v, params, d)
         numeric = float((loss(shifted(1.0)) - loss(shifted(-1.0))) / (2 * eps))
         analytic = float(sum(jnp.vdot(g, x) for g, x in zip(leaves(grads), leaves(direction))))
         assert abs(numeric - analytic) <= 0.05 * abs(analytic) + 1e-6, (numeric, analytic)
@@ -173,8 +209,16 @@ def test_the_step_learns_a_bandit_task():
     tokens, mask = _prompts(4)
     rewards = []
     for i in range(60):
-        rollout = sampling.generate(CONFIG, state.params, tokens, mask, jax.random.key(100 + i),
-                                    num_samples=8, max_new_tokens=MAX_NEW, eos_id=EOS)
+        rollout = sampling.generate(
+            CONFIG,
+            state.params,
+            tokens,
+            mask,
+            jax.random.key(100 + i),
+            num_samples=8,
+            max_new_tokens=MAX_NEW,
+            eos_id=EOS,
+        )
         state, metrics = step(state, rollout_to_batch(rollout, {}, 8))
         rewards.append(float(metrics["reward/mean"]))
     assert np.mean(rewards[:5]) < 0.4

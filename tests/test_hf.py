@@ -18,16 +18,34 @@ VARIANTS = {
     "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True)),
     "llama_gqa_untied": ("llama", dict(attention_bias=False, tie_word_embeddings=False)),
     "llama_bias_tied": ("llama", dict(attention_bias=True, tie_word_embeddings=True)),
-    "llama3_rope_scaling": ("llama", dict(rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16})),
+    "llama3_rope_scaling": (
+        "llama",
+        dict(
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }
+        ),
+    ),
 }
 
 
 def _hf_model(family, extra, seed=0):
     torch.manual_seed(seed)
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=500.0)
+    common = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_theta=500.0,
+    )
     if family == "qwen2":
         cfg = transformers.Qwen2Config(**common, **extra)
         model = transformers.Qwen2ForCausalLM(cfg)
@@ -101,7 +119,9 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
 
     with open(tmp_path / "config.json", "w") as f:
         json.dump(dict(hf, intermediate_size=80), f)
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight' has shape \(64, 32\), expected"):
+    with pytest.raises(
+        ValueError, match=r"model.layers.0.mlp.gate_proj.weight' has shape \(64, 32\), expected"
+    ):
         models.load_pretrained(str(tmp_path))
 
     with open(tmp_path / "config.json", "w") as f:
@@ -116,10 +136,21 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
 def test_config_reads_both_rope_spellings():
     from grpo_jax.models.hf import config_from_hf
 
-    base = dict(architectures=["LlamaForCausalLM"], vocab_size=10, hidden_size=8, intermediate_size=16,
-                num_hidden_layers=1, num_attention_heads=2)
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+    base = dict(
+        architectures=["LlamaForCausalLM"],
+        vocab_size=10,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     v4 = config_from_hf(dict(base, rope_theta=5e5, rope_scaling=scaling))
     v5 = config_from_hf(dict(base, rope_parameters=dict(scaling, rope_theta=5e5)))
     assert v4 == v5

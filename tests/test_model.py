@@ -44,7 +44,9 @@ def test_sharded_forward_matches_single_device(config, params):
     mask = jnp.ones_like(tokens).at[:2, :3].set(0)
     expected = models.forward(config, params, tokens, attention_mask=mask)
     placed = sharding.shard_batch({"t": np.asarray(tokens), "m": np.asarray(mask)}, mesh)
-    got = jax.jit(lambda p, t, m: models.forward(config, p, t, attention_mask=m))(sharded, placed["t"], placed["m"])
+    got = jax.jit(lambda p, t, m: models.forward(config, p, t, attention_mask=m))(
+        sharded, placed["t"], placed["m"]
+    )
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
 
 
@@ -54,12 +56,12 @@ def test_left_padding_matches_unpadded(config, params):
     tokens = np.zeros((3, width), np.int32)
     mask = np.zeros((3, width), np.int32)
     for i, s in enumerate(seqs):
-        tokens[i, width - len(s):] = s
-        mask[i, width - len(s):] = 1
+        tokens[i, width - len(s) :] = s
+        mask[i, width - len(s) :] = 1
     padded = models.forward(config, params, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
     for i, s in enumerate(seqs):
         alone = models.forward(config, params, jnp.asarray([s]))
-        np.testing.assert_allclose(np.asarray(padded[i, width - len(s):]), np.asarray(alone[0]), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(padded[i, width - len(s) :]), np.asarray(alone[0]), atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"scan_layers": False}, {"remat": "full"}])
@@ -76,15 +78,29 @@ def test_kv_cache_decode_matches_forward(overrides):
     key_mask[:, :prompt_len] = mask[:, :prompt_len]
     positions = models.positions_from_mask(jnp.asarray(mask))
     logits, cache = models.forward_with_cache(
-        config, params, jnp.asarray(tokens[:, :prompt_len]), positions[:, :prompt_len], cache, 0,
+        config,
+        params,
+        jnp.asarray(tokens[:, :prompt_len]),
+        positions[:, :prompt_len],
+        cache,
+        0,
         jnp.asarray(key_mask),
     )
-    np.testing.assert_allclose(np.asarray(logits)[mask[:, :prompt_len] > 0],
-                               np.asarray(full[:, :prompt_len])[mask[:, :prompt_len] > 0], atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(logits)[mask[:, :prompt_len] > 0],
+        np.asarray(full[:, :prompt_len])[mask[:, :prompt_len] > 0],
+        atol=1e-5,
+    )
     for t in range(prompt_len, total):
         key_mask[:, t] = 1
         step_logits, cache = models.forward_with_cache(
-            config, params, jnp.asarray(tokens[:, t:t + 1]), positions[:, t:t + 1], cache, t, jnp.asarray(key_mask)
+            config,
+            params,
+            jnp.asarray(tokens[:, t : t + 1]),
+            positions[:, t : t + 1],
+            cache,
+            t,
+            jnp.asarray(key_mask),
         )
         np.testing.assert_allclose(np.asarray(step_logits[:, 0]), np.asarray(full[:, t]), atol=1e-5)
 
@@ -93,7 +109,9 @@ def test_token_logprobs_chunked_matches_full_softmax(config, params):
     tokens = _tokens(batch=3, length=11)
     full = jax.nn.log_softmax(models.forward(config, params, tokens) / 0.7, axis=-1)
     expected = jnp.take_along_axis(full[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
-    got, entropy = models.token_logprobs(config, params, tokens, temperature=0.7, chunk_size=4, with_entropy=True)
+    got, entropy = models.token_logprobs(
+        config, params, tokens, temperature=0.7, chunk_size=4, with_entropy=True
+    )
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
     expected_entropy = -jnp.sum(jnp.exp(full) * full, axis=-1)[:, :-1]
     np.testing.assert_allclose(np.asarray(entropy), np.asarray(expected_entropy), atol=1e-5)

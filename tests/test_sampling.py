@@ -23,15 +23,24 @@ def _prompts():
     tokens = np.zeros((len(seqs), width), np.int32)
     mask = np.zeros((len(seqs), width), np.int32)
     for i, s in enumerate(seqs):
-        tokens[i, width - len(s):] = s
-        mask[i, width - len(s):] = 1
+        tokens[i, width - len(s) :] = s
+        mask[i, width - len(s) :] = 1
     return seqs, tokens, mask
 
 
 def test_greedy_equals_stepwise_argmax_without_cache(params):
     seqs, tokens, mask = _prompts()
-    out = sampling.generate(CONFIG, params, tokens, mask, jax.random.key(0), num_samples=1, max_new_tokens=7,
-                            temperature=0.0, eos_id=EOS)
+    out = sampling.generate(
+        CONFIG,
+        params,
+        tokens,
+        mask,
+        jax.random.key(0),
+        num_samples=1,
+        max_new_tokens=7,
+        temperature=0.0,
+        eos_id=EOS,
+    )
     for i, seq in enumerate(seqs):
         ids = list(seq)
         for _ in range(7):
@@ -39,16 +48,25 @@ def test_greedy_equals_stepwise_argmax_without_cache(params):
             ids.append(int(jnp.argmax(logits[0, -1])))
             if ids[-1] == EOS:
                 break
-        generated = ids[len(seq):]
-        assert np.asarray(out.tokens[i, :len(generated)]).tolist() == generated
+        generated = ids[len(seq) :]
+        assert np.asarray(out.tokens[i, : len(generated)]).tolist() == generated
         assert int(out.lengths[i]) == len(generated)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_equal_training_forward(params, temperature):
     _, tokens, mask = _prompts()
-    out = sampling.generate(CONFIG, params, tokens, mask, jax.random.key(1), num_samples=3, max_new_tokens=8,
-                            temperature=temperature, eos_id=EOS)
+    out = sampling.generate(
+        CONFIG,
+        params,
+        tokens,
+        mask,
+        jax.random.key(1),
+        num_samples=3,
+        max_new_tokens=8,
+        temperature=temperature,
+        eos_id=EOS,
+    )
     recomputed = sampling.rollout_logprobs(CONFIG, params, out, temperature=temperature)
     diff = float(jnp.max(jnp.abs(recomputed - out.logprobs)))
     print(f"max |sampler - trainer| logprob at T={temperature}: {diff:.2e}")
@@ -76,35 +94,77 @@ def test_group_layout_rng_and_prompt_order(params):
 
 def test_early_stop_ends_the_loop(params):
     _, tokens, mask = _prompts()
-    out = sampling.generate(CONFIG, params, tokens, mask, jax.random.key(0), num_samples=2, max_new_tokens=12,
-                            temperature=0.0, eos_id=EOS)
+    out = sampling.generate(
+        CONFIG,
+        params,
+        tokens,
+        mask,
+        jax.random.key(0),
+        num_samples=2,
+        max_new_tokens=12,
+        temperature=0.0,
+        eos_id=EOS,
+    )
     first = np.asarray(out.tokens[:, 0])
     # Make every sequence's first greedy token a stop id: the loop must end after one step.
-    stopped = sampling.generate(CONFIG, params, tokens, mask, jax.random.key(0), num_samples=2, max_new_tokens=12,
-                                temperature=0.0, eos_id=EOS, stop_ids=tuple(set(first.tolist())))
+    stopped = sampling.generate(
+        CONFIG,
+        params,
+        tokens,
+        mask,
+        jax.random.key(0),
+        num_samples=2,
+        max_new_tokens=12,
+        temperature=0.0,
+        eos_id=EOS,
+        stop_ids=tuple(set(first.tolist())),
+    )
     assert int(stopped.num_steps) == 1
     assert np.asarray(stopped.lengths).tolist() == [1] * 8
     assert not np.asarray(stopped.truncated).any()
     assert int(out.num_steps) == 12 and np.asarray(out.truncated).all()
     # min_new_tokens forbids the early stop.
-    held = sampling.generate(CONFIG, params, tokens, mask, jax.random.key(0), num_samples=2, max_new_tokens=12,
-                             temperature=0.0, eos_id=EOS, stop_ids=tuple(set(first.tolist())), min_new_tokens=3)
+    held = sampling.generate(
+        CONFIG,
+        params,
+        tokens,
+        mask,
+        jax.random.key(0),
+        num_samples=2,
+        max_new_tokens=12,
+        temperature=0.0,
+        eos_id=EOS,
+        stop_ids=tuple(set(first.tolist())),
+        min_new_tokens=3,
+    )
     assert (np.asarray(held.lengths) >= 3).all()
 
 
 def test_mask_covers_tokens_up_to_and_including_stop(params):
     _, tokens, mask = _prompts()
-    out = sampling.generate(CONFIG, params, tokens, mask, jax.random.key(4), num_samples=8, max_new_tokens=10,
-                            temperature=1.5, eos_id=EOS, stop_ids=(5, 6, 7, 8, 9, 10))
+    out = sampling.generate(
+        CONFIG,
+        params,
+        tokens,
+        mask,
+        jax.random.key(4),
+        num_samples=8,
+        max_new_tokens=10,
+        temperature=1.5,
+        eos_id=EOS,
+        stop_ids=(5, 6, 7, 8, 9, 10),
+    )
     toks, m = np.asarray(out.tokens), np.asarray(out.mask)
     stops = {1, 5, 6, 7, 8, 9, 10}
-    for row_tokens, row_mask, length, trunc in zip(toks, m, np.asarray(out.lengths), np.asarray(out.truncated)):
+    for row_tokens, row_mask, length, trunc in zip(
+        toks, m, np.asarray(out.lengths), np.asarray(out.truncated)
+    ):
         assert row_mask[:length].all() and not row_mask[length:].any()
         if trunc:
             assert not (set(row_tokens[:length].tolist()) & stops)
         else:
             assert row_tokens[length - 1] in stops
-            assert not (set(row_tokens[:length - 1].tolist()) & stops)
+            assert not (set(row_tokens[: length - 1].tolist()) & stops)
             assert (row_tokens[length:] == 0).all()
     assert (~np.asarray(out.truncated)).any()
 
@@ -121,7 +181,9 @@ def test_compiles_once_and_sharded_equals_single_device(params):
     sharded_params = jax.device_put(params, sharding.model_param_shardings(mesh, CONFIG))
     placed = sharding.shard_batch({"t": tokens, "m": mask}, mesh)  # 4 prompts over data x fsdp = 4
     assert len(placed["t"].sharding.device_set) == 8
-    got = sampling.generate(CONFIG, sharded_params, placed["t"], placed["m"], jax.random.key(2), mesh=mesh, **kw)
+    got = sampling.generate(
+        CONFIG, sharded_params, placed["t"], placed["m"], jax.random.key(2), mesh=mesh, **kw
+    )
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(expected.tokens))
     np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(expected.logprobs), atol=1e-5)
     assert got.tokens.sharding.spec[0] == ("data", "fsdp")
@@ -142,11 +204,21 @@ def test_top_k_and_top_p_respect_the_allowed_set():
 
 def test_top_k_sampler_only_emits_top_k_tokens(params):
     _, tokens, mask = _prompts()
-    out = sampling.generate(CONFIG, params, tokens, mask, jax.random.key(9), num_samples=4, max_new_tokens=4,
-                            temperature=1.0, top_k=3, eos_id=EOS)
+    out = sampling.generate(
+        CONFIG,
+        params,
+        tokens,
+        mask,
+        jax.random.key(9),
+        num_samples=4,
+        max_new_tokens=4,
+        temperature=1.0,
+        top_k=3,
+        eos_id=EOS,
+    )
     full = jnp.concatenate([out.prompt_tokens, out.tokens], axis=1)
     fmask = jnp.concatenate([out.prompt_mask, out.mask], axis=1)
-    logits = models.forward(CONFIG, params, full, attention_mask=fmask)[:, tokens.shape[1] - 1:-1]
+    logits = models.forward(CONFIG, params, full, attention_mask=fmask)[:, tokens.shape[1] - 1 : -1]
     top3 = np.asarray(jax.lax.top_k(logits, 3)[1])
     toks, m = np.asarray(out.tokens), np.asarray(out.mask)
     for r in range(toks.shape[0]):

@@ -33,14 +33,24 @@ _INDEX_FILE = "model.safetensors.index.json"
 def config_from_hf(hf: dict[str, Any], *, where: str = "config.json", **overrides) -> ModelConfig:
     """Translate an HF config dict to a `ModelConfig`; unsupported features raise naming the field."""
     archs = hf.get("architectures") or []
-    arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(hf.get("model_type"))
+    arch = (
+        archs[0]
+        if archs
+        else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(hf.get("model_type"))
+    )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"{where}: unsupported architecture {arch or hf.get('model_type')!r}; "
             f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
         )
     family = SUPPORTED_ARCHITECTURES[arch]
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    ):
         if field not in hf:
             raise ValueError(f"{where}: missing field {field!r}")
     if hf.get("hidden_act", "silu") != "silu":
@@ -182,7 +192,9 @@ class _SafetensorsReader:
 
 def _checked(name: str, array: np.ndarray, expected: tuple[int, ...], where: str) -> np.ndarray:
     if tuple(array.shape) != tuple(expected):
-        raise ValueError(f"{where}: tensor {name!r} has shape {tuple(array.shape)}, expected {tuple(expected)}")
+        raise ValueError(
+            f"{where}: tensor {name!r} has shape {tuple(array.shape)}, expected {tuple(expected)}"
+        )
     return array
 
 
@@ -232,15 +244,21 @@ def load_pretrained(
         return jax.device_put(array, sharding)
 
     params: dict[str, Any] = {}
-    params["embed"] = place(_checked("model.embed_tokens.weight", reader.get("model.embed_tokens.weight"),
-                                     shapes["embed"], path), ("embed",))
-    params["final_norm"] = place(_checked("model.norm.weight", reader.get("model.norm.weight"),
-                                          shapes["final_norm"], path), ("final_norm",))
+    params["embed"] = place(
+        _checked("model.embed_tokens.weight", reader.get("model.embed_tokens.weight"), shapes["embed"], path),
+        ("embed",),
+    )
+    params["final_norm"] = place(
+        _checked("model.norm.weight", reader.get("model.norm.weight"), shapes["final_norm"], path),
+        ("final_norm",),
+    )
     if not config.tie_embeddings:
         name = "lm_head.weight"
         if not reader.has(name):
             raise ValueError(f"{path}: missing tensor {name!r} (tie_word_embeddings is false)")
-        params["lm_head"] = place(_checked(name, reader.get(name), shapes["lm_head"][::-1], path).T, ("lm_head",))
+        params["lm_head"] = place(
+            _checked(name, reader.get(name), shapes["lm_head"][::-1], path).T, ("lm_head",)
+        )
     layers = {}
     for ours, (hf_name, to_ours, to_hf) in _layer_mapping(config).items():
         hf_shape = to_hf(np.empty(shapes["layers"][ours][1:], np.int8)).shape
@@ -256,7 +274,9 @@ def load_pretrained(
     return config, params
 
 
-def save_pretrained(config: ModelConfig, params: Params, path: str, *, max_shard_bytes: int = 4 << 30) -> None:
+def save_pretrained(
+    config: ModelConfig, params: Params, path: str, *, max_shard_bytes: int = 4 << 30
+) -> None:
     """Write `config.json` and safetensors (sharded with an index past `max_shard_bytes`) in HF layout."""
     from safetensors.numpy import save_file
 

@@ -320,11 +320,19 @@ def token_logprobs(
     hidden = forward_hidden(config, params, tokens, attention_mask=attention_mask)[:, :-1]
     targets = tokens[:, 1:]
     return logprobs_from_hidden(
-        config, params, hidden, targets, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy
+        config,
+        params,
+        hidden,
+        targets,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
     )
 
 
-def logprobs_from_hidden(config, params, hidden, targets, *, temperature=1.0, chunk_size=128, with_entropy=False):
+def logprobs_from_hidden(
+    config, params, hidden, targets, *, temperature=1.0, chunk_size=128, with_entropy=False
+):
     """Chunked vocabulary projection: hidden [B, T, D], targets [B, T] -> logprobs [B, T] (+ entropy)."""
     b, t, d = hidden.shape
     chunk = max(1, min(chunk_size, t))

@@ -20,11 +20,10 @@ Time-outs, two layers (sympy can hang, and a hung thread cannot be killed):
 
 from __future__ import annotations
 
-import re
-
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import threading
 import time
@@ -63,8 +62,10 @@ def countdown_host_reward(completion_text: str, example: Mapping[str, Any]) -> f
     return countdown_reward(completion_text, example["numbers"], example["target"])
 
 
-_R1_FORMAT = re.compile(r"\s*<think>(?:(?!</?think>|</?answer>).)*</think>\s*<answer>(?:(?!</?think>|</?answer>).)*</answer>\s*",
-                        re.DOTALL)
+_R1_FORMAT = re.compile(
+    r"\s*<think>(?:(?!</?think>|</?answer>).)*</think>\s*<answer>(?:(?!</?think>|</?answer>).)*</answer>\s*",
+    re.DOTALL,
+)
 
 
 def r1_format_reward(completion_text: str, example: Mapping[str, Any]) -> float:

@@ -78,14 +78,24 @@ class Evaluator:
         for start in range(0, len(self.prompt_tokens), self.batch_size):
             chunk = slice(start, start + self.batch_size)
             rollout = sampling.generate(
-                self.model_config, params, self.prompt_tokens[chunk], self.prompt_mask[chunk],
-                jax.random.fold_in(rng, start), num_samples=num_samples, max_new_tokens=self.max_new_tokens,
-                temperature=temperature, eos_id=self.tokenizer.eos_id, stop_ids=self.stop_ids,
-                pad_id=self.tokenizer.pad_id, mesh=self.mesh,
+                self.model_config,
+                params,
+                self.prompt_tokens[chunk],
+                self.prompt_mask[chunk],
+                jax.random.fold_in(rng, start),
+                num_samples=num_samples,
+                max_new_tokens=self.max_new_tokens,
+                temperature=temperature,
+                eos_id=self.tokenizer.eos_id,
+                stop_ids=self.stop_ids,
+                pad_id=self.tokenizer.pad_id,
+                mesh=self.mesh,
             )
             tokens, mask = jax.device_get((rollout.tokens, rollout.mask))
-            decoded = [self.tokenizer.decode(t[m > 0].tolist(), skip_special=False) for t, m in zip(tokens, mask)]
-            texts.extend(decoded[i:i + num_samples] for i in range(0, len(decoded), num_samples))
+            decoded = [
+                self.tokenizer.decode(t[m > 0].tolist(), skip_special=False) for t, m in zip(tokens, mask)
+            ]
+            texts.extend(decoded[i : i + num_samples] for i in range(0, len(decoded), num_samples))
         return texts[: len(self.examples)]
 
     def __call__(self, params, rng) -> dict[str, float]:
@@ -97,12 +107,17 @@ class Evaluator:
             "eval/num_problems": len(self.examples),
         }
         if self.k > 1:
-            samples = self._generate(params, jax.random.fold_in(rng, 1), num_samples=self.k,
-                                     temperature=self.temperature)
-            per_sample = [[self.correct_fn(t, ex) for t in texts] for texts, ex in zip(samples, self.examples)]
+            samples = self._generate(
+                params, jax.random.fold_in(rng, 1), num_samples=self.k, temperature=self.temperature
+            )
+            per_sample = [
+                [self.correct_fn(t, ex) for t in texts] for texts, ex in zip(samples, self.examples)
+            ]
             answers = [[extract_answer(t) for t in texts] for texts in samples]
             summary = evaluation.summarize_eval(
-                per_sample, k=self.k, answers=answers,
+                per_sample,
+                k=self.k,
+                answers=answers,
                 gold=lambda i, answer: self.correct_fn(f"<answer>{answer}</answer>", self.examples[i]),
             )
             metrics["eval/pass@k"] = float(summary["eval/pass@k"])

@@ -29,7 +29,13 @@ import numpy as np
 import optax
 
 from grpo_jax import models
-from grpo_jax.algorithms import GRPOConfig, compute_advantages, kl_divergence, policy_loss, zero_variance_groups
+from grpo_jax.algorithms import (
+    GRPOConfig,
+    compute_advantages,
+    kl_divergence,
+    policy_loss,
+    zero_variance_groups,
+)
 from grpo_jax.sharding import BATCH_AXES, replicated
 from grpo_jax.training.state import TrainState
 
@@ -63,7 +69,12 @@ def completion_logprobs(model_config, params, batch, *, temperature, chunk_size,
     tokens = jnp.concatenate([batch["prompt_tokens"], batch["completion_tokens"]], axis=1)
     mask = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1)
     out = models.token_logprobs(
-        model_config, params, tokens, attention_mask=mask, temperature=temperature, chunk_size=chunk_size,
+        model_config,
+        params,
+        tokens,
+        attention_mask=mask,
+        temperature=temperature,
+        chunk_size=chunk_size,
         with_entropy=with_entropy,
     )
     start = batch["prompt_tokens"].shape[1] - 1
@@ -78,7 +89,7 @@ def _masked_mean(x, mask):
 
 
 def grpo_loss(params, mb: dict, *, grpo: GRPOConfig, model_config, chunk_size: int = 128):
-    """The GRPO objective on one minibatch (DeepSeekMath eq. 3): -> (loss, metrics); differentiated by the step.
+    """The GRPO objective on one minibatch (DeepSeekMath eq. 3) -> (loss, metrics), differentiated by the step.
 
     mb holds the batch keys plus `advantages` [N] or [N, L], `sample_weight` [N] and, when β > 0,
     `ref_logprobs` [N, L].
@@ -156,7 +167,9 @@ def make_grpo_step(
         completion_logprobs, model_config, temperature=grpo.temperature, chunk_size=logprob_chunk_size
     )
 
-    loss_fn = functools.partial(grpo_loss, grpo=grpo, model_config=model_config, chunk_size=logprob_chunk_size)
+    loss_fn = functools.partial(
+        grpo_loss, grpo=grpo, model_config=model_config, chunk_size=logprob_chunk_size
+    )
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulated_grads(params, mb):
@@ -171,7 +184,8 @@ def make_grpo_step(
             return jax.tree_util.tree_map(jnp.add, acc, (loss, metrics, grads)), None
 
         zeros = jax.tree_util.tree_map(
-            jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], micro)))
+            jnp.zeros_like,
+            jax.eval_shape(lambda: grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], micro))),
         )
         (loss, metrics, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]), micro)
         scale = 1.0 / grad_accum_steps
@@ -188,7 +202,9 @@ def make_grpo_step(
         with jax.named_scope("reference_logprobs"):
             if needs_reference:
                 if state.ref_params is None:
-                    raise ValueError("kl_coef > 0 needs a reference: create the state with with_reference=True")
+                    raise ValueError(
+                        "kl_coef > 0 needs a reference: create the state with with_reference=True"
+                    )
                 batch["ref_logprobs"] = jax.lax.stop_gradient(logprobs_of(state.ref_params, batch))
 
         with jax.named_scope("rewards"):
@@ -202,14 +218,18 @@ def make_grpo_step(
             rewards = rewards.astype(jnp.float32)
             score = rewards
             if grpo.kl_in_reward and needs_reference:
-                seq_kl = jnp.sum(kl_divergence(grpo.kl_estimator, batch["old_logprobs"], batch["ref_logprobs"])
-                                 * mask, axis=-1)
+                seq_kl = jnp.sum(
+                    kl_divergence(grpo.kl_estimator, batch["old_logprobs"], batch["ref_logprobs"]) * mask,
+                    axis=-1,
+                )
                 score = rewards - grpo.kl_coef * seq_kl
 
         with jax.named_scope("advantages"):
             advantages = compute_advantages(grpo.advantage_estimator, score, G, **grpo.advantage_kwargs)
             zero_variance = zero_variance_groups(score, G)
-            weight = jnp.where(zero_variance, 0.0, 1.0) if grpo.dynamic_sampling else jnp.ones((n,), jnp.float32)
+            weight = (
+                jnp.where(zero_variance, 0.0, 1.0) if grpo.dynamic_sampling else jnp.ones((n,), jnp.float32)
+            )
             batch["advantages"] = advantages
             batch["sample_weight"] = weight
 

@@ -117,13 +117,19 @@ def build_model_config(config, tokenizer) -> models.ModelConfig:
         if not os.path.exists(path):
             raise FileNotFoundError(f"config.model.pretrained: no config.json in {config.model.pretrained}")
         with open(path) as f:
-            return config_from_hf(json.load(f), where=path, dtype=config.model.dtype,
-                                  param_dtype=config.model.param_dtype, remat=config.model.remat)
+            return config_from_hf(
+                json.load(f),
+                where=path,
+                dtype=config.model.dtype,
+                param_dtype=config.model.param_dtype,
+                remat=config.model.remat,
+            )
     fields = {k: v for k, v in _plain(config.model).items() if k not in ("pretrained",)}
     fields["vocab_size"] = fields.get("vocab_size") or tokenizer.vocab_size
     if fields["vocab_size"] < tokenizer.vocab_size:
         raise ValueError(
-            f"config.model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size}"
+            f"config.model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size}"
         )
     return models.ModelConfig(**fields)
 
@@ -132,7 +138,10 @@ def initial_params(config, model_config, mesh):
     """Pretrained weights (placed straight into their shardings) or a sharded random init."""
     if config.model.pretrained:
         _, params = models.load_pretrained(
-            config.model.pretrained, mesh=mesh, param_dtype=model_config.param_dtype, dtype=model_config.dtype,
+            config.model.pretrained,
+            mesh=mesh,
+            param_dtype=model_config.param_dtype,
+            dtype=model_config.dtype,
             remat=model_config.remat,
         )
         return params
@@ -161,8 +170,19 @@ def optimizer_config(stage_config, total_updates: int) -> OptimizerConfig:
 
 def fingerprint(model_config: models.ModelConfig, tokenizer) -> dict[str, Any]:
     """What a checkpoint must agree with to be resumed: model shapes and the tokenizer's vocabulary."""
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-            "head_dim", "qkv_bias", "o_bias", "tie_embeddings", "param_dtype")
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "qkv_bias",
+        "o_bias",
+        "tie_embeddings",
+        "param_dtype",
+    )
     return {
         "model": {k: getattr(model_config, k) for k in keys},
         "tokenizer": {"vocab_size": tokenizer.vocab_size, "hash": tokenizer_fingerprint(tokenizer)},

@@ -28,8 +28,16 @@ def sft_objective(params, batch, *, model_config, chunk_size: int = 128):
     return loss, metrics
 
 
-def make_sft_step(model_config, optimizer, *, mesh=None, state_shardings=None, lr_schedule=None,
-                  chunk_size: int = 128, donate: bool = True):
+def make_sft_step(
+    model_config,
+    optimizer,
+    *,
+    mesh=None,
+    state_shardings=None,
+    lr_schedule=None,
+    chunk_size: int = 128,
+    donate: bool = True,
+):
     """`step(state, batch) -> (state, metrics)`; a non-finite loss or gradient skips the update (counted)."""
 
     def step(state: TrainState, batch):
@@ -41,7 +49,9 @@ def make_sft_step(model_config, optimizer, *, mesh=None, state_shardings=None, l
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, nonfinite_updates=(~finite).astype(jnp.float32))
+        metrics = dict(
+            metrics, loss=loss, grad_norm=grad_norm, nonfinite_updates=(~finite).astype(jnp.float32)
+        )
         if lr_schedule is not None:
             metrics["learning_rate"] = lr_schedule(state.step)
         new_state = state.replace(
@@ -57,5 +67,8 @@ def make_sft_step(model_config, optimizer, *, mesh=None, state_shardings=None, l
 
 def make_sft_eval(model_config, *, chunk_size: int = 128):
     """Jitted held-out loss: `eval(params, batch) -> metrics`."""
-    return jax.jit(lambda params, batch: sft_objective(params, batch, model_config=model_config,
-                                                       chunk_size=chunk_size)[1])
+    return jax.jit(
+        lambda params, batch: sft_objective(params, batch, model_config=model_config, chunk_size=chunk_size)[
+            1
+        ]
+    )

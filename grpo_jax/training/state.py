@@ -52,7 +52,9 @@ class OptimizerConfig:
         if self.learning_rate <= 0:
             raise ValueError(f"OptimizerConfig.learning_rate must be > 0, got {self.learning_rate}")
         if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"OptimizerConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+            raise ValueError(
+                f"OptimizerConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}"
+            )
         if self.warmup_steps < 0 or self.total_steps < 1:
             raise ValueError(
                 f"OptimizerConfig: warmup_steps >= 0 and total_steps >= 1 required, got "
@@ -64,12 +66,19 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
     warmup = max(config.warmup_steps, 0)
     if config.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            0.0, config.learning_rate, max(warmup, 1), max(config.total_steps, warmup + 1), 0.1 * config.learning_rate
+            0.0,
+            config.learning_rate,
+            max(warmup, 1),
+            max(config.total_steps, warmup + 1),
+            0.1 * config.learning_rate,
         )
     if warmup == 0:
         return optax.constant_schedule(config.learning_rate)
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, config.learning_rate, warmup), optax.constant_schedule(config.learning_rate)],
+        [
+            optax.linear_schedule(0.0, config.learning_rate, warmup),
+            optax.constant_schedule(config.learning_rate),
+        ],
         [warmup],
     )
 
@@ -79,8 +88,13 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     if config.max_grad_norm is not None:
         parts.append(optax.clip_by_global_norm(config.max_grad_norm))
     parts.append(
-        optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                    weight_decay=config.weight_decay)
+        optax.adamw(
+            learning_rate_schedule(config),
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
     )
     return optax.chain(*parts)
 
@@ -106,8 +120,9 @@ def state_shardings(state_shapes: TrainState, param_shardings, optimizer, mesh) 
     )
 
 
-def create_train_state(params, optimizer, mesh, param_shardings, *, rng, with_reference: bool = True,
-                       reward_params=None) -> tuple[TrainState, TrainState]:
+def create_train_state(
+    params, optimizer, mesh, param_shardings, *, rng, with_reference: bool = True, reward_params=None
+) -> tuple[TrainState, TrainState]:
     """Build the train state directly in its shardings; returns (state, state_shardings).
 
     The reference starts as a copy of the policy (DeepSeekMath: π_ref ← π_θ at the start of each

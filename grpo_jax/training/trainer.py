@@ -22,14 +22,24 @@ from absl import logging
 
 from grpo_jax import sampling, sharding
 from grpo_jax.checkpointing import Checkpointer, check_compatible, checkpoint_directory
-from grpo_jax.data.pipeline import make_prompt_dataset, make_sft_dataset, prompt_length_stats, sft_length_stats
+from grpo_jax.data.pipeline import (
+    make_prompt_dataset,
+    make_sft_dataset,
+    prompt_length_stats,
+    sft_length_stats,
+)
 from grpo_jax.metrics import MetricsWriter, ProgressBar, plot_curves, write_summary
 from grpo_jax.rewards import HOST_REWARDS, HostRewardRunner, TokenSpec, make_reward_fns
 from grpo_jax.training import setup
 from grpo_jax.training.evaluator import Evaluator
 from grpo_jax.training.grpo_step import make_grpo_step, rollout_to_batch
 from grpo_jax.training.sft_step import make_sft_eval, make_sft_step
-from grpo_jax.training.state import create_train_state, learning_rate_schedule, make_optimizer, reset_reference
+from grpo_jax.training.state import (
+    create_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+    reset_reference,
+)
 
 STAGE_KINDS = ("sft", "grpo")
 
@@ -39,7 +49,7 @@ class TrainingError(RuntimeError):
 
 
 def stage_kind(name: str) -> str:
-    """"sft", "sft2", "grpo_final" -> the loop that runs them."""
+    """ "sft", "sft2", "grpo_final" -> the loop that runs them."""
     for kind in STAGE_KINDS:
         if name.startswith(kind):
             return kind
@@ -64,9 +74,15 @@ class Run:
     history: dict  # stage name -> list of eval metric dicts (for summary.json)
 
     def extra(self, stage_index: int, stage_step: int, **more) -> dict:
-        return dict(stage_index=stage_index, stage=self.config.stages[stage_index], stage_step=stage_step,
-                    metrics_lines=self.metrics.num_lines, fingerprint=self.fingerprint, history=self.history,
-                    **more)
+        return dict(
+            stage_index=stage_index,
+            stage=self.config.stages[stage_index],
+            stage_step=stage_step,
+            metrics_lines=self.metrics.num_lines,
+            fingerprint=self.fingerprint,
+            history=self.history,
+            **more,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,8 +112,12 @@ def train(config, workdir: str) -> dict:
 
     # A resume is refused before anything (config.json included) is written into the old run's workdir.
     fingerprint = setup.fingerprint(model_config, tokenizer)
-    checkpointer = Checkpointer(checkpoint_directory(workdir), keep_last=config.checkpoint.keep_last,
-                                keep_best=config.checkpoint.keep_best, async_save=config.checkpoint.async_save)
+    checkpointer = Checkpointer(
+        checkpoint_directory(workdir),
+        keep_last=config.checkpoint.keep_last,
+        keep_best=config.checkpoint.keep_best,
+        async_save=config.checkpoint.async_save,
+    )
     resume = checkpointer.read_extra() if checkpointer.latest_step() is not None else None
     if resume is not None:
         check_compatible(resume["fingerprint"], fingerprint, directory=checkpointer.directory)
@@ -112,23 +132,46 @@ def train(config, workdir: str) -> dict:
 
     metrics = MetricsWriter(workdir, tensorboard=config.tensorboard)
     evaluator = Evaluator(
-        model_config, tokenizer, task.test[: config.eval.num_problems], template=config.template,
-        max_prompt_len=config.max_prompt_len, max_new_tokens=config.max_new_tokens,
-        batch_size=config.eval.batch_size, k=config.eval.k, temperature=config.eval.temperature,
-        correct_fn=task.correctness, mesh=mesh,
+        model_config,
+        tokenizer,
+        task.test[: config.eval.num_problems],
+        template=config.template,
+        max_prompt_len=config.max_prompt_len,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.eval.batch_size,
+        k=config.eval.k,
+        temperature=config.eval.temperature,
+        correct_fn=task.correctness,
+        mesh=mesh,
     )
     offsets, total = {}, 0
     for name in stages:
         offsets[name] = total
         total += config[name].steps
-    run = Run(config, workdir, task, tokenizer, model_config, mesh, checkpointer, metrics, evaluator,
-              fingerprint, offsets, {name: [] for name in stages})
+    run = Run(
+        config,
+        workdir,
+        task,
+        tokenizer,
+        model_config,
+        mesh,
+        checkpointer,
+        metrics,
+        evaluator,
+        fingerprint,
+        offsets,
+        {name: [] for name in stages},
+    )
 
     if resume is not None:
         metrics.truncate_lines(resume["metrics_lines"])
         run.history.update(resume.get("history", {}))
-        logging.info("resuming from %s at stage %s step %d", checkpointer.directory, resume["stage"],
-                     resume["stage_step"])
+        logging.info(
+            "resuming from %s at stage %s step %d",
+            checkpointer.directory,
+            resume["stage"],
+            resume["stage_step"],
+        )
 
     params = setup.initial_params(config, model_config, mesh)
     try:
@@ -167,8 +210,10 @@ def _check_batches_fit_mesh(config, stages: list[str], mesh) -> None:
         sizes[f"config.{name}.{field}"] = config[name][field] * jax.process_count()
     bad = [f"{key}={size}" for key, size in sizes.items() if size % data_parallel]
     if bad:
-        raise ValueError(f"{', '.join(bad)} must be divisible by the data-parallel size {data_parallel} "
-                         f"(mesh {dict(mesh.shape)})")
+        raise ValueError(
+            f"{', '.join(bad)} must be divisible by the data-parallel size {data_parallel} "
+            f"(mesh {dict(mesh.shape)})"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,8 +223,14 @@ def _check_batches_fit_mesh(config, stages: list[str], mesh) -> None:
 
 def _stage_state(run: Run, stage_config, params, optimizer, *, with_reference: bool):
     param_shardings = sharding.model_param_shardings(run.mesh, run.model_config)
-    return create_train_state(params, optimizer, run.mesh, param_shardings,
-                              rng=jax.random.key(run.config.seed + 1), with_reference=with_reference)
+    return create_train_state(
+        params,
+        optimizer,
+        run.mesh,
+        param_shardings,
+        rng=jax.random.key(run.config.seed + 1),
+        with_reference=with_reference,
+    )
 
 
 def _start_or_resume(run: Run, index: int, state, shardings, data_iter, resume):
@@ -203,22 +254,41 @@ def _evaluate(run: Run, name: str, params, stage_step: int) -> dict:
     return result
 
 
-def _save(run: Run, index: int, name: str, state, stage_step: int, data_iter, *, done=False, eval_metrics=None,
-          nonfinite_in_a_row=0):
-    extra = run.extra(index, stage_step, data_state=data_iter.get_state(), stage_done=done,
-                      nonfinite_in_a_row=nonfinite_in_a_row)
-    run.checkpointer.save(run.offsets[name] + stage_step, state, extra=extra, metrics=eval_metrics, force=done)
+def _save(
+    run: Run,
+    index: int,
+    name: str,
+    state,
+    stage_step: int,
+    data_iter,
+    *,
+    done=False,
+    eval_metrics=None,
+    nonfinite_in_a_row=0,
+):
+    extra = run.extra(
+        index,
+        stage_step,
+        data_state=data_iter.get_state(),
+        stage_done=done,
+        nonfinite_in_a_row=nonfinite_in_a_row,
+    )
+    run.checkpointer.save(
+        run.offsets[name] + stage_step, state, extra=extra, metrics=eval_metrics, force=done
+    )
 
 
 def _check_nonfinite(run: Run, name: str, step_metrics: dict, count: int, stage_step: int) -> int:
     if float(step_metrics["nonfinite_updates"]) > 0:
         count += 1
-        logging.warning("[%s] step %d: non-finite loss or gradient, update skipped (%d in a row)", name,
-                        stage_step, count)
+        logging.warning(
+            "[%s] step %d: non-finite loss or gradient, update skipped (%d in a row)", name, stage_step, count
+        )
         if count >= run.config.max_nonfinite_in_a_row:
             raise TrainingError(
                 f"stage {name!r} stopped at step {stage_step}: {count} non-finite updates in a row "
-                f"(config.max_nonfinite_in_a_row={run.config.max_nonfinite_in_a_row}); lower the learning rate "
+                f"(config.max_nonfinite_in_a_row={run.config.max_nonfinite_in_a_row}); "
+                "lower the learning rate "
                 f"or check the data. The last good checkpoint in {run.checkpointer.directory} is kept."
             )
         return count
@@ -237,9 +307,20 @@ def _finish_stage(run, index, name, state, stage_step, data_iter, last_eval, non
     """Final eval (unless the loop just ran one) and the stage-done checkpoint, ranked by that eval."""
     last_step, eval_metrics = last_eval
     if last_step != stage_step:
-        eval_metrics = _evaluate(run, name, state.params, stage_step) if run.config[name].eval_at_end else None
-    _save(run, index, name, state, stage_step, data_iter, done=True, eval_metrics=eval_metrics,
-          nonfinite_in_a_row=nonfinite)
+        eval_metrics = (
+            _evaluate(run, name, state.params, stage_step) if run.config[name].eval_at_end else None
+        )
+    _save(
+        run,
+        index,
+        name,
+        state,
+        stage_step,
+        data_iter,
+        done=True,
+        eval_metrics=eval_metrics,
+        nonfinite_in_a_row=nonfinite,
+    )
 
 
 def _restore_finished(run: Run, index: int, state, shardings, resume):
@@ -258,23 +339,51 @@ def run_sft_stage(run: Run, index: int, params, resume) -> Any:
     config, name = run.config, run.config.stages[index]
     sc = config[name]
     examples = run.task.train[: sc.num_examples] if sc.num_examples else run.task.train
-    logging.info("[%s] %s", name, sft_length_stats(examples, run.tokenizer, template=config.template,
-                                                   max_len=sc.max_len))
-    dataset = make_sft_dataset(examples, run.tokenizer, template=config.template, max_len=sc.max_len,
-                               batch_size=sc.batch_size, seed=config.seed, shard_index=jax.process_index(),
-                               shard_count=jax.process_count())
+    logging.info(
+        "[%s] %s",
+        name,
+        sft_length_stats(examples, run.tokenizer, template=config.template, max_len=sc.max_len),
+    )
+    dataset = make_sft_dataset(
+        examples,
+        run.tokenizer,
+        template=config.template,
+        max_len=sc.max_len,
+        batch_size=sc.batch_size,
+        seed=config.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
     data_iter = iter(dataset)
     opt_config = setup.optimizer_config(sc, sc.steps)
     optimizer = make_optimizer(opt_config)
     state, shardings = _stage_state(run, sc, params, optimizer, with_reference=False)
     if resume is not None and resume.get("stage_done"):
         return _restore_finished(run, index, state, shardings, resume)
-    step_fn = make_sft_step(run.model_config, optimizer, mesh=run.mesh, state_shardings=shardings,
-                            lr_schedule=learning_rate_schedule(opt_config), chunk_size=config.logprob_chunk_size)
-    heldout = next(iter(make_sft_dataset(run.task.test, run.tokenizer, template=config.template,
-                                         max_len=sc.max_len, batch_size=sc.batch_size, seed=config.seed,
-                                         shuffle=False)))
-    heldout = sharding.shard_batch({k: heldout[k] for k in ("tokens", "attention_mask", "loss_mask")}, run.mesh)
+    step_fn = make_sft_step(
+        run.model_config,
+        optimizer,
+        mesh=run.mesh,
+        state_shardings=shardings,
+        lr_schedule=learning_rate_schedule(opt_config),
+        chunk_size=config.logprob_chunk_size,
+    )
+    heldout = next(
+        iter(
+            make_sft_dataset(
+                run.task.test,
+                run.tokenizer,
+                template=config.template,
+                max_len=sc.max_len,
+                batch_size=sc.batch_size,
+                seed=config.seed,
+                shuffle=False,
+            )
+        )
+    )
+    heldout = sharding.shard_batch(
+        {k: heldout[k] for k in ("tokens", "attention_mask", "loss_mask")}, run.mesh
+    )
     heldout_loss = make_sft_eval(run.model_config, chunk_size=config.logprob_chunk_size)
     state, stage_step, extra = _start_or_resume(run, index, state, shardings, data_iter, resume)
     nonfinite = extra.get("nonfinite_in_a_row", 0)
@@ -303,8 +412,16 @@ def run_sft_stage(run: Run, index: int, params, resume) -> Any:
                 last_eval = (stage_step, eval_metrics)
             bar.update(1, loss=m["loss"], **({"acc": eval_metrics["eval/accuracy"]} if eval_metrics else {}))
             if stage_step % sc.checkpoint_every == 0 and stage_step < sc.steps:
-                _save(run, index, name, state, stage_step, data_iter, eval_metrics=eval_metrics,
-                      nonfinite_in_a_row=nonfinite)
+                _save(
+                    run,
+                    index,
+                    name,
+                    state,
+                    stage_step,
+                    data_iter,
+                    eval_metrics=eval_metrics,
+                    nonfinite_in_a_row=nonfinite,
+                )
     _finish_stage(run, index, name, state, stage_step, data_iter, last_eval, nonfinite)
     return state.params
 
@@ -322,13 +439,17 @@ def _host_reward_fn(run: Run, stage_config):
     unknown = [s[0] for s in specs if s[0] not in HOST_REWARDS]
     if unknown:
         raise ValueError(f"host_rewards: unknown reward(s) {unknown}; known: {sorted(HOST_REWARDS)}")
-    runner = HostRewardRunner({s[0]: HOST_REWARDS[s[0]] for s in specs}, timeout_s=stage_config.host_reward_timeout_s)
+    runner = HostRewardRunner(
+        {s[0]: HOST_REWARDS[s[0]] for s in specs}, timeout_s=stage_config.host_reward_timeout_s
+    )
     weights = {s[0]: float(s[1]) for s in specs}
 
     def compute(rollout, example_index, group_size):
         tokens, mask = jax.device_get((rollout.tokens, rollout.mask))
         eos = run.tokenizer.eos_id
-        texts = [run.tokenizer.decode([i for i in t[m > 0].tolist() if i != eos]) for t, m in zip(tokens, mask)]
+        texts = [
+            run.tokenizer.decode([i for i in t[m > 0].tolist() if i != eos]) for t, m in zip(tokens, mask)
+        ]
         examples = [run.task.train[int(i)] for i in np.repeat(example_index, group_size)]
         rewards, stats = runner(texts, examples)
         total = sum(weights[k] * v for k, v in rewards.items())
@@ -345,12 +466,24 @@ def run_grpo_stage(run: Run, index: int, params, resume) -> Any:
     grpo = setup.grpo_config(sc)
     G = grpo.num_generations
     examples = run.task.train
-    logging.info("[%s] %s", name, prompt_length_stats(examples, run.tokenizer, template=config.template,
-                                                      max_prompt_len=config.max_prompt_len))
-    dataset = make_prompt_dataset(examples, run.tokenizer, template=config.template,
-                                  max_prompt_len=config.max_prompt_len, batch_size=sc.prompts_per_step,
-                                  seed=config.seed + index, max_answer_len=config.max_answer_len,
-                                  shard_index=jax.process_index(), shard_count=jax.process_count())
+    logging.info(
+        "[%s] %s",
+        name,
+        prompt_length_stats(
+            examples, run.tokenizer, template=config.template, max_prompt_len=config.max_prompt_len
+        ),
+    )
+    dataset = make_prompt_dataset(
+        examples,
+        run.tokenizer,
+        template=config.template,
+        max_prompt_len=config.max_prompt_len,
+        batch_size=sc.prompts_per_step,
+        seed=config.seed + index,
+        max_answer_len=config.max_answer_len,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
     data_iter = iter(dataset)
     updates_per_step = grpo.num_iterations * grpo.num_minibatches
     opt_config = setup.optimizer_config(sc, sc.steps * updates_per_step)
@@ -363,9 +496,16 @@ def run_grpo_stage(run: Run, index: int, params, resume) -> Any:
         token_spec = TokenSpec.from_tokenizer(run.tokenizer)
         reward_fn = make_reward_fns([tuple(r) for r in sc.rewards], token_spec, tokenizer=run.tokenizer)
     host_rewards, host_runner = _host_reward_fn(run, sc)
-    step_fn = make_grpo_step(grpo, run.model_config, optimizer, reward_fn=reward_fn, mesh=run.mesh,
-                             state_shardings=shardings, lr_schedule=learning_rate_schedule(opt_config),
-                             logprob_chunk_size=config.logprob_chunk_size)
+    step_fn = make_grpo_step(
+        grpo,
+        run.model_config,
+        optimizer,
+        reward_fn=reward_fn,
+        mesh=run.mesh,
+        state_shardings=shardings,
+        lr_schedule=learning_rate_schedule(opt_config),
+        logprob_chunk_size=config.logprob_chunk_size,
+    )
     state, stage_step, extra = _start_or_resume(run, index, state, shardings, data_iter, resume)
     nonfinite = extra.get("nonfinite_in_a_row", 0)
     last_eval = (-1, None)
@@ -382,10 +522,19 @@ def run_grpo_stage(run: Run, index: int, params, resume) -> Any:
                     run.mesh,
                 )
                 rollout = sampling.generate(
-                    run.model_config, state.params, placed["prompt_tokens"], placed["prompt_mask"],
-                    jax.random.fold_in(state.rng, state.step), num_samples=G, max_new_tokens=config.max_new_tokens,
-                    temperature=grpo.temperature, top_p=sc.top_p, top_k=sc.top_k, eos_id=run.tokenizer.eos_id,
-                    pad_id=run.tokenizer.pad_id, mesh=run.mesh,
+                    run.model_config,
+                    state.params,
+                    placed["prompt_tokens"],
+                    placed["prompt_mask"],
+                    jax.random.fold_in(state.rng, state.step),
+                    num_samples=G,
+                    max_new_tokens=config.max_new_tokens,
+                    temperature=grpo.temperature,
+                    top_p=sc.top_p,
+                    top_k=sc.top_k,
+                    eos_id=run.tokenizer.eos_id,
+                    pad_id=run.tokenizer.pad_id,
+                    mesh=run.mesh,
                 )
                 jax.block_until_ready(rollout.tokens)
                 sample_time = time.time() - t0
@@ -399,19 +548,35 @@ def run_grpo_stage(run: Run, index: int, params, resume) -> Any:
                 if grpo.reference_reset_every and stage_step % grpo.reference_reset_every == 0:
                     state = reset_reference(state)
                 m = _host_metrics(step_metrics)
-                m.update(host_logged, sample_time_s=sample_time, step_time_s=time.time() - t0,
-                         prompt_truncated_frac=float(np.mean(prompts["prompt_truncated"])))
+                m.update(
+                    host_logged,
+                    sample_time_s=sample_time,
+                    step_time_s=time.time() - t0,
+                    prompt_truncated_frac=float(np.mean(prompts["prompt_truncated"])),
+                )
                 run.metrics.write(global_step, "grpo", m)  # before a non-finite stop, so its line is kept
                 nonfinite = _check_nonfinite(run, name, m, nonfinite, stage_step)
                 eval_metrics = None
                 if stage_step % sc.eval_every == 0 or (stage_step == sc.steps and sc.eval_at_end):
                     eval_metrics = _evaluate(run, name, state.params, stage_step)
                     last_eval = (stage_step, eval_metrics)
-                bar.update(1, reward=m["reward/mean"], kl=m["kl"],
-                           **({"acc": eval_metrics["eval/accuracy"]} if eval_metrics else {}))
+                bar.update(
+                    1,
+                    reward=m["reward/mean"],
+                    kl=m["kl"],
+                    **({"acc": eval_metrics["eval/accuracy"]} if eval_metrics else {}),
+                )
                 if stage_step % sc.checkpoint_every == 0 and stage_step < sc.steps:
-                    _save(run, index, name, state, stage_step, data_iter, eval_metrics=eval_metrics,
-                          nonfinite_in_a_row=nonfinite)
+                    _save(
+                        run,
+                        index,
+                        name,
+                        state,
+                        stage_step,
+                        data_iter,
+                        eval_metrics=eval_metrics,
+                        nonfinite_in_a_row=nonfinite,
+                    )
         _finish_stage(run, index, name, state, stage_step, data_iter, last_eval, nonfinite)
     finally:
         if host_runner is not None:

@@ -1,0 +1,134 @@
+"""scripts/benchmark.py has a pulse: the tiny preset runs end to end and its report has every key the
+README's table reads. No timing is asserted (the machine is shared); the analytic costs are exact."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grpo_jax.models import ModelConfig
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def report(benchmark):
+    cfg = benchmark.PRESETS["tiny"]()
+    return benchmark.run_benchmarks(cfg, ("sampler", "variants", "step"), command="test")
+
+
+def test_report_has_the_expected_keys_and_serialises(report, benchmark):
+    for key in (
+        "command",
+        "jax_version",
+        "backend",
+        "device_kind",
+        "cpu_count",
+        "config",
+        "peak_matmul",
+        "copy_bandwidth",
+        "sampler",
+        "grpo_step",
+        "load_average_start",
+        "load_average_end",
+    ):
+        assert key in report, key
+    assert report["jax_version"] == jax.__version__
+    sampler = report["sampler"]
+    assert set(sampler) == {"generate", "prefill", "decode_step"}
+    for key in ("generated_tokens_per_s", "compile_s", "median_s", "mean_s", "num_decode_steps"):
+        assert key in sampler["generate"], key
+    for key in ("shared_over_naive", "shared_without_fan_out_over_naive", "ideal_ratio"):
+        assert key in sampler["prefill"], key
+    for key in (
+        "flops_full_cache",
+        "matmul_bound_s",
+        "in_loop_s",
+        "in_loop_over_matmul_bound",
+        "isolated_forward",
+        "weight_matmuls_only",
+        "sampling_ops",
+        "memory_bound_s",
+    ):
+        assert key in sampler["decode_step"], key
+    variants = report["decode_variants"]
+    for key in ("loop_current", "loop_in_place_cache", "sampling_current", "sampling_inverse_cdf"):
+        assert "median_s" in variants[key], key
+    assert variants["loop_outputs_match"] is True
+    step = report["grpo_step"]
+    for name in ("chunked", "one_chunk"):
+        assert "temp_size_in_bytes" in step[name]["memory"]
+        assert "temp_plus_argument_plus_output_bytes" in step[name]["memory"]
+    assert step["uses_chunked_logprobs"] is True
+    assert "mean_s" in step["step_time"]
+    json.loads(json.dumps(report))
+    assert "generated tokens/s" in benchmark.format_table(report)
+
+
+def test_no_early_stop_so_every_budget_token_is_generated(report):
+    generate = report["sampler"]["generate"]
+    cfg = report["config"]
+    assert generate["num_decode_steps"] == cfg["max_new_tokens"]
+    assert generate["generated_tokens"] == generate["budget_tokens"] == 2 * 4 * 8
+    assert report["sampler"]["prefill"]["ideal_ratio"] == 0.25
+    assert report["grpo_step"]["chunked"]["num_chunks"] == 4  # 15 scored tokens in chunks of 4
+    assert report["grpo_step"]["one_chunk"]["num_chunks"] == 1
+
+
+def test_decode_costs_are_exact(benchmark):
+    model = ModelConfig(
+        vocab_size=10, hidden_size=4, intermediate_size=6, num_layers=2, num_heads=2, num_kv_heads=1
+    )
+    # per layer: q 4*2*2 + k 4*1*2 + v 4*1*2 + o 2*2*4 = 48, mlp 3*4*6 = 72 -> 2 * 120 + head 40 = 280
+    assert benchmark.matmul_param_count(model) == 280
+    costs = benchmark.decode_step_costs(model, rows=3, cache_len=8, filled_len=5)
+    assert costs["weight_flops"] == 2 * 280 * 3
+    assert costs["attention_flops_full_cache"] == 4 * 2 * 2 * 2 * 3 * 8  # 4·H·Dh·layers·rows·keys
+    assert costs["kv_bytes_filled"] == 2 * 2 * 3 * 1 * 2 * 4 * 5  # k+v · layers · rows · K · Dh · 4 B · keys
+    assert costs["min_bytes"] == 280 * 4 + costs["kv_bytes_filled"]
+
+
+def test_in_place_cache_prototype_matches_forward_with_cache(benchmark):
+    from grpo_jax.models import forward_with_cache, init_cache
+    from grpo_jax.testing import tiny_model_config, tiny_params
+
+    config = tiny_model_config(qkv_bias=True)
+    params = tiny_params(config, seed=1)
+    n, total, slot = 3, 6, 4
+    cache = jax.tree_util.tree_map(
+        lambda c: jax.random.normal(jax.random.key(2), c.shape), init_cache(config, n, total)
+    )
+    tokens = jnp.asarray([[5], [9], [11]], jnp.int32)
+    positions = jnp.asarray([[4], [2], [3]], jnp.int32)
+    key_mask = jnp.asarray([[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0]], jnp.int32)
+    expected = forward_with_cache(config, params, tokens, positions, cache, slot, key_mask)
+    got = benchmark.decode_forward_in_place(config, params, tokens, positions, cache, slot, key_mask)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    for name in ("k", "v"):
+        np.testing.assert_array_equal(got[1][name], expected[1][name])
+
+
+def test_inverse_cdf_prototype_samples_the_softmax(benchmark):
+    logits = jnp.log(jnp.asarray([[0.1, 0.2, 0.3, 0.4]] * 8192))
+    keys = jax.random.split(jax.random.key(0), 8192)
+    tokens, logp = benchmark.sampling_ops_inverse_cdf(logits, keys, jnp.asarray(0), temperature=1.0)
+    frequencies = np.bincount(np.asarray(tokens), minlength=4) / 8192
+    np.testing.assert_allclose(frequencies, [0.1, 0.2, 0.3, 0.4], atol=0.015)
+    np.testing.assert_allclose(
+        np.exp(np.asarray(logp)), np.asarray([0.1, 0.2, 0.3, 0.4])[np.asarray(tokens)], rtol=1e-5
+    )
