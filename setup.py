@@ -24,8 +24,15 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "chex>=0.1.88", "nbclient>=0.10", "nbformat>=5.10",
-                "ipykernel>=6.29"],
+        "dev": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "ruff>=0.6",
+            "chex>=0.1.88",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+        ],
         # torch==2.13.0 is the CPU build; a looser pin pulls several GB of CUDA packages.
         "hf": ["safetensors>=0.4", "tokenizers>=0.19", "transformers>=4.45", "torch==2.13.0"],
         "notebooks": ["jupyter", "nbconvert", "nbclient", "ipykernel"],

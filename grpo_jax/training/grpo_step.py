@@ -89,7 +89,7 @@ def _masked_mean(x, mask):
 
 
 def grpo_loss(params, mb: dict, *, grpo: GRPOConfig, model_config, chunk_size: int = 128):
-    """The GRPO objective on one minibatch (DeepSeekMath eq. 3) -> (loss, metrics), differentiated by the step.
+    """The GRPO objective on one minibatch (DeepSeekMath eq. 3) -> (loss, metrics); the step takes its grad.
 
     mb holds the batch keys plus `advantages` [N] or [N, L], `sample_weight` [N] and, when β > 0,
     `ref_logprobs` [N, L].
