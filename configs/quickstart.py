@@ -1,14 +1,17 @@
 """Quickstart: R1-style cold-start SFT then GRPO on synthetic arithmetic, from scratch on a laptop CPU.
 
-    python scripts/train.py --config=configs/quickstart.py --workdir=/tmp/quickstart
+    python scripts/train.py --config=configs/quickstart.py --workdir=workdirs/quickstart
 
-A tiny Llama-style model learns column addition with a written-out chain of thought from a small SFT
-set, then GRPO with the R1 rule rewards (format + exact answer) raises its held-out greedy accuracy.
-Nothing is downloaded. `--config=configs/quickstart.py:runlocal` shrinks everything to a seconds-long
-smoke run (used by the tests).
+A tiny Llama-style model (0.6M params) learns 1-2 digit column addition with a written-out chain of
+thought (`<think> 8+4+0=12 , 5+6+1=12 </think> <answer> 122 </answer>`) from a short SFT on a small set
+of demonstrations; GRPO with the DeepSeek-R1 rule rewards (format + exact answer) then raises its
+held-out greedy accuracy. Nothing is downloaded; the held-out split is never trained on.
+`--config=configs/quickstart.py:runlocal` shrinks everything to a seconds-long smoke run (the tests).
 """
 
 import ml_collections
+
+from grpo_jax.algorithms.config import GRPOConfig
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -27,9 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task = ml_collections.ConfigDict(
         dict(
             name="arithmetic",
-            kwargs=dict(num_digits=(1, 3), operations=("+",)),
+            kwargs=dict(num_digits=(1, 2), operations=("+",)),
             train_size=4000,
-            test_size=200,
+            test_size=500,
             train_file="",
             test_file="",
         )
@@ -55,25 +58,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stages = ("sft", "grpo")
     c.sft = ml_collections.ConfigDict(
         dict(
-            steps=300,
+            steps=250,
             batch_size=32,
-            num_examples=1000,
-            max_len=72,
+            num_examples=1000,  # the cold-start set: a quarter of the train split
+            max_len=56,
             learning_rate=3e-3,
             warmup_steps=20,
             schedule="cosine",
             weight_decay=0.0,
             max_grad_norm=1.0,
-            eval_every=300,
+            eval_every=250,
             eval_at_end=True,
-            checkpoint_every=100,
+            checkpoint_every=125,
         )
     )
     c.grpo = ml_collections.ConfigDict(
         dict(
-            steps=100,
+            steps=150,
             prompts_per_step=16,
-            learning_rate=5e-4,
+            learning_rate=3e-5,
             warmup_steps=0,
             schedule="constant",
             weight_decay=0.0,
@@ -86,22 +89,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             eval_every=50,
             eval_at_start=False,
             eval_at_end=True,
-            checkpoint_every=25,
+            checkpoint_every=50,
             algo=ml_collections.ConfigDict(
-                dict(
+                GRPOConfig.config_fields(
                     num_generations=8,
                     kl_coef=0.01,
                     clip_eps_low=0.2,
                     clip_eps_high=0.28,
-                    num_iterations=1,
-                    num_minibatches=1,
                     loss_agg="token_mean",
-                    temperature=1.0,
+                    temperature=0.7,
                 )
             ),
         )
     )
-    c.eval = ml_collections.ConfigDict(dict(num_problems=200, batch_size=200, k=0, temperature=1.0))
+    c.eval = ml_collections.ConfigDict(dict(num_problems=500, batch_size=250, k=0, temperature=1.0))
     c.checkpoint = ml_collections.ConfigDict(dict(keep_last=2, keep_best=1, async_save=True))
     c.debug = ml_collections.ConfigDict(dict(poison_step=-1))
 

@@ -134,7 +134,8 @@ def test_config_parses_and_its_typed_pieces_validate(path, variant, token_spec):
         assert len(data.train) == task.train_size and len(data.test) == task.test_size
         assert config.eval.num_problems <= len(data.test)
     else:
-        assert task.train_file and task.test_file
+        # File tasks take their data paths from flags (--config.task.train_file=...); the keys must exist.
+        assert isinstance(task.train_file, str) and isinstance(task.test_file, str)
 
     # Model: the fields of ModelConfig (vocab from the tokenizer when 0), or a pretrained directory.
     if not config.model.pretrained:

@@ -488,3 +488,13 @@ def test_rejection_mixing_ratio(tmp_path, num_reasoning, num_other, want):
     assert len(examples) == sum(want) and {e["source"] for e in examples} == {"reasoning", "non_reasoning"}
     with pytest.raises(ValueError, match="differ in length"):
         write_rejection_sft(path, prompts, ["ok"], [1.0] * num_reasoning)
+
+
+def test_pad_operands_changes_only_the_prompt_text():
+    from grpo_jax.data.tasks import ArithmeticTask
+
+    plain = ArithmeticTask(num_digits=(1, 3), seed=3).split("train", 50)
+    padded = ArithmeticTask(num_digits=(1, 3), seed=3, pad_operands=True).split("train", 50)
+    for a, b in zip(plain, padded, strict=True):
+        assert (a["answer"], a["completion"], a["operands"]) == (b["answer"], b["completion"], b["operands"])
+        assert b["prompt"] == "+".join(f"{x:03d}" for x in a["operands"])

@@ -122,6 +122,14 @@ class GRPOConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def config_fields(cls, **overrides) -> dict[str, Any]:
+        """Every field with its default (overridden by `overrides`), for a config file's `algo` section, so
+        each switch can be set from the command line (`--config.grpo.algo.loss_agg=token_mean`). Fields
+        whose value is None are left out (ml_collections cannot type them); set them in the config file."""
+        values = cls(**overrides).to_dict()
+        return {name: value for name, value in values.items() if value is not None}
+
     @property
     def advantage_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `compute_advantages(self.advantage_estimator, rewards, G, **kwargs)`."""
