@@ -137,8 +137,9 @@ def test_config_parses_and_its_typed_pieces_validate(path, variant, token_spec):
         # File tasks take their data paths from flags (--config.task.train_file=...); the keys must exist.
         assert isinstance(task.train_file, str) and isinstance(task.test_file, str)
 
-    # Model: the fields of ModelConfig (vocab from the tokenizer when 0), or a pretrained directory.
-    if not config.model.pretrained:
+    # Model: the fields of ModelConfig (vocab from the tokenizer when 0), or a pretrained directory (which
+    # a config like gsm8k_qwen2_5 takes from a flag, so it has no architecture fields of its own).
+    if not config.model.pretrained and "hidden_size" in config.model:
         vocab = config.model.get("vocab_size") or config.tokenizer.vocab_size
         fake_tokenizer = types.SimpleNamespace(vocab_size=vocab)
         model_config = setup.build_model_config(config, fake_tokenizer)
