@@ -139,7 +139,7 @@ def test_config_parses_and_its_typed_pieces_validate(path, variant, token_spec):
 
     # Model: the fields of ModelConfig (vocab from the tokenizer when 0), or a pretrained directory (which
     # a config like gsm8k_qwen2_5 takes from a flag, so it has no architecture fields of its own).
-    if not config.model.pretrained and "hidden_size" in config.model:
+    if not config.model.pretrained and config.model.get("hidden_size"):
         vocab = config.model.get("vocab_size") or config.tokenizer.vocab_size
         fake_tokenizer = types.SimpleNamespace(vocab_size=vocab)
         model_config = setup.build_model_config(config, fake_tokenizer)
