@@ -303,6 +303,33 @@ def _poison(run: Run, global_step: int) -> np.bool_:
     return np.bool_(global_step == run.config.debug.poison_step)
 
 
+def _end_of_step(run, index, name, state, stage_step, data_iter, m, nonfinite, last_eval, bar, **postfix):
+    """Bookkeeping after one step, shared by the stage loops: write the metrics line (before a non-finite
+    stop, so its line is kept), stop after too many non-finite updates in a row, evaluate and checkpoint
+    on schedule, advance the progress bar. Returns (non-finite count, (last eval step, its metrics))."""
+    sc = run.config[name]
+    run.metrics.write(run.offsets[name] + stage_step, stage_kind(name), m)
+    nonfinite = _check_nonfinite(run, name, m, nonfinite, stage_step)
+    eval_metrics = None
+    if stage_step % sc.eval_every == 0 or (stage_step == sc.steps and sc.eval_at_end):
+        eval_metrics = _evaluate(run, name, state.params, stage_step)
+        last_eval = (stage_step, eval_metrics)
+        postfix["acc"] = eval_metrics["eval/accuracy"]
+    bar.update(1, **postfix)
+    if stage_step % sc.checkpoint_every == 0 and stage_step < sc.steps:
+        _save(
+            run,
+            index,
+            name,
+            state,
+            stage_step,
+            data_iter,
+            eval_metrics=eval_metrics,
+            nonfinite_in_a_row=nonfinite,
+        )
+    return nonfinite, last_eval
+
+
 def _finish_stage(run, index, name, state, stage_step, data_iter, last_eval, nonfinite):
     """Final eval (unless the loop just ran one) and the stage-done checkpoint, ranked by that eval."""
     last_step, eval_metrics = last_eval
@@ -404,24 +431,9 @@ def run_sft_stage(run: Run, index: int, params, resume) -> Any:
             m["truncated_frac"] = float(np.mean(batch["truncated"]))
             if stage_step % sc.eval_every == 0 or stage_step == sc.steps:
                 m.update({f"heldout/{k}": float(v) for k, v in heldout_loss(state.params, heldout).items()})
-            run.metrics.write(global_step, "sft", m)  # before a non-finite stop, so its line is kept
-            nonfinite = _check_nonfinite(run, name, m, nonfinite, stage_step)
-            eval_metrics = None
-            if stage_step % sc.eval_every == 0 or (stage_step == sc.steps and sc.eval_at_end):
-                eval_metrics = _evaluate(run, name, state.params, stage_step)
-                last_eval = (stage_step, eval_metrics)
-            bar.update(1, loss=m["loss"], **({"acc": eval_metrics["eval/accuracy"]} if eval_metrics else {}))
-            if stage_step % sc.checkpoint_every == 0 and stage_step < sc.steps:
-                _save(
-                    run,
-                    index,
-                    name,
-                    state,
-                    stage_step,
-                    data_iter,
-                    eval_metrics=eval_metrics,
-                    nonfinite_in_a_row=nonfinite,
-                )
+            nonfinite, last_eval = _end_of_step(
+                run, index, name, state, stage_step, data_iter, m, nonfinite, last_eval, bar, loss=m["loss"]
+            )
     _finish_stage(run, index, name, state, stage_step, data_iter, last_eval, nonfinite)
     return state.params
 
@@ -554,29 +566,20 @@ def run_grpo_stage(run: Run, index: int, params, resume) -> Any:
                     step_time_s=time.time() - t0,
                     prompt_truncated_frac=float(np.mean(prompts["prompt_truncated"])),
                 )
-                run.metrics.write(global_step, "grpo", m)  # before a non-finite stop, so its line is kept
-                nonfinite = _check_nonfinite(run, name, m, nonfinite, stage_step)
-                eval_metrics = None
-                if stage_step % sc.eval_every == 0 or (stage_step == sc.steps and sc.eval_at_end):
-                    eval_metrics = _evaluate(run, name, state.params, stage_step)
-                    last_eval = (stage_step, eval_metrics)
-                bar.update(
-                    1,
+                nonfinite, last_eval = _end_of_step(
+                    run,
+                    index,
+                    name,
+                    state,
+                    stage_step,
+                    data_iter,
+                    m,
+                    nonfinite,
+                    last_eval,
+                    bar,
                     reward=m["reward/mean"],
                     kl=m["kl"],
-                    **({"acc": eval_metrics["eval/accuracy"]} if eval_metrics else {}),
                 )
-                if stage_step % sc.checkpoint_every == 0 and stage_step < sc.steps:
-                    _save(
-                        run,
-                        index,
-                        name,
-                        state,
-                        stage_step,
-                        data_iter,
-                        eval_metrics=eval_metrics,
-                        nonfinite_in_a_row=nonfinite,
-                    )
         _finish_stage(run, index, name, state, stage_step, data_iter, last_eval, nonfinite)
     finally:
         if host_runner is not None:
