@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stages = ("sft", "grpo")
     c.sft = ml_collections.ConfigDict(
         dict(
-            steps=250,
+            steps=200,
             batch_size=32,
             num_examples=1000,  # the cold-start set: a quarter of the train split
             max_len=56,
@@ -67,9 +67,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             schedule="cosine",
             weight_decay=0.0,
             max_grad_norm=1.0,
-            eval_every=250,
+            eval_every=200,
             eval_at_end=True,
-            checkpoint_every=125,
+            checkpoint_every=100,
         )
     )
     c.grpo = ml_collections.ConfigDict(
@@ -81,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             schedule="constant",
             weight_decay=0.0,
             max_grad_norm=1.0,
+            grad_accum_steps=1,  # micro-batches per optimizer update (memory, not math)
             top_p=1.0,
             top_k=0,
             rewards=(("format", 0.2), ("accuracy", 1.0)),
@@ -97,7 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     clip_eps_low=0.2,
                     clip_eps_high=0.28,
                     loss_agg="token_mean",
-                    temperature=0.7,
+                    temperature=0.35,
                 )
             ),
         )

@@ -223,3 +223,18 @@ def test_the_step_learns_a_bandit_task():
         rewards.append(float(metrics["reward/mean"]))
     assert np.mean(rewards[:5]) < 0.4
     assert np.mean(rewards[-5:]) > 0.9, rewards
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    grpo = GRPOConfig(num_generations=4, kl_coef=0.04, loss_agg="seq_mean_token_mean")
+    whole_state, whole_step, batch, _ = _setup(grpo, adam_eps=1e-2)
+    accum_state, accum_step, _, _ = _setup(grpo, adam_eps=1e-2, grad_accum_steps=2)
+    whole_state, whole = whole_step(whole_state, batch)
+    accum_state, accum = accum_step(accum_state, batch)
+    np.testing.assert_allclose(float(accum["grad_norm"]), float(whole["grad_norm"]), rtol=1e-4)
+    np.testing.assert_allclose(float(accum["loss"]), float(whole["loss"]), rtol=1e-4, atol=1e-7)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+        _host(accum_state.params),
+        _host(whole_state.params),
+    )

@@ -157,8 +157,9 @@ def make_grpo_step(
 
     `reward_fn(batch, reward_params) -> (total [N], {name: [N]})` runs in-graph (see
     `grpo_jax.rewards.make_reward_fns`); `host_rewards` in the batch are added to its total.
-    `grad_accum_steps` splits each minibatch into micro-batches whose gradients are summed before one
-    optimizer update. Pass `state_shardings` to pin the output state to the input layout.
+    `grad_accum_steps` splits each minibatch into equal micro-batches whose gradients are averaged before
+    one optimizer update: exact for the sequence-mean aggregations; with "token_mean" each micro-batch is
+    normalised by its own token count. Pass `state_shardings` to pin the output state to the input layout.
     """
     G = grpo.num_generations
     M = grpo.num_minibatches

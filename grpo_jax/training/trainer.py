@@ -517,6 +517,7 @@ def run_grpo_stage(run: Run, index: int, params, resume) -> Any:
         state_shardings=shardings,
         lr_schedule=learning_rate_schedule(opt_config),
         logprob_chunk_size=config.logprob_chunk_size,
+        grad_accum_steps=sc.get("grad_accum_steps", 1),
     )
     state, stage_step, extra = _start_or_resume(run, index, state, shardings, data_iter, resume)
     nonfinite = extra.get("nonfinite_in_a_row", 0)
