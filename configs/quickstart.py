@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stages = ("sft", "grpo")
     c.sft = ml_collections.ConfigDict(
         dict(
-            steps=200,
+            steps=225,
             batch_size=32,
             num_examples=1000,  # the cold-start set: a quarter of the train split
             max_len=56,
@@ -67,16 +67,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             schedule="cosine",
             weight_decay=0.0,
             max_grad_norm=1.0,
-            eval_every=200,
+            eval_every=225,
             eval_at_end=True,
-            checkpoint_every=100,
+            checkpoint_every=75,
         )
     )
     c.grpo = ml_collections.ConfigDict(
         dict(
-            steps=150,
+            steps=300,
             prompts_per_step=16,
-            learning_rate=3e-5,
+            learning_rate=5e-5,
             warmup_steps=0,
             schedule="constant",
             weight_decay=0.0,
