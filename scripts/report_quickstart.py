@@ -29,8 +29,14 @@ def run_seed(seed: int) -> dict:
     workdir = os.path.join(_ROOT.value, f"seed{seed}")
     if os.path.exists(os.path.join(workdir, "summary.json")):
         raise SystemExit(f"error: {workdir} already holds a finished run; remove it or pick another --root")
-    command = [sys.executable, "scripts/train.py", f"--config={_CONFIG.value}", f"--workdir={workdir}",
-               f"--config.seed={seed}", "--config.progress_bar=False"]
+    command = [
+        sys.executable,
+        "scripts/train.py",
+        f"--config={_CONFIG.value}",
+        f"--workdir={workdir}",
+        f"--config.seed={seed}",
+        "--config.progress_bar=False",
+    ]
     start = time.time()
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.time() - start
@@ -74,32 +80,37 @@ def main(argv):
         for r in results
     ]
     gains = [r["grpo_accuracy"] - r["sft_accuracy"] for r in results]
-    text = "\n".join([
-        "# Quickstart: cold-start SFT, then GRPO",
-        "",
-        "Held-out greedy pass@1 on 500 problems of the test split (never trained on), after the SFT stage",
-        "and after the GRPO stage, for each seed. Made by:",
-        "",
-        "```bash",
-        f"python scripts/report_quickstart.py --seeds={','.join(_SEEDS.value)} --root={_ROOT.value}",
-        "```",
-        "",
-        "which runs, one seed at a time, "
-        f"`python scripts/train.py --config={_CONFIG.value} --workdir=ROOT/seedS --config.seed=S`.",
-        f"Machine: {meta['machine']}; jax {meta.get('jax', '?')}. Wall time includes start-up and compilation.",
-        "",
-        "| seed | SFT pass@1 | GRPO pass@1 | gain (points) | GRPO reward, first 10 → last 10 steps | max KL "
-        "| wall time |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        *rows,
-        "",
-        f"Mean gain: {100 * sum(gains) / len(gains):+.1f} points; smallest: {100 * min(gains):+.1f}.",
-        "",
-        "GRPO eval curve per seed (step, pass@1): "
-        + "; ".join(f"seed {r['seed']}: " + ", ".join(f"{s}: {100 * a:.1f}%" for s, a in r["grpo_evals"])
-                    for r in results),
-        "",
-    ])
+    text = "\n".join(
+        [
+            "# Quickstart: cold-start SFT, then GRPO",
+            "",
+            "Held-out greedy pass@1 on 500 problems of the test split (never trained on), after the SFT",
+            "stage and after the GRPO stage, for each seed. Made by:",
+            "",
+            "```bash",
+            f"python scripts/report_quickstart.py --seeds={','.join(_SEEDS.value)} --root={_ROOT.value}",
+            "```",
+            "",
+            "which runs, one seed at a time, "
+            f"`python scripts/train.py --config={_CONFIG.value} --workdir=ROOT/seedS --config.seed=S`.",
+            f"Machine: {meta['machine']}; jax {meta.get('jax', '?')}. "
+            "Wall time includes start-up and compilation.",
+            "",
+            "| seed | SFT pass@1 | GRPO pass@1 | gain (points) | GRPO reward, first 10 → last 10 steps "
+            "| max KL | wall time |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+            f"Mean gain: {100 * sum(gains) / len(gains):+.1f} points; smallest: {100 * min(gains):+.1f}.",
+            "",
+            "GRPO eval curve per seed (step, pass@1): "
+            + "; ".join(
+                f"seed {r['seed']}: " + ", ".join(f"{s}: {100 * a:.1f}%" for s, a in r["grpo_evals"])
+                for r in results
+            ),
+            "",
+        ]
+    )
     with open(os.path.join(REPO, _OUT.value + ".md"), "w") as f:
         f.write(text)
     print(text)
