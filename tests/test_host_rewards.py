@@ -107,7 +107,7 @@ def test_ready_made_rewards_in_process_and_registry():
         r"<answer>2 + 1</answer> \boxed{10.0}",
         "no answer",
     ]
-    assert set(HOST_REWARDS) == {"math_accuracy", "countdown"}
+    assert set(HOST_REWARDS) == {"math_accuracy", "countdown", "r1_format"}
     scores = [math_accuracy_reward(c, e) for c, e in zip(completions, examples, strict=True)]
     assert scores == [1.0, 1.0, 1.0, 0.0]
     assert countdown_host_reward("<answer>2 + 1</answer>", examples[0]) == 1.0
