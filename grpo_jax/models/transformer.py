@@ -191,9 +191,15 @@ def _remat_policy(name: str):
     }[name]
 
 
-def _decoder_layer(config, layer, x, positions, inv_freq, allowed, cache_kv=None, cache_index=None):
-    """One pre-norm decoder block. x [B, T, D]. With cache_kv ([B, S, K, Dh] x2), the new keys/values
-    are written at `cache_index` and attention reads the whole cache; returns (x, new_cache_kv)."""
+def _decoder_layer(
+    config, layer, x, positions, inv_freq, allowed, cache=None, layer_index=None, cache_index=None
+):
+    """One pre-norm decoder block. x [B, T, D] -> (x, cache).
+
+    With `cache` (the whole stack, {"k", "v"}: [L, B, S, K, Dh]) this block's new keys/values are written
+    in place at (layer_index, :, cache_index) and attention reads that layer's slots; without it,
+    attention reads the block's own keys/values.
+    """
     dtype = config.compute_dtype
     w = jax.tree_util.tree_map(lambda p: p.astype(dtype), layer)
     h = rms_norm(x, w["attn_norm"], config.rms_norm_eps)
@@ -204,13 +210,13 @@ def _decoder_layer(config, layer, x, positions, inv_freq, allowed, cache_kv=None
         q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    new_cache = None
-    if cache_kv is not None:
-        cache_k, cache_v = cache_kv
-        cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, axis=1)
-        cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache_index, axis=1)
-        new_cache = (cache_k, cache_v)
-        k, v = cache_k.astype(dtype), cache_v.astype(dtype)
+    if cache is not None:
+        at = (layer_index, 0, cache_index, 0, 0)
+        cache = {
+            "k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at),
+            "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at),
+        }
+        k, v = cache["k"][layer_index].astype(dtype), cache["v"][layer_index].astype(dtype)
     attn = attention(q, k, v, allowed)
     out = jnp.einsum("bthk,hkd->btd", attn, w["o"])
     if config.o_bias:
@@ -219,31 +225,32 @@ def _decoder_layer(config, layer, x, positions, inv_freq, allowed, cache_kv=None
     h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
     gated = jax.nn.silu(jnp.einsum("btd,df->btf", h, w["gate"])) * jnp.einsum("btd,df->btf", h, w["up"])
     x = x + jnp.einsum("btf,fd->btd", gated, w["down"])
-    return x, new_cache
+    return x, cache
 
 
 def _run_layers(config, layers, x, positions, allowed, cache=None, cache_index=None):
-    """Apply the layer stack (scanned or unrolled); returns (x, new_cache or None)."""
+    """Apply the layer stack (scanned or unrolled); returns (x, updated cache or None).
+
+    The KV cache rides in the scan carry and each layer updates its slice in place, so a decode step
+    touches the cache only to write one token and read it for attention (scanning the cache as xs/ys
+    copied every layer's cache every step: 1.7x slower decode on CPU, see benchmarks/README.md).
+    """
     inv_freq = rope_inv_frequencies(config)
 
-    def body(x, layer_and_cache):
-        layer, cache_kv = layer_and_cache
-        return _decoder_layer(config, layer, x, positions, inv_freq, allowed, cache_kv, cache_index)
+    def body(carry, layer_and_index):
+        x, cache = carry
+        layer, index = layer_and_index
+        return _decoder_layer(config, layer, x, positions, inv_freq, allowed, cache, index, cache_index), None
 
     if config.remat != "none":
         body = jax.checkpoint(body, policy=_remat_policy(config.remat))
-    cache_kv = None if cache is None else (cache["k"], cache["v"])
+    indices = jnp.arange(config.num_layers)
     if config.scan_layers:
-        x, new_kv = jax.lax.scan(body, x, (layers, cache_kv))
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (layers, indices))
     else:
-        outs = []
         for i in range(config.num_layers):
-            take = lambda a, i=i: a[i]
-            x, kv = body(x, jax.tree_util.tree_map(take, (layers, cache_kv)))
-            outs.append(kv)
-        new_kv = None if cache is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
-    new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
-    return x, new_cache
+            (x, cache), _ = body((x, cache), jax.tree_util.tree_map(lambda a, i=i: a[i], (layers, indices)))
+    return x, cache
 
 
 # ----------------------------------------------------------------------------------------------
