@@ -67,9 +67,14 @@ def test_report_has_the_expected_keys_and_serialises(report, benchmark):
     ):
         assert key in sampler["decode_step"], key
     variants = report["decode_variants"]
-    for key in ("loop_current", "loop_in_place_cache", "sampling_current", "sampling_inverse_cdf"):
+    for key in (
+        "loop_argmax",
+        "loop_sampled_current",
+        "loop_sampled_inverse_cdf",
+        "sampling_current",
+        "sampling_inverse_cdf",
+    ):
         assert "median_s" in variants[key], key
-    assert variants["loop_outputs_match"] is True
     step = report["grpo_step"]
     for name in ("chunked", "one_chunk"):
         assert "temp_size_in_bytes" in step[name]["memory"]
@@ -101,26 +106,6 @@ def test_decode_costs_are_exact(benchmark):
     assert costs["attention_flops_full_cache"] == 4 * 2 * 2 * 2 * 3 * 8  # 4·H·Dh·layers·rows·keys
     assert costs["kv_bytes_filled"] == 2 * 2 * 3 * 1 * 2 * 4 * 5  # k+v · layers · rows · K · Dh · 4 B · keys
     assert costs["min_bytes"] == 280 * 4 + costs["kv_bytes_filled"]
-
-
-def test_in_place_cache_prototype_matches_forward_with_cache(benchmark):
-    from grpo_jax.models import forward_with_cache, init_cache
-    from grpo_jax.testing import tiny_model_config, tiny_params
-
-    config = tiny_model_config(qkv_bias=True)
-    params = tiny_params(config, seed=1)
-    n, total, slot = 3, 6, 4
-    cache = jax.tree_util.tree_map(
-        lambda c: jax.random.normal(jax.random.key(2), c.shape), init_cache(config, n, total)
-    )
-    tokens = jnp.asarray([[5], [9], [11]], jnp.int32)
-    positions = jnp.asarray([[4], [2], [3]], jnp.int32)
-    key_mask = jnp.asarray([[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0]], jnp.int32)
-    expected = forward_with_cache(config, params, tokens, positions, cache, slot, key_mask)
-    got = benchmark.decode_forward_in_place(config, params, tokens, positions, cache, slot, key_mask)
-    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-6)
-    for name in ("k", "v"):
-        np.testing.assert_array_equal(got[1][name], expected[1][name])
 
 
 def test_inverse_cdf_prototype_samples_the_softmax(benchmark):
