@@ -15,9 +15,8 @@ sampler   generated tokens/s of `sampling.generate` (B prompts x G samples x L t
           only, and the sampling ops alone; FLOPs per decode step against this machine's measured peak
           matmul rate (the matmul bound), and bytes per step against the measured copy bandwidth (the
           memory bound) and, on a GPU, the HBM peak given by --peak_hbm_gbps.
-variants  evidence for proposed sampler changes: the decode loop (forward + argmax, no sampling) with
-          the current cache update vs the in-place prototype below, and the sampling ops vs an
-          inverse-CDF prototype.
+variants  the decode loop (`forward_with_cache` in a fori_loop) with no sampling (argmax), with the
+          sampler's token choice, and with a proposed inverse-CDF token choice; the two choices alone.
 step      the one-program GRPO step (`make_grpo_step`, μ = 1, β > 0 so the reference forward runs):
           step time and `compiled.memory_analysis()`, with the chunked logprob path at the preset's
           chunk size and with one chunk covering the whole sequence.
@@ -44,7 +43,6 @@ import numpy as np
 from grpo_jax import sampling, sharding
 from grpo_jax.algorithms import GRPOConfig
 from grpo_jax.models import ModelConfig, forward_with_cache, init_cache, init_params, positions_from_mask
-from grpo_jax.models import transformer as T
 from grpo_jax.training import (
     OptimizerConfig,
     create_train_state,
@@ -114,7 +112,7 @@ PRESETS: dict[str, Callable[[], BenchConfig]] = {
         prompt_len=64,
         max_new_tokens=64,
     ),
-    # ~1.2B params in bfloat16, a Llama-3.2-1B-like shape; full remat and 8 minibatches keep the step in
+    # ~1.1B params in bfloat16, a Llama-3.2-1B-like shape; full remat and 8 minibatches keep the step in
     # one 80 GB GPU.
     "gpu": lambda: BenchConfig(
         model=ModelConfig(
@@ -319,46 +317,8 @@ def sampling_ops(logits, row_keys, step, *, temperature):
 
 
 # ----------------------------------------------------------------------------------------------
-# Prototypes of proposed sampler changes, timed against the current code (--which=variants)
+# The decode loop, and a proposed token choice timed against the current one (--which=variants)
 # ----------------------------------------------------------------------------------------------
-
-
-def decode_forward_in_place(model, params, tokens, positions, cache, slot, key_mask):
-    """`forward_with_cache` for one token [N, 1], with the stacked cache [L, N, S, K, Dh] carried through
-    the layer scan and only the new token's K/V written (dynamic_update_slice at (layer, :, slot)).
-
-    The current code scans the cache as xs -> ys, so every step rebuilds every layer's cache: XLA
-    allocates the ys buffer, copies each layer slice and copies the result back into the loop state.
-    Carried and updated in place, the decode loop touches the cache only to read it for attention.
-    """
-    dtype = model.compute_dtype
-    inv_freq = T.rope_inv_frequencies(model)
-    allowed = ((jnp.arange(cache["k"].shape[2])[None, :] <= slot) & (key_mask > 0))[:, None, :]  # [N, 1, S]
-
-    def layer(carry, layer_and_index):
-        x, cache_k, cache_v = carry
-        w, index = layer_and_index
-        w = jax.tree_util.tree_map(lambda p: p.astype(dtype), w)
-        h = T.rms_norm(x, w["attn_norm"], model.rms_norm_eps)
-        q, k, v = (jnp.einsum("btd,dhk->bthk", h, w[name]) for name in ("q", "k", "v"))
-        if model.qkv_bias:
-            q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
-        q, k = T.apply_rope(q, positions, inv_freq), T.apply_rope(k, positions, inv_freq)
-        at = (index, 0, slot, 0, 0)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
-        attn = T.attention(q, cache_k[index].astype(dtype), cache_v[index].astype(dtype), allowed)
-        out = jnp.einsum("bthk,hkd->btd", attn, w["o"])
-        x = x + (out + w["o_bias"] if model.o_bias else out)
-        h = T.rms_norm(x, w["mlp_norm"], model.rms_norm_eps)
-        gated = jax.nn.silu(jnp.einsum("btd,df->btf", h, w["gate"])) * jnp.einsum("btd,df->btf", h, w["up"])
-        return (x + jnp.einsum("btf,fd->btd", gated, w["down"]), cache_k, cache_v), None
-
-    x = T.embed_tokens(model, params, tokens)
-    layers = (params["layers"], jnp.arange(model.num_layers))
-    (x, cache_k, cache_v), _ = jax.lax.scan(layer, (x, cache["k"], cache["v"]), layers)
-    x = T.rms_norm(x, params["final_norm"].astype(dtype), model.rms_norm_eps)
-    return T.logits_from_hidden(model, params, x), {"k": cache_k, "v": cache_v}
 
 
 @functools.partial(jax.jit, static_argnames=("temperature",))
@@ -374,35 +334,28 @@ def sampling_ops_inverse_cdf(logits, row_keys, step, *, temperature):
     return token, jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
 
 
-DECODE_LOOPS = {
-    # name: (forward, token choice); "current" = what `sampling.generate` runs today.
-    "argmax_current_cache": ("current", "argmax"),
-    "argmax_in_place_cache": ("in_place", "argmax"),
-    "sampled_current": ("current", "current"),
-    "sampled_proposed": ("in_place", "inverse_cdf"),
-}
+DECODE_LOOPS = ("argmax", "sampled_current", "sampled_inverse_cdf")
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "forward", "choose", "prompt_len", "steps"), donate_argnames=("cache",)
+    jax.jit, static_argnames=("model", "choose", "prompt_len", "steps"), donate_argnames=("cache",)
 )
-def decode_loop(model, params, cache, tokens, row_keys, *, forward, choose, prompt_len, steps):
-    """`steps` decode steps in a `lax.fori_loop`, each feeding its chosen token to the next: the sampler's
-    loop without its bookkeeping. forward: "current" (`forward_with_cache`) | "in_place"
-    (`decode_forward_in_place`); choose: "argmax" | "current" (the sampler's `_choose`) | "inverse_cdf".
+def decode_loop(model, params, cache, tokens, row_keys, *, choose, prompt_len, steps):
+    """`steps` decode steps of `forward_with_cache` in a `lax.fori_loop`, each feeding its chosen token
+    to the next: the sampler's loop without its bookkeeping. choose: "argmax" (the forward alone, nothing
+    dead) | "sampled_current" (the sampler's `_choose`) | "sampled_inverse_cdf" (the proposal above).
     -> (cache, last tokens [N, 1])."""
     n, total = tokens.shape[0], cache["k"].shape[2]
-    forward_fn = forward_with_cache if forward == "current" else decode_forward_in_place
 
     def body(i, carry):
         cache, tokens = carry
         slot = prompt_len + i
         key_mask = jnp.broadcast_to(jnp.arange(total) <= slot, (n, total)).astype(jnp.int32)
         positions = jnp.full((n, 1), slot, jnp.int32)
-        logits, cache = forward_fn(model, params, tokens, positions, cache, slot, key_mask)
+        logits, cache = forward_with_cache(model, params, tokens, positions, cache, slot, key_mask)
         if choose == "argmax":
             token = jnp.argmax(logits[:, 0], axis=-1)
-        elif choose == "current":
+        elif choose == "sampled_current":
             token = sampling_ops(logits[:, 0], row_keys, i, temperature=1.0)[0]
         else:
             token = sampling_ops_inverse_cdf(logits[:, 0], row_keys, i, temperature=1.0)[0]
@@ -631,17 +584,16 @@ def bench_grpo_step(cfg: BenchConfig, params, rollout) -> dict[str, Any]:
 
 
 def bench_decode_variants(cfg: BenchConfig, params) -> dict[str, Any]:
-    """The decode loop and the sampling ops, current code vs the prototypes above: the argmax loops must
-    produce the same tokens; the sampled loops draw from the same distribution with different streams."""
+    """Per-step time of the decode loop with no sampling, with the sampler's token choice and with the
+    inverse-CDF proposal (same distribution, another random stream), and the two token choices alone."""
     model, n = cfg.model, cfg.num_rows
     steps = cfg.max_new_tokens - 1
     tokens = jnp.full((n, 1), 5, jnp.int32)
     row_keys = jax.random.split(jax.random.key(3), n)
     results: dict[str, Any] = {"steps": steps}
-    last_tokens = {}
-    for name, (forward, choose) in DECODE_LOOPS.items():
+    for choose in DECODE_LOOPS:
         cache = init_cache(model, n, cfg.total_len)
-        static = dict(forward=forward, choose=choose, prompt_len=cfg.prompt_len, steps=steps)
+        static = dict(choose=choose, prompt_len=cfg.prompt_len, steps=steps)
         loop, compile_s = compile_timed(decode_loop, model, params, cache, tokens, row_keys, **static)
         holder = {"cache": cache}
 
@@ -650,16 +602,11 @@ def bench_decode_variants(cfg: BenchConfig, params) -> dict[str, Any]:
             return last
 
         timing = time_calls(run, cfg.repeats)
-        results[f"loop_{name}"] = {"compile_s": compile_s, **timing, "per_step_s": timing["min_s"] / steps}
-        last_tokens[name] = np.asarray(run())
-    results["argmax_loops_match"] = bool(
-        np.array_equal(last_tokens["argmax_current_cache"], last_tokens["argmax_in_place_cache"])
+        results[f"loop_{choose}"] = {"compile_s": compile_s, **timing, "per_step_s": timing["min_s"] / steps}
+    per_step = lambda choose: results[f"loop_{choose}"]["per_step_s"]
+    results["inverse_cdf_loop_over_current"] = _ratio(
+        per_step("sampled_inverse_cdf"), per_step("sampled_current")
     )
-    per_step = lambda name: results[f"loop_{name}"]["per_step_s"]
-    results["in_place_over_current"] = _ratio(
-        per_step("argmax_in_place_cache"), per_step("argmax_current_cache")
-    )
-    results["proposed_over_current"] = _ratio(per_step("sampled_proposed"), per_step("sampled_current"))
     logits = jax.random.normal(jax.random.key(2), (n, model.vocab_size), jnp.float32)
     step = jnp.asarray(3)
     for name, fn in (("sampling_current", sampling_ops), ("sampling_inverse_cdf", sampling_ops_inverse_cdf)):
@@ -785,12 +732,11 @@ def format_table(report: dict[str, Any]) -> str:
     if "decode_variants" in report:
         var = report["decode_variants"]
         rows += [
-            (f"decode loop {name}", f"{ms(var[f'loop_{name}']['per_step_s'])} / step")
+            (f"decode loop, {name}", f"{ms(var[f'loop_{name}']['per_step_s'])} / step")
             for name in DECODE_LOOPS
         ]
         rows += [
-            ("argmax loops give the same tokens", str(var["argmax_loops_match"])),
-            ("proposed / current sampled loop", f"{var['proposed_over_current']:.2f}"),
+            ("inverse-CDF loop / current loop", f"{var['inverse_cdf_loop_over_current']:.2f}"),
             (
                 "sampling ops, current / inverse CDF",
                 f"{ms(var['sampling_current']['min_s'])} / {ms(var['sampling_inverse_cdf']['min_s'])}",

@@ -42,10 +42,13 @@ def test_report_has_the_expected_keys_and_serialises(report, benchmark):
         "config",
         "peak_matmul",
         "copy_bandwidth",
+        "peak_matmul_end",
         "sampler",
+        "decode_variants",
         "grpo_step",
         "load_average_start",
         "load_average_end",
+        "process_cpu_share",
     ):
         assert key in report, key
     assert report["jax_version"] == jax.__version__
