@@ -28,7 +28,13 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from grpo_jax.models import ModelConfig, forward_with_cache, init_cache, positions_from_mask
+from grpo_jax.models import (
+    ModelConfig,
+    completion_logprobs,
+    forward_with_cache,
+    init_cache,
+    positions_from_mask,
+)
 from grpo_jax.sharding import BATCH_AXES
 
 _NEG_INF = -1e30
@@ -308,10 +314,13 @@ def rollout_logprobs(model_config: ModelConfig, params, rollout: Rollout, *, tem
 
     This is the π_θ(o_t | q, o_<t) of the GRPO loss; on fresh params it equals `rollout.logprobs`.
     """
-    from grpo_jax.models import token_logprobs
-
-    tokens = jnp.concatenate([rollout.prompt_tokens, rollout.tokens], axis=1)
-    mask = jnp.concatenate([rollout.prompt_mask, rollout.mask], axis=1)
-    logp = token_logprobs(model_config, params, tokens, attention_mask=mask, temperature=temperature or 1.0)
-    prompt_len = rollout.prompt_tokens.shape[1]
-    return jnp.where(rollout.mask > 0, logp[:, prompt_len - 1 :], 0.0)
+    logp = completion_logprobs(
+        model_config,
+        params,
+        rollout.prompt_tokens,
+        rollout.prompt_mask,
+        rollout.tokens,
+        rollout.mask,
+        temperature=temperature or 1.0,
+    )
+    return jnp.where(rollout.mask > 0, logp, 0.0)

@@ -5,6 +5,7 @@ from grpo_jax.models.hf import load_pretrained, save_pretrained
 from grpo_jax.models.transformer import (
     KVCache,
     Params,
+    completion_logprobs,
     forward,
     forward_hidden,
     forward_with_cache,
@@ -22,6 +23,7 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "Params",
+    "completion_logprobs",
     "forward",
     "forward_hidden",
     "forward_with_cache",

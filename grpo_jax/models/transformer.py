@@ -337,6 +337,37 @@ def token_logprobs(
     )
 
 
+def completion_logprobs(
+    config: ModelConfig,
+    params: Params,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    completion_tokens: jax.Array,
+    completion_mask: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 128,
+    with_entropy: bool = False,
+):
+    """Logprobs (and entropies) [N, L] of completion tokens [N, L] continuing left-padded prompts [N, P],
+    from one full-sequence forward at `temperature` (the π_θ(o_t | q, o_<t) of the GRPO loss)."""
+    tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)
+    mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
+    out = token_logprobs(
+        config,
+        params,
+        tokens,
+        attention_mask=mask,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
+    )
+    start = prompt_tokens.shape[1] - 1
+    if with_entropy:
+        return out[0][:, start:], out[1][:, start:]
+    return out[:, start:]
+
+
 def logprobs_from_hidden(
     config, params, hidden, targets, *, temperature=1.0, chunk_size=128, with_entropy=False
 ):

@@ -65,22 +65,18 @@ def rollout_to_batch(rollout, prompt_batch: dict, num_generations: int, host_rew
 
 
 def completion_logprobs(model_config, params, batch, *, temperature, chunk_size, with_entropy=False):
-    """Logprobs (and entropies) [N, L] of the completion tokens under `params`, at `temperature`."""
-    tokens = jnp.concatenate([batch["prompt_tokens"], batch["completion_tokens"]], axis=1)
-    mask = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1)
-    out = models.token_logprobs(
+    """Logprobs (and entropies) [N, L] of the batch's completion tokens under `params`, at `temperature`."""
+    return models.completion_logprobs(
         model_config,
         params,
-        tokens,
-        attention_mask=mask,
+        batch["prompt_tokens"],
+        batch["prompt_mask"],
+        batch["completion_tokens"],
+        batch["completion_mask"],
         temperature=temperature,
         chunk_size=chunk_size,
         with_entropy=with_entropy,
     )
-    start = batch["prompt_tokens"].shape[1] - 1
-    if with_entropy:
-        return out[0][:, start:], out[1][:, start:]
-    return out[:, start:]
 
 
 def _masked_mean(x, mask):

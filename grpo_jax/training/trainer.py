@@ -11,7 +11,6 @@ uninterrupted run's metrics.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -221,7 +220,7 @@ def _check_batches_fit_mesh(config, stages: list[str], mesh) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _stage_state(run: Run, stage_config, params, optimizer, *, with_reference: bool):
+def _stage_state(run: Run, params, optimizer, *, with_reference: bool):
     param_shardings = sharding.model_param_shardings(run.mesh, run.model_config)
     return create_train_state(
         params,
@@ -384,7 +383,7 @@ def run_sft_stage(run: Run, index: int, params, resume) -> Any:
     data_iter = iter(dataset)
     opt_config = setup.optimizer_config(sc, sc.steps)
     optimizer = make_optimizer(opt_config)
-    state, shardings = _stage_state(run, sc, params, optimizer, with_reference=False)
+    state, shardings = _stage_state(run, params, optimizer, with_reference=False)
     if resume is not None and resume.get("stage_done"):
         return _restore_finished(run, index, state, shardings, resume)
     step_fn = make_sft_step(
@@ -500,7 +499,7 @@ def run_grpo_stage(run: Run, index: int, params, resume) -> Any:
     updates_per_step = grpo.num_iterations * grpo.num_minibatches
     opt_config = setup.optimizer_config(sc, sc.steps * updates_per_step)
     optimizer = make_optimizer(opt_config)
-    state, shardings = _stage_state(run, sc, params, optimizer, with_reference=grpo.kl_coef > 0)
+    state, shardings = _stage_state(run, params, optimizer, with_reference=grpo.kl_coef > 0)
     if resume is not None and resume.get("stage_done"):
         return _restore_finished(run, index, state, shardings, resume)
     reward_fn = None
@@ -586,8 +585,3 @@ def run_grpo_stage(run: Run, index: int, params, resume) -> Any:
         if host_runner is not None:
             host_runner.close()
     return state.params
-
-
-def read_summary(workdir: str) -> dict:
-    with open(os.path.join(workdir, "summary.json")) as f:
-        return json.load(f)
