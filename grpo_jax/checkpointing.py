@@ -2,7 +2,7 @@
 
 Layout of `DIR/checkpoints/` (orbax CheckpointManager): one folder per step, each with three items:
   state/   every array of the TrainState as a nested dict keyed by the pytree path
-           (params, opt_state, ref_params, reward_params, step, rng as raw key data)
+           (params, opt_state, ref_params, reward_params, step, rng as raw key data, aux)
   extra/   a JSON dict from the trainer: data iterator position, stage, stage step, config
            fingerprint, counters, ...
   meta/    a JSON dict written here: format version, PRNG implementation of each typed key, and the
@@ -32,7 +32,7 @@ from orbax.checkpoint import checkpoint_managers
 from grpo_jax.training.state import TrainState
 
 FORMAT_VERSION = 1
-_STATE_FIELDS = ("step", "params", "opt_state", "ref_params", "reward_params", "rng")
+_STATE_FIELDS = ("step", "params", "opt_state", "ref_params", "reward_params", "rng", "aux")
 
 
 def checkpoint_directory(workdir: str | os.PathLike) -> Path:
@@ -126,9 +126,16 @@ def _finite_flags(trees: dict) -> dict:
 
 
 def nonfinite_groups(state: TrainState) -> list[str]:
-    """Names of the state groups (params, opt_state, ref_params) holding a NaN or inf; [] when clean."""
+    """Names of the state groups (params, opt_state, ref_params, aux) holding a NaN or inf; [] when clean."""
     flags = jax.device_get(
-        _finite_flags({"params": state.params, "opt_state": state.opt_state, "ref_params": state.ref_params})
+        _finite_flags(
+            {
+                "params": state.params,
+                "opt_state": state.opt_state,
+                "ref_params": state.ref_params,
+                "aux": state.aux,
+            }
+        )
     )
     return [name for name, ok in flags.items() if not bool(ok)]
 

@@ -19,7 +19,9 @@ class TrainState:
 
     step: RL (or SFT) steps taken; params: the policy π_θ; opt_state: optax state; ref_params: the frozen
     reference π_ref (None when no KL is used); reward_params: frozen params of model-based rewards
-    (e.g. {"reward_model": ...}), empty otherwise; rng: the base key (each step folds in `step`).
+    (e.g. {"reward_model": ...}), empty otherwise; rng: the base key (each step folds in `step`);
+    aux: stage-specific state that is neither the policy nor frozen, e.g. PPO's critic
+    `{"value_params", "value_opt_state"}`; empty for SFT and GRPO (so their checkpoints are unchanged).
     """
 
     step: jax.Array
@@ -28,6 +30,7 @@ class TrainState:
     ref_params: Any
     reward_params: Any
     rng: jax.Array
+    aux: Any = flax.struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -99,9 +102,17 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def state_shardings(state_shapes: TrainState, param_shardings, optimizer, mesh) -> TrainState:
+def state_shardings(
+    state_shapes: TrainState,
+    param_shardings,
+    optimizer,
+    mesh,
+    *,
+    reward_param_shardings=None,
+    aux_shardings=None,
+) -> TrainState:
     """Shardings of a TrainState: params/ref like the policy params, optimizer moments like their params,
-    everything else replicated."""
+    reward params and aux as given (default: replicated), everything else replicated."""
     replicated = shd.replicated(mesh)
     opt_shardings = optax.tree_map_params(
         optimizer,
@@ -115,20 +126,42 @@ def state_shardings(state_shapes: TrainState, param_shardings, optimizer, mesh) 
         params=param_shardings,
         opt_state=opt_shardings,
         ref_params=None if state_shapes.ref_params is None else param_shardings,
-        reward_params=jax.tree_util.tree_map(lambda _: replicated, state_shapes.reward_params),
+        reward_params=(
+            jax.tree_util.tree_map(lambda _: replicated, state_shapes.reward_params)
+            if reward_param_shardings is None
+            else reward_param_shardings
+        ),
         rng=replicated,
+        aux=(
+            jax.tree_util.tree_map(lambda _: replicated, state_shapes.aux)
+            if aux_shardings is None
+            else aux_shardings
+        ),
     )
 
 
 def create_train_state(
-    params, optimizer, mesh, param_shardings, *, rng, with_reference: bool = True, reward_params=None
+    params,
+    optimizer,
+    mesh,
+    param_shardings,
+    *,
+    rng,
+    with_reference: bool = True,
+    reward_params=None,
+    reward_param_shardings=None,
+    aux=None,
+    aux_shardings=None,
 ) -> tuple[TrainState, TrainState]:
     """Build the train state directly in its shardings; returns (state, state_shardings).
 
     The reference starts as a copy of the policy (DeepSeekMath: π_ref ← π_θ at the start of each
     iteration). The optimizer state is created inside a jit with `out_shardings`, never unsharded.
+    `aux` is a pytree (or a function `params -> pytree`, traced inside the same jit, e.g. to build a
+    critic's optimizer state) placed with `aux_shardings` (default: replicated).
     """
     reward_params = {} if reward_params is None else reward_params
+    make_aux = aux if callable(aux) else (lambda _p, a=({} if aux is None else aux): a)
 
     def build(p, key, rp):
         return TrainState(
@@ -138,10 +171,18 @@ def create_train_state(
             ref_params=jax.tree_util.tree_map(jnp.copy, p) if with_reference else None,
             reward_params=rp,
             rng=key,
+            aux=make_aux(p),
         )
 
     shapes = jax.eval_shape(build, params, rng, reward_params)
-    shardings = state_shardings(shapes, param_shardings, optimizer, mesh)
+    shardings = state_shardings(
+        shapes,
+        param_shardings,
+        optimizer,
+        mesh,
+        reward_param_shardings=reward_param_shardings,
+        aux_shardings=aux_shardings,
+    )
     state = jax.jit(build, out_shardings=shardings)(params, rng, reward_params)
     return state, shardings
 
