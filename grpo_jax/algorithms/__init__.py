@@ -21,6 +21,7 @@ from grpo_jax.algorithms.dpo import dpo_loss
 from grpo_jax.algorithms.gae import gae_advantages, masked_whiten, ppo_token_rewards, value_loss
 from grpo_jax.algorithms.grpo import LOSS_AGGREGATIONS, RATIO_LEVELS, aggregate_loss, policy_loss
 from grpo_jax.algorithms.kl import KL_ESTIMATORS, kl_divergence, kl_k1, kl_k2, kl_k3
+from grpo_jax.algorithms.ppo_config import PPOConfig
 from grpo_jax.algorithms.sft import sft_loss
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "LOSS_AGGREGATIONS",
     "RATIO_LEVELS",
     "GRPOConfig",
+    "PPOConfig",
     "aggregate_loss",
     "compute_advantages",
     "dapo_config",
