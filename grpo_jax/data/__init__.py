@@ -10,6 +10,14 @@ from grpo_jax.data.pipeline import (
     tokenize_prompt,
     tokenize_sft_example,
 )
+from grpo_jax.data.preferences import (
+    CORRUPTIONS,
+    load_preference_jsonl,
+    make_preference_dataset,
+    preference_length_stats,
+    synthetic_preference_pairs,
+    tokenize_preference_pair,
+)
 from grpo_jax.data.rejection import write_rejection_sft
 from grpo_jax.data.tasks import (
     TASKS,
@@ -28,6 +36,7 @@ from grpo_jax.data.templates import (
 )
 
 __all__ = [
+    "CORRUPTIONS",
     "PLAIN_TEMPLATE",
     "R1_ZERO_TEMPLATE",
     "TASKS",
@@ -41,11 +50,16 @@ __all__ = [
     "format_prompt",
     "last_boxed",
     "load_jsonl_task",
+    "load_preference_jsonl",
+    "make_preference_dataset",
     "make_prompt_dataset",
     "make_sft_dataset",
+    "preference_length_stats",
     "prompt_length_stats",
     "sft_length_stats",
+    "synthetic_preference_pairs",
     "tokenize_answer",
+    "tokenize_preference_pair",
     "tokenize_prompt",
     "tokenize_sft_example",
     "write_rejection_sft",

@@ -1,4 +1,4 @@
-"""Train state, the one-program GRPO and PPO steps, SFT step and the training loops."""
+"""Train state, the one-program GRPO and PPO steps, SFT, reward-model and DPO steps, the training loops."""
 
 from grpo_jax.training.grpo_step import completion_logprobs, grpo_loss, make_grpo_step, rollout_to_batch
 from grpo_jax.training.ppo_step import (
@@ -8,6 +8,14 @@ from grpo_jax.training.ppo_step import (
     make_value_optimizer,
     token_values,
     value_shardings,
+)
+from grpo_jax.training.preference_steps import (
+    init_rm_params_from,
+    make_dpo_eval,
+    make_dpo_step,
+    make_rm_eval,
+    make_rm_step,
+    rm_param_shardings,
 )
 from grpo_jax.training.state import (
     OptimizerConfig,
@@ -27,12 +35,18 @@ __all__ = [
     "create_train_state",
     "create_value_params",
     "grpo_loss",
+    "init_rm_params_from",
     "learning_rate_schedule",
+    "make_dpo_eval",
+    "make_dpo_step",
     "make_grpo_step",
     "make_optimizer",
     "make_ppo_step",
+    "make_rm_eval",
+    "make_rm_step",
     "make_value_optimizer",
     "reset_reference",
+    "rm_param_shardings",
     "rollout_to_batch",
     "state_shardings",
     "token_values",
