@@ -120,11 +120,22 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
 }
 
 
+# Process supervision takes step rewards, not one reward per sample, so it is not in the `[N] -> [N]`
+# registry above; the GRPO step calls `process_advantages` for it (advantages `[N, T]`).
+PROCESS_ESTIMATOR = "process"
+ESTIMATOR_NAMES = (*ADVANTAGE_ESTIMATORS, PROCESS_ESTIMATOR)
+
+
 def compute_advantages(name: str, rewards: jax.Array, group_size: int, **kwargs) -> jax.Array:
     """Advantages `[N]` from the estimator registered as `name` in `ADVANTAGE_ESTIMATORS`.
 
     kwargs: `eps` for every estimator, `scale` for "grpo" (see `GRPOConfig.advantage_kwargs`).
     """
+    if name == PROCESS_ESTIMATOR:
+        raise ValueError(
+            "the 'process' estimator takes step rewards, not [N] rewards: call process_advantages("
+            "step_rewards, step_mask, step_end_index, group_size, num_tokens)"
+        )
     if name not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {name!r}; known: {sorted(ADVANTAGE_ESTIMATORS)}")
     return ADVANTAGE_ESTIMATORS[name](rewards, group_size, **kwargs)
@@ -150,6 +161,8 @@ def process_advantages(
     valid steps, or whose step rewards are all equal, gets advantage 0.
     """
     step_rewards = jnp.asarray(step_rewards, jnp.float32)
+    if step_rewards.ndim != 2:
+        raise ValueError(f"step_rewards must be 2-D [N, S], got shape {step_rewards.shape}")
     num_samples, num_steps = step_rewards.shape
     if num_samples % group_size:
         raise ValueError(f"{num_samples} samples are not whole groups of size {group_size}")
@@ -171,3 +184,19 @@ def process_advantages(
     reward_at_end = jnp.zeros((num_samples, num_tokens), jnp.float32).at[rows, end_index].add(normalised)
     # Suffix sum over tokens: token t collects every step ending at t or later.
     return jnp.flip(jnp.cumsum(jnp.flip(reward_at_end, axis=1), axis=1), axis=1)
+
+
+def process_zero_variance_groups(step_rewards: jax.Array, step_mask: jax.Array, group_size: int) -> jax.Array:
+    """[N] bool, True for every sample whose group carries no process signal: fewer than two valid steps
+    over the group, or all valid step rewards equal. `process_advantages` gives such groups 0; dynamic
+    sampling drops them, as `zero_variance_groups` does for outcome rewards."""
+    step_rewards = jnp.asarray(step_rewards, jnp.float32)
+    num_samples, num_steps = step_rewards.shape
+    if num_samples % group_size:
+        raise ValueError(f"{num_samples} samples are not whole groups of size {group_size}")
+    grouped = step_rewards.reshape(-1, group_size * num_steps)
+    valid = (jnp.asarray(step_mask) > 0).reshape(-1, group_size * num_steps)
+    highest = jnp.where(valid, grouped, -jnp.inf).max(axis=1)
+    lowest = jnp.where(valid, grouped, jnp.inf).min(axis=1)
+    flat = (valid.sum(axis=1) < 2) | ~(highest > lowest)
+    return jnp.repeat(flat, group_size)

@@ -11,12 +11,12 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
-from grpo_jax.algorithms.advantages import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES
+from grpo_jax.algorithms.advantages import ADVANTAGE_SCALES, ESTIMATOR_NAMES, PROCESS_ESTIMATOR
 from grpo_jax.algorithms.grpo import LOSS_AGGREGATIONS, RATIO_LEVELS
 from grpo_jax.algorithms.kl import KL_ESTIMATORS
 
 # Estimators whose baseline is the group: they need at least two samples per prompt to learn anything.
-_GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+_GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", PROCESS_ESTIMATOR)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -30,7 +30,12 @@ class GRPOConfig:
       clip_eps_high: ε_high, the ratio is clipped above at 1 + ε_high (DAPO clip-higher: 0.28).
       num_iterations: μ, policy updates on each batch of rollouts (GRPO algorithm 1; 1 = on-policy).
       num_minibatches: minibatches each batch of rollouts is split into per iteration (R1: 16).
-      advantage_estimator: "grpo" | "dr_grpo" | "rloo" | "reinforce_pp" (see `ADVANTAGE_ESTIMATORS`).
+      advantage_estimator: outcome supervision, one advantage per completion: "grpo" | "dr_grpo" | "rloo"
+        | "reinforce_pp" (see `ADVANTAGE_ESTIMATORS`); or "process": process supervision (DeepSeekMath
+        §4.1.3), per-token advantages `Â_{i,t} = Σ_{index(j) >= t} r̃_{i,index(j)}` from group-normalised
+        step rewards (`process_advantages`). "process" needs G >= 2, the batch keys `step_rewards`,
+        `step_mask`, `step_end_index` (`grpo_jax.rewards.process.process_step_rewards`), and
+        kl_in_reward=False; the outcome rewards are then only logged.
       advantage_scale: for "grpo": "group" (std of the group), "batch", or "none".
       advantage_eps: ε added to the std before dividing (verl 1e-6, TRL 1e-4).
       loss_agg: "seq_mean_token_mean" (GRPO) | "token_mean" (DAPO) | "seq_mean_token_sum_norm" (Dr. GRPO).
@@ -75,7 +80,7 @@ class GRPOConfig:
         _require_float(self, "clip_eps_high", "> 0", lambda v: v > 0)
         _require_int(self, "num_iterations", minimum=1)
         _require_int(self, "num_minibatches", minimum=1)
-        _require_choice(self, "advantage_estimator", tuple(ADVANTAGE_ESTIMATORS))
+        _require_choice(self, "advantage_estimator", ESTIMATOR_NAMES)
         _require_choice(self, "advantage_scale", ADVANTAGE_SCALES)
         _require_float(self, "advantage_eps", minimum=0.0)
         _require_choice(self, "loss_agg", LOSS_AGGREGATIONS)
@@ -97,6 +102,13 @@ class GRPOConfig:
                 "num_generations",
                 self.num_generations,
                 f">= 2 for the group baseline of advantage_estimator={self.advantage_estimator!r}",
+            )
+        if self.kl_in_reward and self.advantage_estimator == PROCESS_ESTIMATOR:
+            _fail(
+                "kl_in_reward",
+                self.kl_in_reward,
+                "False with advantage_estimator='process' (its advantages come from step rewards, "
+                "not a sequence reward the KL could be folded into)",
             )
         if self.advantage_scale != "group" and self.advantage_estimator != "grpo":
             _fail(

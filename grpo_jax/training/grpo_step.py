@@ -6,7 +6,9 @@ Inside one program: reference logprobs (frozen π_ref, skipped when β = 0), in-
 rewards, group advantages on the GLOBAL batch (a group may span devices), dynamic sampling as a mask,
 μ × minibatch inner updates under `lax.scan` (policy logprobs, ratio against π_old = the sampler's
 logprobs, clipped surrogate + KL, grads, optax update), and on-device metric reduction.
-Formulas: DeepSeekMath (arXiv 2402.03300) eq. 3-4 and §4.1; variants per `GRPOConfig`.
+Formulas: DeepSeekMath (arXiv 2402.03300) eq. 3-4 and §4.1; variants per `GRPOConfig`. Outcome
+supervision gives one advantage per completion `[N]`; process supervision (`advantage_estimator="process"`,
+§4.1.3) gives per-token advantages `[N, L]` from step rewards, while the outcome rewards are still logged.
 
 The batch (N = prompts × G rows, prompt-major as the sampler emits them):
     prompt_tokens [N, P], prompt_mask [N, P]          left-padded prompts
@@ -15,6 +17,10 @@ The batch (N = prompts × G rows, prompt-major as the sampler emits them):
     truncated [N] bool                                no stop token within the budget
     answer_tokens [N, A], answer_mask [N, A]          per-example targets for in-graph rewards (optional)
     host_rewards [N] float32                          weighted sum of Python rewards (optional)
+    step_rewards [N, S] float32, step_mask [N, S],    process supervision (required iff advantage_estimator
+    step_end_index [N, S] int32                       = "process"): each step's reward, 1 on real steps, and
+                                                      the completion token where it ends (see
+                                                      grpo_jax.rewards.process.process_step_rewards)
     poison () bool                                    debug switch: make this step's loss NaN (optional)
 """
 
@@ -34,12 +40,18 @@ from grpo_jax.algorithms import (
     compute_advantages,
     kl_divergence,
     policy_loss,
+    process_advantages,
     zero_variance_groups,
 )
+from grpo_jax.algorithms.advantages import PROCESS_ESTIMATOR, process_zero_variance_groups
 from grpo_jax.sharding import BATCH_AXES, replicated
 from grpo_jax.training.state import TrainState
 
 RewardFn = Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
+
+PROCESS_KEYS = ("step_rewards", "step_mask", "step_end_index")
+# Batch keys the policy loss never reads: kept out of the minibatch split.
+_NOT_TRAINED = ("host_rewards", "truncated", *PROCESS_KEYS)
 
 
 def rollout_to_batch(rollout, prompt_batch: dict, num_generations: int, host_rewards=None) -> dict:
@@ -159,6 +171,7 @@ def make_grpo_step(
     """
     G = grpo.num_generations
     M = grpo.num_minibatches
+    process = grpo.advantage_estimator == PROCESS_ESTIMATOR
     needs_reference = grpo.kl_coef > 0
     logprobs_of = functools.partial(
         completion_logprobs, model_config, temperature=grpo.temperature, chunk_size=logprob_chunk_size
@@ -195,6 +208,12 @@ def make_grpo_step(
         n = mask.shape[0]
         if n % (G * M) and n % M:
             raise ValueError(f"batch of {n} rows does not split into {M} minibatches")
+        if process and any(k not in batch for k in PROCESS_KEYS):
+            missing = [k for k in PROCESS_KEYS if k not in batch]
+            raise ValueError(
+                f"advantage_estimator='process' needs the batch keys {', '.join(missing)} "
+                "(see grpo_jax.rewards.process.process_step_rewards)"
+            )
 
         with jax.named_scope("reference_logprobs"):
             if needs_reference:
@@ -222,8 +241,14 @@ def make_grpo_step(
                 score = rewards - grpo.kl_coef * seq_kl
 
         with jax.named_scope("advantages"):
-            advantages = compute_advantages(grpo.advantage_estimator, score, G, **grpo.advantage_kwargs)
-            zero_variance = zero_variance_groups(score, G)
+            if process:
+                # DeepSeekMath §4.1.3: per-token advantages [N, L] from the step rewards.
+                step_args = (batch["step_rewards"], batch["step_mask"], batch["step_end_index"])
+                advantages = process_advantages(*step_args, G, mask.shape[1], **grpo.advantage_kwargs)
+                zero_variance = process_zero_variance_groups(step_args[0], step_args[1], G)
+            else:
+                advantages = compute_advantages(grpo.advantage_estimator, score, G, **grpo.advantage_kwargs)
+                zero_variance = zero_variance_groups(score, G)
             weight = (
                 jnp.where(zero_variance, 0.0, 1.0) if grpo.dynamic_sampling else jnp.ones((n,), jnp.float32)
             )
@@ -231,7 +256,7 @@ def make_grpo_step(
             batch["sample_weight"] = weight
 
         poison = batch.pop("poison", None)
-        train_keys = [k for k in batch if k not in ("host_rewards", "truncated")]
+        train_keys = [k for k in batch if k not in _NOT_TRAINED]
         minibatches = _to_minibatches({k: batch[k] for k in train_keys}, M, mesh)
 
         def inner_update(carry, index):
@@ -261,7 +286,9 @@ def make_grpo_step(
             metrics = {
                 "reward/mean": jnp.mean(rewards),
                 "reward/std": jnp.std(rewards),
-                "advantage/mean_abs": jnp.mean(jnp.abs(advantages)),
+                "advantage/mean_abs": (
+                    _masked_mean(jnp.abs(advantages), mask) if process else jnp.mean(jnp.abs(advantages))
+                ),
                 "loss": mean_over_updates(inner["loss"]),
                 "pg_loss": mean_over_updates(inner["pg_loss"]),
                 "kl": mean_over_updates(inner["kl"]),
@@ -280,6 +307,12 @@ def make_grpo_step(
             }
             for name, value in per_reward.items():
                 metrics[f"reward/{name}"] = jnp.mean(value)
+            if process:
+                step_mask = batch["step_mask"] > 0
+                metrics["process/step_reward_mean"] = _masked_mean(batch["step_rewards"], step_mask)
+                metrics["process/steps_per_sample"] = jnp.mean(
+                    jnp.sum(step_mask, axis=-1).astype(jnp.float32)
+                )
             if lr_schedule is not None:
                 updates_per_step = grpo.num_iterations * M
                 metrics["learning_rate"] = lr_schedule(state.step * updates_per_step)
