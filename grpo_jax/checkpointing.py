@@ -399,6 +399,61 @@ class Checkpointer:
             start += treedef.num_leaves
         return state_template.replace(**fields), extra
 
+    def restore_params(
+        self, params_template, param_shardings=None, step: int | None = None, *, fingerprint=None
+    ):
+        """Restore only the policy params of checkpoint `step` (latest if None), whatever the stage kind
+        (optimizer state, reference, critic are never read): for evaluation, sampling and export.
+
+        params_template: params pytree of arrays or ShapeDtypeStructs; param_shardings: matching
+        shardings (default: the template's own, or one device). Returns (params, extra).
+        """
+        step = self._resolve_step(step)
+        saved = self._manager.restore(
+            step, args=ocp.args.Composite(extra=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+        )
+        extra, meta = dict(saved["extra"]), dict(saved["meta"])
+        if fingerprint is not None:
+            check_compatible(extra.get("fingerprint"), fingerprint, directory=self.directory)
+        named, treedef = jax.tree_util.tree_flatten_with_path(params_template)
+        names = ["/".join(("params", *(_key_name(k) for k in path))) for path, _ in named]
+        saved_params = {k: v for k, v in meta["leaves"].items() if k.startswith("params/")}
+        self._check_structure(saved_params, list(zip(names, [leaf for _, leaf in named], strict=True)), step)
+        if param_shardings is None:
+            shardings = [getattr(leaf, "sharding", None) for _, leaf in named]
+        else:
+            shardings = jax.tree_util.tree_leaves(
+                param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+            )
+        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        targets = [
+            (name, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh or default))
+            for name, (_, leaf), sh in zip(names, named, shardings, strict=True)
+        ]
+        tree = _nest(targets)
+        restore_args = jax.tree_util.tree_map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), tree)
+        reader = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        )
+        try:
+            restored = reader.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(tree, restore_args=restore_args, partial_restore=True)
+                ),
+            )["state"]
+        finally:
+            reader.close()
+        values = []
+        for name in names:
+            value = restored
+            for part in name.split("/"):
+                value = value[part]
+            values.append(value)
+        return jax.tree_util.tree_unflatten(treedef, values), extra
+
     def _check_structure(self, saved_leaves: Mapping[str, dict], template_leaves, step: int) -> None:
         expected = {name: _leaf_signature(leaf) for name, leaf in template_leaves}
         only_saved = sorted(set(saved_leaves) - set(expected))

@@ -3,10 +3,10 @@
 A training workdir (what `scripts/train.py` writes) holds `config.json` (the run's ml_collections config),
 `tokenizer.model` (when the tokenizer was trained in-process) and orbax checkpoints under `checkpoints/`.
 `load_policy` rebuilds the tokenizer and model config from the saved config exactly as the trainer does
-(`grpo_jax.training.setup`), builds an abstract train state of the stage the checkpoint belongs to (same
-optimizer structure, same reference presence) and restores it straight into its shardings; only the
-policy params are kept. A Hugging Face directory (`config.json` + `*.safetensors`) goes through
-`load_pretrained` and `load_tokenizer`.
+(`grpo_jax.training.setup`) and restores only the policy params of the checkpoint, straight into their
+shardings (`Checkpointer.restore_params`: optimizer state, reference and critic are never read).
+A Hugging Face directory (`config.json` + `*.safetensors`) goes through `load_pretrained` and
+`load_tokenizer`.
 
 Reading never writes: the checkpoint folder is opened read-only, so evaluating next to a live run leaves
 its in-progress save alone.
@@ -29,7 +29,6 @@ from grpo_jax import models, sharding
 from grpo_jax.checkpointing import Checkpointer, checkpoint_directory
 from grpo_jax.tokenizers import load_tokenizer
 from grpo_jax.training import setup
-from grpo_jax.training.state import create_train_state, make_optimizer, state_shardings
 
 CONFIG_FILE = "config.json"
 
@@ -148,37 +147,6 @@ def _select(checkpointer: Checkpointer, step: int | None, best: bool) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def _stage_template(config, stage: str, model_config: models.ModelConfig, mesh):
-    """(abstract TrainState, its shardings) of stage `stage`, built the way the trainer builds it
-    (`trainer._stage_state`), without allocating any array."""
-    from grpo_jax.training.trainer import stage_kind
-
-    stage_config = config[stage]
-    if stage_kind(stage) == "sft":
-        updates, with_reference = stage_config.steps, False
-    else:
-        grpo = setup.grpo_config(stage_config)
-        updates = stage_config.steps * grpo.num_iterations * grpo.num_minibatches
-        with_reference = grpo.kl_coef > 0
-    optimizer = make_optimizer(setup.optimizer_config(stage_config, updates))
-    param_shardings = sharding.model_param_shardings(mesh, model_config)
-    param_shapes = jax.eval_shape(lambda: models.init_params(model_config, jax.random.key(0)))
-
-    def build(params):
-        state, _ = create_train_state(
-            params,
-            optimizer,
-            mesh,
-            param_shardings,
-            rng=jax.random.key(config.seed + 1),
-            with_reference=with_reference,
-        )
-        return state
-
-    shapes = jax.eval_shape(build, param_shapes)
-    return shapes, state_shardings(shapes, param_shardings, optimizer, mesh)
-
-
 def _workdir_tokenizer(config, workdir: str):
     saved = os.path.join(workdir, setup.TOKENIZER_FILE)
     if not (config.tokenizer.path or config.model.pretrained or os.path.exists(saved)):
@@ -232,11 +200,14 @@ def load_policy(
                 f"{checkpointer.directory}: checkpoint {step} belongs to stage {stage!r}, "
                 f"which {os.path.join(source, CONFIG_FILE)} does not define"
             )
-        template, shardings = _stage_template(config, stage, model_config, mesh)
-        state, _ = checkpointer.restore(
-            template, shardings, step, fingerprint=setup.fingerprint(model_config, tokenizer)
+        template = jax.eval_shape(lambda: models.init_params(model_config, jax.random.key(0)))
+        params, _ = checkpointer.restore_params(
+            template,
+            sharding.model_param_shardings(mesh, model_config),
+            step,
+            fingerprint=setup.fingerprint(model_config, tokenizer),
         )
     finally:
         checkpointer.close()
     logging.info("loaded step %d (stage %s) from %s", step, stage, checkpointer.directory)
-    return model_config, state.params, tokenizer, config
+    return model_config, params, tokenizer, config

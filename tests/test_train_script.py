@@ -305,7 +305,7 @@ _GOOD_GSM8K = '{"question": "What is 2+3?", "answer": "2+3=<<2+3=5>>5 #### 5"}\n
             "error: GRPOConfig.clip_eps_low must be in (0, 1), got 2.0",
         ),
         (("--config.mesh=3,1,1",), "needs 3 devices but 1 are available"),
-        (('--config.stages=("sft", "ppo")',), "config.stages: unknown stage 'ppo'"),
+        (('--config.stages=("sft", "foo")',), "config.stages: unknown stage 'foo'"),
         (
             (
                 "--config.task.name=gsm8k",

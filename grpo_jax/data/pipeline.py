@@ -28,6 +28,7 @@ import grain
 import numpy as np
 
 from grpo_jax.data.templates import format_prompt
+from grpo_jax.rewards.registry import ROUTES
 
 Example = dict[str, Any]
 
@@ -158,6 +159,8 @@ def make_prompt_dataset(
       answer_tokens    int32 [B, A]  `tokenizer.encode(answer)`, right-padded with pad_id
       answer_mask      int32 [B, A]
       answer_truncated bool  [B]
+      route            int32 [B]     index into `grpo_jax.rewards.registry.ROUTES` of `example["route"]`
+                                     ("verifiable" when absent): which rewards apply to the row
 
     Args:
       template: a key of `grpo_jax.data.templates.TEMPLATES`.
@@ -194,6 +197,7 @@ def make_prompt_dataset(
             "answer_tokens": answer,
             "answer_mask": answer_mask,
             "answer_truncated": np.bool_(answer_truncated),
+            "route": np.int32(ROUTES.index(example.get("route", "verifiable"))),
         }
 
     batched = indices.map(encode).batch(batch_size // shard_count, drop_remainder=True)

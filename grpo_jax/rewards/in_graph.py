@@ -500,16 +500,20 @@ def accuracy_numeric_reward(batch: Batch, spec: TokenSpec) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def language_consistency_reward(batch: Batch, spec: TokenSpec, vocab_mask: VocabLanguageMask) -> jax.Array:
+def language_consistency_reward(
+    batch: Batch, spec: TokenSpec, vocab_mask: VocabLanguageMask, *, no_words_value: float = 0.0
+) -> jax.Array:
     """R1 language-consistency reward (arXiv 2501.12948 §2.3.3): target-language tokens / countable
-    tokens inside the first <think> ... </think>. 0 when there is no closed think span or it has no
-    countable (letter-bearing) token. [N]
+    tokens inside the first <think> ... </think>. 0 when there is no closed think span; `no_words_value`
+    when the span has no countable (letter-bearing) token, e.g. a chain of digits and symbols, which
+    mixes no language. [N]
     """
     tokens = batch["completion_tokens"]
-    span, _ = tag_span(tokens, completion_content(batch, spec), spec.think_open, spec.think_close)
+    span, found = tag_span(tokens, completion_content(batch, spec), spec.think_open, spec.think_close)
     target = (lookup(vocab_mask.is_target, tokens, False) & span).sum(-1)
     countable = (lookup(vocab_mask.is_countable, tokens, False) & span).sum(-1)
-    return jnp.where(countable > 0, target / jnp.maximum(countable, 1), 0.0).astype(jnp.float32)
+    no_words = jnp.where(found, no_words_value, 0.0)
+    return jnp.where(countable > 0, target / jnp.maximum(countable, 1), no_words).astype(jnp.float32)
 
 
 def overlong_reward(batch: Batch, *, max_len: int, cache_len: int) -> jax.Array:
@@ -566,13 +570,16 @@ def make_language_consistency(
     language: str = "latin",
     tokenizer: Any = None,
     vocab_mask: VocabLanguageMask | None = None,
+    no_words_value: float = 0.0,
 ):
     """Needs `tokenizer` (the mask is computed here, once) or a precomputed `vocab_mask`."""
     if vocab_mask is None:
         if tokenizer is None:
             raise ValueError("reward 'language_consistency' needs tokenizer=... or vocab_mask=...")
         vocab_mask = language_vocab_mask(tokenizer, language)
-    return lambda batch, params=None: language_consistency_reward(batch, spec, vocab_mask)
+    return lambda batch, params=None: language_consistency_reward(
+        batch, spec, vocab_mask, no_words_value=no_words_value
+    )
 
 
 @register_reward("overlong")

@@ -3,6 +3,10 @@
 A factory is `make(token_spec, **kwargs) -> fn(batch, params=None) -> float32 [N]`. Config names rewards
 with weights, e.g. `rewards = [("format", 0.1), ("accuracy", 1.0), ("overlong", 1.0, {"max_len": 512,
 "cache_len": 128})]`; `make_reward_fns` turns that into one pure function for the jitted step.
+
+Per-example routing (R1's all-scenario RL, arXiv 2501.12948 §2.3.4: rule rewards for reasoning prompts, a
+reward model for general ones): the option `"on": "verifiable"` or `"on": "open"` applies a reward only to
+the rows whose `batch["route"]` (int32 [N], index into `ROUTES`) names that kind; 0 elsewhere.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ RewardFn = Callable[..., jax.Array]
 RewardFactory = Callable[..., RewardFn]
 
 IN_GRAPH_REWARDS: dict[str, RewardFactory] = {}
+
+# Kinds of prompts a reward can be routed to; `batch["route"]` holds the index of each row's kind.
+ROUTES = ("verifiable", "open")
 
 _BUILTIN_MODULES = ("grpo_jax.rewards.in_graph", "grpo_jax.rewards.reward_model")
 
@@ -85,24 +92,38 @@ def make_reward_fns(
     A name used twice is reported as `name`, `name_2`, ...
     """
     _register_builtin_rewards()
-    built: list[tuple[str, float, RewardFn]] = []
+    built: list[tuple[str, float, RewardFn, int | None]] = []
     seen: dict[str, int] = {}
     for spec in specs:
         name, weight, kwargs = _normalise_spec(spec)
+        route = kwargs.pop("on", None)
+        if route is not None and route not in ROUTES:
+            raise ValueError(f"reward {name!r}: 'on' must be one of {ROUTES}, got {route!r}")
         if name not in IN_GRAPH_REWARDS:
             raise ValueError(f"unknown in-graph reward {name!r}; known: {sorted(IN_GRAPH_REWARDS)}")
         accepted = _accepted_options(IN_GRAPH_REWARDS[name])
         options = {k: v for k, v in shared.items() if k in accepted} | kwargs
         seen[name] = seen.get(name, 0) + 1
         key = name if seen[name] == 1 else f"{name}_{seen[name]}"
-        built.append((key, weight, make_reward(name, token_spec, **options)))
+        built.append(
+            (
+                key,
+                weight,
+                make_reward(name, token_spec, **options),
+                None if route is None else ROUTES.index(route),
+            )
+        )
 
     def combined(batch: Mapping[str, jax.Array], params: Mapping | None = None):
         n = batch["completion_tokens"].shape[0]
         total = jnp.zeros((n,), jnp.float32)
         per_reward = {}
-        for key, weight, fn in built:
+        for key, weight, fn, route in built:
             value = fn(batch, params).astype(jnp.float32)
+            if route is not None:
+                if "route" not in batch:
+                    raise ValueError(f"reward {key!r} is routed ('on') but the batch has no 'route' array")
+                value = jnp.where(batch["route"] == route, value, 0.0)
             per_reward[key] = value
             total = total + weight * value
         return total, per_reward

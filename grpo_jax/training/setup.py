@@ -191,3 +191,57 @@ def fingerprint(model_config: models.ModelConfig, tokenizer) -> dict[str, Any]:
 
 def stop_ids(tokenizer) -> tuple[int, ...]:
     return (tokenizer.eos_id,)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-stage data
+# ------------------------------------------------------------------------------------------------
+
+STAGE_DATA_PREFIX = "stage:"
+
+
+def check_data_spec(config, name: str) -> None:
+    """`config.<name>.data`: "" (the run's task), "stage:NAME" (a file an earlier stage writes) or a path."""
+    spec = config[name].get("data", "")
+    if spec.startswith(STAGE_DATA_PREFIX):
+        source = spec[len(STAGE_DATA_PREFIX) :]
+        stages = list(config.stages)
+        if source not in stages[: stages.index(name)]:
+            raise ValueError(
+                f"config.{name}.data={spec!r}: {source!r} is not an earlier stage of {list(config.stages)}"
+            )
+    elif spec and not os.path.exists(spec):
+        raise FileNotFoundError(f"config.{name}.data: no such file {spec}")
+
+
+def stage_data_file(run, name: str, filename: str) -> str | None:
+    """The file stage `name` reads: its `data` path, `DIR/stages/<source>/<filename>` for
+    "stage:<source>", or None for the run's task."""
+    from grpo_jax.training.trainer import stage_dir
+
+    spec = run.config[name].get("data", "")
+    if spec.startswith(STAGE_DATA_PREFIX):
+        path = os.path.join(stage_dir(run.workdir, spec[len(STAGE_DATA_PREFIX) :]), filename)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config.{name}.data={spec!r}: {path} does not exist")
+        return path
+    return spec or None
+
+
+def stage_sft_examples(run, name: str) -> list[dict]:
+    """SFT examples of stage `name`: the run's train split, or `{"prompt", "completion"}` JSONL lines."""
+    path = stage_data_file(run, name, "sft.jsonl")
+    if path is None:
+        return run.task.train
+    return load_jsonl_task(path, kind="sft")
+
+
+def stage_task(run, name: str) -> TaskData:
+    """The task stage `name` trains on: `config.<name>.task` (a section like `config.task`) or the run's."""
+    section = run.config[name].get("task")
+    if section is None:
+        return run.task
+    import ml_collections
+
+    stage_config = ml_collections.ConfigDict({"task": section.to_dict(), "seed": run.config.seed})
+    return build_task(stage_config)

@@ -1,11 +1,19 @@
-"""The training loops: a config's `stages` (e.g. cold-start "sft" then "grpo") run in order, each starting
-from the previous stage's final params, with orbax checkpoints, exact resume, metrics and evaluation.
+"""The ONE stage loop: a config's `stages` run in order (e.g. the R1 pipeline: cold-start `sft` → `grpo`
+→ `rejection_sampling` → `rm` → `sft2` → `grpo_final`), with orbax checkpoints, exact resume, metrics,
+evaluation, a non-finite guard and a progress bar, the same for every stage kind. What differs between
+kinds (state, data, jitted step) lives in `grpo_jax.training.stages`, registered by name.
+
+Where a stage starts (`config.<stage>.init_from`): "previous" (default: the previous stage's result),
+"base" (the run's initial model: pretrained weights or the seeded random init), or an earlier stage's
+name. Each finished stage's result (policy or reward-model params) is saved under
+`DIR/stages/<name>/result`, so later stages (and resumes) can start from any of them; stages may also
+write datasets there (`DIR/stages/<name>/sft.jsonl`), which later stages read with `data="stage:<name>"`.
 
 Resume: each checkpoint's `extra` holds the stage, the stage-local step, the data iterator state, the
-number of metrics.jsonl lines written so far and the run's fingerprint. Re-running the same command on
-the same workdir restores the latest checkpoint, truncates metrics.jsonl back to that point and
-continues; every random draw is `fold_in(seed key, step)`, so the steps after a resume reproduce the
-uninterrupted run's metrics.
+stage's own extra state, the number of metrics.jsonl lines written so far and the run's fingerprint.
+Re-running the same command on the same workdir restores the latest checkpoint, truncates metrics.jsonl
+back to that point and continues; every random draw is `fold_in(seed key, step)`, so the steps after a
+resume reproduce the uninterrupted run's metrics.
 """
 
 from __future__ import annotations
@@ -16,43 +24,26 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 
-from grpo_jax import sampling, sharding
+from grpo_jax import sharding
 from grpo_jax.checkpointing import Checkpointer, check_compatible, checkpoint_directory
-from grpo_jax.data.pipeline import (
-    make_prompt_dataset,
-    make_sft_dataset,
-    prompt_length_stats,
-    sft_length_stats,
-)
 from grpo_jax.metrics import MetricsWriter, ProgressBar, plot_curves, write_summary
-from grpo_jax.rewards import HOST_REWARDS, HostRewardRunner, TokenSpec, make_reward_fns
 from grpo_jax.training import setup
 from grpo_jax.training.evaluator import Evaluator
-from grpo_jax.training.grpo_step import make_grpo_step, rollout_to_batch
-from grpo_jax.training.sft_step import make_sft_eval, make_sft_step
-from grpo_jax.training.state import (
-    create_train_state,
-    learning_rate_schedule,
-    make_optimizer,
-    reset_reference,
-)
+from grpo_jax.training.stages import INIT_BASE, INIT_PREVIOUS, STAGE_KINDS, stage_kind
 
-STAGE_KINDS = ("sft", "grpo")
+STAGES_DIR = "stages"
 
 
 class TrainingError(RuntimeError):
     """A run that cannot continue (e.g. too many non-finite updates in a row); the message says why."""
 
 
-def stage_kind(name: str) -> str:
-    """ "sft", "sft2", "grpo_final" -> the loop that runs them."""
-    for kind in STAGE_KINDS:
-        if name.startswith(kind):
-            return kind
-    raise ValueError(f"config.stages: unknown stage {name!r}; stage names start with one of {STAGE_KINDS}")
+def stage_dir(workdir: str, name: str) -> str:
+    """Where stage `name` keeps its result and the files it writes: `DIR/stages/<name>`."""
+    return os.path.join(workdir, STAGES_DIR, name)
 
 
 @dataclasses.dataclass
@@ -71,16 +62,73 @@ class Run:
     fingerprint: dict
     offsets: dict  # stage name -> global step at its start
     history: dict  # stage name -> list of eval metric dicts (for summary.json)
+    stage_summaries: dict = dataclasses.field(default_factory=dict)  # stage name -> its finish() entries
+    base_params: Any = None
+    previous: tuple | None = None  # (stage name, result) of the last stage run in this process
 
-    def extra(self, stage_index: int, stage_step: int, **more) -> dict:
-        return dict(
-            stage_index=stage_index,
-            stage=self.config.stages[stage_index],
+    def stage(self, name: str):
+        return STAGE_KINDS[stage_kind(name)](self, list(self.config.stages).index(name))
+
+    # -- stage results -------------------------------------------------------------------------------
+
+    def save_result(self, name: str, result) -> None:
+        path = os.path.join(stage_dir(self.workdir, name), "result")
+        with (
+            ocp.StandardCheckpointer() as checkpointer
+        ):  # force: a resume that re-finishes a stage rewrites it
+            checkpointer.save(path, result, force=True)
+            checkpointer.wait_until_finished()
+
+    def load_result(self, name: str):
+        """(params, shardings) of finished stage `name`, read from `DIR/stages/<name>/result`."""
+        if self.previous is not None and self.previous[0] == name:
+            stage = self.stage(name)
+            return self.previous[1], stage.result_template()[1]
+        template, shardings = self.stage(name).result_template()
+        path = os.path.join(stage_dir(self.workdir, name), "result")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"{path}: stage {name!r} has no saved result; was it run in this workdir?"
+            )
+        target = jax.tree_util.tree_map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), template, shardings
+        )
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path, target), shardings
+
+    def init_params(self, index: int):
+        """The policy params stage `index` starts from (`config.<stage>.init_from`)."""
+        name = self.config.stages[index]
+        source = self.config[name].get("init_from", INIT_PREVIOUS)
+        if source == INIT_BASE or (source == INIT_PREVIOUS and index == 0):
+            return self.base_params
+        if source == INIT_PREVIOUS:
+            source = self.config.stages[index - 1]
+        if not self.stage(source).produces_policy:
+            raise ValueError(
+                f"stage {name!r} would start from {source!r}, whose result is a reward model, not a policy; "
+                f"set config.{name}.init_from to 'base' or a policy stage"
+            )
+        return self.load_result(source)[0]
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def save(self, stage, state, stage_step: int, *, done=False, eval_metrics=None, nonfinite=0):
+        extra = dict(
+            stage_index=stage.index,
+            stage=stage.name,
             stage_step=stage_step,
             metrics_lines=self.metrics.num_lines,
             fingerprint=self.fingerprint,
             history=self.history,
-            **more,
+            stage_summaries=self.stage_summaries,
+            data_state=stage.data_iter.get_state() if stage.data_iter is not None else None,
+            stage_state=stage.extra_state(),
+            stage_done=done,
+            nonfinite_in_a_row=nonfinite,
+        )
+        self.checkpointer.save(
+            self.offsets[stage.name] + stage_step, state, extra=extra, metrics=eval_metrics, force=done
         )
 
 
@@ -89,24 +137,37 @@ class Run:
 # ------------------------------------------------------------------------------------------------
 
 
-def train(config, workdir: str) -> dict:
-    """Run (or resume) every stage of `config` in `workdir`; returns the summary written to summary.json."""
-    start_time = time.time()
+def validate_stages(config) -> list[str]:
+    """Stage names, kinds and sections checked before anything is written."""
     stages = list(config.stages)
     if not stages:
         raise ValueError("config.stages is empty")
-    for name in stages:
+    if len(set(stages)) != len(stages):
+        raise ValueError(f"config.stages names a stage twice: {stages}")
+    for index, name in enumerate(stages):
         stage_kind(name)
         if name not in config:
             raise ValueError(f"config.stages names {name!r} but the config has no section config.{name}")
+        source = config[name].get("init_from", INIT_PREVIOUS)
+        if source not in (INIT_PREVIOUS, INIT_BASE) and source not in stages[:index]:
+            raise ValueError(
+                f"config.{name}.init_from={source!r}: expected 'previous', 'base' or an earlier stage "
+                f"of {stages[:index]}"
+            )
+    return stages
+
+
+def train(config, workdir: str) -> dict:
+    """Run (or resume) every stage of `config` in `workdir`; returns the summary written to summary.json."""
+    start_time = time.time()
+    stages = validate_stages(config)
     sharding.initialize_distributed()
     task = setup.build_task(config)
     tokenizer = setup.build_tokenizer(config, task, workdir)
     model_config = setup.build_model_config(config, tokenizer)
-    for name in stages:
-        if stage_kind(name) == "grpo":
-            setup.grpo_config(config[name])
     mesh = setup.build_mesh(config)
+    for name in stages:
+        STAGE_KINDS[stage_kind(name)].validate(config, name)
     _check_batches_fit_mesh(config, stages, mesh)
 
     # A resume is refused before anything (config.json included) is written into the old run's workdir.
@@ -121,28 +182,6 @@ def train(config, workdir: str) -> dict:
     if resume is not None:
         check_compatible(resume["fingerprint"], fingerprint, directory=checkpointer.directory)
 
-    os.makedirs(workdir, exist_ok=True)
-    tokenizer_path = os.path.join(workdir, setup.TOKENIZER_FILE)
-    if not config.tokenizer.path and not config.model.pretrained and not os.path.exists(tokenizer_path):
-        tokenizer.save(tokenizer_path)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    logging.info("config:\n%s", config)
-
-    metrics = MetricsWriter(workdir, tensorboard=config.tensorboard)
-    evaluator = Evaluator(
-        model_config,
-        tokenizer,
-        task.test[: config.eval.num_problems],
-        template=config.template,
-        max_prompt_len=config.max_prompt_len,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.eval.batch_size,
-        k=config.eval.k,
-        temperature=config.eval.temperature,
-        correct_fn=task.correctness,
-        mesh=mesh,
-    )
     offsets, total = {}, 0
     for name in stages:
         offsets[name] = total
@@ -155,16 +194,38 @@ def train(config, workdir: str) -> dict:
         model_config,
         mesh,
         checkpointer,
-        metrics,
-        evaluator,
+        None,
+        None,
         fingerprint,
         offsets,
         {name: [] for name in stages},
     )
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer_path = os.path.join(workdir, setup.TOKENIZER_FILE)
+    if not config.tokenizer.path and not config.model.pretrained and not os.path.exists(tokenizer_path):
+        tokenizer.save(tokenizer_path)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    logging.info("config:\n%s", config)
 
+    run.metrics = MetricsWriter(workdir, tensorboard=config.tensorboard)
+    run.evaluator = Evaluator(
+        model_config,
+        tokenizer,
+        task.test[: config.eval.num_problems],
+        template=config.template,
+        max_prompt_len=config.max_prompt_len,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.eval.batch_size,
+        k=config.eval.k,
+        temperature=config.eval.temperature,
+        correct_fn=task.correctness,
+        mesh=mesh,
+    )
     if resume is not None:
-        metrics.truncate_lines(resume["metrics_lines"])
+        run.metrics.truncate_lines(resume["metrics_lines"])
         run.history.update(resume.get("history", {}))
+        run.stage_summaries.update(resume.get("stage_summaries", {}))
         logging.info(
             "resuming from %s at stage %s step %d",
             checkpointer.directory,
@@ -172,27 +233,28 @@ def train(config, workdir: str) -> dict:
             resume["stage_step"],
         )
 
-    params = setup.initial_params(config, model_config, mesh)
+    run.base_params = setup.initial_params(config, model_config, mesh)
     try:
-        for index, name in enumerate(stages):
+        for index in range(len(stages)):
             if resume is not None and index < resume["stage_index"]:
                 continue
             stage_resume = resume if resume is not None and index == resume["stage_index"] else None
-            loop = run_sft_stage if stage_kind(name) == "sft" else run_grpo_stage
-            params = loop(run, index, params, stage_resume)
+            run_stage(run, index, stage_resume)
             resume = None
     finally:
         checkpointer.wait()
         checkpointer.close()
-        metrics.close()
+        run.metrics.close()
 
     summary = {"wall_time_s": time.time() - start_time, "stages": {}}
     for name in stages:
         evals = [h["eval/accuracy"] for h in run.history[name]]
         summary["stages"][name] = {
+            "kind": stage_kind(name),
             "final_eval_accuracy": evals[-1] if evals else None,
             "best_eval_accuracy": max(evals) if evals else None,
             "evals": run.history[name],
+            **run.stage_summaries.get(name, {}),
         }
     write_summary(workdir, summary)
     plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
@@ -205,8 +267,9 @@ def _check_batches_fit_mesh(config, stages: list[str], mesh) -> None:
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     sizes = {}
     for name in stages:
-        field = "batch_size" if stage_kind(name) == "sft" else "prompts_per_step"
-        sizes[f"config.{name}.{field}"] = config[name][field] * jax.process_count()
+        field = STAGE_KINDS[stage_kind(name)].batch_field
+        if field is not None:
+            sizes[f"config.{name}.{field}"] = config[name][field] * jax.process_count()
     bad = [f"{key}={size}" for key, size in sizes.items() if size % data_parallel]
     if bad:
         raise ValueError(
@@ -216,29 +279,8 @@ def _check_batches_fit_mesh(config, stages: list[str], mesh) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Shared stage machinery
+# The loop
 # ------------------------------------------------------------------------------------------------
-
-
-def _stage_state(run: Run, params, optimizer, *, with_reference: bool):
-    param_shardings = sharding.model_param_shardings(run.mesh, run.model_config)
-    return create_train_state(
-        params,
-        optimizer,
-        run.mesh,
-        param_shardings,
-        rng=jax.random.key(run.config.seed + 1),
-        with_reference=with_reference,
-    )
-
-
-def _start_or_resume(run: Run, index: int, state, shardings, data_iter, resume):
-    """Restore state and data position when resuming this stage; returns (state, stage_step, extra)."""
-    if resume is None:
-        return state, 0, {}
-    state, extra = run.checkpointer.restore(state, shardings, fingerprint=run.fingerprint)
-    data_iter.set_state(extra["data_state"])
-    return state, int(extra["stage_step"]), extra
 
 
 def _evaluate(run: Run, name: str, params, stage_step: int) -> dict:
@@ -253,32 +295,8 @@ def _evaluate(run: Run, name: str, params, stage_step: int) -> dict:
     return result
 
 
-def _save(
-    run: Run,
-    index: int,
-    name: str,
-    state,
-    stage_step: int,
-    data_iter,
-    *,
-    done=False,
-    eval_metrics=None,
-    nonfinite_in_a_row=0,
-):
-    extra = run.extra(
-        index,
-        stage_step,
-        data_state=data_iter.get_state(),
-        stage_done=done,
-        nonfinite_in_a_row=nonfinite_in_a_row,
-    )
-    run.checkpointer.save(
-        run.offsets[name] + stage_step, state, extra=extra, metrics=eval_metrics, force=done
-    )
-
-
 def _check_nonfinite(run: Run, name: str, step_metrics: dict, count: int, stage_step: int) -> int:
-    if float(step_metrics["nonfinite_updates"]) > 0:
+    if float(step_metrics.get("nonfinite_updates", 0.0)) > 0:
         count += 1
         logging.warning(
             "[%s] step %d: non-finite loss or gradient, update skipped (%d in a row)", name, stage_step, count
@@ -294,294 +312,62 @@ def _check_nonfinite(run: Run, name: str, step_metrics: dict, count: int, stage_
     return 0
 
 
-def _host_metrics(metrics: dict) -> dict:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
-
-
-def _poison(run: Run, global_step: int) -> np.bool_:
-    return np.bool_(global_step == run.config.debug.poison_step)
-
-
-def _end_of_step(run, index, name, state, stage_step, data_iter, m, nonfinite, last_eval, bar, **postfix):
-    """Bookkeeping after one step, shared by the stage loops: write the metrics line (before a non-finite
-    stop, so its line is kept), stop after too many non-finite updates in a row, evaluate and checkpoint
-    on schedule, advance the progress bar. Returns (non-finite count, (last eval step, its metrics))."""
-    sc = run.config[name]
-    run.metrics.write(run.offsets[name] + stage_step, stage_kind(name), m)
-    nonfinite = _check_nonfinite(run, name, m, nonfinite, stage_step)
-    eval_metrics = None
-    if stage_step % sc.eval_every == 0 or (stage_step == sc.steps and sc.eval_at_end):
-        eval_metrics = _evaluate(run, name, state.params, stage_step)
-        last_eval = (stage_step, eval_metrics)
-        postfix["acc"] = eval_metrics["eval/accuracy"]
-    bar.update(1, **postfix)
-    if stage_step % sc.checkpoint_every == 0 and stage_step < sc.steps:
-        _save(
-            run,
-            index,
-            name,
-            state,
-            stage_step,
-            data_iter,
-            eval_metrics=eval_metrics,
-            nonfinite_in_a_row=nonfinite,
-        )
-    return nonfinite, last_eval
-
-
-def _finish_stage(run, index, name, state, stage_step, data_iter, last_eval, nonfinite):
-    """Final eval (unless the loop just ran one) and the stage-done checkpoint, ranked by that eval."""
-    last_step, eval_metrics = last_eval
-    if last_step != stage_step:
-        eval_metrics = (
-            _evaluate(run, name, state.params, stage_step) if run.config[name].eval_at_end else None
-        )
-    _save(
-        run,
-        index,
-        name,
-        state,
-        stage_step,
-        data_iter,
-        done=True,
-        eval_metrics=eval_metrics,
-        nonfinite_in_a_row=nonfinite,
-    )
-
-
-def _restore_finished(run: Run, index: int, state, shardings, resume):
-    """The previous run ended this stage: restore its final state and go on to the next stage."""
-    state, _ = run.checkpointer.restore(state, shardings, fingerprint=run.fingerprint)
-    logging.info("stage %s already finished; continuing from its final params", run.config.stages[index])
-    return state.params
-
-
-# ------------------------------------------------------------------------------------------------
-# SFT (cold start)
-# ------------------------------------------------------------------------------------------------
-
-
-def run_sft_stage(run: Run, index: int, params, resume) -> Any:
-    config, name = run.config, run.config.stages[index]
-    sc = config[name]
-    examples = run.task.train[: sc.num_examples] if sc.num_examples else run.task.train
-    logging.info(
-        "[%s] %s",
-        name,
-        sft_length_stats(examples, run.tokenizer, template=config.template, max_len=sc.max_len),
-    )
-    dataset = make_sft_dataset(
-        examples,
-        run.tokenizer,
-        template=config.template,
-        max_len=sc.max_len,
-        batch_size=sc.batch_size,
-        seed=config.seed,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
-    data_iter = iter(dataset)
-    opt_config = setup.optimizer_config(sc, sc.steps)
-    optimizer = make_optimizer(opt_config)
-    state, shardings = _stage_state(run, params, optimizer, with_reference=False)
+def run_stage(run: Run, index: int, resume: dict | None) -> None:
+    """Build stage `index`, restore it on resume, step it to `config.<stage>.steps` with metrics, evals
+    and checkpoints on schedule, then finish it: final eval, its result saved, the stage-done checkpoint."""
+    name = run.config.stages[index]
+    stage = run.stage(name)
+    sc = stage.config
     if resume is not None and resume.get("stage_done"):
-        return _restore_finished(run, index, state, shardings, resume)
-    step_fn = make_sft_step(
-        run.model_config,
-        optimizer,
-        mesh=run.mesh,
-        state_shardings=shardings,
-        lr_schedule=learning_rate_schedule(opt_config),
-        chunk_size=config.logprob_chunk_size,
-    )
-    heldout = next(
-        iter(
-            make_sft_dataset(
-                run.task.test,
-                run.tokenizer,
-                template=config.template,
-                max_len=sc.max_len,
-                batch_size=sc.batch_size,
-                seed=config.seed,
-                shuffle=False,
-            )
-        )
-    )
-    heldout = sharding.shard_batch(
-        {k: heldout[k] for k in ("tokens", "attention_mask", "loss_mask")}, run.mesh
-    )
-    heldout_loss = make_sft_eval(run.model_config, chunk_size=config.logprob_chunk_size)
-    state, stage_step, extra = _start_or_resume(run, index, state, shardings, data_iter, resume)
-    nonfinite = extra.get("nonfinite_in_a_row", 0)
-    last_eval = (-1, None)
-    with ProgressBar(sc.steps, desc=name, initial=stage_step, disable=not config.progress_bar) as bar:
-        while stage_step < sc.steps:
-            t0 = time.time()
-            batch = next(data_iter)
-            global_step = run.offsets[name] + stage_step + 1
-            device_batch = sharding.shard_batch(
-                {k: batch[k] for k in ("tokens", "attention_mask", "loss_mask")}, run.mesh
-            )
-            device_batch["poison"] = _poison(run, global_step)
-            state, step_metrics = step_fn(state, device_batch)
-            stage_step += 1
-            m = _host_metrics(step_metrics)
-            m["step_time_s"] = time.time() - t0
-            m["truncated_frac"] = float(np.mean(batch["truncated"]))
-            if stage_step % sc.eval_every == 0 or stage_step == sc.steps:
-                m.update({f"heldout/{k}": float(v) for k, v in heldout_loss(state.params, heldout).items()})
-            nonfinite, last_eval = _end_of_step(
-                run, index, name, state, stage_step, data_iter, m, nonfinite, last_eval, bar, loss=m["loss"]
-            )
-    _finish_stage(run, index, name, state, stage_step, data_iter, last_eval, nonfinite)
-    return state.params
-
-
-# ------------------------------------------------------------------------------------------------
-# GRPO
-# ------------------------------------------------------------------------------------------------
-
-
-def _host_reward_fn(run: Run, stage_config):
-    """Weighted Python rewards between sampler and step, or None when the config lists none."""
-    specs = [tuple(s) for s in stage_config.host_rewards]
-    if not specs:
-        return None, None
-    unknown = [s[0] for s in specs if s[0] not in HOST_REWARDS]
-    if unknown:
-        raise ValueError(f"host_rewards: unknown reward(s) {unknown}; known: {sorted(HOST_REWARDS)}")
-    runner = HostRewardRunner(
-        {s[0]: HOST_REWARDS[s[0]] for s in specs}, timeout_s=stage_config.host_reward_timeout_s
-    )
-    weights = {s[0]: float(s[1]) for s in specs}
-
-    def compute(rollout, example_index, group_size):
-        tokens, mask = jax.device_get((rollout.tokens, rollout.mask))
-        eos = run.tokenizer.eos_id
-        texts = [
-            run.tokenizer.decode([i for i in t[m > 0].tolist() if i != eos]) for t, m in zip(tokens, mask)
-        ]
-        examples = [run.task.train[int(i)] for i in np.repeat(example_index, group_size)]
-        rewards, stats = runner(texts, examples)
-        total = sum(weights[k] * v for k, v in rewards.items())
-        logged = {f"host_reward/{k}": float(np.mean(v)) for k, v in rewards.items()}
-        logged.update(host_reward_errors=stats["num_errors"], host_reward_timeouts=stats["num_timeouts"])
-        return np.asarray(total, np.float32), logged
-
-    return compute, runner
-
-
-def run_grpo_stage(run: Run, index: int, params, resume) -> Any:
-    config, name = run.config, run.config.stages[index]
-    sc = config[name]
-    grpo = setup.grpo_config(sc)
-    G = grpo.num_generations
-    examples = run.task.train
-    logging.info(
-        "[%s] %s",
-        name,
-        prompt_length_stats(
-            examples, run.tokenizer, template=config.template, max_prompt_len=config.max_prompt_len
-        ),
-    )
-    dataset = make_prompt_dataset(
-        examples,
-        run.tokenizer,
-        template=config.template,
-        max_prompt_len=config.max_prompt_len,
-        batch_size=sc.prompts_per_step,
-        seed=config.seed + index,
-        max_answer_len=config.max_answer_len,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
-    data_iter = iter(dataset)
-    updates_per_step = grpo.num_iterations * grpo.num_minibatches
-    opt_config = setup.optimizer_config(sc, sc.steps * updates_per_step)
-    optimizer = make_optimizer(opt_config)
-    state, shardings = _stage_state(run, params, optimizer, with_reference=grpo.kl_coef > 0)
-    if resume is not None and resume.get("stage_done"):
-        return _restore_finished(run, index, state, shardings, resume)
-    reward_fn = None
-    if sc.rewards:  # in-graph rewards need the R1 tags as single tokens; host rewards work on text
-        token_spec = TokenSpec.from_tokenizer(run.tokenizer)
-        reward_fn = make_reward_fns([tuple(r) for r in sc.rewards], token_spec, tokenizer=run.tokenizer)
-    host_rewards, host_runner = _host_reward_fn(run, sc)
-    step_fn = make_grpo_step(
-        grpo,
-        run.model_config,
-        optimizer,
-        reward_fn=reward_fn,
-        mesh=run.mesh,
-        state_shardings=shardings,
-        lr_schedule=learning_rate_schedule(opt_config),
-        logprob_chunk_size=config.logprob_chunk_size,
-        grad_accum_steps=sc.get("grad_accum_steps", 1),
-    )
-    state, stage_step, extra = _start_or_resume(run, index, state, shardings, data_iter, resume)
-    nonfinite = extra.get("nonfinite_in_a_row", 0)
-    last_eval = (-1, None)
-    if stage_step == 0 and sc.eval_at_start:
-        last_eval = (0, _evaluate(run, name, state.params, 0))
+        logging.info("stage %s already finished", name)
+        run.previous = None  # later stages load its result from disk
+        return
+    evaluates = stage.produces_policy
     try:
-        with ProgressBar(sc.steps, desc=name, initial=stage_step, disable=not config.progress_bar) as bar:
+        params = run.base_params if resume is not None else run.init_params(index)
+        state, shardings = stage.build(params)
+        stage_step, nonfinite = 0, 0
+        if resume is not None:
+            state, extra = run.checkpointer.restore(state, shardings, fingerprint=run.fingerprint)
+            if stage.data_iter is not None and extra.get("data_state") is not None:
+                stage.data_iter.set_state(extra["data_state"])
+            stage.load_extra_state(extra.get("stage_state") or {})
+            stage_step, nonfinite = int(extra["stage_step"]), extra.get("nonfinite_in_a_row", 0)
+        last_eval = (-1, None)
+        if stage_step == 0 and evaluates and sc.get("eval_at_start", False):
+            last_eval = (0, _evaluate(run, name, state.params, 0))
+        eval_every = sc.get("eval_every", 0)
+        with ProgressBar(sc.steps, desc=name, initial=stage_step, disable=not run.config.progress_bar) as bar:
             while stage_step < sc.steps:
-                t0 = time.time()
-                prompts = next(data_iter)
                 global_step = run.offsets[name] + stage_step + 1
-                placed = sharding.shard_batch(
-                    {k: prompts[k] for k in ("prompt_tokens", "prompt_mask", "answer_tokens", "answer_mask")},
-                    run.mesh,
-                )
-                rollout = sampling.generate(
-                    run.model_config,
-                    state.params,
-                    placed["prompt_tokens"],
-                    placed["prompt_mask"],
-                    jax.random.fold_in(state.rng, state.step),
-                    num_samples=G,
-                    max_new_tokens=config.max_new_tokens,
-                    temperature=grpo.temperature,
-                    top_p=sc.top_p,
-                    top_k=sc.top_k,
-                    eos_id=run.tokenizer.eos_id,
-                    pad_id=run.tokenizer.pad_id,
-                    mesh=run.mesh,
-                )
-                jax.block_until_ready(rollout.tokens)
-                sample_time = time.time() - t0
-                host_values, host_logged = (None, {})
-                if host_rewards is not None:
-                    host_values, host_logged = host_rewards(rollout, prompts["example_index"], G)
-                batch = rollout_to_batch(rollout, placed, G, host_values)
-                batch["poison"] = _poison(run, global_step)
-                state, step_metrics = step_fn(state, batch)
+                state, m = stage.train_step(state, global_step)
                 stage_step += 1
-                if grpo.reference_reset_every and stage_step % grpo.reference_reset_every == 0:
-                    state = reset_reference(state)
-                m = _host_metrics(step_metrics)
-                m.update(
-                    host_logged,
-                    sample_time_s=sample_time,
-                    step_time_s=time.time() - t0,
-                    prompt_truncated_frac=float(np.mean(prompts["prompt_truncated"])),
+                eval_now = (eval_every and stage_step % eval_every == 0) or (
+                    stage_step == sc.steps and sc.get("eval_at_end", True)
                 )
-                nonfinite, last_eval = _end_of_step(
-                    run,
-                    index,
-                    name,
-                    state,
-                    stage_step,
-                    data_iter,
-                    m,
-                    nonfinite,
-                    last_eval,
-                    bar,
-                    reward=m["reward/mean"],
-                    kl=m["kl"],
-                )
-        _finish_stage(run, index, name, state, stage_step, data_iter, last_eval, nonfinite)
+                if eval_now:
+                    m.update(stage.heldout_metrics(state))
+                run.metrics.write(global_step, stage.kind, m)
+                nonfinite = _check_nonfinite(run, name, m, nonfinite, stage_step)
+                eval_metrics, postfix = None, stage.progress(m)
+                if eval_now and evaluates:
+                    eval_metrics = _evaluate(run, name, state.params, stage_step)
+                    last_eval = (stage_step, eval_metrics)
+                    postfix["acc"] = eval_metrics["eval/accuracy"]
+                bar.update(1, **postfix)
+                if stage_step % sc.checkpoint_every == 0 and stage_step < sc.steps:
+                    run.save(stage, state, stage_step, eval_metrics=eval_metrics, nonfinite=nonfinite)
+        eval_metrics = last_eval[1]
+        if last_eval[0] != stage_step:
+            eval_metrics = (
+                _evaluate(run, name, state.params, stage_step)
+                if evaluates and sc.get("eval_at_end", True)
+                else None
+            )
+        run.stage_summaries[name] = stage.finish(state)
+        result = stage.result(state)
+        run.save_result(name, result)
+        run.save(stage, state, stage_step, done=True, eval_metrics=eval_metrics, nonfinite=nonfinite)
+        run.previous = (name, result)
     finally:
-        if host_runner is not None:
-            host_runner.close()
-    return state.params
+        stage.close()

@@ -1,0 +1,19 @@
+"""Helpers for `configs/*.py` files, which are loaded by path (ml_collections `config_flags`), not as a
+package: a config that extends another (e.g. the R1 pipeline on the quickstart's task and model) loads its
+sibling with `sibling_config(__file__, "quickstart.py", arg)`."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def sibling_config(this_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file `name` in the same folder as `this_file`."""
+    path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
+    spec = importlib.util.spec_from_file_location(f"configs_{os.path.splitext(name)[0]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
