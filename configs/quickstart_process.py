@@ -9,24 +9,15 @@ the number of step slots per completion (`process_step_rewards(max_steps=...)`);
 (format, accuracy) are still computed and logged. `:runlocal` shrinks it like the quickstart's.
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-
-def _quickstart():
-    path = Path(__file__).resolve().with_name("quickstart.py")
-    spec = importlib.util.spec_from_file_location("configs_quickstart", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from grpo_jax.config_utils import sibling_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in (None, "", "runlocal"):
         raise ValueError(f"configs/quickstart_process.py: unknown variant {arg!r} (known: runlocal)")
-    c = _quickstart().get_config(arg or None)
+    c = sibling_config(__file__, "quickstart.py", arg or None)
     c.grpo.algo.advantage_estimator = "process"
     c.grpo.step_verifier = "arithmetic"
     # Step slots per completion: 1-2 digit addition needs <= 2 column steps + the answer; the rest leaves

@@ -16,6 +16,7 @@ The batch (N = prompts × G rows, prompt-major as the sampler emits them):
     old_logprobs [N, L]                               the sampler's logprobs (π_old)
     truncated [N] bool                                no stop token within the budget
     answer_tokens [N, A], answer_mask [N, A]          per-example targets for in-graph rewards (optional)
+    route [N] int32                                   prompt kind of routed rewards (optional)
     host_rewards [N] float32                          weighted sum of Python rewards (optional)
     step_rewards [N, S] float32, step_mask [N, S],    process supervision (required iff advantage_estimator
     step_end_index [N, S] int32                       = "process"): each step's reward, 1 on real steps, and
@@ -68,7 +69,7 @@ def rollout_to_batch(rollout, prompt_batch: dict, num_generations: int, host_rew
         "old_logprobs": rollout.logprobs,
         "truncated": rollout.truncated,
     }
-    for key in ("answer_tokens", "answer_mask"):
+    for key in ("answer_tokens", "answer_mask", "route"):
         if key in prompt_batch:
             batch[key] = repeat(jnp.asarray(prompt_batch[key]))
     if host_rewards is not None:
