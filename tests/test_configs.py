@@ -20,9 +20,10 @@ from grpo_jax import models
 from grpo_jax.data.tasks import TASKS
 from grpo_jax.data.templates import TEMPLATES
 from grpo_jax.rewards import HOST_REWARDS, TokenSpec, make_reward_fns
-from grpo_jax.testing import tiny_tokenizer
+from grpo_jax.testing import tiny_model_config, tiny_tokenizer
 from grpo_jax.training import setup
-from grpo_jax.training.trainer import stage_kind
+from grpo_jax.training.stages import STAGE_KINDS
+from grpo_jax.training.trainer import stage_kind, validate_stages
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.py"))
@@ -66,19 +67,16 @@ OPTIMIZER_KEYS = {
     "eval_at_end",
     "checkpoint_every",
 }
+ROLLOUT_KEYS = {"prompts_per_step", "top_p", "top_k", "rewards", "host_rewards", "host_reward_timeout_s"}
+PAIR_KEYS = OPTIMIZER_KEYS | {"batch_size", "max_len"}
 STAGE_KEYS = {
     "sft": OPTIMIZER_KEYS | {"batch_size", "num_examples", "max_len"},
-    "grpo": OPTIMIZER_KEYS
-    | {
-        "prompts_per_step",
-        "top_p",
-        "top_k",
-        "rewards",
-        "host_rewards",
-        "host_reward_timeout_s",
-        "eval_at_start",
-        "algo",
-    },
+    "grpo": OPTIMIZER_KEYS | ROLLOUT_KEYS | {"eval_at_start", "algo"},
+    "ppo": OPTIMIZER_KEYS | ROLLOUT_KEYS | {"algo"},
+    "rm": PAIR_KEYS,
+    "dpo": PAIR_KEYS | {"beta"},
+    "rejection_sampling": ROLLOUT_KEYS
+    | {"steps", "num_samples", "temperature", "keep", "non_reasoning_data", "non_reasoning_ratio"},
 }
 
 
@@ -148,20 +146,25 @@ def test_config_parses_and_its_typed_pieces_validate(path, variant, token_spec):
         fields = {f.name for f in dataclasses.fields(models.ModelConfig)}
         assert set(config.model.keys()) - {"pretrained"} <= fields
 
-    # Stages: valid names, each with its section; typed algorithm and optimizer configs validate.
-    stages = list(config.stages)
-    assert stages and len(set(stages)) == len(stages)
+    # Stages: valid names, each with its section, checked the way the trainer checks them before a run
+    # (init_from, data sources, reward_model_from, typed algorithm configs); optimizer configs validate.
+    stages = validate_stages(config)
     for name in stages:
         kind = stage_kind(name)
+        STAGE_KINDS[kind].validate(config, name)
         section = config[name]
         missing = STAGE_KEYS[kind] - set(section.keys())
         assert not missing, f"{path.name}: config.{name} lacks {sorted(missing)}"
-        assert section.steps > 0 and section.checkpoint_every > 0 and section.eval_every > 0
-        setup.optimizer_config(section, section.steps)
-        if kind == "grpo":
-            grpo = setup.grpo_config(section)
-            assert section.prompts_per_step * grpo.num_generations > 0
-            make_reward_fns([tuple(r) for r in section.rewards], token_spec, tokenizer=tiny_tokenizer())
+        assert section.steps > 0 and section.checkpoint_every > 0
+        if "learning_rate" in section:
+            setup.optimizer_config(section, section.steps)
+        if kind in ("grpo", "ppo", "rejection_sampling"):
+            make_reward_fns(
+                [tuple(r) for r in section.rewards],
+                token_spec,
+                tokenizer=tiny_tokenizer(),
+                model_config=tiny_model_config(),
+            )
             unknown = [spec[0] for spec in section.host_rewards if spec[0] not in HOST_REWARDS]
             assert not unknown, f"{path.name}: config.{name}.host_rewards names unknown rewards {unknown}"
 
