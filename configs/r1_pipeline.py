@@ -32,9 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = sibling_config(__file__, "quickstart.py", arg)
     c.stages = ("sft", "grpo", "rejection_sampling", "rm", "sft2", "grpo_final")
     c.sft.num_examples = 500 if arg is None else c.sft.num_examples
-    c.grpo.update(steps=150, rewards=(("format", 0.2), ("accuracy", 1.0), LANGUAGE))
+    c.grpo.rewards = (("format", 0.2), ("accuracy", 1.0), LANGUAGE)
     if arg is None:
-        c.grpo.update(eval_every=50, checkpoint_every=50)
+        c.grpo.update(steps=150, eval_every=50, checkpoint_every=50)
 
     c.rejection_sampling = ml_collections.ConfigDict(
         dict(
@@ -89,6 +89,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             LANGUAGE,
             ("reward_model", 1.0, {"on": "open"}),
         ),
+        # Iterative GRPO (DeepSeekMath §4.1.4): keep training the reward model on the policy's samples
+        # with 10 % replay of the rm stage's pairs; 0 = off (R1 keeps its reward model fixed).
+        rm_retrain_every=0,
+        rm_retrain_steps=4,
+        rm_batch_size=16,
+        rm_replay_fraction=0.1,
+        rm_learning_rate=1e-5,
+        rm_buffer_size=256,
     )
     if arg == "runlocal":
         # An untrained policy gets nothing right: keep every sample so the later stages have data.
@@ -101,4 +109,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             drop_truncated=False,
         )
         c.rm.update(steps=2, batch_size=8, heldout_pairs=8, eval_every=2, checkpoint_every=1)
+        c.grpo_final.update(rm_retrain_every=1, rm_retrain_steps=1, rm_batch_size=4)
     return c

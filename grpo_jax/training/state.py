@@ -161,9 +161,9 @@ def create_train_state(
     critic's optimizer state) placed with `aux_shardings` (default: replicated).
     """
     reward_params = {} if reward_params is None else reward_params
-    make_aux = aux if callable(aux) else (lambda _p, a=({} if aux is None else aux): a)
+    aux_tree = None if callable(aux) else ({} if aux is None else aux)
 
-    def build(p, key, rp):
+    def build(p, key, rp, ax):
         return TrainState(
             step=jnp.asarray(0, jnp.int32),
             params=p,
@@ -171,10 +171,10 @@ def create_train_state(
             ref_params=jax.tree_util.tree_map(jnp.copy, p) if with_reference else None,
             reward_params=rp,
             rng=key,
-            aux=make_aux(p),
+            aux=aux(p) if callable(aux) else ax,
         )
 
-    shapes = jax.eval_shape(build, params, rng, reward_params)
+    shapes = jax.eval_shape(build, params, rng, reward_params, aux_tree)
     shardings = state_shardings(
         shapes,
         param_shardings,
@@ -183,7 +183,7 @@ def create_train_state(
         reward_param_shardings=reward_param_shardings,
         aux_shardings=aux_shardings,
     )
-    state = jax.jit(build, out_shardings=shardings)(params, rng, reward_params)
+    state = jax.jit(build, out_shardings=shardings)(params, rng, reward_params, aux_tree)
     return state, shardings
 
 

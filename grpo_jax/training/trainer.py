@@ -104,12 +104,7 @@ class Run:
             return self.base_params
         if source == INIT_PREVIOUS:
             source = self.config.stages[index - 1]
-        if not self.stage(source).produces_policy:
-            raise ValueError(
-                f"stage {name!r} would start from {source!r}, whose result is a reward model, not a policy; "
-                f"set config.{name}.init_from to 'base' or a policy stage"
-            )
-        return self.load_result(source)[0]
+        return self.load_result(source)[0]  # a policy stage: validate_stages checked it
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
@@ -153,6 +148,17 @@ def validate_stages(config) -> list[str]:
             raise ValueError(
                 f"config.{name}.init_from={source!r}: expected 'previous', 'base' or an earlier stage "
                 f"of {stages[:index]}"
+            )
+        if source == INIT_PREVIOUS and index > 0:
+            source = stages[index - 1]
+        if (
+            source != INIT_BASE
+            and source != INIT_PREVIOUS
+            and not STAGE_KINDS[stage_kind(source)].produces_policy
+        ):
+            raise ValueError(
+                f"stage {name!r} would start from {source!r}, whose result is a reward model, not a policy; "
+                f"set config.{name}.init_from to 'base' or a policy stage"
             )
     return stages
 

@@ -6,7 +6,10 @@ Stage options besides the optimizer's: `rewards` (in-graph, weighted, optionally
 `"on": "verifiable" | "open"`), `host_rewards`, `reward_model_from` (an `rm` stage whose params go into
 `TrainState.reward_params["reward_model"]` for the `reward_model` reward), `open_fraction` (share of
 the prompts routed "open": R1's all-scenario RL), `step_verifier` (for `advantage_estimator="process"`),
-`task` (a task section of its own instead of the run's), `top_p`, `top_k`.
+`task` (a task section of its own instead of the run's), `top_p`, `top_k`; iterative GRPO: the
+algorithm's `reference_reset_every`, and `rm_retrain_every` (+ `rm_retrain_steps`, `rm_batch_size`,
+`rm_replay_fraction`, `rm_learning_rate`, `rm_buffer_size`) to keep training the reward model on the
+policy's own samples with 10 % replay (see `rm_retrain.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from grpo_jax.rewards import HOST_REWARDS, HostRewardRunner, TokenSpec, make_rew
 from grpo_jax.training import setup
 from grpo_jax.training.grpo_step import make_grpo_step, rollout_to_batch
 from grpo_jax.training.stages.base import Stage, host_metrics, register_stage
+from grpo_jax.training.stages.rm_retrain import RewardModelRetrainer
 from grpo_jax.training.state import (
     create_train_state,
     learning_rate_schedule,
@@ -187,10 +191,11 @@ class RolloutStage(Stage):
         batch.update(extras)
         batch["poison"] = self.poison(global_step)
         state, step_metrics = self.step_fn(state, batch)
-        state = self.after_update(state)
+        state, more = self.after_update(state)
         m = host_metrics(step_metrics)
         m.update(
             logged,
+            **more,
             sample_time_s=sample_time,
             step_time_s=time.time() - t0,
             prompt_truncated_frac=float(np.mean(prompts["prompt_truncated"])),
@@ -198,7 +203,8 @@ class RolloutStage(Stage):
         return state, m
 
     def after_update(self, state):
-        return state
+        """Work between steps (reference reset, reward-model retraining): (state, extra metrics)."""
+        return state, {}
 
     def progress(self, metrics):
         return {"reward": metrics["reward/mean"], "kl": metrics["kl"]}
@@ -228,6 +234,11 @@ class GRPOStage(RolloutStage):
         opt_config = setup.optimizer_config(sc, sc.steps * updates_per_step)
         optimizer = make_optimizer(opt_config)
         reward_params, reward_shardings = self.reward_params()
+        aux, aux_shardings, self.retrainer = None, None, None
+        if sc.get("rm_retrain_every", 0):
+            history = run.stage(sc.reward_model_from).pairs()
+            self.retrainer = RewardModelRetrainer(self, history, reward_shardings["reward_model"])
+            aux, aux_shardings = self.retrainer.aux(reward_params["reward_model"])
         state, shardings = create_train_state(
             params,
             optimizer,
@@ -237,6 +248,8 @@ class GRPOStage(RolloutStage):
             with_reference=grpo.kl_coef > 0,
             reward_params=reward_params,
             reward_param_shardings=reward_shardings,
+            aux=aux,
+            aux_shardings=aux_shardings,
         )
         self.build_host_rewards()
         self.step_verifier = None
@@ -263,6 +276,9 @@ class GRPOStage(RolloutStage):
 
     def host_batch_extras(self, rollout, prompts, num_samples):
         extras, logged = super().host_batch_extras(rollout, prompts, num_samples)
+        if self.retrainer is not None:
+            examples = [self.examples[int(i)] for i in np.repeat(prompts["example_index"], num_samples)]
+            self.retrainer.observe(self.decode(rollout), examples, num_samples)
         if self.step_verifier is not None:
             from grpo_jax.rewards.process import process_step_rewards
 
@@ -280,7 +296,17 @@ class GRPOStage(RolloutStage):
         return extras, logged
 
     def after_update(self, state):
+        step, more = int(state.step), {}
         every = self.grpo.reference_reset_every
-        if every and int(state.step) % every == 0:
+        if every and step % every == 0:
             state = reset_reference(state)
-        return state
+        if self.retrainer is not None:
+            state, more = self.retrainer.maybe_retrain(state, step)
+        return state, more
+
+    def extra_state(self):
+        return self.retrainer.extra_state() if self.retrainer is not None else {}
+
+    def load_extra_state(self, extra):
+        if self.retrainer is not None:
+            self.retrainer.load_extra_state(extra)
