@@ -2,9 +2,9 @@
 
     sft                 cold start: SFT on a little curated chain-of-thought data (500 demonstrations)
     grpo                reasoning-oriented RL: format + accuracy + language-consistency rewards
-    rejection_sampling  sample 4 completions per prompt from the RL policy, keep the correct, well-formed,
-                        language-consistent ones, mix in "non-reasoning" SFT rows 3 : 1, write sft.jsonl
-                        (and pairs.jsonl: kept vs dropped samples)
+    rejection_sampling  sample 4 completions for each of 768 prompts from the RL policy, keep the correct,
+                        well-formed, language-consistent ones, mix in "non-reasoning" SFT rows 3 : 1,
+                        write sft.jsonl (and pairs.jsonl: kept vs dropped samples)
     rm                  a reward model (the transformer + a scalar head) from the cold-start SFT params,
                         Bradley–Terry on preference pairs (correct vs corrupted completions)
     sft2                SFT from the BASE model on the rejection-sampling set
@@ -38,10 +38,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.rejection_sampling = ml_collections.ConfigDict(
         dict(
-            steps=16,  # prompt batches
+            steps=48,  # prompt batches: 3,072 candidates
             prompts_per_step=16,
             num_samples=4,
-            temperature=0.5,
+            temperature=0.7,  # R1's last-stage value; lower gives mostly duplicate correct samples
             top_p=1.0,
             top_k=0,
             rewards=(("format", 1.0), ("accuracy", 1.0), LANGUAGE),

@@ -28,6 +28,7 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run.")
 _ROOT = flags.DEFINE_string("root", "workdirs/compare_rl", "Parent folder of the per-seed workdirs.")
 _OUT = flags.DEFINE_string("out", "benchmarks/grpo_vs_ppo", "Output path without extension.")
 _TITLE = flags.DEFINE_string("title", "", "Report title (default: the config's name).")
+_APPEND = flags.DEFINE_string("append", "", "A markdown file appended to the report (e.g. step benchmarks).")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,7 +155,8 @@ def main(argv):
             "",
             "```bash",
             f"python scripts/report_stages.py --config={_CONFIG.value} --seeds={','.join(_SEEDS.value)} "
-            f"--root={_ROOT.value} --out={_OUT.value}",
+            f"--root={_ROOT.value} --out={_OUT.value}"
+            + (f" --append={_APPEND.value}" if _APPEND.value else ""),
             "```",
             "",
             f"which runs `{' '.join(train_command(0)[1:]).replace('seed0', 'seedS').replace('=0', '=S')}` "
@@ -181,6 +183,9 @@ def main(argv):
             "",
         ]
     )
+    if _APPEND.value:
+        with open(os.path.join(REPO, _APPEND.value)) as f:
+            text += "\n" + f.read()
     with open(out + ".md", "w") as f:
         f.write(text)
     print(text)
