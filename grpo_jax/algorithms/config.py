@@ -19,8 +19,37 @@ from grpo_jax.algorithms.kl import KL_ESTIMATORS
 _GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", PROCESS_ESTIMATOR)
 
 
+class ConfigFields:
+    """Dict conversions shared by the algorithm configs (`GRPOConfig`, `PPOConfig`): frozen dataclasses
+    that a config file's `algo` section becomes, once, at the boundary."""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]):
+        """Build from a dict or `ml_collections.ConfigDict`, rejecting keys that are not fields."""
+        if hasattr(values, "to_dict"):
+            values = values.to_dict()
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def config_fields(cls, **overrides) -> dict[str, Any]:
+        """Every field with its default (overridden by `overrides`), for a config file's `algo` section, so
+        each switch can be set from the command line (`--config.grpo.algo.loss_agg=token_mean`). Fields
+        whose value is None are left out (ml_collections cannot type them); set them in the config file."""
+        values = cls(**overrides).to_dict()
+        return {name: value for name, value in values.items() if value is not None}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GRPOConfig:
+class GRPOConfig(ConfigFields):
     """Hyperparameters of GRPO and its variants; defaults are DeepSeekMath's except G (64 there).
 
     Attributes:
@@ -117,30 +146,6 @@ class GRPOConfig:
                 f"'group' (the default) unless advantage_estimator='grpo'; "
                 f"{self.advantage_estimator!r} fixes its own scaling",
             )
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "GRPOConfig":
-        """Build from a dict or `ml_collections.ConfigDict`, rejecting keys that are not fields."""
-        if hasattr(values, "to_dict"):
-            values = values.to_dict()
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown GRPOConfig key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def config_fields(cls, **overrides) -> dict[str, Any]:
-        """Every field with its default (overridden by `overrides`), for a config file's `algo` section, so
-        each switch can be set from the command line (`--config.grpo.algo.loss_agg=token_mean`). Fields
-        whose value is None are left out (ml_collections cannot type them); set them in the config file."""
-        values = cls(**overrides).to_dict()
-        return {name: value for name, value in values.items() if value is not None}
 
     @property
     def advantage_kwargs(self) -> dict[str, Any]:

@@ -9,14 +9,13 @@ DeepSeekMath (arXiv 2402.03300) §4.1 eq. 1-2, the PPO that GRPO removes the val
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping
-from typing import Any
 
+from grpo_jax.algorithms.config import ConfigFields
 from grpo_jax.algorithms.kl import KL_ESTIMATORS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PPOConfig:
+class PPOConfig(ConfigFields):
     """Hyperparameters of PPO for language models with a learned critic V_ψ as large as the policy.
 
     Attributes:
@@ -81,27 +80,3 @@ class PPOConfig:
             self._fail(name, f"a finite number {requirement}")
         if not check(value):
             self._fail(name, requirement)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "PPOConfig":
-        """Build from a dict or `ml_collections.ConfigDict`, rejecting keys that are not fields."""
-        if hasattr(values, "to_dict"):
-            values = values.to_dict()
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown PPOConfig key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def config_fields(cls, **overrides) -> dict[str, Any]:
-        """Every field with its default (overridden by `overrides`), for a config file's `algo` section, so
-        each switch can be set from the command line (`--config.ppo.algo.lam=1.0`). Fields whose value is
-        None are left out (ml_collections cannot type them); set them in the config file."""
-        values = cls(**overrides).to_dict()
-        return {name: value for name, value in values.items() if value is not None}

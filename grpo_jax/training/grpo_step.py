@@ -77,6 +77,19 @@ def rollout_to_batch(rollout, prompt_batch: dict, num_generations: int, host_rew
     return batch
 
 
+def outcome_rewards(reward_fn: RewardFn | None, batch: dict, reward_params) -> tuple[jax.Array, dict]:
+    """In-graph rewards plus the batch's `host_rewards`: (total float32 [N], {name: [N]}, host as "host")."""
+    n = batch["completion_mask"].shape[0]
+    if reward_fn is not None:
+        rewards, per_reward = reward_fn(batch, reward_params)
+    else:
+        rewards, per_reward = jnp.zeros((n,), jnp.float32), {}
+    if "host_rewards" in batch:
+        rewards = rewards + batch["host_rewards"]
+        per_reward = dict(per_reward, host=batch["host_rewards"])
+    return rewards.astype(jnp.float32), per_reward
+
+
 def completion_logprobs(model_config, params, batch, *, temperature, chunk_size, with_entropy=False):
     """Logprobs (and entropies) [N, L] of the batch's completion tokens under `params`, at `temperature`."""
     return models.completion_logprobs(
@@ -225,14 +238,7 @@ def make_grpo_step(
                 batch["ref_logprobs"] = jax.lax.stop_gradient(logprobs_of(state.ref_params, batch))
 
         with jax.named_scope("rewards"):
-            if reward_fn is not None:
-                rewards, per_reward = reward_fn(batch, state.reward_params)
-            else:
-                rewards, per_reward = jnp.zeros((n,), jnp.float32), {}
-            if "host_rewards" in batch:
-                rewards = rewards + batch["host_rewards"]
-                per_reward = dict(per_reward, host=batch["host_rewards"])
-            rewards = rewards.astype(jnp.float32)
+            rewards, per_reward = outcome_rewards(reward_fn, batch, state.reward_params)
             score = rewards
             if grpo.kl_in_reward and needs_reference:
                 seq_kl = jnp.sum(

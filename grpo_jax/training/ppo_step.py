@@ -49,7 +49,7 @@ from grpo_jax.algorithms import (
     value_loss,
 )
 from grpo_jax.rewards.reward_model import init_reward_head
-from grpo_jax.training.grpo_step import RewardFn, _to_minibatches, completion_logprobs
+from grpo_jax.training.grpo_step import RewardFn, _to_minibatches, completion_logprobs, outcome_rewards
 from grpo_jax.training.state import OptimizerConfig, TrainState, create_train_state, make_optimizer
 
 # Batch keys the inner updates read (rewards, route and answers are consumed before them).
@@ -183,7 +183,6 @@ def ppo_targets(
     configured), "returns" [N, L]}.
     """
     mask = batch["completion_mask"]
-    n = mask.shape[0]
     with jax.named_scope("reference_logprobs"):
         if ppo.kl_coef > 0:
             if state.ref_params is None:
@@ -201,14 +200,7 @@ def ppo_targets(
             kl = jnp.zeros(mask.shape, jnp.float32)
 
     with jax.named_scope("rewards"):
-        if reward_fn is not None:
-            rewards, per_reward = reward_fn(batch, state.reward_params)
-        else:
-            rewards, per_reward = jnp.zeros((n,), jnp.float32), {}
-        if "host_rewards" in batch:
-            rewards = rewards + batch["host_rewards"]
-            per_reward = dict(per_reward, host=batch["host_rewards"])
-        rewards = rewards.astype(jnp.float32)
+        rewards, per_reward = outcome_rewards(reward_fn, batch, state.reward_params)
 
     with jax.named_scope("old_values"):
         old_values = jax.lax.stop_gradient(token_values(model_config, state.aux["value_params"], batch))
