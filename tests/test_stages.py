@@ -65,10 +65,29 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+PPO = f"--config={REPO / 'configs' / 'ppo_baseline.py'}:runlocal"
+DPO = f"--config={REPO / 'configs' / 'dpo.py'}:runlocal"
+DPO_OVERRIDES = ("--config.dpo.steps=4", "--config.dpo.learning_rate=1e-3")
+
+
 @pytest.fixture(scope="module")
 def r1_run(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("r1")
     assert_ok(train(R1, workdir))
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("ppo")
+    assert_ok(train(PPO, workdir))
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("dpo")
+    assert_ok(train(DPO, workdir, *DPO_OVERRIDES))
     return workdir
 
 
@@ -176,14 +195,22 @@ def _checkpoint_steps(workdir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, step", [("rejection_sampling", 6), ("rm", 8)])
-def test_sigkill_inside_a_non_grpo_stage_then_rerun_reproduces_the_run(r1_run, tmp_path, stage, step):
+@pytest.mark.parametrize(
+    "run, stage, step",
+    [("r1", "rejection_sampling", 6), ("r1", "rm", 8), ("ppo", "ppo", 4), ("dpo", "dpo", 4)],
+)
+def test_sigkill_inside_a_non_grpo_stage_then_rerun_reproduces_the_run(request, tmp_path, run, stage, step):
     """Killed after the line of `step` (its checkpoint is `step - 1`), the rerun truncates the metrics
-    and the rejection candidates back and reproduces every line and every file of the uninterrupted run."""
+    (and the rejection candidates) back and reproduces every line and every file of the uninterrupted
+    run: rejection sampling, reward-model training, PPO with its critic, DPO with its reference."""
+    baseline = request.getfixturevalue(f"{run}_run")
+    config, overrides = {"r1": (R1, ()), "ppo": (PPO, ()), "dpo": (DPO, DPO_OVERRIDES)}[run]
     workdir = tmp_path / "run"
     env = dict(_env(), HANG_AFTER=str(step), HANG_STAGE=stage)
-    command = [sys.executable, "-c", _HANGING_TRAIN, R1, f"--workdir={workdir}"]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    command = [sys.executable, "-c", _HANGING_TRAIN, config, f"--workdir={workdir}", *overrides]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 400
         while time.time() < deadline and process.poll() is None:
@@ -200,14 +227,15 @@ def test_sigkill_inside_a_non_grpo_stage_then_rerun_reproduces_the_run(r1_run, t
         process.wait()
     assert metric_lines(workdir)[-1]["step"] == step
 
-    result = train(R1, workdir)
+    result = train(config, workdir, *overrides)
     assert_ok(result)
     assert "resuming from" in result.stderr
-    resumed, expected = metric_lines(workdir), metric_lines(r1_run)
+    resumed, expected = metric_lines(workdir), metric_lines(baseline)
     assert [without_timing(x) for x in resumed] == [without_timing(x) for x in expected]
-    folder = "stages/rejection_sampling"
-    for name in ("candidates.jsonl", "sft.jsonl", "pairs.jsonl"):
-        assert (workdir / folder / name).read_bytes() == (r1_run / folder / name).read_bytes(), name
+    if run == "r1":
+        folder = "stages/rejection_sampling"
+        for name in ("candidates.jsonl", "sft.jsonl", "pairs.jsonl"):
+            assert (workdir / folder / name).read_bytes() == (baseline / folder / name).read_bytes(), name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,21 +244,30 @@ def test_sigkill_inside_a_non_grpo_stage_then_rerun_reproduces_the_run(r1_run, t
 
 
 @pytest.mark.slow
-def test_ppo_baseline_runlocal_trains_a_critic(tmp_path):
-    assert_ok(train(f"--config={REPO / 'configs' / 'ppo_baseline.py'}:runlocal", tmp_path))
-    ppo = [x for x in metric_lines(tmp_path) if x["stage"] == "ppo"]
+def test_ppo_baseline_runlocal_trains_a_critic(ppo_run):
+    ppo = [x for x in metric_lines(ppo_run) if x["stage"] == "ppo"]
     assert len(ppo) == 2
     assert {"reward/mean", "kl", "clip_frac", "vf_loss", "value_mean", "advantage/mean_abs"} <= set(ppo[0])
     assert all(x["nonfinite_updates"] == 0 for x in ppo)
+    assert ppo[-1]["kl"] != 0  # the policy moved off its reference (k1 estimate: either sign)
 
 
 @pytest.mark.slow
-def test_dpo_runlocal_logs_pair_metrics_and_starts_at_log2(tmp_path):
-    assert_ok(train(f"--config={REPO / 'configs' / 'dpo.py'}:runlocal", tmp_path))
-    dpo = [x for x in metric_lines(tmp_path) if x["stage"] == "dpo"]
-    assert len(dpo) == 2
+def test_a_dpo_stage_starts_at_log2_and_raises_pair_accuracy(dpo_run):
+    dpo = [x for x in metric_lines(dpo_run) if x["stage"] == "dpo"]
+    assert len(dpo) == 4
     assert dpo[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)  # policy == reference at the first step
-    assert {"dpo/reward_accuracy", "dpo/reward_margin", "heldout/dpo/reward_accuracy"} <= set(dpo[-1])
+    assert dpo[0]["dpo/reward_accuracy"] == 0.0  # all margins are exactly 0
+    assert dpo[-1]["dpo/reward_accuracy"] > 0.5 and dpo[-1]["loss"] < dpo[0]["loss"]
+    assert dpo[-1]["heldout/dpo/reward_accuracy"] > 0.5  # pairs from the test split, never trained on
+
+
+@pytest.mark.slow
+def test_process_supervision_runlocal_trains_on_step_rewards(tmp_path):
+    assert_ok(train(f"--config={REPO / 'configs' / 'quickstart_process.py'}:runlocal", tmp_path))
+    grpo = [x for x in metric_lines(tmp_path) if x["stage"] == "grpo"]
+    assert len(grpo) == 2 and {"process/step_reward_mean", "process/steps_per_sample"} <= set(grpo[0])
+    assert grpo[0]["process/steps_per_sample"] > 0
 
 
 @pytest.mark.parametrize(
