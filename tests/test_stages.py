@@ -370,3 +370,32 @@ def test_after_a_reference_reset_the_reference_equals_the_params():
     stage.grpo, stage.retrainer = type("Algo", (), {"reference_reset_every": 2})(), None
     assert equal(stage.after_update(state)[0].ref_params, moved)  # step 2: reset
     assert equal(stage.after_update(state.replace(step=jnp.asarray(3)))[0].ref_params, params)  # step 3: kept
+
+
+def test_a_stage_reads_its_own_task_or_file(tmp_path):
+    """`config.<stage>.task` replaces the run's task for that stage; `data` names a JSONL file or
+    `stage:NAME`, a file an earlier stage wrote under DIR/stages/NAME."""
+    import types
+
+    import ml_collections
+
+    from grpo_jax.config_utils import sibling_config
+    from grpo_jax.training import setup
+
+    config = sibling_config(str(REPO / "configs" / "r1_pipeline.py"), "r1_pipeline.py", "runlocal")
+    config.grpo_final.task = ml_collections.ConfigDict(
+        dict(name="arithmetic", kwargs=dict(num_digits=(3, 3)), train_size=5, test_size=2, train_file="")
+    )
+    run = types.SimpleNamespace(config=config, workdir=str(tmp_path), task=setup.build_task(config))
+    assert setup.stage_task(run, "grpo") is run.task
+    own = setup.stage_task(run, "grpo_final").train
+    assert len(own) == 5 and all(len(e["prompt"].split("+")[0]) == 3 for e in own)
+
+    folder = tmp_path / "stages" / "rejection_sampling"
+    folder.mkdir(parents=True)
+    (folder / "sft.jsonl").write_text('{"prompt": "1+2", "completion": "<answer> 3 </answer>"}\n')
+    assert [e["prompt"] for e in setup.stage_sft_examples(run, "sft2")] == ["1+2"]
+    assert setup.stage_sft_examples(run, "sft") is run.task.train
+    config.sft2.data = str(tmp_path / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match="config.sft2.data: no such file"):
+        setup.check_data_spec(config, "sft2")
