@@ -15,6 +15,7 @@ params, optimizer state or reference hold a NaN/inf: resuming would only replay 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -193,6 +194,8 @@ class Checkpointer:
     the best `keep_best` checkpoints with it are never deleted. keep_best=0 disables best tracking.
     async_save: `save` returns once arrays are copied to host; the write continues in the background,
     so the caller may donate the state to the next step right away. The folder is created if missing.
+    read_only: for readers next to a live run (evaluation, export): no folder is created, nothing is
+    saved, and no `*.orbax-checkpoint-tmp-*` folder of a running save is cleaned up.
     """
 
     def __init__(
@@ -204,6 +207,7 @@ class Checkpointer:
         best_metric: str = "eval/accuracy",
         best_mode: str = "max",
         async_save: bool = True,
+        read_only: bool = False,
     ):
         if keep_last < 1:
             raise ValueError(f"Checkpointer keep_last must be >= 1 (the resume point), got {keep_last}")
@@ -216,17 +220,26 @@ class Checkpointer:
         self.refused_saves = 0
         self._tracks_best = keep_best > 0
         self._best_mode = best_mode
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=_LatestAndBest(keep_last=keep_last, keep_best=keep_best, score=self._score),
-            # best_fn only makes orbax persist each step's metrics; ranking is done by _score/_LatestAndBest.
-            best_fn=self._score if self._tracks_best else None,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            create=True,
-        )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "extra", "meta")
-        )
+        if read_only:
+            with _quiet_read_only():
+                options = ocp.CheckpointManagerOptions(
+                    read_only=True, create=False, best_fn=self._score if self._tracks_best else None
+                )
+        else:
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=_LatestAndBest(
+                    keep_last=keep_last, keep_best=keep_best, score=self._score
+                ),
+                # best_fn only makes orbax persist each step's metrics; ranking is by _score/_LatestAndBest.
+                best_fn=self._score if self._tracks_best else None,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
+                create=True,
+            )
+        with _quiet_read_only():
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "extra", "meta")
+            )
 
     def _score(self, metrics: Mapping[str, Any] | None) -> float | None:
         """The ranking value of a checkpoint's saved metrics, higher is better; None when it has none."""
@@ -432,11 +445,12 @@ class Checkpointer:
         ]
         tree = _nest(targets)
         restore_args = jax.tree_util.tree_map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), tree)
-        reader = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-            item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-        )
+        with _quiet_read_only():
+            reader = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+            )
         try:
             restored = reader.restore(
                 step,
@@ -486,6 +500,24 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _DropReadOnlyNotices(logging.logging.Filter):
+    """Orbax warns once per option it turns off for a read-only manager; reading is all we want."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        return not ("read_only=True" in message or "directory is read only" in message)
+
+
+@contextlib.contextmanager
+def _quiet_read_only():
+    quiet = _DropReadOnlyNotices()
+    logging.get_absl_logger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.get_absl_logger().removeFilter(quiet)
 
 
 class _LatestAndBest(checkpoint_managers.PreservationPolicy):

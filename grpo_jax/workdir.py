@@ -17,12 +17,10 @@ from __future__ import annotations
 import glob
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from absl import logging
 
 from grpo_jax import models, sharding
@@ -31,35 +29,6 @@ from grpo_jax.tokenizers import load_tokenizer
 from grpo_jax.training import setup
 
 CONFIG_FILE = "config.json"
-
-
-class _ReadOnlyCheckpointer(Checkpointer):
-    """The trainer's `Checkpointer` (same restore, same "best" ranking) over a read-only orbax manager:
-    no folder is created and no `*.orbax-checkpoint-tmp-*` folder of a running save is cleaned up."""
-
-    def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory).absolute()
-        self.best_metric = "eval/accuracy"
-        self.refused_saves = 0
-        self._tracks_best = True
-        self._best_mode = "max"
-        quiet = _DropReadOnlyNotices()
-        logging.get_absl_logger().addFilter(quiet)
-        try:
-            options = ocp.CheckpointManagerOptions(read_only=True, create=False, best_fn=self._score)
-            self._manager = ocp.CheckpointManager(
-                self.directory, options=options, item_names=("state", "extra", "meta")
-            )
-        finally:
-            logging.get_absl_logger().removeFilter(quiet)
-
-
-class _DropReadOnlyNotices(logging.logging.Filter):
-    """Orbax warns once per option it turns off for a read-only manager; reading is all we want."""
-
-    def filter(self, record):
-        message = record.getMessage()
-        return not ("read_only=True" in message or "directory is read only" in message)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,7 +86,7 @@ def select_step(workdir: str | os.PathLike, *, step: int | None = None, best: bo
     directory = checkpoint_directory(workdir)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such directory (the run saved no checkpoint)")
-    checkpointer = _ReadOnlyCheckpointer(directory)
+    checkpointer = Checkpointer(directory, read_only=True)
     try:
         return _select(checkpointer, step, best)
     finally:
@@ -191,7 +160,7 @@ def load_policy(
     tokenizer = _workdir_tokenizer(config, source)
     model_config = setup.build_model_config(config, tokenizer)
     mesh = mesh if mesh is not None else _workdir_mesh(config)
-    checkpointer = _ReadOnlyCheckpointer(checkpoint_directory(source))
+    checkpointer = Checkpointer(checkpoint_directory(source), read_only=True)
     try:
         step = _select(checkpointer, step, best)
         stage = checkpointer.read_extra(step)["stage"]

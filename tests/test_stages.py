@@ -399,3 +399,19 @@ def test_a_stage_reads_its_own_task_or_file(tmp_path):
     config.sft2.data = str(tmp_path / "missing.jsonl")
     with pytest.raises(FileNotFoundError, match="config.sft2.data: no such file"):
         setup.check_data_spec(config, "sft2")
+
+
+@pytest.mark.slow
+def test_raising_steps_on_the_command_line_extends_a_finished_stage(tmp_path):
+    quickstart = f"--config={REPO / 'configs' / 'quickstart.py'}:runlocal"
+    assert_ok(train(quickstart, tmp_path, "--config.stages=sft", "--config.sft.steps=2"))
+    result = train(quickstart, tmp_path, "--config.stages=sft", "--config.sft.steps=4")
+    assert_ok(result)
+    assert "extending it to config.sft.steps=4" in result.stderr
+    lines = metric_lines(tmp_path)
+    assert [(x["stage"], x["step"]) for x in lines if x["stage"] == "sft"] == [
+        ("sft", s) for s in (1, 2, 3, 4)
+    ]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [e["step"] for e in summary["stages"]["sft"]["evals"]] == [2, 4]
+    assert _checkpoint_steps(tmp_path)[-1] == 4

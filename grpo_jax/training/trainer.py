@@ -325,9 +325,17 @@ def run_stage(run: Run, index: int, resume: dict | None) -> None:
     stage = run.stage(name)
     sc = stage.config
     if resume is not None and resume.get("stage_done"):
-        logging.info("stage %s already finished", name)
-        run.previous = None  # later stages load its result from disk
-        return
+        if int(resume["stage_step"]) >= sc.steps:
+            logging.info("stage %s already finished", name)
+            run.previous = None  # later stages load its result from disk
+            return
+        logging.info(  # the run is being extended: continue this stage from its final state
+            "stage %s finished at step %d; extending it to config.%s.steps=%d",
+            name,
+            resume["stage_step"],
+            name,
+            sc.steps,
+        )
     evaluates = stage.produces_policy
     try:
         params = run.base_params if resume is not None else run.init_params(index)
