@@ -26,7 +26,7 @@ from grpo_jax.data.pipeline import make_prompt_dataset, prompt_length_stats
 from grpo_jax.rewards import HOST_REWARDS, HostRewardRunner, TokenSpec, make_reward_fns
 from grpo_jax.training import setup
 from grpo_jax.training.grpo_step import make_grpo_step, rollout_to_batch
-from grpo_jax.training.stages.base import Stage, host_metrics, register_stage
+from grpo_jax.training.stages.base import Stage, host_metrics, register_stage, stage_kind
 from grpo_jax.training.stages.rm_retrain import RewardModelRetrainer
 from grpo_jax.training.state import (
     create_train_state,
@@ -62,7 +62,7 @@ class RolloutStage(Stage):
         source = sc.get("reward_model_from", "")
         if source:
             stages = list(config.stages)
-            if source not in stages[: stages.index(name)] or not source.startswith("rm"):
+            if source not in stages[: stages.index(name)] or stage_kind(source) != "rm":
                 raise ValueError(
                     f"config.{name}.reward_model_from={source!r} must name an earlier 'rm' stage "
                     f"(stages: {stages})"

@@ -108,21 +108,8 @@ class RejectionSamplingStage(RolloutStage):
         )
         reward_fn = self.in_graph_rewards()
         self.score = jax.jit(lambda batch: reward_fn(batch, None)[1]) if reward_fn is not None else None
-        self.build_host_rewards_by_name()
+        self.build_host_rewards()  # each host reward is scored on its own here (a keep rule), not summed
         return state, shardings
-
-    def build_host_rewards_by_name(self):
-        """Host rewards are scored one by one here (each is a keep rule), not as a weighted sum."""
-        from grpo_jax.rewards import HOST_REWARDS, HostRewardRunner
-
-        specs = [tuple(s) for s in self.config.host_rewards]
-        self.host_runner = (
-            HostRewardRunner(
-                {s[0]: HOST_REWARDS[s[0]] for s in specs}, timeout_s=self.config.host_reward_timeout_s
-            )
-            if specs
-            else None
-        )
 
     def extra_state(self):
         return {"num_rows": self.num_rows}
