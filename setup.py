@@ -27,6 +27,7 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-xdist>=3.5",
+            "pytest-timeout>=2.3",
             "ruff>=0.6",
             "chex>=0.1.88",
             "nbclient>=0.10",
