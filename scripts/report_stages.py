@@ -28,7 +28,7 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run.")
 _ROOT = flags.DEFINE_string("root", "workdirs/compare_rl", "Parent folder of the per-seed workdirs.")
 _OUT = flags.DEFINE_string("out", "benchmarks/grpo_vs_ppo", "Output path without extension.")
 _TITLE = flags.DEFINE_string("title", "", "Report title (default: the config's name).")
-_APPEND = flags.DEFINE_string("append", "", "A markdown file appended to the report (e.g. step benchmarks).")
+_APPEND = flags.DEFINE_list("append", [], "Markdown files appended to the report (notes, step benchmarks).")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +51,7 @@ def stage_report(workdir: str) -> dict:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
     report, offset = {}, 0
-    for name in config["stages"]:
+    for index, name in enumerate(config["stages"]):
         steps = config[name]["steps"]
         train = [x for x in lines if x["stage"] != "eval" and offset < x["step"] <= offset + steps]
         evals = [x for x in lines if x["stage"] == "eval" and x.get("train_stage") == name]
@@ -66,6 +66,10 @@ def stage_report(workdir: str) -> dict:
             "eval_time_s": sum(x.get("eval/time_s", 0.0) for x in evals),
             "mean_step_time_s": sum(x.get("step_time_s", 0.0) for x in train) / max(len(train), 1),
         }
+        source = config[name].get("init_from", "previous")
+        source = config["stages"][index - 1] if source == "previous" and index else source
+        if source in report and report[source]["final_accuracy"] is not None:
+            entry["start_accuracy"] = report[source]["final_accuracy"]  # the curve's point at step 0
         rewards = [x["reward/mean"] for x in train if "reward/mean" in x]
         if rewards:
             entry["reward_first10"] = sum(rewards[:10]) / len(rewards[:10])
@@ -88,14 +92,18 @@ def plot(results: list[dict], path: str) -> None:
     names = [n for n, e in results[0]["stages"].items() if e["evals"] and e["kind"] != "sft"]
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
     for name in names:
-        curves = [r["stages"][name]["evals"] for r in results]
+        curves = [
+            ([(0, r["stages"][name]["start_accuracy"])] if "start_accuracy" in r["stages"][name] else [])
+            + r["stages"][name]["evals"]
+            for r in results
+        ]
         steps = [s for s, _ in curves[0]]
         acc = np.array([[a for _, a in c] for c in curves if len(c) == len(steps)]) * 100
         seconds = np.array(
             [
-                [s * r["stages"][name]["mean_step_time_s"] for s, _ in r["stages"][name]["evals"]]
-                for r in results
-                if len(r["stages"][name]["evals"]) == len(steps)
+                [s * r["stages"][name]["mean_step_time_s"] for s, _ in curve]
+                for r, curve in zip(results, curves, strict=True)
+                if len(curve) == len(steps)
             ]
         )
         for axis, x in ((by_step, np.array(steps)), (by_time, seconds.mean(axis=0))):
@@ -156,7 +164,7 @@ def main(argv):
             "```bash",
             f"python scripts/report_stages.py --config={_CONFIG.value} --seeds={','.join(_SEEDS.value)} "
             f"--root={_ROOT.value} --out={_OUT.value}"
-            + (f" --append={_APPEND.value}" if _APPEND.value else ""),
+            + (f" --append={','.join(_APPEND.value)}" if _APPEND.value else ""),
             "```",
             "",
             f"which runs `{' '.join(train_command(0)[1:]).replace('seed0', 'seedS').replace('=0', '=S')}` "
@@ -183,8 +191,8 @@ def main(argv):
             "",
         ]
     )
-    if _APPEND.value:
-        with open(os.path.join(REPO, _APPEND.value)) as f:
+    for path in _APPEND.value:
+        with open(os.path.join(REPO, path)) as f:
             text += "\n" + f.read()
     with open(out + ".md", "w") as f:
         f.write(text)
