@@ -217,7 +217,7 @@ def check_data_spec(config, name: str) -> None:
 def stage_data_file(run, name: str, filename: str) -> str | None:
     """The file stage `name` reads: its `data` path, `DIR/stages/<source>/<filename>` for
     "stage:<source>", or None for the run's task."""
-    from grpo_jax.training.trainer import stage_dir
+    from grpo_jax.training.stages.base import stage_dir
 
     spec = run.config[name].get("data", "")
     if spec.startswith(STAGE_DATA_PREFIX):

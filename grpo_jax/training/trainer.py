@@ -33,17 +33,11 @@ from grpo_jax.metrics import MetricsWriter, ProgressBar, plot_curves, write_summ
 from grpo_jax.training import setup
 from grpo_jax.training.evaluator import Evaluator
 from grpo_jax.training.stages import INIT_BASE, INIT_PREVIOUS, STAGE_KINDS, stage_kind
-
-STAGES_DIR = "stages"
+from grpo_jax.training.stages.base import stage_dir
 
 
 class TrainingError(RuntimeError):
     """A run that cannot continue (e.g. too many non-finite updates in a row); the message says why."""
-
-
-def stage_dir(workdir: str, name: str) -> str:
-    """Where stage `name` keeps its result and the files it writes: `DIR/stages/<name>`."""
-    return os.path.join(workdir, STAGES_DIR, name)
 
 
 @dataclasses.dataclass

@@ -18,15 +18,22 @@ A stage's life in the loop:
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
 import jax
 import numpy as np
 
+STAGES_DIR = "stages"
 STAGE_KINDS: dict[str, type[Stage]] = {}
 
 # The values `config.<stage>.init_from` takes besides an earlier stage's name.
 INIT_PREVIOUS, INIT_BASE = "previous", "base"
+
+
+def stage_dir(workdir: str, name: str) -> str:
+    """Where stage `name` keeps its result and the files it writes: `DIR/stages/<name>`."""
+    return os.path.join(workdir, STAGES_DIR, name)
 
 
 def register_stage(kind: str):

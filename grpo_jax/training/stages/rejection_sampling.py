@@ -29,7 +29,7 @@ from grpo_jax import sharding
 from grpo_jax.data.files import load_jsonl_task
 from grpo_jax.data.rejection import write_rejection_sft
 from grpo_jax.training.grpo_step import rollout_to_batch
-from grpo_jax.training.stages.base import register_stage
+from grpo_jax.training.stages.base import register_stage, stage_dir
 from grpo_jax.training.stages.grpo import RolloutStage
 from grpo_jax.training.state import create_train_state
 
@@ -95,7 +95,7 @@ class RejectionSamplingStage(RolloutStage):
         self.algo(sc)
         self.num_samples, self.temperature = sc.num_samples, sc.temperature
         self.build_data()
-        self.directory = os.path.join(run.workdir, "stages", self.name)
+        self.directory = stage_dir(run.workdir, self.name)
         os.makedirs(self.directory, exist_ok=True)
         self.num_rows, self._file = 0, None
         state, shardings = create_train_state(
