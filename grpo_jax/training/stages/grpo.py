@@ -171,12 +171,15 @@ class RolloutStage(Stage):
         )
         return placed, rollout
 
+    def row_examples(self, prompts, num_samples: int) -> list[dict]:
+        """The example of every rollout row (prompt-major: each prompt's example `num_samples` times)."""
+        return [self.examples[int(i)] for i in np.repeat(prompts["example_index"], num_samples)]
+
     def host_batch_extras(self, rollout, prompts, num_samples: int) -> tuple[dict, dict]:
         """Host-computed batch entries (host rewards, step rewards) and their logged metrics."""
         if self.host_rewards is None:
             return {}, {}
-        examples = [self.examples[int(i)] for i in np.repeat(prompts["example_index"], num_samples)]
-        values, logged = self.host_rewards(self.decode(rollout), examples)
+        values, logged = self.host_rewards(self.decode(rollout), self.row_examples(prompts, num_samples))
         return {"host_rewards": values}, logged
 
     def train_step(self, state, global_step):
@@ -275,15 +278,21 @@ class GRPOStage(RolloutStage):
         return state, shardings
 
     def host_batch_extras(self, rollout, prompts, num_samples):
-        extras, logged = super().host_batch_extras(rollout, prompts, num_samples)
+        """Host rewards, the reward-model retrainer's new pairs and process step rewards, with the
+        rollout decoded (and its examples looked up) once for all of them."""
+        if self.host_rewards is None and self.retrainer is None and self.step_verifier is None:
+            return {}, {}
+        examples = self.row_examples(prompts, num_samples)
+        texts = self.decode(rollout) if self.host_rewards is not None or self.retrainer is not None else None
+        extras, logged = {}, {}
+        if self.host_rewards is not None:
+            extras["host_rewards"], logged = self.host_rewards(texts, examples)
         if self.retrainer is not None:
-            examples = [self.examples[int(i)] for i in np.repeat(prompts["example_index"], num_samples)]
-            self.retrainer.observe(self.decode(rollout), examples, num_samples)
+            self.retrainer.observe(texts, examples, num_samples)
         if self.step_verifier is not None:
             from grpo_jax.rewards.process import process_step_rewards
 
             tokens, mask = jax.device_get((rollout.tokens, rollout.mask))
-            examples = [self.examples[int(i)] for i in np.repeat(prompts["example_index"], num_samples)]
             steps = process_step_rewards(
                 self.run.tokenizer,
                 np.asarray(tokens),

@@ -135,7 +135,7 @@ class RejectionSamplingStage(RolloutStage):
         scores: dict[str, np.ndarray] = {}
         if self.score is not None:
             scores.update(jax.device_get(self.score(rollout_to_batch(rollout, placed, K))))
-        examples = [self.examples[int(i)] for i in np.repeat(prompts["example_index"], K)]
+        examples = self.row_examples(prompts, K)
         if self.host_runner is not None:
             values, _ = self.host_runner(texts, examples)
             scores.update(values)
