@@ -66,12 +66,17 @@ class OptimizerConfig:
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
+    """lr at optimizer update `count`: linear 0 -> peak over `warmup_steps` (none when 0: the first update
+    already gets the peak), then constant, or cosine down to 0.1 x peak at `total_steps` and flat after."""
     warmup = max(config.warmup_steps, 0)
+    if config.schedule == "cosine" and warmup == 0:
+        # Plain cosine from the peak: a forced 1-step warmup (as before) gave update 0 lr 0, a wasted update.
+        return optax.cosine_decay_schedule(config.learning_rate, config.total_steps, alpha=0.1)
     if config.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
             0.0,
             config.learning_rate,
-            max(warmup, 1),
+            warmup,
             max(config.total_steps, warmup + 1),
             0.1 * config.learning_rate,
         )
