@@ -1,0 +1,676 @@
+"""Compile a config's sampler and GRPO step for a TPU topology, ahead of time, on any machine.
+
+    python scripts/aot_compile.py --config=configs/NAME.py --topology=v5e:4x4 [--config.a.b=value ...]
+        [--model_preset=qwen2.5-7b] [--programs=sampler,grpo_step] [--out=FILE.json]
+
+Nothing runs and no weights are read: parameters, optimizer state and batches are
+`jax.ShapeDtypeStruct`s carrying the shardings the trainer would give them on the config's mesh
+(`config.mesh`, built by `grpo_jax.sharding.make_mesh` over the topology's devices). The programs are
+the ones `scripts/train.py` compiles for the config's GRPO stage:
+
+- `sampler`: `grpo_jax.sampling.generate` for `prompts_per_step` prompts × `num_generations` samples of
+  `max_new_tokens` tokens after `max_prompt_len`-token prompts (the rollout of one RL step);
+- `grpo_step`: the one-program GRPO update (`grpo_jax.training.make_grpo_step`) on that rollout, with the
+  stage's optimizer, reference (when `kl_coef > 0`), minibatches, μ, remat and logprob chunking.
+  In-graph rule rewards are not compiled (they need the tokenizer; their cost is a few element-wise ops
+  over [N, L] tokens); the rewards enter as the `host_rewards` array instead. A reward model
+  (`reward_model_from`) is not included either.
+
+Needs libtpu (`pip install -e ".[tpu]"`): the TPU compiler runs on the CPU against compile-only
+devices from `jax.experimental.topologies.get_topology_desc`. Topology names are
+`<chip>:<dims>`: `v5e:2x2`, `v5e:4x4`, `v5e:8x8`, `v5e:16x16`, `v5p:4x4x4`, `v4:2x2x1`, `v6e:4x4`.
+
+For each program it prints the per-device memory of `compiled.memory_analysis()` against the chip's
+HBM and the FLOPs of `compiled.cost_analysis()` (which counts a loop body once, so it undercounts the
+scanned layer stack and the decode loop; an analytic count is printed beside it). A program that does
+not fit makes the TPU compiler fail with RESOURCE_EXHAUSTED: it is reported with `fits: false` and the
+memory the compiler said it needed. The last line of stdout is one JSON object:
+
+    {"topology": ..., "mesh": {...}, ..., "programs": {"sampler": {"fits": bool,
+     "peak_bytes_per_device": int, ...}, "grpo_step": {...}}}
+
+Exit status 0 whether or not the programs fit; 1 with one line on stderr for a bad flag, config or
+topology, or a compile error that is not an out-of-memory.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The programs compile for compile-only TPU devices; the process itself needs only the CPU backend
+# (and without this, an installed libtpu would first try and fail to open a local TPU).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu takes /tmp/libtpu_lockfile for the life of any process that opened a local TPU (or tried to:
+# a JAX process without JAX_PLATFORMS on a machine with libtpu installed); compiling needs no TPU.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4, v5e:16x16, v5p:4x4x4.")
+_STAGE = flags.DEFINE_string("stage", "", "The GRPO stage to compile (default: the config's first one).")
+_PROGRAMS = flags.DEFINE_list("programs", ["sampler", "grpo_step"], "Programs to compile.")
+_MODEL_PRESET = flags.DEFINE_string(
+    "model_preset",
+    "",
+    "Use a known architecture's shapes instead of config.model (dtype, param_dtype and remat still come "
+    "from config.model): " + ", ".join(["qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "..."]),
+)
+_ACTIVATION_SHARDING = flags.DEFINE_enum(
+    "activation_sharding",
+    "none",
+    ["none", "batch"],
+    "none: compile the model code as it is. batch: pin the token embeddings [B, T, D] to the batch axes "
+    "(data, fsdp), a stand-in for a hook the model code does not have yet (docs/SCALING.md): without it "
+    "XLA shards the residual stream like the embedding table (on its hidden dimension over fsdp) and "
+    "replicates the batch on every fsdp device.",
+)
+_HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "HBM per device in GiB (default: from the chip kind).")
+_OUT = flags.DEFINE_string("out", "", "Also write the final JSON object to this file.")
+flags.mark_flags_as_required(["config", "topology"])
+
+# Hugging Face config.json values (Qwen/Qwen2.5-*): layers, hidden, heads, kv heads, MLP, vocabulary,
+# tied embeddings. Qwen2 models have q/k/v biases; RoPE theta 1e6.
+_QWEN = dict(qkv_bias=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=32768)
+MODEL_PRESETS: dict[str, dict] = {
+    "qwen2.5-0.5b": dict(
+        _QWEN,
+        num_layers=24,
+        hidden_size=896,
+        num_heads=14,
+        num_kv_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_embeddings=True,
+    ),
+    "qwen2.5-1.5b": dict(
+        _QWEN,
+        num_layers=28,
+        hidden_size=1536,
+        num_heads=12,
+        num_kv_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        tie_embeddings=True,
+    ),
+    "qwen2.5-3b": dict(
+        _QWEN,
+        num_layers=36,
+        hidden_size=2048,
+        num_heads=16,
+        num_kv_heads=2,
+        intermediate_size=11008,
+        vocab_size=151936,
+        tie_embeddings=True,
+    ),
+    "qwen2.5-7b": dict(
+        _QWEN,
+        num_layers=28,
+        hidden_size=3584,
+        num_heads=28,
+        num_kv_heads=4,
+        intermediate_size=18944,
+        vocab_size=152064,
+        tie_embeddings=False,
+    ),
+    "qwen2.5-14b": dict(
+        _QWEN,
+        num_layers=48,
+        hidden_size=5120,
+        num_heads=40,
+        num_kv_heads=8,
+        intermediate_size=13824,
+        vocab_size=152064,
+        tie_embeddings=False,
+    ),
+    "qwen2.5-32b": dict(
+        _QWEN,
+        num_layers=64,
+        hidden_size=5120,
+        num_heads=40,
+        num_kv_heads=8,
+        intermediate_size=27648,
+        vocab_size=152064,
+        tie_embeddings=False,
+    ),
+}
+
+GIB = 2**30
+# HBM per device (a v4 / v5p megacore chip is one device) and peak dense bf16 FLOP/s per chip, from the
+# Cloud TPU system architecture pages.
+CHIPS = {
+    "TPU v4": dict(hbm_gib=32, peak_bf16_tflops=275),
+    "TPU v5 lite": dict(hbm_gib=16, peak_bf16_tflops=197),
+    "TPU v5": dict(hbm_gib=95, peak_bf16_tflops=459),
+    "TPU v6 lite": dict(hbm_gib=32, peak_bf16_tflops=918),
+}
+
+
+class AotError(Exception):
+    """A problem with the flags, the config or the topology: reported in one line."""
+
+
+def _fail(message: str) -> None:
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    sys.exit(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# What to compile
+# ------------------------------------------------------------------------------------------------
+
+
+def grpo_stage_name(config, requested: str = "") -> str:
+    stages = list(config.stages)
+    if requested:
+        if requested not in stages or not requested.startswith("grpo"):
+            raise AotError(f"--stage={requested!r} is not a GRPO stage of {stages}")
+        return requested
+    for name in stages:
+        if name.startswith("grpo"):
+            return name
+    raise AotError(f"the config has no GRPO stage (stages: {stages})")
+
+
+def model_config_for(config, preset: str = ""):
+    """The ModelConfig to compile: a preset's shapes, an HF directory's config.json (no weights are read),
+    or `config.model`'s fields (vocabulary: `model.vocab_size`, else `tokenizer.vocab_size`)."""
+    from grpo_jax.models import ModelConfig
+
+    m = config.model
+    dtypes = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    if preset:
+        if preset not in MODEL_PRESETS:
+            raise AotError(f"--model_preset={preset!r}; known: {sorted(MODEL_PRESETS)}")
+        return ModelConfig(**MODEL_PRESETS[preset], **dtypes)
+    if m.pretrained:
+        from grpo_jax.models.hf import config_from_hf
+
+        path = os.path.join(m.pretrained, "config.json")
+        if not os.path.exists(path):
+            raise AotError(f"config.model.pretrained: no config.json in {m.pretrained}")
+        with open(path) as f:
+            return config_from_hf(json.load(f), where=path, **dtypes)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    fields = {k: v for k, v in m.to_dict().items() if k in known}
+    fields["vocab_size"] = fields.get("vocab_size") or config.tokenizer.get("vocab_size", 0)
+    if not fields["vocab_size"] or not fields.get("hidden_size"):
+        raise AotError(
+            "config.model has no shapes (it is read from a pretrained directory): pass --model_preset=NAME "
+            "or --config.model.pretrained=DIR (only its config.json is read)"
+        )
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as error:
+        raise AotError(str(error)) from error
+
+
+def topology_devices(name: str):
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    except RuntimeError as error:  # JaxRuntimeError (bad name) and "JAX TPU support not installed"
+        text = str(error).strip().splitlines()[0]
+        if "not installed" in text:
+            text += ' (install libtpu: pip install -e ".[tpu]")'
+        raise AotError(f"--topology={name}: {text}") from error
+
+
+@contextlib.contextmanager
+def batch_sharded_embeddings(mesh):
+    """Within the block, `grpo_jax.models.transformer.embed_tokens` returns its [B, T, D] output
+    constrained to P(("data", "fsdp"), None, None) (when B divides), in the training forward and in the
+    sampler's prefill and decode steps alike."""
+    import jax
+
+    from grpo_jax import sharding
+    from grpo_jax.models import transformer
+
+    original = transformer.embed_tokens
+    dp = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+
+    def embed_tokens(config, params, tokens):
+        x = original(config, params, tokens)
+        if x.shape[0] % dp:
+            return x
+        return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.ndim))
+
+    transformer.embed_tokens = embed_tokens
+    try:
+        yield
+    finally:
+        transformer.embed_tokens = original
+
+
+def _sds(tree, shardings):
+    import jax
+
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def _per_device_bytes(tree) -> int:
+    import jax
+    import numpy as np
+
+    total = 0
+    for x in jax.tree_util.tree_leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        itemsize = 8 if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else np.dtype(x.dtype).itemsize
+        total += math.prod(shard) * itemsize
+    return total
+
+
+@dataclasses.dataclass
+class Programs:
+    """Abstract inputs and the jitted functions for one config on one mesh."""
+
+    mesh: object
+    model_config: object
+    grpo: object
+    prompts: int
+    prompt_len: int
+    new_tokens: int
+    sampler: object
+    sampler_args: tuple
+    step: object
+    step_args: tuple
+
+
+def build_programs(config, stage: str, model_config, mesh) -> Programs:
+    """The sampler and the GRPO step as `scripts/train.py` builds them for `stage`, with abstract inputs."""
+    import jax
+    import jax.numpy as jnp
+
+    from grpo_jax import models, sampling, sharding
+    from grpo_jax.training import (
+        TrainState,
+        learning_rate_schedule,
+        make_grpo_step,
+        make_optimizer,
+        rollout_to_batch,
+        state_shardings,
+    )
+    from grpo_jax.training import setup as run_setup
+
+    sc = config[stage]
+    try:
+        grpo = run_setup.grpo_config(sc)
+    except (TypeError, ValueError, KeyError) as error:
+        raise AotError(f"config.{stage}.algo: {error}") from error
+    G, B = grpo.num_generations, int(sc.prompts_per_step)
+    P, L, A = int(config.max_prompt_len), int(config.max_new_tokens), int(config.max_answer_len)
+    dp = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    if B % dp:
+        raise AotError(
+            f"config.{stage}.prompts_per_step={B} is not divisible by the data-parallel size {dp} "
+            f"(mesh {dict(mesh.shape)}): the trainer could not place the prompt batch either"
+        )
+    replicated = sharding.replicated(mesh)
+    rows = lambda shape, dtype: jax.ShapeDtypeStruct(
+        shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape))
+    )
+
+    param_shardings = sharding.model_param_shardings(mesh, model_config)
+    params = _sds(
+        jax.eval_shape(lambda k: models.init_params(model_config, k), jax.random.key(0)), param_shardings
+    )
+    key_shape = jax.eval_shape(lambda: jax.random.key(0))
+    rng = jax.ShapeDtypeStruct(key_shape.shape, key_shape.dtype, sharding=replicated)
+
+    # The sampler, exactly as RolloutStage.rollout calls it (placed prompt batch, key from the state).
+    prompt_batch = {
+        "prompt_tokens": rows((B, P), jnp.int32),
+        "prompt_mask": rows((B, P), jnp.int32),
+        "answer_tokens": rows((B, A), jnp.int32),
+        "answer_mask": rows((B, A), jnp.int32),
+        "route": rows((B,), jnp.int32),
+    }
+    sample = functools.partial(
+        sampling.generate,
+        model_config,
+        num_samples=G,
+        max_new_tokens=L,
+        temperature=grpo.temperature,
+        top_p=float(sc.get("top_p", 1.0)),
+        top_k=int(sc.get("top_k", 0)),
+        eos_id=1,
+        pad_id=0,
+        mesh=mesh,
+    )
+    sampler = jax.jit(sample)
+    sampler_args = (params, prompt_batch["prompt_tokens"], prompt_batch["prompt_mask"], rng)
+
+    # The step: the stage's optimizer and state layout (create_train_state), the batch rollout_to_batch
+    # makes from the sampler's output, plus the host rewards and the debug switch the stage always adds.
+    updates = grpo.num_iterations * grpo.num_minibatches
+    opt_config = run_setup.optimizer_config(sc, int(sc.steps) * updates)
+    optimizer = make_optimizer(opt_config)
+
+    def new_state(p, key):
+        return TrainState(
+            step=jnp.asarray(0, jnp.int32),
+            params=p,
+            opt_state=optimizer.init(p),
+            ref_params=jax.tree_util.tree_map(jnp.copy, p) if grpo.kl_coef > 0 else None,
+            reward_params={},
+            rng=key,
+            aux={},
+        )
+
+    state_shapes = jax.eval_shape(new_state, params, rng)
+    shardings = state_shardings(state_shapes, param_shardings, optimizer, mesh)
+    state = _sds(state_shapes, shardings)
+    rollout = jax.eval_shape(sample, *sampler_args)
+    batch_shapes = jax.eval_shape(
+        lambda r, pb, hr: rollout_to_batch(r, pb, G, hr),
+        rollout,
+        prompt_batch,
+        jax.ShapeDtypeStruct((B * G,), jnp.float32),
+    )
+    batch = {k: rows(v.shape, v.dtype) for k, v in batch_shapes.items()}
+    if grpo.advantage_estimator == "process":
+        S = int(sc.get("max_steps", 8))
+        batch.update(
+            step_rewards=rows((B * G, S), jnp.float32),
+            step_mask=rows((B * G, S), jnp.int32),
+            step_end_index=rows((B * G, S), jnp.int32),
+        )
+    batch["poison"] = jax.ShapeDtypeStruct((), jnp.bool_, sharding=replicated)
+    step = make_grpo_step(
+        grpo,
+        model_config,
+        optimizer,
+        reward_fn=None,
+        mesh=mesh,
+        state_shardings=shardings,
+        lr_schedule=learning_rate_schedule(opt_config),
+        logprob_chunk_size=int(config.logprob_chunk_size),
+        grad_accum_steps=int(sc.get("grad_accum_steps", 1)),
+    )
+    return Programs(mesh, model_config, grpo, B, P, L, sampler, sampler_args, step, (state, batch))
+
+
+# ------------------------------------------------------------------------------------------------
+# Analytic FLOPs (XLA's cost analysis counts each loop body once)
+# ------------------------------------------------------------------------------------------------
+
+
+def _layer_matmul_params(mc) -> int:
+    d, f, dh = mc.hidden_size, mc.intermediate_size, mc.resolved_head_dim
+    return d * dh * (2 * mc.num_heads + 2 * mc.num_kv_heads) + 3 * d * f
+
+
+def analytic_step_flops(p: Programs) -> float:
+    """Matmul + attention FLOPs of one GRPO step: the reference forward (β > 0), then μ passes of
+    forward + backward (2× forward) + the remat recompute of the layer forward, over all N rows of
+    P + L tokens (the model attends over the whole padded sequence; the chunked vocabulary projection
+    covers the whole sequence too)."""
+    mc, g = p.model_config, p.grpo
+    n, t = p.prompts * g.num_generations, p.prompt_len + p.new_tokens
+    layers = (
+        n * t * mc.num_layers * (2 * _layer_matmul_params(mc) + 4 * mc.num_heads * mc.resolved_head_dim * t)
+    )
+    head = n * t * 2 * mc.hidden_size * mc.vocab_size
+    forward = layers + head
+    recompute = layers if mc.remat != "none" else 0.0
+    reference = forward if g.kl_coef > 0 else 0.0
+    return float(reference + g.num_iterations * (3 * forward + recompute))
+
+
+def analytic_sampler_flops(p: Programs) -> float:
+    """Upper bound (no early stop): prefill of B prompts (logits at every prompt position), then N × L
+    single-token decode steps that attend over all P + L cache slots."""
+    mc = p.model_config
+    n, s = p.prompts * p.grpo.num_generations, p.prompt_len + p.new_tokens
+    per_token = 2 * _layer_matmul_params(mc) * mc.num_layers + 2 * mc.hidden_size * mc.vocab_size
+    attention = 4 * mc.num_heads * mc.resolved_head_dim * s * mc.num_layers
+    prefill = p.prompts * p.prompt_len * (per_token + attention)
+    decode = n * p.new_tokens * (per_token + attention)
+    return float(prefill + decode)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compile and report
+# ------------------------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def bytes_from_oom(message: str) -> int | None:
+    """The memory the TPU compiler said a program needs, from its RESOURCE_EXHAUSTED message, e.g.
+    'the total memory required for HLO temporaries (20.00G) exceeds available HBM (15.75G)' or
+    'Used 20.5G of 15.48G hbm'."""
+    for pattern in (r"required[^(]*\(([\d.]+)\s*([KMGT]?)i?B?\)", r"Used\s+([\d.]+)\s*([KMGT]?)i?B?\s+of"):
+        match = re.search(pattern, message)
+        if match:
+            return int(float(match.group(1)) * _UNITS[match.group(2)])
+    return None
+
+
+def compile_program(fn, args, hbm_bytes: int) -> dict:
+    """Lower and compile `fn(*args)`; memory, FLOPs and whether it fits in `hbm_bytes` per device."""
+    import jax
+
+    result: dict = {"unpadded_input_bytes_per_device": _per_device_bytes(args)}
+    t0 = time.time()
+    lowered = fn.lower(*args)
+    result["lower_s"] = round(time.time() - t0, 2)
+    t0 = time.time()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+        text = str(error)
+        if "RESOURCE_EXHAUSTED" not in text:
+            raise
+        needed = bytes_from_oom(text)
+        result.update(
+            compile_s=round(time.time() - t0, 2),
+            fits=False,
+            peak_bytes_per_device=needed,
+            peak_source="compiler out-of-memory message",
+            oom=" ".join(text.split())[:400],
+        )
+        return result
+    result["compile_s"] = round(time.time() - t0, 2)
+    mem = compiled.memory_analysis()
+    fields = ("argument", "output", "alias", "temp", "generated_code")
+    stats = {f"{f}_bytes": int(getattr(mem, f"{f}_size_in_bytes", 0) or 0) for f in fields}
+    # XLA's heap-simulated peak can be below its temp allocation; the larger of the two is what HBM must
+    # hold (arguments + non-aliased outputs + the temp buffer).
+    stats["peak_memory_bytes"] = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    total = stats["argument_bytes"] + stats["output_bytes"] - stats["alias_bytes"] + stats["temp_bytes"]
+    peak = max(total, stats["peak_memory_bytes"])
+    source = "max(argument + output - alias + temp, peak_memory_in_bytes)"
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    result.update(
+        fits=bool(peak <= hbm_bytes),
+        peak_bytes_per_device=peak,
+        peak_source=source,
+        memory=stats,
+        xla_flops=float((cost or {}).get("flops", 0.0)),
+    )
+    return result
+
+
+def _gib(n) -> str:
+    return "?" if n is None else f"{n / GIB:.2f} GiB"
+
+
+def run(
+    config,
+    topology: str,
+    *,
+    stage: str = "",
+    preset: str = "",
+    programs=("sampler", "grpo_step"),
+    hbm_gib: float = 0.0,
+    activation_sharding: str = "none",
+) -> dict:
+    """Resolve the config, model, topology and mesh, compile `programs`, print and return the report."""
+    from grpo_jax import sharding
+
+    unknown = sorted(set(programs) - {"sampler", "grpo_step"})
+    if unknown:
+        raise AotError(f"--programs: unknown {unknown}; known: sampler, grpo_step")
+    stage = grpo_stage_name(config, stage)
+    model_config = model_config_for(config, preset)
+    devices = topology_devices(topology)
+    kind = devices[0].device_kind
+    chip = CHIPS.get(kind, {})
+    hbm = hbm_gib or chip.get("hbm_gib")
+    if not hbm:
+        raise AotError(f"unknown HBM size for {kind!r}: pass --hbm_gib")
+    hbm_bytes = int(hbm * GIB)
+    try:
+        mesh = sharding.make_mesh(tuple(config.mesh), devices=devices)
+    except ValueError as error:
+        raise AotError(f"config.mesh: {error}") from error
+    with contextlib.ExitStack() as stack:
+        if activation_sharding == "batch":
+            stack.enter_context(batch_sharded_embeddings(mesh))
+        elif activation_sharding != "none":
+            raise AotError(f"--activation_sharding={activation_sharding!r}; known: none, batch")
+        return _compile_all(
+            config,
+            topology,
+            stage,
+            preset,
+            programs,
+            devices,
+            hbm_bytes,
+            mesh,
+            model_config,
+            activation_sharding,
+        )
+
+
+def _compile_all(
+    config, topology, stage, preset, programs, devices, hbm_bytes, mesh, model_config, activation_sharding
+) -> dict:
+    import jax
+
+    kind = devices[0].device_kind
+    chip = CHIPS.get(kind, {})
+    p = build_programs(config, stage, model_config, mesh)
+
+    report = {
+        "topology": topology,
+        "device_kind": kind,
+        "num_devices": len(devices),
+        "hbm_bytes_per_device": hbm_bytes,
+        "peak_bf16_flops_per_device": chip.get("peak_bf16_tflops", 0) * 1e12 or None,
+        "mesh": dict(mesh.shape),
+        "activation_sharding": activation_sharding,
+        "stage": stage,
+        "model": {
+            "preset": preset or None,
+            "num_params": model_config.num_params(),
+            **{
+                k: getattr(model_config, k)
+                for k in (
+                    "num_layers",
+                    "hidden_size",
+                    "num_heads",
+                    "num_kv_heads",
+                    "intermediate_size",
+                    "vocab_size",
+                    "tie_embeddings",
+                    "param_dtype",
+                    "dtype",
+                    "remat",
+                )
+            },
+        },
+        "batch": {
+            "prompts": p.prompts,
+            "num_generations": p.grpo.num_generations,
+            "rows": p.prompts * p.grpo.num_generations,
+            "max_prompt_len": p.prompt_len,
+            "max_new_tokens": p.new_tokens,
+            "num_minibatches": p.grpo.num_minibatches,
+            "num_iterations": p.grpo.num_iterations,
+            "kl_coef": p.grpo.kl_coef,
+        },
+        "jax_version": jax.__version__,
+        "programs": {},
+    }
+    print(
+        f"{topology}: {len(devices)} x {kind}, {_gib(hbm_bytes)} HBM each; mesh {dict(mesh.shape)}; "
+        f"model {model_config.num_params() / 1e9:.2f} B params ({model_config.param_dtype} weights, "
+        f"{model_config.dtype} compute, remat {model_config.remat}); activation sharding "
+        f"{activation_sharding}; stage {stage!r}: "
+        f"{p.prompts} prompts x G={p.grpo.num_generations}, P={p.prompt_len}, L={p.new_tokens}",
+        flush=True,
+    )
+    analytic = {"sampler": analytic_sampler_flops(p), "grpo_step": analytic_step_flops(p)}
+    for name in programs:
+        fn, args = (p.sampler, p.sampler_args) if name == "sampler" else (p.step, p.step_args)
+        result = compile_program(fn, args, hbm_bytes)
+        result["analytic_flops"] = analytic[name]
+        report["programs"][name] = result
+        verdict = "fits" if result["fits"] else "DOES NOT FIT"
+        peak = _gib(result["peak_bytes_per_device"])
+        line = f"  {name}: {verdict}: peak {peak} of {_gib(hbm_bytes)} per device"
+        if "memory" in result:
+            m = result["memory"]
+            line += (
+                f" (arguments {_gib(m['argument_bytes'])}, outputs {_gib(m['output_bytes'])}, aliased "
+                f"{_gib(m['alias_bytes'])}, temporaries {_gib(m['temp_bytes'])}); "
+                f"XLA cost_analysis {result['xla_flops']:.3e} FLOPs (loop bodies counted once)"
+            )
+        else:
+            line += f" (compiler: {result['oom'][:200]})"
+        line += f"; analytic {result['analytic_flops']:.3e} FLOPs; compile {result['compile_s']} s"
+        print(line, flush=True)
+    return report
+
+
+def main(argv):
+    del argv
+    try:
+        report = run(
+            _CONFIG.value,
+            _TOPOLOGY.value,
+            stage=_STAGE.value,
+            preset=_MODEL_PRESET.value,
+            programs=tuple(_PROGRAMS.value),
+            hbm_gib=_HBM_GIB.value,
+            activation_sharding=_ACTIVATION_SHARDING.value,
+        )
+    except AotError as error:
+        _fail(error)
+    line = json.dumps(report, sort_keys=True)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            f.write(line + "\n")
+    print(line)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with a bad config file, key or value reported in one line."""
+    try:
+        args = flags.FLAGS(argv)
+        _CONFIG.value.keys()
+    except flags.Error as error:
+        _fail(str(error).split("Traceback")[0])
+    except (KeyError, AttributeError, OSError) as error:
+        _fail(f"--config: {str(error).strip().splitlines()[0]}")
+    return args
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)
