@@ -98,7 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Greedy accuracy on the whole test split during training; pass@k / maj@k with scripts/evaluate.py.
     c.eval = ml_collections.ConfigDict(dict(num_problems=1319, batch_size=128, k=0, temperature=0.6))
     c.checkpoint = ml_collections.ConfigDict(dict(keep_last=2, keep_best=1, async_save=True))
-    c.debug = ml_collections.ConfigDict(dict(poison_step=-1))
+    c.debug = ml_collections.ConfigDict(dict(poison_step=-1, poison_grad_step=-1))
 
     if arg == "runlocal":
         c.mesh = (-1, 1, 1)

@@ -105,7 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.eval = ml_collections.ConfigDict(dict(num_problems=500, batch_size=250, k=0, temperature=1.0))
     c.checkpoint = ml_collections.ConfigDict(dict(keep_last=2, keep_best=1, async_save=True))
-    c.debug = ml_collections.ConfigDict(dict(poison_step=-1))
+    c.debug = ml_collections.ConfigDict(dict(poison_step=-1, poison_grad_step=-1))
 
     if arg == "runlocal":
         c.task.train_size, c.task.test_size = 64, 8

@@ -96,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.eval = ml_collections.ConfigDict(dict(num_problems=512, batch_size=64, k=8, temperature=1.0))
     c.checkpoint = ml_collections.ConfigDict(dict(keep_last=2, keep_best=1, async_save=True))
-    c.debug = ml_collections.ConfigDict(dict(poison_step=-1))
+    c.debug = ml_collections.ConfigDict(dict(poison_step=-1, poison_grad_step=-1))
 
     if arg == "runlocal":
         c.mesh = (-1, 1, 1)

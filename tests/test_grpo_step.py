@@ -1,5 +1,6 @@
 """The one-program GRPO step: ratio/clip sanity, no wasted reference forward, one compile, sharded ==
-single device (groups spanning devices), finite-difference gradient, NaN skip, HLO contents, learning."""
+single device (groups spanning devices), finite-difference gradient, NaN loss and NaN gradient skips,
+HLO contents, learning."""
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,18 @@ def _prompts(batch_size):
     return tokens, mask
 
 
-def _setup(grpo, *, mesh=None, lr=1e-2, seed=0, with_reference=True, batch_size=4, adam_eps=1e-8, **step_kw):
+def _setup(
+    grpo,
+    *,
+    mesh=None,
+    lr=1e-2,
+    seed=0,
+    with_reference=True,
+    batch_size=4,
+    adam_eps=1e-8,
+    reward_fn=contains_target,
+    **step_kw,
+):
     mesh = mesh or sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     opt_config = OptimizerConfig(learning_rate=lr, max_grad_norm=1.0, eps=adam_eps)
     optimizer = make_optimizer(opt_config)
@@ -52,7 +64,7 @@ def _setup(grpo, *, mesh=None, lr=1e-2, seed=0, with_reference=True, batch_size=
         grpo,
         CONFIG,
         optimizer,
-        reward_fn=contains_target,
+        reward_fn=reward_fn,
         mesh=mesh,
         state_shardings=state_sh,
         lr_schedule=learning_rate_schedule(opt_config),
@@ -76,6 +88,11 @@ def _setup(grpo, *, mesh=None, lr=1e-2, seed=0, with_reference=True, batch_size=
 
 def _host(tree):
     return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def _moved(new, old) -> bool:
+    differs = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), new, old)
+    return any(jax.tree_util.tree_leaves(differs))
 
 
 def test_fresh_policy_ratio_is_one_and_nothing_clips():
@@ -185,13 +202,30 @@ def test_gradient_matches_finite_differences():
 
 
 def test_nonfinite_update_is_skipped_and_counted():
-    state, step, batch, _ = _setup(GRPOConfig(num_generations=4))
-    before = _host(state.params)
-    new_state, metrics = step(state, dict(batch, poison=jnp.asarray(True)))
-    assert float(metrics["nonfinite_updates"]) == 1.0
-    jax.tree_util.tree_map(np.testing.assert_array_equal, _host(new_state.params), before)
-    _, metrics = step(new_state, dict(batch, poison=jnp.asarray(False)))
-    assert float(metrics["nonfinite_updates"]) == 0.0
+    """Both halves of the guard `isfinite(loss) & isfinite(grad_norm)`: `poison` makes the loss NaN,
+    `poison_grad` keeps the loss finite and makes only the gradient NaN."""
+    state, step, batch, _ = _setup(GRPOConfig(num_generations=4), donate=False)
+    switches = lambda loss, grad: {"poison": jnp.asarray(loss), "poison_grad": jnp.asarray(grad)}
+    before = _host((state.params, state.opt_state))
+
+    clean_state, clean = step(state, dict(batch, **switches(False, False)))
+    assert float(clean["nonfinite_updates"]) == 0.0 and np.isfinite(float(clean["grad_norm"]))
+    assert _moved(_host(clean_state.params), before[0])
+
+    nan_loss_state, nan_loss = step(state, dict(batch, **switches(True, False)))
+    assert np.isnan(float(nan_loss["loss"]))
+
+    nan_grad_state, nan_grad = step(state, dict(batch, **switches(False, True)))
+    assert float(nan_grad["loss"]) == float(clean["loss"])  # the forward value is untouched
+    assert np.isnan(float(nan_grad["grad_norm"]))
+
+    for new_state, metrics in ((nan_loss_state, nan_loss), (nan_grad_state, nan_grad)):
+        assert float(metrics["nonfinite_updates"]) == 1.0
+        jax.tree_util.tree_map(
+            np.testing.assert_array_equal, _host((new_state.params, new_state.opt_state)), before
+        )
+        assert int(new_state.step) == 1
+    assert step._cache_size() == 1  # the switches are data: one program
 
 
 def test_dynamic_sampling_masks_zero_variance_groups():

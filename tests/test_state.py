@@ -1,5 +1,5 @@
 """Train state and optimizer: learning-rate schedules against hand-computed values, Adam moments sharded
-like their params on a real mesh."""
+like their params on a real mesh, and the SFT step's non-finite guard when only the gradient is NaN."""
 
 import math
 
@@ -12,6 +12,7 @@ import pytest
 from grpo_jax import sharding
 from grpo_jax.testing import mesh_2x2x2, tiny_model_config, tiny_params
 from grpo_jax.training import OptimizerConfig, create_train_state, learning_rate_schedule, make_optimizer
+from grpo_jax.training.sft_step import make_sft_step
 
 PEAK = 1e-3
 
@@ -90,3 +91,57 @@ def test_adam_moments_are_sharded_like_their_params():
         # embed [V, D] = [128, 32] over tensor (V) and fsdp (D).
         assert shard_shape(moments["layers"]["q"]) == (2, 16, 2, 8)
         assert shard_shape(moments["embed"]) == (64, 16)
+
+
+# ------------------------------------------------------------------------------------------------
+# The SFT step's non-finite guard
+# ------------------------------------------------------------------------------------------------
+
+
+def _sft_batch(config, batch_size=4, length=8):
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (batch_size, length), 3, config.vocab_size))
+    attention_mask = np.ones_like(tokens)
+    attention_mask[0, :2] = 0
+    loss_mask = np.zeros_like(tokens)
+    loss_mask[:, length // 2 :] = 1
+    return {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def _host(tree):
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def test_sft_step_skips_an_update_whose_gradient_alone_is_nan():
+    config = tiny_model_config()
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    param_shardings = sharding.model_param_shardings(mesh, config)
+    params = jax.device_put(tiny_params(config), param_shardings)
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2))
+    state, state_sh = create_train_state(
+        params, optimizer, mesh, param_shardings, rng=jax.random.key(0), with_reference=False
+    )
+    step = make_sft_step(config, optimizer, mesh=mesh, state_shardings=state_sh, donate=False)
+    batch = _sft_batch(config)
+    switches = lambda loss, grad: {"poison": np.bool_(loss), "poison_grad": np.bool_(grad)}
+
+    clean_state, clean = step(state, dict(batch, **switches(False, False)))
+    poisoned_state, poisoned = step(state, dict(batch, **switches(False, True)))
+    assert step._cache_size() == 1  # the switches are data, not a second program
+
+    # The loss value is untouched (only `isfinite(grad_norm)` can catch this), the gradient is NaN.
+    assert np.isfinite(float(poisoned["loss"])) and float(poisoned["loss"]) == float(clean["loss"])
+    assert np.isnan(float(poisoned["grad_norm"])) and np.isfinite(float(clean["grad_norm"]))
+    assert float(poisoned["nonfinite_updates"]) == 1.0 and float(clean["nonfinite_updates"]) == 0.0
+    # Skipped: params and optimizer state exactly as before; the clean step did move them.
+    before = _host((state.params, state.opt_state))
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, _host((poisoned_state.params, poisoned_state.opt_state)), before
+    )
+    moved = jax.tree_util.tree_map(
+        lambda a, b: not np.array_equal(a, b), _host(clean_state.params), before[0]
+    )
+    assert any(jax.tree_util.tree_leaves(moved))
+    assert int(poisoned_state.step) == 1
+
+    _, nan_loss = step(state, dict(batch, **switches(True, False)))
+    assert np.isnan(float(nan_loss["loss"])) and float(nan_loss["nonfinite_updates"]) == 1.0

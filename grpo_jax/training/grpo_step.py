@@ -23,6 +23,8 @@ The batch (N = prompts × G rows, prompt-major as the sampler emits them):
                                                       the completion token where it ends (see
                                                       grpo_jax.rewards.process.process_step_rewards)
     poison () bool                                    debug switch: make this step's loss NaN (optional)
+    poison_grad () bool                               debug switch: keep the loss finite, make its gradient
+                                                      NaN (optional; see training.state.debug_poison)
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from grpo_jax.algorithms import (
 )
 from grpo_jax.algorithms.advantages import PROCESS_ESTIMATOR, process_zero_variance_groups
 from grpo_jax.sharding import BATCH_AXES, replicated
-from grpo_jax.training.state import TrainState
+from grpo_jax.training.state import DEBUG_KEYS, TrainState, debug_poison
 
 RewardFn = Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -137,8 +139,7 @@ def grpo_loss(params, mb: dict, *, grpo: GRPOConfig, model_config, chunk_size: i
         max_len_norm=grpo.max_len_norm,
         sample_weight=mb.get("sample_weight"),
     )
-    if "poison" in mb:
-        loss = loss + jnp.where(mb["poison"], jnp.nan, 0.0)
+    loss = debug_poison(loss, mb)
     mask = mb["completion_mask"] > 0
     metrics["sampler_logprob_diff"] = jnp.max(jnp.where(mask, jnp.abs(logprobs - mb["old_logprobs"]), 0.0))
     metrics["entropy"] = _masked_mean(entropy, mask)
@@ -199,9 +200,10 @@ def make_grpo_step(
     def accumulated_grads(params, mb):
         if grad_accum_steps == 1:
             return grad_fn(params, mb)
-        micro = _to_minibatches({k: v for k, v in mb.items() if k != "poison"}, grad_accum_steps, None)
-        if "poison" in mb:
-            micro["poison"] = jnp.broadcast_to(mb["poison"], (grad_accum_steps,))
+        micro = _to_minibatches({k: v for k, v in mb.items() if k not in DEBUG_KEYS}, grad_accum_steps, None)
+        for key in DEBUG_KEYS:
+            if key in mb:
+                micro[key] = jnp.broadcast_to(mb[key], (grad_accum_steps,))
 
         def body(acc, one):
             (loss, metrics), grads = grad_fn(params, one)
@@ -262,15 +264,14 @@ def make_grpo_step(
             batch["advantages"] = advantages
             batch["sample_weight"] = weight
 
-        poison = batch.pop("poison", None)
+        debug = {key: batch.pop(key) for key in DEBUG_KEYS if key in batch}
         train_keys = [k for k in batch if k not in _NOT_TRAINED]
         minibatches = _to_minibatches({k: batch[k] for k in train_keys}, M, mesh)
 
         def inner_update(carry, index):
             params, opt_state = carry
             mb = jax.tree_util.tree_map(lambda x: x[index % M], minibatches)
-            if poison is not None:
-                mb["poison"] = poison
+            mb.update(debug)
             with jax.named_scope("policy_loss"):
                 (loss, metrics), grads = accumulated_grads(params, mb)
             with jax.named_scope("optimizer"):

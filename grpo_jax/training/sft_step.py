@@ -2,7 +2,8 @@
 
 Batch (from `grpo_jax.data.make_sft_dataset`): tokens [B, T], attention_mask [B, T], loss_mask [B, T]
 (1 on completion tokens and EOS, aligned with `tokens`: the target at t is predicted from position t-1),
-optionally poison () bool (debug switch that makes the loss NaN).
+optionally poison () bool and poison_grad () bool (debug switches: make the loss NaN, or keep the loss
+finite and make its gradient NaN; see `grpo_jax.training.state.debug_poison`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import optax
 from grpo_jax import models
 from grpo_jax.algorithms import sft_loss
 from grpo_jax.sharding import replicated
-from grpo_jax.training.state import TrainState
+from grpo_jax.training.state import TrainState, debug_poison
 
 
 def sft_objective(params, batch, *, model_config, chunk_size: int = 128):
@@ -23,9 +24,7 @@ def sft_objective(params, batch, *, model_config, chunk_size: int = 128):
         model_config, params, batch["tokens"], attention_mask=batch["attention_mask"], chunk_size=chunk_size
     )
     loss, metrics = sft_loss(logprobs, batch["loss_mask"][:, 1:])
-    if "poison" in batch:
-        loss = loss + jnp.where(batch["poison"], jnp.nan, 0.0)
-    return loss, metrics
+    return debug_poison(loss, batch), metrics
 
 
 def make_sft_step(

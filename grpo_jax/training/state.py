@@ -33,6 +33,42 @@ class TrainState:
     aux: Any = flax.struct.field(default_factory=dict)
 
 
+# Debug batch keys (0-d bool) that the SFT and GRPO steps read to exercise their non-finite guard
+# (`finite = isfinite(loss) & isfinite(grad_norm)`), one half each; see `debug_poison`.
+POISON_LOSS, POISON_GRAD = "poison", "poison_grad"
+DEBUG_KEYS = (POISON_LOSS, POISON_GRAD)
+
+
+@jax.custom_vjp
+def _nan_gradient_if(x: jax.Array, poison: jax.Array) -> jax.Array:
+    return x
+
+
+def _nan_gradient_if_fwd(x, poison):
+    return x, poison
+
+
+def _nan_gradient_if_bwd(poison, g):
+    return jnp.where(poison, jnp.nan, 1.0).astype(g.dtype) * g, None
+
+
+_nan_gradient_if.defvjp(_nan_gradient_if_fwd, _nan_gradient_if_bwd)
+
+
+def debug_poison(loss: jax.Array, batch) -> jax.Array:
+    """Apply the batch's debug switches to a scalar loss (both absent or False: `loss` unchanged).
+
+    `poison` (config.debug.poison_step): the loss becomes NaN. `poison_grad` (config.debug.poison_grad_step):
+    the loss keeps its finite value but every gradient through it becomes NaN, so only the
+    `isfinite(grad_norm)` half of the guard can catch it.
+    """
+    if POISON_LOSS in batch:
+        loss = loss + jnp.where(batch[POISON_LOSS], jnp.nan, 0.0)
+    if POISON_GRAD in batch:
+        loss = _nan_gradient_if(loss, jnp.asarray(batch[POISON_GRAD]))
+    return loss
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
     """AdamW with linear warmup then constant or cosine decay, after a global-norm clip.

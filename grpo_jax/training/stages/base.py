@@ -69,11 +69,14 @@ class Stage:
       batch_field: the config field holding the global batch size, checked against the mesh up front.
       produces_policy: the result is policy params (evaluated by the run's Evaluator, usable as a later
         stage's start); False for a reward model.
+      poisons_gradients: the stage's jitted step reads the `poison_grad` batch key, so
+        `config.debug.poison_grad_step` applies to it (see `debug_switches`).
     """
 
     kind: ClassVar[str] = ""
     batch_field: ClassVar[str | None] = "batch_size"
     produces_policy: ClassVar[bool] = True
+    poisons_gradients: ClassVar[bool] = False
 
     def __init__(self, run, index: int):
         self.run = run
@@ -139,6 +142,17 @@ class Stage:
     def poison(self, global_step: int) -> np.bool_:
         """Debug switch `config.debug.poison_step`: make that global step's loss NaN."""
         return np.bool_(global_step == self.run.config.debug.poison_step)
+
+    def debug_switches(self, global_step: int) -> dict[str, np.bool_]:
+        """The debug keys of this step's batch, the same keys every step (one compiled program):
+        `poison` (`config.debug.poison_step`: the loss is NaN, caught by `isfinite(loss)`) and, where
+        `poisons_gradients`, `poison_grad` (`config.debug.poison_grad_step`: the loss stays finite, its
+        gradient is NaN, caught by `isfinite(grad_norm)`); see `grpo_jax.training.state.debug_poison`."""
+        switches = {"poison": self.poison(global_step)}
+        if self.poisons_gradients:
+            poison_grad_step = self.run.config.debug.get("poison_grad_step", -1)
+            switches["poison_grad"] = np.bool_(global_step == poison_grad_step)
+        return switches
 
     def state_rng(self):
         return jax.random.key(self.run.config.seed + 1)

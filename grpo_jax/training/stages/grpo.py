@@ -192,7 +192,7 @@ class RolloutStage(Stage):
         extras, logged = self.host_batch_extras(rollout, prompts, G)
         batch = rollout_to_batch(rollout, placed, G, extras.pop("host_rewards", None))
         batch.update(extras)
-        batch["poison"] = self.poison(global_step)
+        batch.update(self.debug_switches(global_step))
         state, step_metrics = self.step_fn(state, batch)
         state, more = self.after_update(state)
         m = host_metrics(step_metrics)
@@ -219,6 +219,8 @@ class RolloutStage(Stage):
 
 @register_stage("grpo")
 class GRPOStage(RolloutStage):
+    poisons_gradients = True
+
     @staticmethod
     def algo(stage_config):
         grpo = setup.grpo_config(stage_config)

@@ -22,6 +22,8 @@ SFT_KEYS = ("tokens", "attention_mask", "loss_mask")
 
 @register_stage("sft")
 class SFTStage(Stage):
+    poisons_gradients = True
+
     @classmethod
     def validate(cls, config, name):
         setup.check_data_spec(config, name)
@@ -88,7 +90,7 @@ class SFTStage(Stage):
         t0 = time.time()
         batch = next(self.data_iter)
         device_batch = sharding.shard_batch({k: batch[k] for k in SFT_KEYS}, self.run.mesh)
-        device_batch["poison"] = self.poison(global_step)
+        device_batch.update(self.debug_switches(global_step))
         state, step_metrics = self.step_fn(state, device_batch)
         m = host_metrics(step_metrics)
         m["step_time_s"] = time.time() - t0
