@@ -1,6 +1,6 @@
-"""The one-program GRPO step: ratio/clip sanity, no wasted reference forward, one compile, sharded ==
-single device (groups spanning devices), finite-difference gradient, NaN loss and NaN gradient skips,
-HLO contents, learning."""
+"""The one-program GRPO step: ratio/clip sanity, no wasted reference forward, one compile (with a
+hand-computed clip fraction), sharded == single device (groups spanning devices), finite-difference
+gradient, NaN loss and NaN gradient skips, dynamic sampling on and off, HLO contents, learning."""
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,19 @@ def contains_target(batch, params):
     hit = jnp.any((batch["completion_tokens"] == TARGET) & (batch["completion_mask"] > 0), axis=-1)
     reward = hit.astype(jnp.float32)
     return reward, {"contains": reward}
+
+
+def first_of_each_group(batch, params):
+    """Reward 1 for the first completion of each group of 4, else 0: every group has Â > 0 on its first
+    row and Â < 0 on the other three, whatever was sampled."""
+    n = batch["completion_mask"].shape[0]
+    reward = (jnp.arange(n) % 4 == 0).astype(jnp.float32)
+    return reward, {"first": reward}
+
+
+def constant_reward(batch, params):
+    """Reward 0 everywhere: every group has zero variance."""
+    return jnp.zeros(batch["completion_mask"].shape[0], jnp.float32), {}
 
 
 def _prompts(batch_size):
@@ -90,9 +103,27 @@ def _host(tree):
     return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
+def _with_reference(state, seed=5):
+    """The state with a reference that differs from the policy (tiny_params(seed)), laid out like it."""
+    ref = jax.tree_util.tree_map(
+        lambda p, x: jax.device_put(x, p.sharding), state.params, tiny_params(CONFIG, seed=seed)
+    )
+    return state.replace(ref_params=ref)
+
+
 def _moved(new, old) -> bool:
     differs = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), new, old)
     return any(jax.tree_util.tree_leaves(differs))
+
+
+def _token_share(rows, tokens, num_minibatches):
+    """Mean over minibatches (rows m, m+M, ...) of the share of their tokens that lie in `rows`."""
+    return np.mean(
+        [
+            tokens[m::num_minibatches][rows[m::num_minibatches]].sum() / tokens[m::num_minibatches].sum()
+            for m in range(num_minibatches)
+        ]
+    )
 
 
 def test_fresh_policy_ratio_is_one_and_nothing_clips():
@@ -139,14 +170,34 @@ def test_step_is_one_program_with_rewards_advantages_loss_and_optimizer():
 
 
 def test_step_compiles_once_and_reference_reset_does_not_recompile():
-    state, step, batch, _ = _setup(GRPOConfig(num_generations=4, num_iterations=2, num_minibatches=2))
-    state, _ = step(state, batch)
-    state = reset_reference(state)
-    state, _ = step(state, batch)
-    state, metrics = step(state, batch)
+    G, M = 4, 2
+    grpo = GRPOConfig(num_generations=G, num_iterations=2, num_minibatches=M)
+    # lr 1e-4: 12 updates drift the policy's logprobs far less than the clip range (ε = 0.2).
+    state, step, batch, _ = _setup(grpo, lr=1e-4, reward_fn=first_of_each_group)
+    # Push the ratio of group 0's tokens out of the clip range in the direction of their advantage
+    # (log r = +2 where Â > 0, -2 where Â < 0); the other groups keep r ~ 1. So exactly group 0's tokens
+    # clip, a hand-computable share of each minibatch.
+    mask = np.asarray(batch["completion_mask"]) > 0
+    n = mask.shape[0]
+    rows = np.arange(n)
+    sign = np.where(rows % G == 0, 1.0, -1.0)  # the sign of Â under first_of_each_group
+    pushed = rows < G
+    old = np.asarray(batch["old_logprobs"]) - 2.0 * np.where(pushed, sign, 0.0)[:, None] * mask
+    batch = dict(batch, old_logprobs=jnp.asarray(old))
+    tokens = mask.sum(axis=1)
+    high = _token_share(pushed & (sign > 0), tokens, M)
+    low = _token_share(pushed & (sign < 0), tokens, M)
+    assert 0 < high < low < 1
+
+    for i in range(3):
+        if i == 1:
+            state = reset_reference(state)
+        state, metrics = step(state, batch)
+        np.testing.assert_allclose(float(metrics["clip_frac_high"]), high, rtol=1e-6)
+        np.testing.assert_allclose(float(metrics["clip_frac_low"]), low, rtol=1e-6)
+        np.testing.assert_allclose(float(metrics["clip_frac"]), high + low, rtol=1e-6)
     assert step._cache_size() == 1
     assert int(state.step) == 3
-    assert float(metrics["clip_frac"]) >= 0.0
 
 
 def test_sharded_step_matches_single_device_with_groups_across_devices():
@@ -228,13 +279,25 @@ def test_nonfinite_update_is_skipped_and_counted():
     assert step._cache_size() == 1  # the switches are data: one program
 
 
-def test_dynamic_sampling_masks_zero_variance_groups():
-    grpo = GRPOConfig(num_generations=4, dynamic_sampling=True)
-    state, step, batch, _ = _setup(grpo)
-    rewards = np.asarray(contains_target(batch, None)[0]).reshape(-1, 4)
-    expected = np.mean(rewards.min(axis=1) == rewards.max(axis=1))
-    _, metrics = step(state, batch)
-    assert float(metrics["zero_variance_frac"]) == pytest.approx(expected)
+@pytest.mark.parametrize("dynamic_sampling", [True, False])
+def test_dynamic_sampling_masks_zero_variance_groups(dynamic_sampling):
+    # Every group has zero reward variance, so Â = 0 and only the KL term (policy != reference) can move
+    # the params: it does with the switch off; with it on, every token has weight 0 and nothing moves.
+    grpo = GRPOConfig(num_generations=4, kl_coef=0.5, dynamic_sampling=dynamic_sampling)
+    state, step, batch, _ = _setup(grpo, reward_fn=constant_reward)
+    state = _with_reference(state)
+    before = _host(state.params)
+    new_state, metrics = step(state, batch)
+    assert float(metrics["zero_variance_frac"]) == 1.0
+    assert float(metrics["advantage/mean_abs"]) == 0.0
+    assert float(metrics["nonfinite_updates"]) == 0.0
+    if dynamic_sampling:
+        assert float(metrics["loss"]) == 0.0 and float(metrics["grad_norm"]) == 0.0
+        jax.tree_util.tree_map(np.testing.assert_array_equal, _host(new_state.params), before)
+    else:
+        assert float(metrics["kl"]) > 1e-3 and float(metrics["loss"]) > 1e-3
+        assert float(metrics["grad_norm"]) > 1e-3
+        assert _moved(_host(new_state.params), before)
 
 
 def test_the_step_learns_a_bandit_task():
