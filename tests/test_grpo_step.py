@@ -1,6 +1,7 @@
 """The one-program GRPO step: ratio/clip sanity, no wasted reference forward, one compile (with a
 hand-computed clip fraction), sharded == single device (groups spanning devices), finite-difference
-gradient, NaN loss and NaN gradient skips, dynamic sampling on and off, HLO contents, learning."""
+gradient, NaN loss and NaN gradient skips, dynamic sampling on and off, kl_in_reward against a numpy
+step, HLO contents, learning."""
 
 import jax
 import jax.numpy as jnp
@@ -298,6 +299,60 @@ def test_dynamic_sampling_masks_zero_variance_groups(dynamic_sampling):
         assert float(metrics["kl"]) > 1e-3 and float(metrics["loss"]) > 1e-3
         assert float(metrics["grad_norm"]) > 1e-3
         assert _moved(_host(new_state.params), before)
+
+
+def _k3(logprobs, ref_logprobs):
+    log_ratio = ref_logprobs - logprobs
+    return np.expm1(log_ratio) - log_ratio
+
+
+def test_kl_in_reward_matches_a_hand_computed_step():
+    """kl_in_reward: score_i = r_i - β Σ_t k3(π_old, π_ref), group-normalised into Â; the loss has no KL."""
+    G, beta, eps = 4, 0.5, 0.2
+    grpo = GRPOConfig(num_generations=G, kl_coef=beta, kl_in_reward=True)
+    state, step, batch, _ = _setup(grpo)
+    state = _with_reference(state)
+    from grpo_jax.training.grpo_step import completion_logprobs
+
+    # Completions of 1..4 tokens (the mask carries the truth); π_old off the sampler's values (r inside
+    # and outside the clip range) and -inf off-mask, which must reach neither the rewards nor the loss.
+    n = batch["completion_mask"].shape[0]
+    mask = np.arange(MAX_NEW)[None, :] < 1 + np.arange(n)[:, None] % MAX_NEW
+    mask &= np.asarray(batch["completion_mask"]) > 0
+    assert not mask.all()
+    rng = np.random.default_rng(0)
+    old = np.asarray(batch["old_logprobs"]) + rng.uniform(-0.3, 0.3, mask.shape)
+    old = np.where(mask, old, -np.inf).astype(np.float32)
+    batch = dict(batch, old_logprobs=jnp.asarray(old), completion_mask=jnp.asarray(mask, jnp.int32))
+    logprob = lambda p: np.asarray(completion_logprobs(CONFIG, p, batch, temperature=1.0, chunk_size=128))
+    policy, ref = logprob(tiny_params(CONFIG, seed=0)), logprob(tiny_params(CONFIG, seed=5))
+
+    rewards = np.asarray(contains_target(batch, None)[0])
+    seq_kl = np.where(mask, _k3(np.where(mask, old, 0.0), ref), 0.0).sum(axis=1)
+
+    def group_advantages(scores):
+        groups = scores.reshape(-1, G)
+        centred = groups - groups.mean(axis=1, keepdims=True)
+        flat = groups.min(axis=1, keepdims=True) == groups.max(axis=1, keepdims=True)
+        return np.where(flat, 0.0, centred / (groups.std(axis=1, ddof=1, keepdims=True) + 1e-6)).reshape(-1)
+
+    advantages = group_advantages(rewards - beta * seq_kl)
+    # The switch matters here: the KL makes groups informative whose rewards are all equal.
+    assert np.abs(advantages).min() > 0 and np.abs(group_advantages(rewards)).min() == 0
+    ratio = np.exp(np.where(mask, policy - old, 0.0))
+    a = advantages[:, None]
+    per_token = -np.minimum(ratio * a, np.clip(ratio, 1 - eps, 1 + eps) * a)
+    loss = np.mean(np.where(mask, per_token, 0.0).sum(axis=1) / mask.sum(axis=1))
+    kl = np.mean(_k3(policy, ref)[mask])
+    clip_frac = np.mean(((a > 0) & (ratio > 1 + eps) | (a < 0) & (ratio < 1 - eps))[mask])
+    assert 0 < clip_frac < 1
+
+    _, metrics = step(state, batch)
+    np.testing.assert_allclose(float(metrics["advantage/mean_abs"]), np.mean(np.abs(advantages)), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["kl"]), kl, rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["clip_frac"]), clip_frac, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["reward/mean"]), rewards.mean(), rtol=1e-6)
 
 
 def test_the_step_learns_a_bandit_task():

@@ -243,10 +243,9 @@ def make_grpo_step(
             rewards, per_reward = outcome_rewards(reward_fn, batch, state.reward_params)
             score = rewards
             if grpo.kl_in_reward and needs_reference:
-                seq_kl = jnp.sum(
-                    kl_divergence(grpo.kl_estimator, batch["old_logprobs"], batch["ref_logprobs"]) * mask,
-                    axis=-1,
-                )
+                # where, not * mask: padded logprobs may hold anything, even -inf (then inf * 0 = NaN).
+                token_kl = kl_divergence(grpo.kl_estimator, batch["old_logprobs"], batch["ref_logprobs"])
+                seq_kl = jnp.sum(jnp.where(mask > 0, token_kl, 0.0), axis=-1)
                 score = rewards - grpo.kl_coef * seq_kl
 
         with jax.named_scope("advantages"):
