@@ -11,6 +11,8 @@ Randomness: the random stream of a row is `fold_in(fold_in(rng, hash(prompt toke
 the decode step, so a sample depends on (rng, prompt content, sample index) and not on the prompt's
 row: permuting the prompts permutes the rollouts and changes nothing else. (Two identical prompts in
 one batch therefore receive identical samples.)
+`rng` is a typed key (`jax.random.key`) or a raw one (`jax.random.PRNGKey`); the two spellings of one
+key give identical rollouts.
 
 Logprobs: `logprobs` are log softmax(logits / temperature) of the sampled token — exactly what the
 training forward computes for the same tokens at the same temperature, so GRPO can use them as π_old
@@ -28,6 +30,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from grpo_jax.inputs import as_key
 from grpo_jax.models import (
     ModelConfig,
     completion_logprobs,
@@ -280,12 +283,13 @@ def generate(
 ) -> Rollout:
     """Sample `num_samples` completions for each left-padded prompt (DESIGN.md §3 contract).
 
-    prompt_tokens/prompt_mask [B, P] (left-padded); returns a `Rollout` with N = B * num_samples rows in
-    prompt-major order. `eos_id` and any `stop_ids` end a sequence (the stop token is included in the
-    mask); `min_new_tokens` forbids stopping earlier; `temperature=0.0` is greedy. Pass the `mesh` to pin
-    the fanned-out KV cache and rows to the ("data", "fsdp") axes. One compilation per distinct set of
-    static arguments and shapes.
+    prompt_tokens/prompt_mask [B, P] (left-padded); rng: a typed or raw PRNG key. Returns a `Rollout`
+    with N = B * num_samples rows in prompt-major order. `eos_id` and any `stop_ids` end a sequence (the
+    stop token is included in the mask); `min_new_tokens` forbids stopping earlier; `temperature=0.0` is
+    greedy. Pass the `mesh` to pin the fanned-out KV cache and rows to the ("data", "fsdp") axes. One
+    compilation per distinct set of static arguments and shapes.
     """
+    rng = as_key(rng, "generate(rng)")
     if num_samples < 1 or max_new_tokens < 1:
         raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples}, {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:

@@ -226,3 +226,35 @@ def test_top_k_sampler_only_emits_top_k_tokens(params):
             if m[r, t]:
                 assert toks[r, t] in top3[r, t]
     assert (np.asarray(out.sampling_logprobs)[m > 0] >= np.asarray(out.logprobs)[m > 0] - 1e-6).all()
+
+
+def test_raw_and_typed_keys_give_identical_rollouts(params):
+    _, tokens, mask = _prompts()
+    kw = dict(num_samples=3, max_new_tokens=5, temperature=1.0, top_k=20, eos_id=EOS)
+    raw = sampling.generate(CONFIG, params, tokens, mask, jax.random.PRNGKey(42), **kw)
+    wrapped = sampling.generate(
+        CONFIG, params, tokens, mask, jax.random.wrap_key_data(jax.random.PRNGKey(42)), **kw
+    )
+    typed = sampling.generate(CONFIG, params, tokens, mask, jax.random.key(42), **kw)
+    for other in (wrapped, typed):
+        np.testing.assert_array_equal(np.asarray(raw.tokens), np.asarray(other.tokens))
+        np.testing.assert_array_equal(np.asarray(raw.logprobs), np.asarray(other.logprobs))
+        np.testing.assert_array_equal(np.asarray(raw.sampling_logprobs), np.asarray(other.sampling_logprobs))
+
+
+@pytest.mark.parametrize(
+    "make_rng, error, message",
+    [
+        (lambda: 0, TypeError, r"generate\(rng\) must be a PRNG key .*, got int 0$"),
+        (lambda: np.zeros(2, np.float32), TypeError, r"got an array of dtype float32 and shape \(2,\)$"),
+        (lambda: np.zeros((3, 2), np.uint32), ValueError, r"uint32 of shape \(2,\), got shape \(3, 2\)$"),
+        (lambda: jax.random.split(jax.random.key(0), 4), ValueError, r"got a key array of shape \(4,\)$"),
+    ],
+)
+def test_a_bad_rng_gets_one_line_naming_the_argument(params, make_rng, error, message):
+    _, tokens, mask = _prompts()
+    with pytest.raises(error, match=message) as info:
+        sampling.generate(
+            CONFIG, params, tokens, mask, make_rng(), num_samples=1, max_new_tokens=2, eos_id=EOS
+        )
+    assert "\n" not in str(info.value)

@@ -10,8 +10,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from grpo_jax.inputs import DTYPES, canonical_dtype
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-DTYPES = ("float32", "bfloat16", "float16")
+__all__ = ["DTYPES", "REMAT_POLICIES", "ModelConfig"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -22,6 +24,8 @@ class ModelConfig:
     `rope_scaling` is stored as a sorted tuple of (key, value) pairs so the config stays hashable;
     `rope_scaling_dict` gives it back as a dict (Llama-3 style: rope_type="llama3", factor,
     low_freq_factor, high_freq_factor, original_max_position_embeddings; or rope_type="linear", factor).
+    `param_dtype` (weights) and `dtype` (activations) take a name ("bfloat16", "bf16") or a dtype
+    (`jnp.bfloat16`) and are stored as the canonical name, so equal configs hash equal and serialise.
     """
 
     vocab_size: int
@@ -71,8 +75,7 @@ class ModelConfig:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"ModelConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, canonical_dtype(getattr(self, name), f"ModelConfig.{name}"))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         scaling = self.rope_scaling_dict

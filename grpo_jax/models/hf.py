@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from grpo_jax.inputs import DTYPES, canonical_dtype
 from grpo_jax.models.config import ModelConfig
 from grpo_jax.models.transformer import Params, param_shapes
 
@@ -203,15 +204,21 @@ def load_pretrained(
     *,
     mesh=None,
     rules=None,
-    param_dtype: str | None = None,
-    dtype: str | None = None,
+    param_dtype=None,
+    dtype=None,
     **config_overrides,
 ) -> tuple[ModelConfig, Params]:
     """Load an HF Llama/Qwen2 directory -> (ModelConfig, params) (DESIGN.md §3 contract).
 
     With `mesh`, every parameter is placed directly into its sharding from the logical-axis rules.
-    `param_dtype`/`dtype` override the stored dtype and the compute dtype.
+    `param_dtype` overrides the stored weight dtype (default: config.json's `torch_dtype`), `dtype` the
+    compute dtype (default: `param_dtype`); each takes a name ("bfloat16", "bf16") or a dtype
+    (`jnp.bfloat16`).
     """
+    if param_dtype is not None:
+        param_dtype = canonical_dtype(param_dtype, "load_pretrained(param_dtype=...)")
+    if dtype is not None:
+        dtype = canonical_dtype(dtype, "load_pretrained(dtype=...)")
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
@@ -219,9 +226,13 @@ def load_pretrained(
         hf = json.load(f)
     if param_dtype is None:
         stored = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-        param_dtype = stored if stored in ("float32", "bfloat16", "float16") else "float32"
+        param_dtype = stored if stored in DTYPES else "float32"
     config = config_from_hf(
-        hf, where=config_path, param_dtype=param_dtype, dtype=dtype or param_dtype, **config_overrides
+        hf,
+        where=config_path,
+        param_dtype=param_dtype,
+        dtype=param_dtype if dtype is None else dtype,
+        **config_overrides,
     )
     reader = _SafetensorsReader(path)
     shapes = param_shapes(config)

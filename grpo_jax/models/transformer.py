@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from grpo_jax.inputs import as_key, canonical_dtype
 from grpo_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -92,6 +93,7 @@ def logical_axes(config: ModelConfig) -> dict[str, Any]:
 def init_params(config: ModelConfig, rng: jax.Array) -> Params:
     """Random init: normal(0, 0.02) matrices (scaled-down output projections), unit norms, zero biases.
 
+    `rng` is a typed key (`jax.random.key`) or a raw one (`jax.random.PRNGKey`); both give the same params.
     Wrap in `jax.jit(..., out_shardings=...)` (see `grpo_jax.sharding.init_sharded_params`) to create the
     params directly sharded without ever materialising them on one device.
     """
@@ -100,7 +102,7 @@ def init_params(config: ModelConfig, rng: jax.Array) -> Params:
     std = 0.02
     out_std = std / math.sqrt(2 * config.num_layers)
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    keys = jax.random.split(rng, len(flat))
+    keys = jax.random.split(as_key(rng, "init_params(rng)"), len(flat))
     leaves = []
     for key, (path, shape) in zip(keys, flat):
         name = path[-1].key
@@ -404,8 +406,9 @@ def logprobs_from_hidden(
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
-    """Zeroed KV cache {"k", "v"}: [L, B, S, K, Dh] each."""
-    dtype = config.compute_dtype if dtype is None else dtype
+    """Zeroed KV cache {"k", "v"}: [L, B, S, K, Dh] each, in `dtype` (a name or a dtype; default: the
+    compute dtype)."""
+    dtype = config.compute_dtype if dtype is None else jnp.dtype(canonical_dtype(dtype, "init_cache(dtype)"))
     shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.resolved_head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
