@@ -117,12 +117,39 @@ def test_token_logprobs_chunked_matches_full_softmax(config, params):
     np.testing.assert_allclose(np.asarray(entropy), np.asarray(expected_entropy), atol=1e-5)
 
 
+def _matmul_operand_dtypes(config, params, tokens) -> set:
+    """The dtypes of both operands of every dot_general in `forward`'s program, scan/remat bodies included."""
+
+    def eqns(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else [value]:
+                    sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                    if hasattr(sub, "eqns"):
+                        yield from eqns(sub)
+
+    closed = jax.make_jaxpr(lambda p, t: models.forward(config, p, t))(params, tokens)
+    return {
+        v.aval.dtype for eqn in eqns(closed.jaxpr) if eqn.primitive.name == "dot_general" for v in eqn.invars
+    }
+
+
 def test_bfloat16_compute_runs_close_to_float32(params):
-    config = tiny_model_config(dtype="bfloat16")
-    logits = models.forward(config, params, _tokens())
-    reference = models.forward(tiny_model_config(), params, _tokens())
-    assert logits.dtype == jnp.float32
-    assert float(jnp.max(jnp.abs(logits - reference))) < 0.05
+    bf16, fp32 = tiny_model_config(dtype="bfloat16"), tiny_model_config()
+    tokens = _tokens()
+    # Really computed in bf16 (from float32 params): hidden states, and both operands of every matmul.
+    assert models.forward_hidden(bf16, params, tokens).dtype == jnp.bfloat16
+    assert _matmul_operand_dtypes(bf16, params, tokens) == {jnp.dtype(jnp.bfloat16)}
+    assert _matmul_operand_dtypes(fp32, params, tokens) == {jnp.dtype(jnp.float32)}
+    logits = models.forward(bf16, params, tokens)
+    reference = models.forward(fp32, params, tokens)
+    assert logits.dtype == jnp.float32  # the contract: float32 logits whatever the compute dtype
+    # bf16 rounding (8 mantissa bits) shows, but stays small next to logits of size ~0.5.
+    assert 1e-4 < float(jnp.max(jnp.abs(logits - reference))) < 0.05
+    # param_dtype stores the weights themselves in bf16.
+    stored = tiny_params(tiny_model_config(param_dtype="bfloat16"))
+    assert {x.dtype for x in jax.tree_util.tree_leaves(stored)} == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_tied_embeddings_and_qkv_bias_param_tree():
