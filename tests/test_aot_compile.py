@@ -1,0 +1,74 @@
+"""scripts/aot_compile.py: compile the sampler and the GRPO step for a TPU topology on this CPU (libtpu's
+compile-only devices) and report memory per device in one JSON line."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "aot_compile.py")
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"),
+    reason='libtpu is not installed (pip install -e ".[tpu]")',
+)
+
+# The quickstart's smoke-test model on a 2x2 v5e slice; 4 prompts so the 4-way data axis divides them.
+SMALL = [
+    "--config=configs/quickstart.py:runlocal",
+    "--topology=v5e:2x2",
+    "--config.grpo.prompts_per_step=4",
+]
+
+
+def aot(*args):
+    result = subprocess.run(
+        [sys.executable, SCRIPT, *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    return json.loads(lines[-1]), lines[:-1]
+
+
+def test_small_config_fits_on_v5e_2x2():
+    report, printed = aot(*SMALL)
+    assert report["topology"] == "v5e:2x2"
+    assert report["num_devices"] == 4 and report["device_kind"] == "TPU v5 lite"
+    assert report["hbm_bytes_per_device"] == 16 * 2**30
+    assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert report["batch"]["rows"] == 4 * 4  # prompts x G
+    assert set(report["programs"]) == {"sampler", "grpo_step"}
+    for name, program in report["programs"].items():
+        assert program["fits"] is True, name
+        assert program["peak_bytes_per_device"] > 0, name
+        assert program["peak_bytes_per_device"] >= program["memory"]["argument_bytes"], name
+        assert program["xla_flops"] > 0 and program["analytic_flops"] > 0, name
+    # The step does more work than sampling the same rollout once (policy fwd+bwd and reference).
+    assert report["programs"]["grpo_step"]["analytic_flops"] > report["programs"]["sampler"]["analytic_flops"]
+    assert any("sampler: fits" in line for line in printed)
+
+
+def test_a_model_too_large_for_the_slice_does_not_fit():
+    # Qwen2.5-7B replicated on 4 devices (fp32 weights, reference and Adam moments: ~120 GiB each).
+    report, printed = aot(*SMALL, "--model_preset=qwen2.5-7b", "--programs=grpo_step")
+    (step,) = report["programs"].values()
+    assert step["fits"] is False
+    assert step["peak_bytes_per_device"] > report["hbm_bytes_per_device"]
+    assert "RESOURCE_EXHAUSTED" in step["oom"]
+    assert any("DOES NOT FIT" in line for line in printed)
+
+
+def test_bad_topology_fails_with_one_line():
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--config=configs/quickstart.py:runlocal", "--topology=v5e-16"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --topology=v5e-16:")
