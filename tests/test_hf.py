@@ -1,17 +1,36 @@
-"""HF parity: tiny random transformers Llama/Qwen2 models load with identical logits, and export back."""
+"""HF checkpoints: tiny random transformers Llama/Qwen2 models load with identical logits (also on a
+left-padded batch) and export back; sharded checkpoints load into their per-device shards; bad
+checkpoints give clear errors.
+
+Only the parity tests compare against transformers and need torch (the `hf` fixture skips them without
+it); the rest need safetensors at most and run without torch.
+"""
 
 import json
 import os
+import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import models
-from grpo_jax.testing import tiny_model_config, tiny_params
+from grpo_jax import models, sharding
+from grpo_jax.testing import mesh_2x2x2, tiny_model_config, tiny_params
 
-torch = pytest.importorskip("torch")  # the [hf] extra; .ci/run installs it
-transformers = pytest.importorskip("transformers")
+
+@pytest.fixture(scope="module")
+def hf():
+    """torch and transformers (the [hf] extra; .ci/run installs it), or a skip for the tests needing them."""
+    return types.SimpleNamespace(
+        torch=pytest.importorskip("torch"), transformers=pytest.importorskip("transformers")
+    )
+
+
+@pytest.fixture(scope="module")
+def safetensors():
+    return pytest.importorskip("safetensors")
+
 
 VARIANTS = {
     "qwen2_untied": ("qwen2", dict(tie_word_embeddings=False)),
@@ -33,7 +52,8 @@ VARIANTS = {
 }
 
 
-def _hf_model(family, extra, seed=0):
+def _hf_model(hf, family, extra, seed=0):
+    torch, transformers = hf.torch, hf.transformers
     torch.manual_seed(seed)
     common = dict(
         vocab_size=97,
@@ -59,9 +79,11 @@ def _hf_model(family, extra, seed=0):
     return model.float().eval()
 
 
-def _hf_logits(model, tokens, mask):
+def _hf_logits(hf, model, tokens, mask, position_ids=None):
+    torch = hf.torch
+    kwargs = {} if position_ids is None else {"position_ids": torch.tensor(position_ids)}
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask))
+        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask), **kwargs)
     return out.logits.numpy()
 
 
@@ -70,12 +92,12 @@ MASK = np.ones_like(TOKENS)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_hf_import_and_export_parity(variant, tmp_path):
+def test_hf_import_and_export_parity(variant, tmp_path, hf):
     family, extra = VARIANTS[variant]
-    hf_model = _hf_model(family, extra)
+    hf_model = _hf_model(hf, family, extra)
     src = tmp_path / "hf"
     hf_model.save_pretrained(src, safe_serialization=True)
-    expected = _hf_logits(hf_model, TOKENS, MASK)
+    expected = _hf_logits(hf, hf_model, TOKENS, MASK)
 
     config, params = models.load_pretrained(str(src))
     assert config.architecture == family
@@ -85,14 +107,37 @@ def test_hf_import_and_export_parity(variant, tmp_path):
 
     out = tmp_path / "export"
     models.save_pretrained(config, params, str(out))
-    cls = transformers.Qwen2ForCausalLM if family == "qwen2" else transformers.LlamaForCausalLM
+    cls = hf.transformers.Qwen2ForCausalLM if family == "qwen2" else hf.transformers.LlamaForCausalLM
     reloaded = cls.from_pretrained(out).float().eval()
-    np.testing.assert_allclose(_hf_logits(reloaded, TOKENS, MASK), expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(_hf_logits(hf, reloaded, TOKENS, MASK), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_sharded_checkpoint_with_index_loads_onto_mesh(tmp_path):
-    from grpo_jax.testing import mesh_2x2x2
+@pytest.mark.parametrize("variant", ["qwen2_untied", "llama3_rope_scaling"])
+def test_hf_parity_on_a_left_padded_batch(variant, tmp_path, hf):
+    family, extra = VARIANTS[variant]
+    hf_model = _hf_model(hf, family, extra)
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    config, params = models.load_pretrained(str(tmp_path))
 
+    pads = [5, 2]  # row 0: 5 pad tokens then 7 real ones; row 1: 2 then 10
+    mask = (np.arange(TOKENS.shape[1])[None, :] >= np.asarray(pads)[:, None]).astype(np.int64)
+    tokens = np.where(mask > 0, TOKENS, 0)
+    # HF needs position ids for left padding (its generate() derives them from the mask the same way);
+    # ours come from the mask by contract.
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    expected = _hf_logits(hf, hf_model, tokens, mask, positions)
+    got = np.asarray(models.forward(config, params, jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
+    real = mask > 0
+    np.testing.assert_allclose(got[real], expected[real], atol=1e-4, rtol=1e-4)
+    # The reference itself is right: each row's real tokens give HF's logits of that row alone, unpadded.
+    for row, pad in enumerate(pads):
+        alone = TOKENS[row : row + 1, pad:]
+        np.testing.assert_allclose(
+            expected[row, pad:], _hf_logits(hf, hf_model, alone, np.ones_like(alone))[0], atol=1e-4, rtol=1e-4
+        )
+
+
+def test_sharded_checkpoint_with_index_loads_onto_mesh(tmp_path, safetensors):
     config = tiny_model_config(architecture="qwen2", qkv_bias=True)
     params = tiny_params(config)
     models.save_pretrained(config, params, str(tmp_path), max_shard_bytes=20_000)
@@ -101,11 +146,26 @@ def test_sharded_checkpoint_with_index_loads_onto_mesh(tmp_path):
     mesh = mesh_2x2x2()
     loaded_config, loaded = models.load_pretrained(str(tmp_path), mesh=mesh)
     assert loaded_config == config
-    assert len(loaded["layers"]["gate"].addressable_shards) == 8
-    np.testing.assert_array_equal(np.asarray(loaded["layers"]["q"]), np.asarray(params["layers"]["q"]))
+
+    # Every parameter is placed in its sharding from the rules: per-device shards of the planned shape,
+    # each holding its own slice of the checkpoint's values.
+    def check(path, x, expected, original):
+        where = jax.tree_util.keystr(path)
+        assert x.sharding.is_equivalent_to(expected, x.ndim), where
+        assert x.addressable_shards[0].data.shape == expected.shard_shape(x.shape), where
+        for shard in x.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(original)[shard.index], where)
+
+    jax.tree_util.tree_map_with_path(check, loaded, sharding.model_param_shardings(mesh, config), params)
+    # ... and those shapes really split the arrays over the 2x2x2 mesh (a replicated array would have
+    # the global shape): q [L, D, H, Dh] over fsdp and tensor, gate [L, D, F] too, embed [V, D] as well.
+    shard_shapes = {k: v.addressable_shards[0].data.shape for k, v in loaded["layers"].items()}
+    assert loaded["layers"]["q"].shape == (2, 32, 4, 8) and shard_shapes["q"] == (2, 16, 2, 8)
+    assert loaded["layers"]["gate"].shape == (2, 32, 64) and shard_shapes["gate"] == (2, 16, 32)
+    assert loaded["embed"].shape == (128, 32) and loaded["embed"].addressable_shards[0].data.shape == (64, 16)
 
 
-def test_bad_checkpoints_give_clear_errors(tmp_path):
+def test_bad_checkpoints_give_clear_errors(tmp_path, safetensors):
     config = tiny_model_config()
     models.save_pretrained(config, tiny_params(config), str(tmp_path))
     with open(tmp_path / "config.json") as f:
