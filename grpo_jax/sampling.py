@@ -7,12 +7,12 @@ emitted a stop token or the budget is reached. Nothing loops over tokens in Pyth
 Output order: the G samples of prompt 0, then the G samples of prompt 1, ... (row `b * G + j` is sample
 `j` of prompt `b`); the GRPO step's grouping relies on it.
 
-Randomness: the random stream of a row is `fold_in(fold_in(rng, hash(prompt tokens)), j)` advanced by
-the decode step, so a sample depends on (rng, prompt content, sample index) and not on the prompt's
-row: permuting the prompts permutes the rollouts and changes nothing else. (Two identical prompts in
-one batch therefore receive identical samples.)
-`rng` is a typed key (`jax.random.key`) or a raw one (`jax.random.PRNGKey`); the two spellings of one
-key give identical rollouts.
+Randomness: the random stream of a row is `fold_in(fold_in(rng, hash(prompt tokens)), j)`; decode step
+t draws two uniforms from `fold_in(row key, t)` and turns them into a token by inverting the CDF of the
+(truncated) softmax. A sample therefore depends on (rng, prompt content, sample index, step) and not on
+the prompt's row: permuting the prompts permutes the rollouts and changes nothing else. (Two identical
+prompts in one batch therefore receive identical samples.) `rng` is a typed key (`jax.random.key`) or
+a raw one (`jax.random.PRNGKey`); the two spellings of one key give identical rollouts.
 
 Logprobs: `logprobs` are log softmax(logits / temperature) of the sampled token — exactly what the
 training forward computes for the same tokens at the same temperature, so GRPO can use them as π_old
@@ -24,6 +24,7 @@ logprobs at temperature 1.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import flax
@@ -105,10 +106,66 @@ def _prompt_hash(prompt_tokens: jax.Array, prompt_mask: jax.Array) -> jax.Array:
     return jnp.sum(mixed * jnp.uint32(0x85EBCA6B), axis=-1, dtype=jnp.uint32)
 
 
-def _choose(logits, row_keys, step, stop_ids, min_new_tokens, temperature, top_k, top_p):
-    """Pick the next token for every row; return (token [N], logprob [N], sampling_logprob [N])."""
+def _block_size(vocab_size: int) -> int:
+    """Tokens per block of the two-level inverse CDF: the power of two nearest above sqrt(V)."""
+    return 1 << max(math.ceil(math.log2(max(vocab_size, 1)) / 2), 0)
+
+
+def inverse_cdf_sample(probs: jax.Array, uniforms: jax.Array) -> jax.Array:
+    """Draw one token per row of `probs` [N, V] (non-negative, any total) from `uniforms` [N, 2] in [0, 1).
+
+    Two-level inverse CDF: the first uniform picks a block of ~sqrt(V) tokens by the cumulative block
+    masses, the second picks a token inside it by that block's own cumulative sum. P(token) is
+    P(block) · P(token | block) = p / total, as with one flat cumsum, but every cumulative sum runs over
+    ~sqrt(V) terms of comparable size, so float32 rounding does not swallow small probabilities the
+    way a flat cumsum over a 150k vocabulary near 1.0 would (spacing 6e-8). A zero-probability token
+    (outside top-k/top-p, a forbidden stop token) is never returned: where rounding would pick one,
+    the largest entry of the block (or the heaviest block) is taken instead.
+    """
+    n, vocab = probs.shape
+    block = _block_size(vocab)
+    num_blocks = -(-vocab // block)
+    blocks = jnp.pad(probs, ((0, 0), (0, num_blocks * block - vocab))).reshape(n, num_blocks, block)
+    masses = jnp.sum(blocks, axis=-1)  # [N, num_blocks]
+
+    def pick(weights, u):
+        """Index i with cdf[i-1] <= u * total < cdf[i], never one of zero weight: [N]."""
+        cdf = jnp.cumsum(weights, axis=-1)
+        index = jnp.sum(cdf <= u[:, None] * cdf[:, -1:], axis=-1)
+        index = jnp.minimum(index, weights.shape[-1] - 1)
+        chosen = jnp.take_along_axis(weights, index[:, None], axis=-1)[:, 0]
+        return jnp.where(chosen > 0, index, jnp.argmax(weights, axis=-1))
+
+    block_index = pick(masses, uniforms[:, 0])
+    in_block = jnp.take_along_axis(blocks, block_index[:, None, None], axis=1)[:, 0]  # [N, block]
+    return block_index * block + pick(in_block, uniforms[:, 1])
+
+
+def choose_tokens(
+    logits: jax.Array,
+    row_keys: jax.Array,
+    step,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_ids: Sequence[int] = (),
+    min_new_tokens: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The sampler's token choice at decode step `step` (traceable; the sampler calls it inside its loop).
+
+    logits [N, V] float32, row_keys [N] typed PRNG keys (one stream per row). Returns (token [N] int32,
+    logprob [N]: log softmax(logits / temperature) of the token, sampling_logprob [N]: its log-prob
+    under the truncated, renormalised distribution sampled from; 0 when greedy). `temperature=0` is
+    argmax (logprob at temperature 1); before `min_new_tokens` the `stop_ids` cannot be chosen.
+
+    Sampling draws two uniforms per row from `fold_in(row_key, step)` and inverts the CDF of the
+    (truncated) softmax (`inverse_cdf_sample`): the distribution of `jax.random.categorical` without
+    its V Gumbel draws per row (on a CPU those were half of a decode step).
+    """
+    vocab = logits.shape[-1]
     if min_new_tokens:
-        is_stop = jnp.isin(jnp.arange(logits.shape[-1]), jnp.asarray(stop_ids))
+        is_stop = jnp.isin(jnp.arange(vocab), jnp.asarray(stop_ids))
         logits = jnp.where(is_stop & (step < min_new_tokens), _NEG_INF, logits)
     if temperature == 0.0:
         token = jnp.argmax(logits, axis=-1)
@@ -117,12 +174,13 @@ def _choose(logits, row_keys, step, stop_ids, min_new_tokens, temperature, top_k
     else:
         scaled = logits / temperature
         logp_all = jax.nn.log_softmax(scaled, axis=-1)
-        truncated = truncate_logits(scaled, top_k=top_k, top_p=top_p)
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-        token = jax.vmap(jax.random.categorical)(step_keys, truncated)
-        sampling_logp = jnp.take_along_axis(jax.nn.log_softmax(truncated, axis=-1), token[:, None], axis=-1)[
-            :, 0
-        ]
+        if (top_k and top_k < vocab) or top_p < 1.0:
+            sampling_logp_all = jax.nn.log_softmax(truncate_logits(scaled, top_k=top_k, top_p=top_p), axis=-1)
+        else:
+            sampling_logp_all = logp_all
+        uniforms = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (2,)))(row_keys)
+        token = inverse_cdf_sample(jnp.exp(sampling_logp_all), uniforms)
+        sampling_logp = jnp.take_along_axis(sampling_logp_all, token[:, None], axis=-1)[:, 0]
     logp = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
     return token.astype(jnp.int32), logp, sampling_logp
 
@@ -198,7 +256,7 @@ def _generate(
     ).reshape(n)
 
     choose = functools.partial(
-        _choose,
+        choose_tokens,
         stop_ids=stop_ids,
         min_new_tokens=min_new_tokens,
         temperature=temperature,

@@ -313,7 +313,7 @@ def decode_matmuls(model, params, x):
 @functools.partial(jax.jit, static_argnames=("temperature",))
 def sampling_ops(logits, row_keys, step, *, temperature):
     """The per-step token choice of the sampler alone: log-softmax, per-row categorical, logprob."""
-    return sampling._choose(logits, row_keys, step, (), 0, temperature, 0, 1.0)
+    return sampling.choose_tokens(logits, row_keys, step, temperature=temperature)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -228,6 +228,146 @@ def test_top_k_sampler_only_emits_top_k_tokens(params):
     assert (np.asarray(out.sampling_logprobs)[m > 0] >= np.asarray(out.logprobs)[m > 0] - 1e-6).all()
 
 
+# ------------------------------------------------------------------------------------------------
+# The token choice: inverse CDF of the (truncated) softmax
+# ------------------------------------------------------------------------------------------------
+
+
+def _expected_probs(logits, temperature, top_k=0, top_p=1.0):
+    """(full softmax, the truncated renormalised distribution the sampler must draw from), computed
+    independently in NumPy (float64). As in Hugging Face's warpers, top-k comes first and the nucleus
+    is taken over the renormalised top-k distribution."""
+    scaled = np.asarray(logits, np.float64) / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    truncated = probs.copy()
+    if top_k:
+        truncated[scaled < np.sort(scaled)[::-1][top_k - 1]] = 0.0
+        truncated /= truncated.sum()
+    if top_p < 1.0:
+        order = np.argsort(-truncated, kind="stable")
+        mass_before = np.cumsum(truncated[order]) - truncated[order]
+        truncated[order[mass_before >= top_p]] = 0.0
+        truncated /= truncated.sum()
+    return probs, truncated
+
+
+def _chi_square_p_value(counts, expected_probs):
+    """Pearson's chi-square goodness of fit over the tokens of non-zero expected probability."""
+    from scipy import stats
+
+    support = expected_probs > 0
+    expected = expected_probs[support] * counts.sum()
+    statistic = float(np.sum((counts[support] - expected) ** 2 / expected))
+    return float(stats.chi2.sf(statistic, df=int(support.sum()) - 1))
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 12, 1.0), (1.0, 0, 0.8), (0.8, 20, 0.9)],
+)
+def test_choose_tokens_frequencies_match_the_softmax(temperature, top_k, top_p):
+    """40,000 draws (8,000 rows x 5 steps) over V = 50 (blocks of 8, the last one padded): the token
+    frequencies fit the (truncated) softmax at p > 0.001, tokens outside the truncation never appear,
+    and logprob / sampling_logprob are the log-probabilities of the drawn token."""
+    vocab, rows, steps = 50, 8000, 5
+    logits_row = 1.5 * jax.random.normal(jax.random.key(11), (vocab,), jnp.float32)
+    logits = jnp.broadcast_to(logits_row, (rows, vocab))
+    keys = jax.random.split(jax.random.key(12), rows)
+    full, expected = _expected_probs(logits_row, temperature, top_k, top_p)
+    choose = jax.jit(
+        lambda lg, k, s: sampling.choose_tokens(lg, k, s, temperature=temperature, top_k=top_k, top_p=top_p)
+    )
+    counts = np.zeros(vocab, np.int64)
+    for step in range(steps):
+        token, logp, sampling_logp = (np.asarray(x) for x in choose(logits, keys, jnp.asarray(step)))
+        counts += np.bincount(token, minlength=vocab)
+        np.testing.assert_allclose(logp, np.log(full[token]), atol=1e-5)
+        np.testing.assert_allclose(sampling_logp, np.log(expected[token]), atol=1e-5)
+    assert counts[expected == 0].sum() == 0
+    p_value = _chi_square_p_value(counts, expected)
+    print(f"T={temperature} top_k={top_k} top_p={top_p}: chi-square p = {p_value:.3f}")
+    assert p_value > 1e-3
+    if top_k or top_p < 1.0:
+        assert (expected == 0).any()  # the truncation removed something
+
+
+def test_choose_tokens_draws_afresh_each_step_and_row():
+    """Per-row streams: the same row at consecutive steps, and different rows at one step, are
+    independent draws (agreement ~ sum p^2 as for independent samples), and a row's draw depends only
+    on its own key and the step."""
+    vocab, rows = 16, 4000
+    logits = jnp.zeros((rows, vocab))
+    keys = jax.random.split(jax.random.key(0), rows)
+    first = np.asarray(sampling.choose_tokens(logits, keys, 0)[0])
+    second = np.asarray(sampling.choose_tokens(logits, keys, 1)[0])
+    assert abs(np.mean(first == second) - 1 / vocab) < 0.02
+    assert abs(np.mean(first[:-1] == first[1:]) - 1 / vocab) < 0.02
+    reordered = np.asarray(sampling.choose_tokens(logits[::-1], keys[::-1], 0)[0])
+    np.testing.assert_array_equal(reordered[::-1], first)
+
+
+def test_min_new_tokens_forbids_stop_tokens_only_before_the_minimum():
+    vocab, rows = 8, 3000
+    logits = jnp.zeros((rows, vocab)).at[:, 3].set(2.0)  # the stop token is the likeliest
+    keys = jax.random.split(jax.random.key(1), rows)
+    kw = dict(temperature=1.0, stop_ids=(3, 5), min_new_tokens=2)
+    early = np.asarray(sampling.choose_tokens(logits, keys, 1, **kw)[0])
+    assert not np.isin(early, [3, 5]).any()
+    assert _chi_square_p_value(np.bincount(early, minlength=vocab), np.r_[1, 1, 1, 0, 1, 0, 1, 1] / 6) > 1e-3
+    late = np.asarray(sampling.choose_tokens(logits, keys, 2, **kw)[0])
+    assert abs(np.mean(late == 3) - np.exp(2) / (np.exp(2) + 7)) < 0.03
+
+
+def test_inverse_cdf_never_returns_a_zero_probability_token():
+    """Extreme uniforms (0 and the largest float32 below 1) on rows with zeros at the ends, inside and
+    across block boundaries (V = 37: blocks of 8, the last padded) land on a positive-probability token;
+    a uniform's position maps to the token whose CDF interval holds it."""
+    vocab = 37
+    rows = np.zeros((5, vocab), np.float32)
+    rows[0, [5, 6]] = [0.25, 0.75]  # zeros before and after
+    rows[1, 36] = 1.0  # only the last token, in the padded block
+    rows[2, 0] = 1.0  # only the first token
+    rows[3, 8:16] = 1.0  # one whole block, unnormalised
+    rows[4] = 1.0
+    probs = jnp.asarray(np.repeat(rows, 3, axis=0))
+    top = np.nextafter(np.float32(1), np.float32(0))
+    u = np.tile(np.array([[0.0, 0.0], [top, top], [0.5, 0.5]], np.float32), (5, 1))
+    token = np.asarray(sampling.inverse_cdf_sample(probs, jnp.asarray(u)))
+    assert (np.asarray(probs)[np.arange(15), token] > 0).all()
+    assert token.reshape(5, 3).tolist() == [[5, 6, 6], [36, 36, 36], [0, 0, 0], [8, 15, 12], [0, 36, 20]]
+
+
+def test_top_p_acts_through_generate(params):
+    """Every generated token lies in the nucleus of the training forward's distribution at that position
+    (top_p = 0.5 of a near-uniform tiny model excludes about half the vocabulary), and sampling_logprobs
+    are the renormalised nucleus log-probabilities."""
+    _, tokens, mask = _prompts()
+    out = sampling.generate(
+        CONFIG,
+        params,
+        tokens,
+        mask,
+        jax.random.key(5),
+        num_samples=8,
+        max_new_tokens=6,
+        temperature=0.9,
+        top_p=0.5,
+        eos_id=EOS,
+    )
+    full = jnp.concatenate([out.prompt_tokens, out.tokens], axis=1)
+    fmask = jnp.concatenate([out.prompt_mask, out.mask], axis=1)
+    logits = models.forward(CONFIG, params, full, attention_mask=fmask)[:, tokens.shape[1] - 1 : -1]
+    nucleus_logp = np.asarray(jax.nn.log_softmax(sampling.truncate_logits(logits / 0.9, top_p=0.5), axis=-1))
+    toks, m = np.asarray(out.tokens), np.asarray(out.mask) > 0
+    chosen = np.take_along_axis(nucleus_logp, toks[..., None], axis=-1)[..., 0]
+    excluded = np.mean(nucleus_logp[m] < -1e20)
+    print(f"share of the vocabulary outside the nucleus: {excluded:.2f}")
+    assert excluded > 0.3
+    assert (chosen[m] > -1e20).all(), "a token outside the nucleus was sampled"
+    np.testing.assert_allclose(np.asarray(out.sampling_logprobs)[m], chosen[m], atol=1e-4)
+
+
 def test_raw_and_typed_keys_give_identical_rollouts(params):
     _, tokens, mask = _prompts()
     kw = dict(num_samples=3, max_new_tokens=5, temperature=1.0, top_k=20, eos_id=EOS)
