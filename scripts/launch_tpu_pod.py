@@ -14,6 +14,7 @@ shell-quoted, and runs none):
    (`tpu-vm scp --worker=all`) and installed there into a virtual environment with
    `pip install -e ".[tpu]"` (`--source=git --git_url=... --git_ref=...` clones on the workers instead).
    Uncommitted changes are not shipped.
+   `--worker_setup=CMD` then runs CMD on every worker (e.g. copy the model and data from GCS).
 3. train: `scripts/train.py --config=... --workdir=... [overrides after --]` starts on all workers at
    once (`tpu-vm ssh --worker=all`), detached, each writing `~/grpo_jax_train.log`. JAX finds the other
    workers by itself (`jax.distributed.initialize()` on a pod slice); only process 0 writes metrics.
@@ -60,6 +61,12 @@ _GIT_REF = flags.DEFINE_string(
 )
 _EXTRAS = flags.DEFINE_string("extras", "tpu", "pip extras installed on the workers, e.g. tpu,hf.")
 _REMOTE_DIR = flags.DEFINE_string("remote_dir", "grpo_jax", "Checkout directory on the workers (under ~).")
+_WORKER_SETUP = flags.DEFINE_string(
+    "worker_setup",
+    "",
+    "Shell command run on every worker after the install, e.g. copying the model and data there: "
+    "'gcloud storage cp -r gs://BUCKET/Qwen2.5-7B gs://BUCKET/gsm8k ~/data/'.",
+)
 _ENV = flags.DEFINE_list("env", [], "KEY=VALUE environment variables for train.py on the workers.")
 _DETACH = flags.DEFINE_bool("detach", False, "Start training and return without streaming the log.")
 _DELETE = flags.DEFINE_bool("delete", False, "Delete the slice at the end (also after a failure).")
@@ -295,6 +302,7 @@ def launch(
     workdir: str | None,
     overrides=(),
     env=(),
+    worker_setup="",
     reuse=False,
     skip_install=False,
     detach=False,
@@ -321,6 +329,8 @@ def launch(
         if not skip_install:
             for command in plan.install():
                 run(command)
+        if worker_setup:
+            run(plan.ssh(worker_setup))
         run(plan.train(config, workdir, overrides, env))
         if not detach:
             run(plan.stream())
@@ -367,6 +377,7 @@ def main(argv):
             workdir=_WORKDIR.value,
             overrides=overrides,
             env=_ENV.value,
+            worker_setup=_WORKER_SETUP.value,
             reuse=_REUSE.value,
             skip_install=_SKIP_INSTALL.value,
             detach=_DETACH.value,

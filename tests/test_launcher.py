@@ -102,6 +102,10 @@ def test_reuse_skips_create_and_nothing_is_deleted_unless_asked():
         "--config=configs/gsm8k_qwen2_5.py",
         "--workdir=gs://my-bucket/runs/qwen",
     ]
+    _, setup = dry_run(*BASE, "--reuse", "--worker_setup=gcloud storage cp -r gs://b/model ~/model")
+    ssh = [remote_command(c) for c in gcloud(setup, "tpu-vm", "ssh") if "--worker=all" in c]
+    assert ssh[1] == "gcloud storage cp -r gs://b/model ~/model"  # after the install, before train.py
+    assert "pip install" in ssh[0] and "scripts/train.py" in ssh[2]
     _, skipped = dry_run(*BASE, "--reuse", "--skip_install", "--detach")
     ssh = gcloud(skipped, "tpu-vm", "ssh")
     assert len(ssh) == 1 and "scripts/train.py" in remote_command(ssh[0])  # no install, no stream
