@@ -101,13 +101,43 @@ def test_restored_sft_params_reproduce_the_logged_heldout_loss(workdir):
     assert loss == pytest.approx(logged, rel=1e-5)
 
 
-def test_grpo_checkpoint_with_reference_restores_and_best_falls_back_to_latest(workdir):
+def test_grpo_checkpoint_with_reference_restores_and_best_is_the_most_accurate(workdir):
     assert select_step(workdir) == 4
     assert select_step(workdir, step=3) == 3
-    assert select_step(workdir, best=True) in (1, 2, 3, 4)
+    # Checkpoints saved with an eval compete by eval/accuracy (ties: the later step); the run evaluates
+    # at the end of each stage, steps 2 (SFT) and 4 (GRPO). (This tiny run usually scores 0 at both, so
+    # the test below covers a best that is not the latest.)
+    accuracy = {m["step"]: m["eval/accuracy"] for m in _metric_lines(workdir) if m["stage"] == "eval"}
+    assert set(accuracy) == {2, 4}, accuracy
+    best = max((value, step) for step, value in accuracy.items())[1]
+    assert select_step(workdir, best=True) == best
     model_config, params, tokenizer, config = load_policy(workdir)  # GRPO stage, kl_coef > 0: has a reference
     assert config.stages == ["sft", "grpo"] and tokenizer.vocab_size == model_config.vocab_size
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(params))
+
+
+def test_best_is_the_most_accurate_checkpoint_else_the_latest(tmp_path):
+    import jax.numpy as jnp
+
+    from grpo_jax.checkpointing import Checkpointer, checkpoint_directory
+    from grpo_jax.training.state import TrainState
+
+    state = TrainState(
+        step=jnp.asarray(0, jnp.int32),
+        params={"w": jnp.ones(2)},
+        opt_state={},
+        ref_params=None,
+        reward_params={},
+        rng=jax.random.key(0),
+    )
+    with Checkpointer(checkpoint_directory(tmp_path), keep_last=5, async_save=False) as checkpointer:
+        for step in (1, 2, 3):
+            assert checkpointer.save(step, state, extra={}, metrics={"reward/mean": 0.5})
+    assert select_step(tmp_path, best=True) == 3  # no checkpoint carries eval/accuracy: the latest
+    with Checkpointer(checkpoint_directory(tmp_path), keep_last=5, async_save=False) as checkpointer:
+        for step, accuracy in ((4, 0.5), (5, 0.25)):
+            assert checkpointer.save(step, state, extra={}, metrics={"eval/accuracy": accuracy})
+    assert select_step(tmp_path, best=True) == 4  # the most accurate, not the latest
 
 
 def test_loading_never_touches_the_checkpoint_folder(workdir):
