@@ -1,35 +1,47 @@
-"""scripts/benchmark.py has a pulse: the tiny preset runs end to end and its report has every key the
-README's table reads. No timing is asserted (the machine is shared); the analytic costs are exact."""
+"""scripts/benchmark.py and scripts/benchmark_decode.py have a pulse: the tiny preset runs end to end and
+each report has every key the README's tables read. No timing is asserted (the machine is shared); the
+analytic costs are exact. Both scripts use only public names of grpo_jax."""
 
 import importlib.util
 import json
 import pathlib
+import re
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from grpo_jax.models import ModelConfig
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
+    module = _load("benchmark")
     yield module
-    del sys.modules[spec.name]
+    del sys.modules[module.__name__]
+
+
+@pytest.fixture(scope="module")
+def decode():
+    module = _load("benchmark_decode")
+    yield module
+    del sys.modules[module.__name__]
 
 
 @pytest.fixture(scope="module")
 def report(benchmark):
     cfg = benchmark.PRESETS["tiny"]()
-    return benchmark.run_benchmarks(cfg, ("sampler", "variants", "step"), command="test")
+    return benchmark.run_benchmarks(cfg, ("sampler", "step"), command="test")
 
 
 def test_report_has_the_expected_keys_and_serialises(report, benchmark):
@@ -44,7 +56,6 @@ def test_report_has_the_expected_keys_and_serialises(report, benchmark):
         "copy_bandwidth",
         "peak_matmul_end",
         "sampler",
-        "decode_variants",
         "grpo_step",
         "load_average_start",
         "load_average_end",
@@ -69,15 +80,7 @@ def test_report_has_the_expected_keys_and_serialises(report, benchmark):
         "memory_bound_s",
     ):
         assert key in sampler["decode_step"], key
-    variants = report["decode_variants"]
-    for key in (
-        "loop_argmax",
-        "loop_sampled_current",
-        "loop_sampled_inverse_cdf",
-        "sampling_current",
-        "sampling_inverse_cdf",
-    ):
-        assert "median_s" in variants[key], key
+    assert "decode_variants" not in report  # moved to benchmark_decode.py
     step = report["grpo_step"]
     for name in ("chunked", "one_chunk"):
         assert "temp_size_in_bytes" in step[name]["memory"]
@@ -111,12 +114,32 @@ def test_decode_costs_are_exact(benchmark):
     assert costs["min_bytes"] == 280 * 4 + costs["kv_bytes_filled"]
 
 
-def test_inverse_cdf_prototype_samples_the_softmax(benchmark):
-    logits = jnp.log(jnp.asarray([[0.1, 0.2, 0.3, 0.4]] * 8192))
-    keys = jax.random.split(jax.random.key(0), 8192)
-    tokens, logp = benchmark.sampling_ops_inverse_cdf(logits, keys, jnp.asarray(0), temperature=1.0)
-    frequencies = np.bincount(np.asarray(tokens), minlength=4) / 8192
-    np.testing.assert_allclose(frequencies, [0.1, 0.2, 0.3, 0.4], atol=0.015)
-    np.testing.assert_allclose(
-        np.exp(np.asarray(logp)), np.asarray([0.1, 0.2, 0.3, 0.4])[np.asarray(tokens)], rtol=1e-5
-    )
+def test_variants_moved_to_benchmark_decode(benchmark):
+    with pytest.raises(ValueError, match="benchmark 'variants' moved to scripts/benchmark_decode.py"):
+        benchmark.run_benchmarks(benchmark.PRESETS["tiny"](), ("sampler", "variants"))
+
+
+def test_decode_benchmark_reports_every_loop_and_choice(decode):
+    report = decode.run(decode.PRESETS["tiny"](), command="test")
+    variants = report["decode_variants"]
+    assert variants["steps"] == 7 and variants["rows"] == 8 and variants["vocab_size"] == 256
+    for choice in ("argmax", "sampled", "categorical"):
+        assert variants[f"loop_{choice}"]["per_step_s"] > 0, choice
+    for key in ("choice_sampled", "choice_categorical", "choice_sampled_top_p", "choice_categorical_top_p"):
+        assert "median_s" in variants[key], key
+    assert variants["choice_sampled_top_p"]["top_p"] == 0.9
+    for key in (
+        "sampled_loop_over_categorical",
+        "sampled_choice_over_categorical",
+        "choice_in_loop_sampled_s",
+    ):
+        assert key in variants, key
+    json.loads(json.dumps(report))
+    assert "decode loop, sampled" in decode.format_table(report)
+
+
+def test_scripts_use_only_public_names_of_grpo_jax():
+    for name in ("benchmark", "benchmark_decode"):
+        source = (SCRIPTS / f"{name}.py").read_text()
+        private = re.findall(r"\b(?:sampling|models|sharding|training|grpo_jax(?:\.\w+)*)\._\w+", source)
+        assert not private, (name, private)
