@@ -193,6 +193,32 @@ def _remat_policy(name: str):
     }[name]
 
 
+def _layer_weights(config, layer):
+    return jax.tree_util.tree_map(lambda p: p.astype(config.compute_dtype), layer)
+
+
+def _attention_inputs(config, w, x, positions, inv_freq):
+    """Pre-norm projections of x [B, T, D]: q [B, T, H, Dh], k and v [B, T, K, Dh], RoPE applied."""
+    h = rms_norm(x, w["attn_norm"], config.rms_norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, w["q"])
+    k = jnp.einsum("btd,dhk->bthk", h, w["k"])
+    v = jnp.einsum("btd,dhk->bthk", h, w["v"])
+    if config.qkv_bias:
+        q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
+def _attention_output_and_mlp(config, w, x, attn):
+    """The block's rest: x + o(attn), then x + mlp(norm(x)). attn [B, T, H, Dh] -> x [B, T, D]."""
+    out = jnp.einsum("bthk,hkd->btd", attn, w["o"])
+    if config.o_bias:
+        out = out + w["o_bias"]
+    x = x + out
+    h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
+    gated = jax.nn.silu(jnp.einsum("btd,df->btf", h, w["gate"])) * jnp.einsum("btd,df->btf", h, w["up"])
+    return x + jnp.einsum("btf,fd->btd", gated, w["down"])
+
+
 def _decoder_layer(
     config, layer, x, positions, inv_freq, allowed, cache=None, layer_index=None, cache_index=None
 ):
@@ -202,32 +228,19 @@ def _decoder_layer(
     in place at (layer_index, :, cache_index) and attention reads that layer's slots; without it,
     attention reads the block's own keys/values.
     """
-    dtype = config.compute_dtype
-    w = jax.tree_util.tree_map(lambda p: p.astype(dtype), layer)
-    h = rms_norm(x, w["attn_norm"], config.rms_norm_eps)
-    q = jnp.einsum("btd,dhk->bthk", h, w["q"])
-    k = jnp.einsum("btd,dhk->bthk", h, w["k"])
-    v = jnp.einsum("btd,dhk->bthk", h, w["v"])
-    if config.qkv_bias:
-        q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    w = _layer_weights(config, layer)
+    q, k, v = _attention_inputs(config, w, x, positions, inv_freq)
     if cache is not None:
         at = (layer_index, 0, cache_index, 0, 0)
         cache = {
             "k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at),
             "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at),
         }
-        k, v = cache["k"][layer_index].astype(dtype), cache["v"][layer_index].astype(dtype)
-    attn = attention(q, k, v, allowed)
-    out = jnp.einsum("bthk,hkd->btd", attn, w["o"])
-    if config.o_bias:
-        out = out + w["o_bias"]
-    x = x + out
-    h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
-    gated = jax.nn.silu(jnp.einsum("btd,df->btf", h, w["gate"])) * jnp.einsum("btd,df->btf", h, w["up"])
-    x = x + jnp.einsum("btf,fd->btd", gated, w["down"])
-    return x, cache
+        k, v = (
+            cache["k"][layer_index].astype(config.compute_dtype),
+            cache["v"][layer_index].astype(config.compute_dtype),
+        )
+    return _attention_output_and_mlp(config, w, x, attention(q, k, v, allowed)), cache
 
 
 def _run_layers(config, layers, x, positions, allowed, cache=None, cache_index=None):
@@ -352,22 +365,117 @@ def completion_logprobs(
     with_entropy: bool = False,
 ):
     """Logprobs (and entropies) [N, L] of completion tokens [N, L] continuing left-padded prompts [N, P],
-    from one full-sequence forward at `temperature` (the π_θ(o_t | q, o_<t) of the GRPO loss)."""
+    from one full-sequence forward at `temperature` (the π_θ(o_t | q, o_<t) of the GRPO loss). Only the
+    completion positions go through the vocabulary projection."""
     tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
-    out = token_logprobs(
+    hidden = forward_hidden(config, params, tokens, attention_mask=mask)
+    hidden = hidden[:, prompt_tokens.shape[1] - 1 : -1]  # the state before each completion token
+    return logprobs_from_hidden(
         config,
         params,
-        tokens,
-        attention_mask=mask,
+        hidden,
+        completion_tokens,
         temperature=temperature,
         chunk_size=chunk_size,
         with_entropy=with_entropy,
     )
-    start = prompt_tokens.shape[1] - 1
-    if with_entropy:
-        return out[0][:, start:], out[1][:, start:]
-    return out[:, start:]
+
+
+def _prefix_attention(q, k_prefix, v_prefix, prefix_allowed, k, v, allowed):
+    """Attention of a group's rows over its shared prefix and their own tokens, with no copy of the prefix.
+
+    q [B, G, T, H, Dh]; k_prefix/v_prefix [B, P, K, Dh] (one per group), prefix_allowed [B, P] bool;
+    k/v [B, G, T, K, Dh], allowed [B, G, T, T] bool -> [B, G, T, H, Dh]. The softmax runs over the
+    concatenated P + T keys, as `attention` over the full sequence would.
+    """
+    b, g, t, h, dh = q.shape
+    kv_heads = k.shape[3]
+    q = q.reshape(b, g, t, kv_heads, h // kv_heads, dh)
+    scale = 1.0 / math.sqrt(dh)
+    prefix_scores = jnp.einsum("bntkqd,bpkd->bnkqtp", q, k_prefix, preferred_element_type=jnp.float32)
+    own_scores = jnp.einsum("bntkqd,bnskd->bnkqts", q, k, preferred_element_type=jnp.float32)
+    allowed_all = jnp.concatenate(
+        [jnp.broadcast_to(prefix_allowed[:, None, None, :], (b, g, t, k_prefix.shape[1])), allowed], axis=-1
+    )[:, :, None, None]  # [B, G, 1, 1, T, P + T]
+    scores = jnp.concatenate([prefix_scores, own_scores], axis=-1) * scale
+    scores = jnp.where(allowed_all, scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(allowed_all, probs, 0.0).astype(v.dtype)
+    p = k_prefix.shape[1]
+    out = jnp.einsum("bnkqtp,bpkd->bntkqd", probs[..., :p], v_prefix)
+    out = out + jnp.einsum("bnkqts,bnskd->bntkqd", probs[..., p:], v)
+    return out.reshape(b, g, t, h, dh)
+
+
+def completion_logprobs_shared_prefix(
+    config: ModelConfig,
+    params: Params,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    completion_tokens: jax.Array,
+    completion_mask: jax.Array,
+    *,
+    group_size: int,
+    temperature: float = 1.0,
+    chunk_size: int = 128,
+    with_entropy: bool = False,
+):
+    """`completion_logprobs` with each prompt's forward computed once per group instead of once per row.
+
+    Rows come in groups of `group_size` consecutive rows that continue the same prompt (prompt_tokens
+    [N, P] holds it once per row, as the GRPO batch does; the group's first row is read). The prompt's
+    hidden states and keys/values are computed for N / group_size rows and every row's completion
+    attends to its group's copy; autodiff sums the rows' contributions through the shared prefix, so
+    values and gradients equal the per-row forward's up to float reassociation. With P prompt and L
+    completion tokens it saves (G - 1) / G of the prompt's share P / (P + L) of the forward's FLOPs.
+    """
+    n, length = completion_tokens.shape
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"group_size={group_size} must divide the {n} completion rows")
+    b, g = n // group_size, group_size
+    prompt_tokens, prompt_mask = prompt_tokens[::g], prompt_mask[::g]
+    full_mask = jnp.concatenate([jnp.repeat(prompt_mask, g, axis=0), completion_mask], axis=1)
+    positions = positions_from_mask(full_mask)[:, prompt_tokens.shape[1] :]
+    prompt_positions = positions_from_mask(prompt_mask)
+    p = prompt_tokens.shape[1]
+    prompt_allowed = jnp.tril(jnp.ones((p, p), bool))[None] & (prompt_mask[:, None, :] > 0)
+    own_allowed = jnp.tril(jnp.ones((length, length), bool))[None] & (completion_mask[:, None, :] > 0)
+    own_allowed = own_allowed.reshape(b, g, length, length)
+    inv_freq = rope_inv_frequencies(config)
+    grouped = lambda x: x.reshape(b, g, *x.shape[1:])
+
+    def body(carry, layer):
+        x_prompt, x = carry
+        w = _layer_weights(config, layer)
+        q_p, k_p, v_p = _attention_inputs(config, w, x_prompt, prompt_positions, inv_freq)
+        x_prompt = _attention_output_and_mlp(config, w, x_prompt, attention(q_p, k_p, v_p, prompt_allowed))
+        q, k, v = _attention_inputs(config, w, x, positions, inv_freq)
+        attn = _prefix_attention(grouped(q), k_p, v_p, prompt_mask > 0, grouped(k), grouped(v), own_allowed)
+        x = _attention_output_and_mlp(config, w, x, attn.reshape(n, *attn.shape[2:]))
+        return (x_prompt, x), None
+
+    if config.remat != "none":
+        body = jax.checkpoint(body, policy=_remat_policy(config.remat))
+    carry = (embed_tokens(config, params, prompt_tokens), embed_tokens(config, params, completion_tokens))
+    if config.scan_layers:
+        carry, _ = jax.lax.scan(body, carry, params["layers"])
+    else:
+        for i in range(config.num_layers):
+            carry, _ = body(carry, jax.tree_util.tree_map(lambda a, i=i: a[i], params["layers"]))
+    x_prompt, x = carry
+    final_norm = params["final_norm"].astype(config.compute_dtype)
+    last_prompt = jnp.repeat(rms_norm(x_prompt[:, -1:], final_norm, config.rms_norm_eps), g, axis=0)
+    hidden = jnp.concatenate([last_prompt, rms_norm(x[:, :-1], final_norm, config.rms_norm_eps)], axis=1)
+    return logprobs_from_hidden(
+        config,
+        params,
+        hidden,
+        completion_tokens,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
+    )
 
 
 def logprobs_from_hidden(
