@@ -92,19 +92,20 @@ def outcome_rewards(reward_fn: RewardFn | None, batch: dict, reward_params) -> t
     return rewards.astype(jnp.float32), per_reward
 
 
-def completion_logprobs(model_config, params, batch, *, temperature, chunk_size, with_entropy=False):
-    """Logprobs (and entropies) [N, L] of the batch's completion tokens under `params`, at `temperature`."""
-    return models.completion_logprobs(
-        model_config,
-        params,
-        batch["prompt_tokens"],
-        batch["prompt_mask"],
-        batch["completion_tokens"],
-        batch["completion_mask"],
-        temperature=temperature,
-        chunk_size=chunk_size,
-        with_entropy=with_entropy,
-    )
+def completion_logprobs(
+    model_config, params, batch, *, temperature, chunk_size, with_entropy=False, shared_prefix_group=1
+):
+    """Logprobs (and entropies) [N, L] of the batch's completion tokens under `params`, at `temperature`.
+
+    shared_prefix_group > 1: rows come in groups of that many consecutive rows continuing one prompt,
+    whose forward is computed once per group (`models.completion_logprobs_shared_prefix`).
+    """
+    args = (model_config, params, batch["prompt_tokens"], batch["prompt_mask"])
+    args += (batch["completion_tokens"], batch["completion_mask"])
+    kwargs = dict(temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
+    if shared_prefix_group > 1:
+        return models.completion_logprobs_shared_prefix(*args, group_size=shared_prefix_group, **kwargs)
+    return models.completion_logprobs(*args, **kwargs)
 
 
 def _masked_mean(x, mask):
@@ -112,14 +113,22 @@ def _masked_mean(x, mask):
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def grpo_loss(params, mb: dict, *, grpo: GRPOConfig, model_config, chunk_size: int = 128):
+def grpo_loss(
+    params, mb: dict, *, grpo: GRPOConfig, model_config, chunk_size: int = 128, shared_prefix_group: int = 1
+):
     """The GRPO objective on one minibatch (DeepSeekMath eq. 3) -> (loss, metrics); the step takes its grad.
 
     mb holds the batch keys plus `advantages` [N] or [N, L], `sample_weight` [N] and, when β > 0,
-    `ref_logprobs` [N, L].
+    `ref_logprobs` [N, L]. shared_prefix_group: see `completion_logprobs`.
     """
     logprobs, entropy = completion_logprobs(
-        model_config, params, mb, temperature=grpo.temperature, chunk_size=chunk_size, with_entropy=True
+        model_config,
+        params,
+        mb,
+        temperature=grpo.temperature,
+        chunk_size=chunk_size,
+        with_entropy=True,
+        shared_prefix_group=shared_prefix_group,
     )
     loss, metrics = policy_loss(
         logprobs,
@@ -174,6 +183,7 @@ def make_grpo_step(
     lr_schedule: optax.Schedule | None = None,
     logprob_chunk_size: int = 128,
     grad_accum_steps: int = 1,
+    shared_prefix: bool = False,
     donate: bool = True,
 ):
     """Build the jitted `step(state, batch) -> (state, metrics)` (see the module docstring for the batch).
@@ -183,17 +193,33 @@ def make_grpo_step(
     `grad_accum_steps` splits each minibatch into equal micro-batches whose gradients are averaged before
     one optimizer update: exact for the sequence-mean aggregations; with "token_mean" each micro-batch is
     normalised by its own token count. Pass `state_shardings` to pin the output state to the input layout.
+    `shared_prefix` computes each prompt's forward once per group, for the reference and the policy
+    (exact: autodiff sums the G rows' gradients through the shared prompt); the rows of one prompt stay
+    together in every minibatch and micro-batch when G divides by num_minibatches x grad_accum_steps.
     """
     G = grpo.num_generations
     M = grpo.num_minibatches
     process = grpo.advantage_estimator == PROCESS_ESTIMATOR
     needs_reference = grpo.kl_coef > 0
+    if shared_prefix and G % (M * grad_accum_steps):
+        raise ValueError(
+            f"shared_prefix needs num_generations={G} divisible by num_minibatches x grad_accum_steps "
+            f"= {M} x {grad_accum_steps} (the rows of one prompt must stay together in each micro-batch)"
+        )
     logprobs_of = functools.partial(
-        completion_logprobs, model_config, temperature=grpo.temperature, chunk_size=logprob_chunk_size
+        completion_logprobs,
+        model_config,
+        temperature=grpo.temperature,
+        chunk_size=logprob_chunk_size,
+        shared_prefix_group=G if shared_prefix else 1,
     )
 
     loss_fn = functools.partial(
-        grpo_loss, grpo=grpo, model_config=model_config, chunk_size=logprob_chunk_size
+        grpo_loss,
+        grpo=grpo,
+        model_config=model_config,
+        chunk_size=logprob_chunk_size,
+        shared_prefix_group=G // (M * grad_accum_steps) if shared_prefix else 1,
     )
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
