@@ -7,6 +7,11 @@
 Prompts come from --prompt (repeatable) and/or --prompts_file (JSONL, one object with a "prompt" field
 per line). Each prompt is wrapped in --template (default: the run's template, "plain" for an HF model)
 and sampled --num_samples times in one batched call of the jitted sampler.
+
+For a training workdir, temperature, top-p and top-k default to the run's rollout settings (those of the
+checkpoint's GRPO/PPO stage, or of the run's nearest one: `grpo_jax.evaluation.run_sampling_settings`);
+for an HF directory to T=1, top_p=1, top_k=0. --temperature, --top_p and --top_k override them one by
+one. The settings used are printed before the samples and written into every --out line.
 """
 
 import json
@@ -24,9 +29,11 @@ _TEMPLATE = flags.DEFINE_string(
     "template", None, "Prompt template (plain, r1_zero, raw, chat); default: the run's."
 )
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Completions per prompt.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 is greedy.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
+_TEMPERATURE = flags.DEFINE_float(
+    "temperature", None, "Sampling temperature; 0 is greedy (default: the run's rollout temperature, else 1)."
+)
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass, 1 = off (default: the run's, else 1).")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Top-k sampling, 0 = off (default: the run's, else 0).")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Completion budget in tokens.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: the latest).")
@@ -65,24 +72,32 @@ def sample(
     *,
     template: str | None,
     num_samples: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
     max_new_tokens: int,
     seed: int,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
     step: int | None = None,
     best: bool = False,
-) -> list[list[dict]]:
-    """For each prompt, `num_samples` dicts {text, num_tokens, truncated}."""
+):
+    """(for each prompt, `num_samples` dicts {text, num_tokens, truncated}; the SamplingSettings used).
+    temperature/top_p/top_k: None takes the run's rollout setting (workdir) or the default."""
     import jax
     import numpy as np
 
     from grpo_jax import sampling
     from grpo_jax.data.pipeline import tokenize_prompt
     from grpo_jax.data.templates import format_prompt
-    from grpo_jax.workdir import load_policy
+    from grpo_jax.evaluation import SamplingSettings, checkpoint_stage, run_sampling_settings
+    from grpo_jax.workdir import is_workdir, load_policy, select_step
 
+    stage = None
+    if is_workdir(source):
+        step, best = select_step(source, step=step, best=best), False
+        stage = checkpoint_stage(source, step)
     model_config, params, tokenizer, config = load_policy(source, step=step, best=best)
+    defaults = (run_sampling_settings(config, stage) if config is not None else None) or SamplingSettings()
+    settings = defaults.override(temperature=temperature, top_p=top_p, top_k=top_k)
     template = template or (config.template if config is not None else "plain")
     add_bos = tokenizer.bos_id is not None
     prompt_len = max(
@@ -97,9 +112,9 @@ def sample(
         jax.random.key(seed),
         num_samples=num_samples,
         max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
         eos_id=tokenizer.eos_id,
         pad_id=tokenizer.pad_id,
     )
@@ -120,7 +135,7 @@ def sample(
                 }
             )
         results.append(group)
-    return results
+    return results, settings
 
 
 def main(argv):
@@ -134,7 +149,7 @@ def main(argv):
             raise ValueError("no prompt: give --prompt=... (repeatable) or --prompts_file=x.jsonl")
         if _NUM_SAMPLES.value < 1 or _MAX_NEW_TOKENS.value < 1:
             raise ValueError("--num_samples and --max_new_tokens must be >= 1")
-        results = sample(
+        results, settings = sample(
             _SOURCE.value,
             prompts,
             template=_TEMPLATE.value,
@@ -149,6 +164,7 @@ def main(argv):
         )
     except (ValueError, FileNotFoundError) as error:
         _fail(error)
+    print(f"sampling: {settings.describe()} (from {settings.source})")
     for prompt, group in zip(prompts, results, strict=True):
         print(f"=== prompt: {prompt}")
         for j, completion in enumerate(group, start=1):
@@ -158,7 +174,8 @@ def main(argv):
     if _OUT.value:
         with open(_OUT.value, "w", encoding="utf-8") as f:
             for prompt, group in zip(prompts, results, strict=True):
-                f.write(json.dumps({"prompt": prompt, "completions": group}) + "\n")
+                record = {"prompt": prompt, "completions": group, "sampling": settings.to_dict()}
+                f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ CORRECTNESS = {"math": math_correct, "countdown": countdown_correct}
 class Evaluator:
     """Evaluate params on a fixed list of held-out examples.
 
-    k > 1 adds `eval/pass@k` and `eval/maj@k` from k samples per problem at `temperature`.
+    k > 1 adds `eval/pass@k` and `eval/maj@k` from k samples per problem at `temperature`, `top_p`, `top_k`.
     """
 
     def __init__(
@@ -50,6 +50,8 @@ class Evaluator:
         stop_ids: Sequence[int] = (),
         k: int = 0,
         temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
         correct_fn: Callable[[str, dict], bool] | str = "math",
         mesh=None,
     ):
@@ -62,7 +64,7 @@ class Evaluator:
         self.batch_size = batch_size
         self.stop_ids = tuple(stop_ids)
         self.k = k
-        self.temperature = temperature
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.correct_fn = CORRECTNESS[correct_fn] if isinstance(correct_fn, str) else correct_fn
         self.mesh = mesh
         rows = [tokenize_prompt(e, tokenizer, template, max_prompt_len)[:2] for e in self.examples]
@@ -86,6 +88,8 @@ class Evaluator:
                 num_samples=num_samples,
                 max_new_tokens=self.max_new_tokens,
                 temperature=temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
                 eos_id=self.tokenizer.eos_id,
                 stop_ids=self.stop_ids,
                 pad_id=self.tokenizer.pad_id,
