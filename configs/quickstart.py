@@ -82,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             weight_decay=0.0,
             max_grad_norm=1.0,
             grad_accum_steps=1,  # micro-batches per optimizer update (memory, not math)
+            shared_prefix=True,  # each prompt's forward once per group in the update (exact; speed)
             top_p=1.0,
             top_k=0,
             rewards=(("format", 0.2), ("accuracy", 1.0)),

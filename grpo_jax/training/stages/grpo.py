@@ -162,6 +162,7 @@ class RolloutStage(Stage):
             jax.random.fold_in(state.rng, state.step) if rng is None else rng,
             num_samples=num_samples,
             max_new_tokens=self.run.config.max_new_tokens,
+            min_new_tokens=self.config.get("min_new_tokens", 0),
             temperature=temperature,
             top_p=self.config.top_p,
             top_k=self.config.top_k,
@@ -276,6 +277,7 @@ class GRPOStage(RolloutStage):
             lr_schedule=learning_rate_schedule(opt_config),
             logprob_chunk_size=run.config.logprob_chunk_size,
             grad_accum_steps=sc.get("grad_accum_steps", 1),
+            shared_prefix=sc.get("shared_prefix", False),
         )
         return state, shardings
 
