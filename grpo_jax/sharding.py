@@ -158,6 +158,35 @@ def shard_batch(batch, mesh: Mesh):
     return jax.tree_util.tree_map(place, batch)
 
 
+def to_host(tree):
+    """Fetch a pytree of arrays to host numpy. An array split over devices of other processes (a
+    multi-process run's batch) is gathered first (`process_allgather`, a collective: every process must
+    call this together); addressable and replicated arrays are read directly."""
+
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree_util.tree_map(fetch, tree)
+
+
+def place_global(tree, mesh: Mesh):
+    """Place host arrays that hold the GLOBAL batch (the same values on every process, e.g. rewards
+    computed from a gathered rollout) on the mesh, rows split over the batch axes; each process keeps
+    only its devices' rows. Arrays whose rows do not split evenly are replicated."""
+
+    def place(x):
+        x = np.asarray(x)
+        rows = math.prod(mesh.shape[a] for a in BATCH_AXES)
+        sharding = batch_sharding(mesh, x.ndim) if x.ndim and x.shape[0] % rows == 0 else replicated(mesh)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(place, tree)
+
+
 def initialize_distributed(**kwargs) -> None:
     """Start JAX's multi-controller runtime on a multi-host TPU/GPU slice; a no-op for a single process.
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from grpo_jax import evaluation, sampling
+from grpo_jax import evaluation, sampling, sharding
 from grpo_jax.data.pipeline import tokenize_prompt
 from grpo_jax.rewards.countdown import countdown_reward
 from grpo_jax.rewards.math import extract_answer, is_equivalent
@@ -95,7 +95,7 @@ class Evaluator:
                 pad_id=self.tokenizer.pad_id,
                 mesh=self.mesh,
             )
-            tokens, mask = jax.device_get((rollout.tokens, rollout.mask))
+            tokens, mask = sharding.to_host((rollout.tokens, rollout.mask))
             decoded = [
                 self.tokenizer.decode(t[m > 0].tolist(), skip_special=False) for t, m in zip(tokens, mask)
             ]

@@ -75,7 +75,11 @@ def rollout_to_batch(rollout, prompt_batch: dict, num_generations: int, host_rew
         if key in prompt_batch:
             batch[key] = repeat(jnp.asarray(prompt_batch[key]))
     if host_rewards is not None:
-        batch["host_rewards"] = jnp.asarray(host_rewards, jnp.float32)
+        batch["host_rewards"] = (
+            host_rewards.astype(jnp.float32)
+            if isinstance(host_rewards, jax.Array)
+            else jnp.asarray(host_rewards, jnp.float32)
+        )
     return batch
 
 

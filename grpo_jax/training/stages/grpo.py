@@ -144,7 +144,7 @@ class RolloutStage(Stage):
         self.host_rewards = compute
 
     def decode(self, rollout) -> list[str]:
-        tokens, mask = jax.device_get((rollout.tokens, rollout.mask))
+        tokens, mask = sharding.to_host((rollout.tokens, rollout.mask))
         eos = self.run.tokenizer.eos_id
         return [
             self.run.tokenizer.decode([i for i in t[m > 0].tolist() if i != eos])
@@ -174,7 +174,12 @@ class RolloutStage(Stage):
 
     def row_examples(self, prompts, num_samples: int) -> list[dict]:
         """The example of every rollout row (prompt-major: each prompt's example `num_samples` times)."""
-        return [self.examples[int(i)] for i in np.repeat(prompts["example_index"], num_samples)]
+        indices = np.asarray(prompts["example_index"])
+        if jax.process_count() > 1:  # the rollout rows are global: every process's prompts, in order
+            from jax.experimental import multihost_utils
+
+            indices = np.asarray(multihost_utils.process_allgather(indices, tiled=True))
+        return [self.examples[int(i)] for i in np.repeat(indices, num_samples)]
 
     def host_batch_extras(self, rollout, prompts, num_samples: int) -> tuple[dict, dict]:
         """Host-computed batch entries (host rewards, step rewards) and their logged metrics."""
@@ -191,6 +196,8 @@ class RolloutStage(Stage):
         jax.block_until_ready(rollout.tokens)
         sample_time = time.time() - t0
         extras, logged = self.host_batch_extras(rollout, prompts, G)
+        if extras and jax.process_count() > 1:  # host values of the global batch: onto the mesh
+            extras = sharding.place_global(extras, self.run.mesh)
         batch = rollout_to_batch(rollout, placed, G, extras.pop("host_rewards", None))
         batch.update(extras)
         batch.update(self.debug_switches(global_step))
@@ -296,7 +303,7 @@ class GRPOStage(RolloutStage):
         if self.step_verifier is not None:
             from grpo_jax.rewards.process import process_step_rewards
 
-            tokens, mask = jax.device_get((rollout.tokens, rollout.mask))
+            tokens, mask = sharding.to_host((rollout.tokens, rollout.mask))
             steps = process_step_rewards(
                 self.run.tokenizer,
                 np.asarray(tokens),

@@ -94,6 +94,8 @@ class PreferenceStage(Stage):
                     batch_size=size,
                     seed=0,
                     shuffle=False,
+                    shard_index=jax.process_index(),
+                    shard_count=jax.process_count(),
                 )
             )
         )

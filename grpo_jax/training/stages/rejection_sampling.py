@@ -134,13 +134,13 @@ class RejectionSamplingStage(RolloutStage):
         texts = self.decode(rollout)
         scores: dict[str, np.ndarray] = {}
         if self.score is not None:
-            scores.update(jax.device_get(self.score(rollout_to_batch(rollout, placed, K))))
+            scores.update(sharding.to_host(self.score(rollout_to_batch(rollout, placed, K))))
         examples = self.row_examples(prompts, K)
         if self.host_runner is not None:
             values, _ = self.host_runner(texts, examples)
             scores.update(values)
         keep = [tuple(rule) for rule in self.config.keep]
-        truncated = np.asarray(jax.device_get(rollout.truncated))
+        truncated = sharding.to_host(rollout.truncated)
         failed = []
         out = self._candidates()
         for row, (text, example) in enumerate(zip(texts, examples, strict=True)):

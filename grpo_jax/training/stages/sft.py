@@ -79,6 +79,8 @@ class SFTStage(Stage):
                     batch_size=sc.batch_size,
                     seed=run.config.seed,
                     shuffle=False,
+                    shard_index=jax.process_index(),
+                    shard_count=jax.process_count(),
                 )
             )
         )
