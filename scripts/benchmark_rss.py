@@ -7,7 +7,8 @@ evals and async checkpoints on) with the GRPO stage raised to `--grpo_steps`, an
 process's resident set size (`VmRSS` in /proc/PID/status, Linux) each time the run's `metrics.jsonl`
 reaches another multiple of `--every` GRPO steps. A leak (metrics kept on the host, a growing compile
 cache, a checkpoint manager holding old steps) shows as RSS growing with the step count; the goal is a
-flat curve after warm-up: growth < 5 % from the first sample after `--warmup_steps` to the last.
+flat curve after warm-up: growth < 5 % between the median of the first and of the last four samples after
+`--warmup_steps`.
 
 Writes OUT.json (samples, growth, the command, versions), OUT.md (table) and OUT.png (the curve).
 """
@@ -18,6 +19,7 @@ import datetime
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,12 +59,14 @@ def last_grpo_step(metrics_path: str, offset: int) -> tuple[int | None, int]:
     return step, offset + end
 
 
-def growth(samples: list[dict], warmup_steps: int) -> float | None:
-    """Relative RSS growth from the first sample at or after `warmup_steps` GRPO steps to the last."""
-    after = [s for s in samples if s["grpo_step"] >= warmup_steps]
-    if len(after) < 2:
+def growth(samples: list[dict], warmup_steps: int, window: int = 4) -> float | None:
+    """Relative RSS growth after `warmup_steps` GRPO steps: the median of the last `window` samples over
+    the median of the first `window` (RSS swings by ~20 % between samples as the allocator returns
+    memory, so single samples would measure that swing rather than a trend)."""
+    after = [s["rss_mib"] for s in samples if s["grpo_step"] >= warmup_steps]
+    if len(after) < 2 * window:
         return None
-    return after[-1]["rss_mib"] / after[0]["rss_mib"] - 1.0
+    return statistics.median(after[-window:]) / statistics.median(after[:window]) - 1.0
 
 
 def run(workdir: str, grpo_steps: int, every: int, sft_steps: int) -> tuple[list[dict], list[str]]:
@@ -122,7 +126,7 @@ def write_outputs(out: str, samples: list[dict], command: list[str], warmup_step
         f"`{report['command']}` ({report['date']}, jax {report['jax']}) runs",
         f"`python {report['train_command']}` and samples the training process's RSS.",
         "",
-        f"Growth from GRPO step {warmup_steps} to the last sample: "
+        f"Growth after GRPO step {warmup_steps} (median of the last 4 samples over the first 4): "
         f"**{100 * rel:+.2f} %** (goal < 5 %: {'met' if report['met'] else 'NOT met'})."
         if rel is not None
         else "Too few samples to compute growth.",

@@ -40,12 +40,13 @@ def test_last_grpo_step_reads_whole_lines_incrementally(bench, tmp_path):
     assert bench.last_grpo_step(str(path), offset) == (5, os.path.getsize(path))
 
 
-def test_growth_is_measured_after_warmup(bench):
-    points = ((50, 900.0), (100, 1000.0), (150, 1020.0), (200, 1030.0))
-    samples = [dict(grpo_step=s, rss_mib=r) for s, r in points]
-    assert bench.growth(samples, warmup_steps=100) == pytest.approx(0.03)
-    assert bench.growth(samples, warmup_steps=50) == pytest.approx(1030.0 / 900.0 - 1.0)
-    assert bench.growth(samples, warmup_steps=200) is None
+def test_growth_compares_medians_of_the_first_and_last_samples_after_warmup(bench):
+    rss = [900.0, 1000.0, 1300.0, 1010.0, 990.0, 1200.0, 1050.0, 1030.0, 1040.0, 1060.0]
+    samples = [dict(grpo_step=50 * (i + 1), rss_mib=r) for i, r in enumerate(rss)]
+    # after step 100: first four 1000, 1300, 1010, 990 (median 1005); last four 1050..1060 (median 1045)
+    assert bench.growth(samples, warmup_steps=100) == pytest.approx(1045.0 / 1005.0 - 1.0)
+    assert bench.growth(samples, warmup_steps=100, window=1) == pytest.approx(1060.0 / 1000.0 - 1.0)
+    assert bench.growth(samples, warmup_steps=400) is None  # fewer than two windows of samples
 
 
 def test_rss_of_this_process_and_of_a_finished_one(bench):
