@@ -241,7 +241,14 @@ def _generate(
     key_mask = jnp.pad(prompt_mask, ((0, 0), (0, max_new_tokens)))
     cache = init_cache(model_config, batch, total)
     logits, cache = forward_with_cache(
-        model_config, params, prompt_tokens, positions_from_mask(prompt_mask), cache, 0, key_mask
+        model_config,
+        params,
+        prompt_tokens,
+        positions_from_mask(prompt_mask),
+        cache,
+        0,
+        key_mask,
+        last_only=True,
     )
     fan_out = lambda x, axis: _constrain_rows(jnp.repeat(x, num_samples, axis=axis), mesh, axis)
     cache = jax.tree_util.tree_map(lambda c: fan_out(c, 1), cache)

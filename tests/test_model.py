@@ -91,6 +91,18 @@ def test_kv_cache_decode_matches_forward(overrides):
         np.asarray(full[:, :prompt_len])[mask[:, :prompt_len] > 0],
         atol=1e-5,
     )
+    last, _ = models.forward_with_cache(
+        config,
+        params,
+        jnp.asarray(tokens[:, :prompt_len]),
+        positions[:, :prompt_len],
+        models.init_cache(config, 2, total),
+        0,
+        jnp.asarray(key_mask),
+        last_only=True,
+    )  # the sampler's prefill: only the last position goes through the vocabulary projection
+    assert last.shape == (2, 1, config.vocab_size)
+    np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(full[:, prompt_len - 1]), atol=1e-5)
     for t in range(prompt_len, total):
         key_mask[:, t] = 1
         step_logits, cache = models.forward_with_cache(

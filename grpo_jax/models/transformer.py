@@ -529,12 +529,16 @@ def forward_with_cache(
     cache: KVCache,
     cache_index: jax.Array,
     key_mask: jax.Array,
+    *,
+    last_only: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """Prefill a block or extend by one token, reading and writing the KV cache.
 
     tokens/positions [B, T] are written at cache slots [cache_index, cache_index + T); key_mask [B, S]
     marks which cache slots hold real tokens (including the new ones). A query at slot s attends to
-    slots <= s that are real. Returns (float32 logits [B, T, V], updated cache).
+    slots <= s that are real. Returns (float32 logits [B, T, V], updated cache); with `last_only`, the
+    logits of the last position only ([B, 1, V]: a prefill needs no more, and a [B, P, V] float32 block
+    would be the prefill's largest tensor).
     """
     t = tokens.shape[1]
     s = cache["k"].shape[2]
@@ -543,5 +547,7 @@ def forward_with_cache(
     allowed = causal[None] & (key_mask[:, None, :] > 0)
     x = embed_tokens(config, params, tokens)
     x, cache = _run_layers(config, params["layers"], x, positions, allowed, cache, cache_index)
+    if last_only:
+        x = x[:, -1:]
     x = rms_norm(x, params["final_norm"].astype(config.compute_dtype), config.rms_norm_eps)
     return logits_from_hidden(config, params, x), cache
