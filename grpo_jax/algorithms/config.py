@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from grpo_jax.algorithms.advantages import ADVANTAGE_SCALES, ESTIMATOR_NAMES, PROCESS_ESTIMATOR
-from grpo_jax.algorithms.grpo import LOSS_AGGREGATIONS, RATIO_LEVELS
+from grpo_jax.algorithms.grpo import IS_CORRECTIONS, LOSS_AGGREGATIONS, LOSS_TYPES, RATIO_LEVELS
 from grpo_jax.algorithms.kl import KL_ESTIMATORS
 
 # Estimators whose baseline is the group: they need at least two samples per prompt to learn anything.
@@ -76,6 +76,17 @@ class GRPOConfig(ConfigFields):
       max_len_norm: the constant of Dr. GRPO's "seq_mean_token_sum_norm"; None = the generation budget.
       dynamic_sampling: DAPO dynamic sampling: groups whose rewards are all equal get weight 0.
       max_grad_norm: global gradient-norm clip; None = off.
+      mask_truncated: DAPO §3.4 overlong filtering: completions that hit max_new_tokens without a stop
+        token get sample weight 0 in the loss (separate from overlong reward shaping).
+      loss_type: "grpo" (clipped surrogate, DeepSeekMath eq. 3) or "cispo" (MiniMax-M1, arXiv 2506.13585:
+        sg(clip(r, 1 − ε_low, 1 + ε_high)) · Â · log π_θ per token; uses clip_eps_low/high as ε_low/ε_high).
+      entropy_mask_top: q in (0, 1]: the policy-gradient term keeps only the top-q highest-entropy tokens
+        of each (micro-)batch (arXiv 2506.01939, q = 0.2 there); 1.0 = off. The KL term keeps all tokens.
+      is_correction: sampler/trainer mismatch correction: "none" | "token_tis" | "seq_tis" | "icepop".
+        π_old = the trainer's logprobs at the rollout params (stop-gradient), π_sampler = the sampler's
+        (`sampling_logprobs`, the truncated top-p/top-k distribution, else `old_logprobs`).
+      is_cap: C of truncated IS: weight min(π_old/π_sampler, C) per token, or of the sequence product.
+      is_mask_low, is_mask_high: IcePop bounds [α, β]: tokens whose π_old/π_sampler lies outside get weight 0.
       reference_reset_every: iterative GRPO (§4.1.4): reset π_ref to π_θ every this many steps; 0 = never
         (R1: 400).
       temperature: sampling temperature of the rollouts (R1: 1.0; 0.7 in its last stage).
@@ -99,6 +110,13 @@ class GRPOConfig(ConfigFields):
     max_len_norm: int | None = None
     dynamic_sampling: bool = False
     max_grad_norm: float | None = 1.0
+    mask_truncated: bool = False
+    loss_type: str = "grpo"
+    entropy_mask_top: float = 1.0
+    is_correction: str = "none"
+    is_cap: float = 2.0
+    is_mask_low: float = 0.5
+    is_mask_high: float = 2.0
     reference_reset_every: int = 0
     temperature: float = 1.0
 
@@ -124,6 +142,13 @@ class GRPOConfig(ConfigFields):
         _require_bool(self, "dynamic_sampling")
         if self.max_grad_norm is not None:
             _require_float(self, "max_grad_norm", "> 0 or None", lambda v: v > 0)
+        _require_bool(self, "mask_truncated")
+        _require_choice(self, "loss_type", LOSS_TYPES)
+        _require_float(self, "entropy_mask_top", "in (0, 1]", lambda v: 0 < v <= 1)
+        _require_choice(self, "is_correction", IS_CORRECTIONS)
+        _require_float(self, "is_cap", ">= 1", lambda v: v >= 1)
+        _require_float(self, "is_mask_low", "in [0, 1]", lambda v: 0 <= v <= 1)
+        _require_float(self, "is_mask_high", ">= 1", lambda v: v >= 1)
         _require_int(self, "reference_reset_every", minimum=0)
         _require_float(self, "temperature", "> 0", lambda v: v > 0)
         if self.advantage_estimator in _GROUP_ESTIMATORS and self.num_generations < 2:
@@ -138,6 +163,12 @@ class GRPOConfig(ConfigFields):
                 self.kl_in_reward,
                 "False with advantage_estimator='process' (its advantages come from step rewards, "
                 "not a sequence reward the KL could be folded into)",
+            )
+        if self.loss_type == "cispo" and (self.ratio_level != "token" or self.dual_clip_c is not None):
+            _fail(
+                "loss_type",
+                self.loss_type,
+                "'grpo' with ratio_level='sequence' or dual_clip_c (CISPO clips a per-token IS weight)",
             )
         if self.advantage_scale != "group" and self.advantage_estimator != "grpo":
             _fail(

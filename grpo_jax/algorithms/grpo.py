@@ -5,11 +5,14 @@ DeepSeekMath (arXiv 2402.03300) eq. 3, to be maximised:
 with r_{i,t} = π_θ(o_{i,t}) / π_old(o_{i,t}). We minimise its negative. Switches (config, not forks):
 asymmetric clip-higher ε_low/ε_high (DAPO, arXiv 2503.14476 §3.1), dual clip for negative advantages
 (Ye et al., arXiv 1912.09729), sequence-level ratio (GSPO, arXiv 2507.18071), entropy bonus, and the loss
-aggregations of GRPO, DAPO (token level) and Dr. GRPO (constant normaliser).
+aggregations of GRPO, DAPO (token level) and Dr. GRPO (constant normaliser); CISPO's clipped IS-weight
+loss (MiniMax-M1, arXiv 2506.13585), the high-entropy token mask (arXiv 2506.01939), and sampler/trainer
+mismatch correction (truncated IS, IcePop masking).
 
 Shapes: N sequences (prompts × G), T completion tokens; logprobs `[N, T]` are those of the sampled tokens.
 """
 
+import math
 import numbers
 
 import jax
@@ -19,9 +22,13 @@ from grpo_jax.algorithms.advantages import group_advantages, zero_variance_group
 from grpo_jax.algorithms.kl import kl_divergence
 
 __all__ = [
+    "IS_CORRECTIONS",
     "LOSS_AGGREGATIONS",
+    "LOSS_TYPES",
     "RATIO_LEVELS",
     "aggregate_loss",
+    "importance_weights",
+    "masked_quantile",
     "group_advantages",
     "policy_loss",
     "zero_variance_groups",
@@ -29,6 +36,8 @@ __all__ = [
 
 LOSS_AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 RATIO_LEVELS = ("token", "sequence")
+LOSS_TYPES = ("grpo", "cispo")
+IS_CORRECTIONS = ("none", "token_tis", "seq_tis", "icepop")
 
 
 def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
@@ -80,6 +89,58 @@ def aggregate_loss(
     return _safe_divide(jnp.sum(sequence_weight * per_sequence), jnp.sum(sequence_weight))
 
 
+def masked_quantile(x: jax.Array, valid: jax.Array, q) -> jax.Array:
+    """The q-quantile(s) of `x` over the entries where `valid`, with static shapes (a sort, jit-safe).
+
+    Linear interpolation between order statistics, as `np.quantile(x[valid], q)`; 0 if nothing is valid.
+    """
+    values = jnp.sort(jnp.where(valid, x, jnp.inf).reshape(-1))  # valid entries first, ascending
+    count = jnp.sum(valid)
+    position = jnp.asarray(q, jnp.float32) * jnp.maximum(count - 1, 0).astype(jnp.float32)
+    low = jnp.floor(position).astype(jnp.int32)
+    high = jnp.minimum(low + 1, jnp.maximum(count - 1, 0))
+    lo_value, hi_value = values[low], values[high]
+    result = lo_value + (position - low) * jnp.where(high > low, hi_value - lo_value, 0.0)
+    return jnp.where(count > 0, result, 0.0)
+
+
+def importance_weights(
+    old_logprobs: jax.Array,
+    sampler_logprobs: jax.Array,
+    mask: jax.Array,
+    is_correction: str,
+    *,
+    is_cap: float = 2.0,
+    is_mask_low: float = 0.5,
+    is_mask_high: float = 2.0,
+) -> jax.Array:
+    """Per-token weights `[N, T]` correcting for the sampler/trainer mismatch, no gradient.
+
+    With ρ_t = π_old(o_t) / π_sampler(o_t) (π_old: the trainer's logprobs at the rollout params;
+    π_sampler: the distribution the rollout engine actually sampled from):
+      "token_tis": min(ρ_t, C) (truncated IS, verl rollout correction / TRL `sampler_is`);
+      "seq_tis":   min(Π_t ρ_t, C) for every token of the sequence (product taken in log space);
+      "icepop":    ρ_t inside [is_mask_low, is_mask_high], 0 outside (IcePop, Ring-1T report, 2025);
+      "none":      1.
+    """
+    if is_correction not in IS_CORRECTIONS:
+        raise ValueError(f"unknown is_correction {is_correction!r}; known: {IS_CORRECTIONS}")
+    valid = jnp.asarray(mask) > 0
+    log_rho = jnp.where(valid, old_logprobs.astype(jnp.float32) - sampler_logprobs.astype(jnp.float32), 0.0)
+    log_rho = jax.lax.stop_gradient(log_rho)
+    if is_correction == "none":
+        weights = jnp.ones_like(log_rho)
+    elif is_correction == "token_tis":
+        weights = jnp.exp(jnp.minimum(log_rho, math.log(is_cap)))
+    elif is_correction == "seq_tis":
+        sequence = jnp.minimum(jnp.sum(log_rho, axis=1, keepdims=True), math.log(is_cap))
+        weights = jnp.broadcast_to(jnp.exp(sequence), log_rho.shape)
+    else:
+        rho = jnp.exp(log_rho)
+        weights = jnp.where((rho >= is_mask_low) & (rho <= is_mask_high), rho, 0.0)
+    return jnp.where(valid, weights, 0.0)
+
+
 def _is_zero(value) -> bool:
     return isinstance(value, numbers.Number) and value == 0
 
@@ -102,6 +163,13 @@ def policy_loss(
     entropy_coef: float = 0.0,
     max_len_norm: float | None = None,
     sample_weight: jax.Array | None = None,
+    loss_type: str = "grpo",
+    entropy_mask_top: float = 1.0,
+    sampler_logprobs: jax.Array | None = None,
+    is_correction: str = "none",
+    is_cap: float = 2.0,
+    is_mask_low: float = 0.5,
+    is_mask_high: float = 2.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Clipped-surrogate GRPO loss (negated DeepSeekMath eq. 3) and its metrics.
 
@@ -124,13 +192,26 @@ def policy_loss(
       entropy_coef: weight of the entropy bonus (subtracted from the loss).
       max_len_norm: the Dr. GRPO constant for "seq_mean_token_sum_norm" (default T).
       sample_weight: `[N]` sequence weights (see `aggregate_loss`); None weighs every sequence 1.
+      loss_type: "grpo" (the clipped surrogate above) or "cispo": per token sg(clip(r, 1 − ε_low,
+        1 + ε_high)) · Â · log π_θ (MiniMax-M1, arXiv 2506.13585 eq. 4): the clipped IS weight carries no
+        gradient, so no token's gradient is dropped. Token ratios only, no dual clip.
+      entropy_mask_top: q in (0, 1]: the policy-gradient term (not the KL or entropy terms) is kept only on
+        tokens whose entropy is >= the (1 − q)-quantile of the counted tokens' entropies ("Beyond the
+        80/20 rule", arXiv 2506.01939 eq. 7); the aggregation's normaliser is unchanged. Needs `entropy`.
+      sampler_logprobs: `[N, T]` log π_sampler, needed when `is_correction` != "none"; `old_logprobs` is
+        then the trainer's π_old at the rollout params.
+      is_correction, is_cap, is_mask_low, is_mask_high: see `importance_weights`; the weight multiplies
+        the policy-gradient term as a constant.
 
     Returns:
       (loss, metrics). Metrics are scalars averaged over the tokens that count (mask × sample_weight):
       loss, pg_loss (the clipped surrogate part, aggregated like the loss), kl (mean per-token KL, 0 without a
       reference), clip_frac / clip_frac_low / clip_frac_high (share of tokens whose clip is active, i.e.
       whose gradient it zeroes: r > 1 + ε_high with Â > 0, r < 1 − ε_low with Â < 0), ratio_mean,
-      ratio_min, ratio_max, plus dual_clip_frac and entropy when those are in use.
+      ratio_min, ratio_max, plus dual_clip_frac and entropy when those are in use, entropy_threshold and
+      entropy_mask_frac with the entropy mask, is_weight_mean and is_zero_frac with an IS correction.
+      For "cispo" a clipped token is one whose IS weight is clipped (r > 1 + ε_high or r < 1 − ε_low),
+      whatever the sign of Â.
     """
     if ratio_level not in RATIO_LEVELS:
         raise ValueError(f"unknown ratio_level {ratio_level!r}; known: {RATIO_LEVELS}")
@@ -140,6 +221,16 @@ def policy_loss(
         raise ValueError(f"ref_logprobs is None but kl_coef={kl_coef}; pass reference logprobs or kl_coef=0")
     if entropy is None and not _is_zero(entropy_coef):
         raise ValueError(f"entropy is None but entropy_coef={entropy_coef}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; known: {LOSS_TYPES}")
+    if loss_type == "cispo" and (ratio_level != "token" or dual_clip_c is not None):
+        raise ValueError("loss_type='cispo' needs ratio_level='token' and dual_clip_c=None")
+    if not 0 < entropy_mask_top <= 1:
+        raise ValueError(f"entropy_mask_top must be in (0, 1], got {entropy_mask_top}")
+    if entropy_mask_top < 1 and entropy is None:
+        raise ValueError(f"entropy is None but entropy_mask_top={entropy_mask_top}")
+    if is_correction != "none" and sampler_logprobs is None:
+        raise ValueError(f"is_correction={is_correction!r} needs sampler_logprobs")
 
     mask = jnp.asarray(mask, jnp.float32)
     valid = mask > 0
@@ -159,10 +250,39 @@ def policy_loss(
         )
     ratio = jnp.exp(log_ratio)
     clipped_ratio = jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
-    surrogate = jnp.minimum(ratio * advantages, clipped_ratio * advantages)
+    if loss_type == "cispo":
+        # MiniMax-M1 (arXiv 2506.13585) eq. 4: sg(clip(r)) · Â · log π_θ.
+        surrogate = jax.lax.stop_gradient(clipped_ratio) * advantages * logprobs
+    else:
+        surrogate = jnp.minimum(ratio * advantages, clipped_ratio * advantages)
     if dual_clip_c is not None:
         surrogate = jnp.where(advantages < 0, jnp.maximum(surrogate, dual_clip_c * advantages), surrogate)
-    per_token_loss = -surrogate
+    token_weight = mask * _sequence_weights(sample_weight, mask.shape[0])[:, None]
+    counted = token_weight > 0
+    pg_weight = jnp.ones_like(surrogate)
+    extra_metrics = {}
+    if is_correction != "none":
+        is_weight = importance_weights(
+            old_logprobs,
+            sampler_logprobs,
+            mask,
+            is_correction,
+            is_cap=is_cap,
+            is_mask_low=is_mask_low,
+            is_mask_high=is_mask_high,
+        )
+        pg_weight = pg_weight * is_weight
+        extra_metrics["is_weight_mean"] = is_weight
+        extra_metrics["is_zero_frac"] = is_weight == 0
+    if entropy_mask_top < 1:
+        # arXiv 2506.01939 eq. 7: policy gradient only on tokens with entropy >= the (1 − q)-quantile.
+        token_entropy = jax.lax.stop_gradient(entropy.astype(jnp.float32))
+        threshold = masked_quantile(token_entropy, counted, 1.0 - entropy_mask_top)
+        keep = token_entropy >= threshold
+        pg_weight = pg_weight * keep
+        extra_metrics["entropy_mask_frac"] = keep
+    pg_token_loss = -pg_weight * surrogate
+    per_token_loss = pg_token_loss
 
     if ref_logprobs is None:
         kl = jnp.zeros_like(logprobs)
@@ -181,15 +301,15 @@ def policy_loss(
     )
     loss = aggregate(per_token_loss)
 
-    token_weight = mask * _sequence_weights(sample_weight, mask.shape[0])[:, None]
-    counted = token_weight > 0
     token_mean = lambda x: _safe_divide(jnp.sum(x * token_weight), jnp.sum(token_weight))
     any_counted = jnp.any(counted)
-    clipped_low = (advantages < 0) & (ratio < 1.0 - clip_eps_low)
-    clipped_high = (advantages > 0) & (ratio > 1.0 + clip_eps_high)
+    clipped_low = ratio < 1.0 - clip_eps_low
+    clipped_high = ratio > 1.0 + clip_eps_high
+    if loss_type == "grpo":  # the clip is active only where it zeroes the gradient
+        clipped_low, clipped_high = clipped_low & (advantages < 0), clipped_high & (advantages > 0)
     metrics = {
         "loss": loss,
-        "pg_loss": aggregate(-surrogate),
+        "pg_loss": aggregate(pg_token_loss),
         "kl": token_mean(kl),
         "clip_frac": token_mean(clipped_low | clipped_high),
         "clip_frac_low": token_mean(clipped_low),
@@ -202,4 +322,8 @@ def policy_loss(
         metrics["dual_clip_frac"] = token_mean((advantages < 0) & (ratio > dual_clip_c))
     if entropy is not None:
         metrics["entropy"] = token_mean(entropy)
+    for name, value in extra_metrics.items():
+        metrics[name] = token_mean(value)
+    if entropy_mask_top < 1:
+        metrics["entropy_threshold"] = threshold
     return loss, jax.lax.stop_gradient(metrics)

@@ -13,8 +13,13 @@ supervision gives one advantage per completion `[N]`; process supervision (`adva
 The batch (N = prompts × G rows, prompt-major as the sampler emits them):
     prompt_tokens [N, P], prompt_mask [N, P]          left-padded prompts
     completion_tokens [N, L], completion_mask [N, L]  sampled tokens, 1 up to and including the stop token
-    old_logprobs [N, L]                               the sampler's logprobs (π_old)
-    truncated [N] bool                                no stop token within the budget
+    old_logprobs [N, L]                               the sampler's logprobs under the full softmax at the
+                                                      rollout temperature (π_old)
+    sampling_logprobs [N, L]                          the sampler's logprobs under the distribution it really
+                                                      sampled from (top-p/top-k truncated; optional): the
+                                                      π_sampler of `is_correction` and of the mismatch metrics
+    truncated [N] bool                                no stop token within the budget (`mask_truncated`
+                                                      gives these rows sample weight 0)
     answer_tokens [N, A], answer_mask [N, A]          per-example targets for in-graph rewards (optional)
     route [N] int32                                   prompt kind of routed rewards (optional)
     host_rewards [N] float32                          weighted sum of Python rewards (optional)
@@ -47,14 +52,18 @@ from grpo_jax.algorithms import (
     zero_variance_groups,
 )
 from grpo_jax.algorithms.advantages import PROCESS_ESTIMATOR, process_zero_variance_groups
+from grpo_jax.algorithms.grpo import masked_quantile
 from grpo_jax.sharding import BATCH_AXES, replicated
 from grpo_jax.training.state import DEBUG_KEYS, TrainState, debug_poison
 
 RewardFn = Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
 
 PROCESS_KEYS = ("step_rewards", "step_mask", "step_end_index")
-# Batch keys the policy loss never reads: kept out of the minibatch split.
+# Batch keys the policy loss never reads: kept out of the minibatch split. (`truncated` reaches the loss
+# through `sample_weight`, computed on the whole batch before the split.)
 _NOT_TRAINED = ("host_rewards", "truncated", *PROCESS_KEYS)
+# Quantiles of the sampler/trainer ratio π_old/π_sampler logged every step.
+_MISMATCH_QUANTILES = (("p01", 0.01), ("p50", 0.5), ("p99", 0.99))
 
 
 def rollout_to_batch(rollout, prompt_batch: dict, num_generations: int, host_rewards=None) -> dict:
@@ -71,6 +80,8 @@ def rollout_to_batch(rollout, prompt_batch: dict, num_generations: int, host_rew
         "old_logprobs": rollout.logprobs,
         "truncated": rollout.truncated,
     }
+    if getattr(rollout, "sampling_logprobs", None) is not None:
+        batch["sampling_logprobs"] = rollout.sampling_logprobs
     for key in ("answer_tokens", "answer_mask", "route"):
         if key in prompt_batch:
             batch[key] = repeat(jnp.asarray(prompt_batch[key]))
@@ -124,6 +135,13 @@ def grpo_loss(
 
     mb holds the batch keys plus `advantages` [N] or [N, L], `sample_weight` [N] and, when β > 0,
     `ref_logprobs` [N, L]. shared_prefix_group: see `completion_logprobs`.
+
+    Which logprobs are which: π_sampler = `sampling_logprobs` (else `old_logprobs`), what the rollout
+    engine sampled from. Without `is_correction`, π_old = `old_logprobs` (the sampler's full-softmax
+    logprobs). With it, π_old = the trainer's logprobs at the rollout params: `trainer_old_logprobs`
+    when the step precomputed them (μ > 1 or several minibatches), else these params' own logprobs under
+    stop-gradient (μ = 1, one minibatch: the params have not moved yet), and the PPO ratio is taken
+    against them while min(π_old/π_sampler, C) (or IcePop's mask) weighs the policy gradient.
     """
     logprobs, entropy = completion_logprobs(
         model_config,
@@ -134,9 +152,14 @@ def grpo_loss(
         with_entropy=True,
         shared_prefix_group=shared_prefix_group,
     )
+    sampler_logprobs = mb.get("sampling_logprobs", mb["old_logprobs"])
+    if grpo.is_correction == "none":
+        old_logprobs = mb["old_logprobs"]
+    else:
+        old_logprobs = mb.get("trainer_old_logprobs", jax.lax.stop_gradient(logprobs))
     loss, metrics = policy_loss(
         logprobs,
-        mb["old_logprobs"],
+        old_logprobs,
         mb.get("ref_logprobs"),
         mb["advantages"],
         mb["completion_mask"],
@@ -151,12 +174,48 @@ def grpo_loss(
         entropy_coef=grpo.entropy_coef,
         max_len_norm=grpo.max_len_norm,
         sample_weight=mb.get("sample_weight"),
+        loss_type=grpo.loss_type,
+        entropy_mask_top=grpo.entropy_mask_top,
+        sampler_logprobs=sampler_logprobs,
+        is_correction=grpo.is_correction,
+        is_cap=grpo.is_cap,
+        is_mask_low=grpo.is_mask_low,
+        is_mask_high=grpo.is_mask_high,
     )
     loss = debug_poison(loss, mb)
     mask = mb["completion_mask"] > 0
     metrics["sampler_logprob_diff"] = jnp.max(jnp.where(mask, jnp.abs(logprobs - mb["old_logprobs"]), 0.0))
+    metrics.update(mismatch_metrics(jax.lax.stop_gradient(logprobs), sampler_logprobs, mask))
     metrics["entropy"] = _masked_mean(entropy, mask)
     return loss, metrics
+
+
+def mismatch_metrics(trainer_logprobs, sampler_logprobs, mask) -> dict[str, jax.Array]:
+    """Sampler/trainer mismatch over the valid tokens: max and mean |log π_trainer − log π_sampler| and
+    quantiles of the ratio π_trainer/π_sampler (`mismatch/ratio_p01`, `_p50`, `_p99`)."""
+    valid = mask > 0
+    diff = jnp.where(valid, trainer_logprobs - sampler_logprobs, 0.0)
+    metrics = {
+        "mismatch/abs_logp_diff_max": jnp.max(jnp.abs(diff)),
+        "mismatch/abs_logp_diff_mean": _masked_mean(jnp.abs(diff), valid),
+    }
+    quantiles = masked_quantile(jnp.exp(diff), valid, jnp.asarray([q for _, q in _MISMATCH_QUANTILES]))
+    for i, (name, _) in enumerate(_MISMATCH_QUANTILES):
+        metrics[f"mismatch/ratio_{name}"] = quantiles[i]
+    return metrics
+
+
+def sample_weights(grpo: GRPOConfig, zero_variance, truncated) -> tuple[jax.Array, jax.Array]:
+    """Per-sequence loss weights [N] and which rows `mask_truncated` zeroed [N] bool.
+
+    dynamic_sampling: groups whose rewards are all equal get 0 (DAPO §3.2); mask_truncated: completions
+    without a stop token within the budget get 0 (DAPO §3.4 overlong filtering)."""
+    weight = jnp.ones(zero_variance.shape, jnp.float32)
+    if grpo.dynamic_sampling:
+        weight = jnp.where(zero_variance, 0.0, weight)
+    truncated_masked = jnp.asarray(truncated, bool) & grpo.mask_truncated
+    weight = jnp.where(truncated_masked, 0.0, weight)
+    return weight, truncated_masked
 
 
 def _to_minibatches(tree, num_minibatches: int, mesh):
@@ -287,11 +346,15 @@ def make_grpo_step(
             else:
                 advantages = compute_advantages(grpo.advantage_estimator, score, G, **grpo.advantage_kwargs)
                 zero_variance = zero_variance_groups(score, G)
-            weight = (
-                jnp.where(zero_variance, 0.0, 1.0) if grpo.dynamic_sampling else jnp.ones((n,), jnp.float32)
-            )
+            weight, truncated_masked = sample_weights(grpo, zero_variance, batch["truncated"])
             batch["advantages"] = advantages
             batch["sample_weight"] = weight
+
+        if grpo.is_correction != "none" and (grpo.num_iterations > 1 or M > 1):
+            # π_old for the mismatch correction: the trainer's logprobs at the rollout params, before any
+            # update (with μ = 1 and one minibatch the loss takes them from its own forward instead).
+            with jax.named_scope("old_logprobs"):
+                batch["trainer_old_logprobs"] = jax.lax.stop_gradient(logprobs_of(state.params, batch))
 
         debug = {key: batch.pop(key) for key in DEBUG_KEYS if key in batch}
         train_keys = [k for k in batch if k not in _NOT_TRAINED]
@@ -337,9 +400,12 @@ def make_grpo_step(
                 "grad_norm": mean_over_updates(inner["grad_norm"]),
                 "nonfinite_updates": jnp.sum(inner["nonfinite"]),
                 "sampler_logprob_diff": inner["sampler_logprob_diff"][0],
+                # The first update's forward is at the rollout params: the sampler/trainer mismatch.
+                **{k: v[0] for k, v in inner.items() if k.startswith("mismatch/")},
                 "completion_len/mean": jnp.mean(lengths),
                 "completion_len/max": jnp.max(lengths),
                 "truncated_frac": jnp.mean(batch["truncated"].astype(jnp.float32)),
+                "truncated_masked_frac": jnp.mean(truncated_masked.astype(jnp.float32)),
                 "zero_variance_frac": jnp.mean(zero_variance.astype(jnp.float32)),
             }
             for name, value in per_reward.items():
@@ -350,6 +416,9 @@ def make_grpo_step(
                 metrics["process/steps_per_sample"] = jnp.mean(
                     jnp.sum(step_mask, axis=-1).astype(jnp.float32)
                 )
+            for name in ("entropy_threshold", "entropy_mask_frac", "is_weight_mean", "is_zero_frac"):
+                if name in inner:
+                    metrics[name] = mean_over_updates(inner[name])
             if lr_schedule is not None:
                 updates_per_step = grpo.num_iterations * M
                 metrics["learning_rate"] = lr_schedule(state.step * updates_per_step)
