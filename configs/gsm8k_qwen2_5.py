@@ -19,6 +19,8 @@ random Qwen2 directory (with a `tokenizer.model`) and tiny JSONL files that the 
 
 import ml_collections
 
+from grpo_jax.algorithms.config import GRPOConfig
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -81,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             eval_at_end=True,
             checkpoint_every=50,
             algo=ml_collections.ConfigDict(
-                dict(
+                GRPOConfig.config_fields(
                     num_generations=16,
                     kl_coef=0.001,
                     clip_eps_low=0.2,

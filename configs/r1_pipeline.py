@@ -21,6 +21,7 @@ end. `:runlocal` runs every stage for a few steps on CPU (the tests run it).
 
 import ml_collections
 
+from grpo_jax.algorithms.config import GRPOConfig
 from grpo_jax.config_utils import sibling_config
 
 LANGUAGE = ("language_consistency", 0.1, {"no_words_value": 1.0})  # a chain of digits mixes no language
@@ -84,6 +85,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # with the cold start's 225 steps the from-base model reached only 36.6% (benchmarks/r1_pipeline.md).
         c.sft2.update(steps=450, eval_every=225, checkpoint_every=75)
     c.grpo_final = ml_collections.ConfigDict(c.grpo.to_dict())
+    # to_dict() turns the algo block's typed placeholders (Optional fields) into plain None, which the
+    # command line cannot override: rebuild the block with every GRPOConfig field.
+    c.grpo_final.algo = ml_collections.ConfigDict(
+        GRPOConfig.config_fields(**GRPOConfig.from_dict(c.grpo.algo).to_dict())
+    )
     c.grpo_final.update(
         reward_model_from="rm",
         open_fraction=0.25,

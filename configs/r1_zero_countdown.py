@@ -18,6 +18,8 @@ smoke test, not R1-Zero). `:runlocal` shrinks everything to a seconds-long CPU r
 
 import ml_collections
 
+from grpo_jax.algorithms.config import GRPOConfig
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -80,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             eval_at_end=True,
             checkpoint_every=50,
             algo=ml_collections.ConfigDict(
-                dict(
+                GRPOConfig.config_fields(
                     num_generations=16,
                     kl_coef=0.001,
                     clip_eps_low=0.2,

@@ -1,13 +1,17 @@
 """Issue 11's switches, each with hand-computed numbers and a test that fails when the switch is off:
 mask_truncated (DAPO §3.4), CISPO (arXiv 2506.13585), the entropy mask (arXiv 2506.01939), sampler/trainer
-mismatch correction (truncated IS, IcePop)."""
+mismatch correction (truncated IS, IcePop), and every GRPOConfig field overridable from the command line
+in every shipped config (typed placeholders for the Optional ones; max_grad_norm removed)."""
 
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from grpo_jax import sampling, sharding
 from grpo_jax.algorithms import GRPOConfig, policy_loss
@@ -269,3 +273,103 @@ def test_grpo_loss_mu_one_takes_pi_old_from_its_own_forward():
     np.testing.assert_allclose(m["ratio_mean"], 1.0, rtol=1e-6)
     np.testing.assert_allclose(m["is_weight_mean"], math.exp(-0.2), rtol=1e-4)
     np.testing.assert_allclose(loss, -math.exp(-0.2), rtol=1e-4)  # −w · r · Â, every token alike
+
+
+# ---------------------------------------------------------------- 5. every field from the command line
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Two valid targets: A sets every field (Optional ones to numbers); B the switches A cannot combine.
+TARGET_A = dict(
+    num_generations=6,
+    kl_coef=0.5,
+    clip_eps_low=0.1,
+    clip_eps_high=0.3,
+    num_iterations=3,
+    num_minibatches=2,
+    advantage_estimator="grpo",
+    advantage_scale="batch",
+    advantage_eps=1e-3,
+    loss_agg="token_mean",
+    kl_estimator="k1",
+    kl_in_reward=True,
+    ratio_level="sequence",
+    dual_clip_c=3.0,
+    entropy_coef=0.01,
+    max_len_norm=64,
+    dynamic_sampling=True,
+    mask_truncated=True,
+    loss_type="grpo",
+    entropy_mask_top=0.2,
+    is_correction="token_tis",
+    is_cap=3.0,
+    is_mask_low=0.4,
+    is_mask_high=2.5,
+    reference_reset_every=10,
+    temperature=0.7,
+)
+TARGET_B = dict(loss_type="cispo", advantage_estimator="rloo", is_correction="icepop", kl_in_reward=False)
+
+
+def _grpo_stages(path):
+    """(variant, stage name) of every GRPO-kind stage with an algo block in the config file."""
+    text = path.read_text()
+    out = []
+    for variant in [None, "runlocal"] if "runlocal" in text else [None]:
+        spec = f"{path}:{variant}" if variant else str(path)
+        config = _parse(spec, [])
+        for name in config.keys():
+            section = config[name]
+            if name.startswith("grpo") and hasattr(section, "keys") and "algo" in section:
+                out.append((spec, name))
+    return out
+
+
+def _parse(spec, overrides):
+    """The config as `scripts/train.py --config=spec *overrides` sees it (ml_collections config_flags)."""
+    argv = ["prog", f"--config={spec}", *overrides]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", default=None, flag_values=values, sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+CASES = [
+    pytest.param(spec, stage, id=f"{Path(spec.split(':')[0]).stem}{spec[len(spec.split(':')[0]) :]}-{stage}")
+    for path in sorted(CONFIG_DIR.glob("*.py"))
+    for spec, stage in _grpo_stages(path)
+]
+
+
+def test_configs_with_grpo_stages_are_found():
+    assert {Path(p.values[0].split(":")[0]).stem for p in CASES} >= {
+        "quickstart",
+        "r1_pipeline",
+        "gsm8k_qwen2_5",
+    }
+
+
+@pytest.mark.parametrize("spec, stage", CASES)
+def test_every_grpo_config_field_overridable_from_command_line(spec, stage):
+    fields = set(GRPOConfig.__dataclass_fields__)
+    algo = _parse(spec, [])[stage].algo
+    assert set(algo.keys()) == fields, set(algo.keys()) ^ fields  # the algo block holds every field
+    GRPOConfig.from_dict(algo)  # unset placeholders read back as None
+    for target in (TARGET_A, TARGET_B):
+        flags_ = [f"--config.{stage}.algo.{k}={v}" for k, v in target.items()]
+        parsed = GRPOConfig.from_dict(_parse(spec, flags_)[stage].algo)
+        for key, value in target.items():
+            assert getattr(parsed, key) == value and type(getattr(parsed, key)) is type(value), key
+    assert set(TARGET_A) == fields
+
+
+def test_config_fields_emits_typed_placeholders():
+    fields = GRPOConfig.config_fields()
+    assert fields["dual_clip_c"].get() is None and fields["max_len_norm"].get() is None
+    assert GRPOConfig.from_dict(fields) == GRPOConfig()
+    assert GRPOConfig.config_fields(dual_clip_c=2.0)["dual_clip_c"] == 2.0
+
+
+def test_max_grad_norm_removed_with_a_clear_error():
+    assert "max_grad_norm" not in GRPOConfig.__dataclass_fields__
+    with pytest.raises(ValueError, match="max_grad_norm was removed.*--config.grpo.max_grad_norm"):
+        GRPOConfig.from_dict({"max_grad_norm": 1.0})

@@ -455,7 +455,6 @@ def test_config_defaults_are_paper_values():
         ("ratio_level", "chunk"),
         ("dual_clip_c", 0.9),
         ("max_len_norm", 0),
-        ("max_grad_norm", -1.0),
         ("mask_truncated", 1),
         ("loss_type", "ppo"),
         ("entropy_mask_top", 0.0),

@@ -8,8 +8,11 @@ The presets `dapo_config`, `dr_grpo_config` and `gspo_config` set each paper's r
 import dataclasses
 import math
 import numbers
+import typing
 from collections.abc import Mapping
 from typing import Any
+
+from ml_collections.config_dict import FieldReference, placeholder
 
 from grpo_jax.algorithms.advantages import ADVANTAGE_SCALES, ESTIMATOR_NAMES, PROCESS_ESTIMATOR
 from grpo_jax.algorithms.grpo import IS_CORRECTIONS, LOSS_AGGREGATIONS, LOSS_TYPES, RATIO_LEVELS
@@ -23,11 +26,26 @@ class ConfigFields:
     """Dict conversions shared by the algorithm configs (`GRPOConfig`, `PPOConfig`): frozen dataclasses
     that a config file's `algo` section becomes, once, at the boundary."""
 
+    # Keys of old config files that are no longer fields: {name: what to set instead}.
+    _removed_fields: dict[str, str] = {}
+    # config_fields: Optional fields whose value is None become typed placeholders instead of being left out.
+    _none_as_placeholder = False
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]):
-        """Build from a dict or `ml_collections.ConfigDict`, rejecting keys that are not fields."""
+        """Build from a dict or `ml_collections.ConfigDict`, rejecting keys that are not fields.
+
+        Typed placeholders (`ml_collections.config_dict.placeholder`) that were never set become None."""
         if hasattr(values, "to_dict"):
             values = values.to_dict()
+        values = {k: v.get() if isinstance(v, FieldReference) else v for k, v in values.items()}
+        removed = sorted(set(values) & set(cls._removed_fields))
+        if removed:
+            raise ValueError(
+                "; ".join(
+                    f"{cls.__name__}.{name} was removed: {cls._removed_fields[name]}" for name in removed
+                )
+            )
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -42,10 +60,27 @@ class ConfigFields:
     @classmethod
     def config_fields(cls, **overrides) -> dict[str, Any]:
         """Every field with its default (overridden by `overrides`), for a config file's `algo` section, so
-        each switch can be set from the command line (`--config.grpo.algo.loss_agg=token_mean`). Fields
-        whose value is None are left out (ml_collections cannot type them); set them in the config file."""
+        each switch can be set from the command line (`--config.grpo.algo.loss_agg=token_mean`).
+
+        Fields whose value is None: with `_none_as_placeholder` (GRPOConfig) they become typed
+        placeholders (`ml_collections.config_dict.placeholder(float)`), which the command line can set to
+        a number and which `from_dict` reads back as None when unset; otherwise they are left out."""
         values = cls(**overrides).to_dict()
-        return {name: value for name, value in values.items() if value is not None}
+        if not cls._none_as_placeholder:
+            return {name: value for name, value in values.items() if value is not None}
+        types = {field.name: field.type for field in dataclasses.fields(cls)}
+        return {
+            name: placeholder(_optional_type(types[name])) if value is None else value
+            for name, value in values.items()
+        }
+
+
+def _optional_type(annotation) -> type:
+    """`float | None` -> float: the type a placeholder for an Optional field must accept."""
+    options = [t for t in typing.get_args(annotation) if t is not type(None)]
+    if len(options) != 1:
+        raise TypeError(f"cannot make a typed placeholder for {annotation!r}")
+    return options[0]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,7 +110,6 @@ class GRPOConfig(ConfigFields):
       entropy_coef: weight of an entropy bonus in the loss (0 = off).
       max_len_norm: the constant of Dr. GRPO's "seq_mean_token_sum_norm"; None = the generation budget.
       dynamic_sampling: DAPO dynamic sampling: groups whose rewards are all equal get weight 0.
-      max_grad_norm: global gradient-norm clip; None = off.
       mask_truncated: DAPO §3.4 overlong filtering: completions that hit max_new_tokens without a stop
         token get sample weight 0 in the loss (separate from overlong reward shaping).
       loss_type: "grpo" (clipped surrogate, DeepSeekMath eq. 3) or "cispo" (MiniMax-M1, arXiv 2506.13585:
@@ -109,7 +143,6 @@ class GRPOConfig(ConfigFields):
     entropy_coef: float = 0.0
     max_len_norm: int | None = None
     dynamic_sampling: bool = False
-    max_grad_norm: float | None = 1.0
     mask_truncated: bool = False
     loss_type: str = "grpo"
     entropy_mask_top: float = 1.0
@@ -119,6 +152,12 @@ class GRPOConfig(ConfigFields):
     is_mask_high: float = 2.0
     reference_reset_every: int = 0
     temperature: float = 1.0
+
+    _removed_fields = {
+        "max_grad_norm": "gradient clipping comes from the stage's optimizer settings; set the stage "
+        "field instead (e.g. --config.grpo.max_grad_norm=1.0, not --config.grpo.algo.max_grad_norm)"
+    }
+    _none_as_placeholder = True
 
     def __post_init__(self):
         _require_int(self, "num_generations", minimum=1)
@@ -140,8 +179,6 @@ class GRPOConfig(ConfigFields):
         if self.max_len_norm is not None:
             _require_int(self, "max_len_norm", minimum=1)
         _require_bool(self, "dynamic_sampling")
-        if self.max_grad_norm is not None:
-            _require_float(self, "max_grad_norm", "> 0 or None", lambda v: v > 0)
         _require_bool(self, "mask_truncated")
         _require_choice(self, "loss_type", LOSS_TYPES)
         _require_float(self, "entropy_mask_top", "in (0, 1]", lambda v: 0 < v <= 1)
