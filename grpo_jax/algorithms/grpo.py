@@ -193,11 +193,11 @@ def policy_loss(
       max_len_norm: the Dr. GRPO constant for "seq_mean_token_sum_norm" (default T).
       sample_weight: `[N]` sequence weights (see `aggregate_loss`); None weighs every sequence 1.
       loss_type: "grpo" (the clipped surrogate above) or "cispo": per token sg(clip(r, 1 − ε_low,
-        1 + ε_high)) · Â · log π_θ (MiniMax-M1, arXiv 2506.13585 eq. 4): the clipped IS weight carries no
+        1 + ε_high)) · Â · log π_θ (MiniMax-M1, arXiv 2506.13585 §3.1): the clipped IS weight carries no
         gradient, so no token's gradient is dropped. Token ratios only, no dual clip.
       entropy_mask_top: q in (0, 1]: the policy-gradient term (not the KL or entropy terms) is kept only on
         tokens whose entropy is >= the (1 − q)-quantile of the counted tokens' entropies ("Beyond the
-        80/20 rule", arXiv 2506.01939 eq. 7); the aggregation's normaliser is unchanged. Needs `entropy`.
+        80/20 rule", arXiv 2506.01939); the aggregation's normaliser is unchanged. Needs `entropy`.
       sampler_logprobs: `[N, T]` log π_sampler, needed when `is_correction` != "none"; `old_logprobs` is
         then the trainer's π_old at the rollout params.
       is_correction, is_cap, is_mask_low, is_mask_high: see `importance_weights`; the weight multiplies
@@ -251,7 +251,7 @@ def policy_loss(
     ratio = jnp.exp(log_ratio)
     clipped_ratio = jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
     if loss_type == "cispo":
-        # MiniMax-M1 (arXiv 2506.13585) eq. 4: sg(clip(r)) · Â · log π_θ.
+        # MiniMax-M1 (arXiv 2506.13585) §3.1, CISPO: sg(clip(r)) · Â · log π_θ.
         surrogate = jax.lax.stop_gradient(clipped_ratio) * advantages * logprobs
     else:
         surrogate = jnp.minimum(ratio * advantages, clipped_ratio * advantages)
@@ -275,7 +275,7 @@ def policy_loss(
         extra_metrics["is_weight_mean"] = is_weight
         extra_metrics["is_zero_frac"] = is_weight == 0
     if entropy_mask_top < 1:
-        # arXiv 2506.01939 eq. 7: policy gradient only on tokens with entropy >= the (1 − q)-quantile.
+        # arXiv 2506.01939 (80/20 rule): policy gradient only on tokens with entropy >= the (1 − q)-quantile.
         token_entropy = jax.lax.stop_gradient(entropy.astype(jnp.float32))
         threshold = masked_quantile(token_entropy, counted, 1.0 - entropy_mask_top)
         keep = token_entropy >= threshold
