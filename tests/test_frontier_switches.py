@@ -77,7 +77,7 @@ def test_mask_truncated_off_keeps_truncated_rows():
     assert not np.asarray(masked).any()
 
 
-# ---------------------------------------------------------------- 2. CISPO (MiniMax-M1 eq. 4)
+# ---------------------------------------------------------------- 2. CISPO (MiniMax-M1 §3.1)
 
 
 def test_cispo_keeps_gradient_of_clipped_tokens():
