@@ -1,0 +1,23 @@
+"""Ablation: DAPO dynamic sampling (arXiv 2503.14476 §3.2) on the quickstart task.
+
+    python scripts/sweep.py --config=configs/ablations/dynamic_sampling.py \
+        --workdir=workdirs/dynamic_sampling --seeds=0,1,2
+
+off, or mask: groups whose rewards are all equal (all right or all wrong: zero advantage) get weight 0,
+so the token-mean loss is averaged over the groups that carry signal (`zero_variance_frac` in
+metrics.jsonl says how many were dropped). `:runlocal` shrinks every point to a seconds-long smoke run.
+"""
+
+from grpo_jax.config_utils import sibling_config
+
+
+def get_config(arg=None):
+    return sibling_config(__file__, "../quickstart.py", arg)
+
+
+def get_sweep(arg=None):
+    del arg
+    return [
+        {"_name": "off", "grpo.algo.dynamic_sampling": False},
+        {"_name": "mask", "grpo.algo.dynamic_sampling": True},
+    ]

@@ -1,0 +1,303 @@
+"""Ablation sweeps: every point of a config's `get_sweep()` × every seed, each an ordinary training run.
+
+    python scripts/sweep.py --config=configs/ablations/kl_coef.py --workdir=workdirs/kl_coef --seeds=0,1,2
+    python scripts/sweep.py --config=configs/ablations/kl_coef.py:runlocal --workdir=/tmp/kl --point=1
+
+A config file may define `get_sweep(arg=None)` next to `get_config(arg=None)` (big_vision style): a list of
+override dicts with dotted keys into the config, e.g. `[{"grpo.algo.kl_coef": 0.0}, ...]`. An optional
+`"_name"` entry names the point (default: the overrides, `kl_coef=0.0`). Each point × seed runs
+`scripts/train.py --config=CONFIG --workdir=DIR/<point>/seed<k> --config.<key>=<value> ... --config.seed=k`
+as a subprocess, one after another, so each is a resumable workdir (its log: `train.log` beside it). A run
+whose `summary.json` exists is skipped; an interrupted one resumes. `--point=I` (or `I,J`) runs only those
+points, so a job array can run the points in parallel; every invocation then (re)writes
+
+- `DIR/results.csv`: one row per finished point × seed: the overrides, the final and best held-out eval
+  accuracy of the config's last stage, the mean reward over the last 10 % of that stage's steps, its mean
+  KL and completion length, and the run's wall time (of its last process, when it was resumed);
+- `DIR/results.png`: eval accuracy and reward curves per point, mean and range over the seeds.
+
+A key that the config does not have, or a value of the wrong type, fails before any run with one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+_CONFIG = flags.DEFINE_string("config", None, "Config file with get_config() and get_sweep(), [:arg].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: DIR/<point>/seed<k>, results.csv/png.")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds to run for every point.")
+_POINT = flags.DEFINE_list("point", [], "Run only these point indices (0-based; default: all).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAME_KEY = "_name"  # an override dict's optional display name; not a config key
+COLUMNS = (
+    "final_eval_accuracy",
+    "best_eval_accuracy",
+    "reward_last10pct",
+    "kl_mean",
+    "completion_len_mean",
+    "wall_time_s",
+)
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start (bad config file, key or value); the message is one line."""
+
+
+def load_sweep(config_arg: str):
+    """(config, points) from `path[:arg]`: `get_config(arg)` and `get_sweep(arg)` of the file."""
+    path, _, arg = config_arg.partition(":")
+    arg = arg or None
+    if not os.path.isfile(path):
+        raise SweepError(f"--config: no such file {path!r}")
+    spec = importlib.util.spec_from_file_location("sweep_config", os.path.abspath(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise SweepError(f"--config: {path} defines no get_sweep(arg=None)")
+    config, points = module.get_config(arg), module.get_sweep(arg)
+    if not isinstance(points, (list, tuple)) or not points:
+        raise SweepError(f"--config: {path}: get_sweep({arg!r}) must return a non-empty list of dicts")
+    return config, [dict(p) for p in points]
+
+
+def _format_value(value) -> str:
+    return str(value)
+
+
+def point_name(point: dict) -> str:
+    """A folder name for the point: its `_name`, else `last_key=value,...` from the overrides."""
+    if NAME_KEY in point:
+        name = str(point[NAME_KEY])
+    else:
+        name = ",".join(f"{k.split('.')[-1]}={_format_value(v)}" for k, v in point.items()) or "default"
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
+
+
+def overrides(point: dict) -> dict:
+    return {k: v for k, v in point.items() if k != NAME_KEY}
+
+
+def apply_point(config, point: dict, index: int = 0):
+    """A copy of `config` with the point's overrides; SweepError naming the point and key if one is bad."""
+    config = copy.deepcopy(config)
+    where = f"point {index} ({point_name(point)})"
+    for key, value in overrides(point).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for i, part in enumerate(parents):
+            if not hasattr(node, "keys") or part not in node:
+                raise SweepError(
+                    f"{where}: the config has no key {'.'.join(parents[: i + 1])!r} (in {key!r})"
+                )
+            node = node[part]
+        if not hasattr(node, "keys") or leaf not in node:
+            raise SweepError(f"{where}: the config has no key {key!r}")
+        try:
+            node[leaf] = value
+        except (TypeError, ValueError) as error:
+            raise SweepError(
+                f"{where}: bad value {value!r} for {key!r}: {' '.join(str(error).split())}"
+            ) from None
+    _check_algo(config, where)
+    return config
+
+
+def _check_algo(config, where: str) -> None:
+    """Every GRPO stage's algo section must still make a valid GRPOConfig (e.g. G >= 2)."""
+    from grpo_jax.algorithms.config import GRPOConfig
+
+    for stage in config.get("stages", ()):
+        section = config.get(stage)
+        if stage.startswith("grpo") and section is not None and "algo" in section:
+            try:
+                GRPOConfig.from_dict(section.algo)
+            except ValueError as error:
+                raise SweepError(f"{where}: {' '.join(str(error).split())}") from None
+
+
+def train_command(config_arg: str, workdir: str, point: dict, seed: int) -> list[str]:
+    path, sep, arg = config_arg.partition(":")
+    return [
+        sys.executable,
+        os.path.join(REPO, "scripts", "train.py"),
+        f"--config={os.path.abspath(path)}{sep}{arg}",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={_format_value(v)}" for k, v in overrides(point).items()),
+        f"--config.seed={seed}",
+        "--config.progress_bar=False",
+    ]
+
+
+def run_report(workdir: str) -> dict:
+    """Numbers of one finished run (its last stage) from summary.json, config.json and metrics.jsonl."""
+    from grpo_jax.metrics import read_metrics
+
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    stages = list(config["stages"])
+    last = stages[-1]
+    offset = sum(config[s]["steps"] for s in stages[:-1])
+    lines = read_metrics(workdir)
+    train = [x for x in lines if x["stage"] != "eval" and x["step"] > offset]
+    evals = [x for x in lines if x["stage"] == "eval" and x.get("train_stage", last) == last]
+    tail = train[-max(1, math.ceil(len(train) / 10)) :]
+
+    def mean(rows, key):
+        values = [x[key] for x in rows if x.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    stage = summary["stages"][last]
+    return {
+        "final_eval_accuracy": stage["final_eval_accuracy"],
+        "best_eval_accuracy": stage["best_eval_accuracy"],
+        "reward_last10pct": mean(tail, "reward/mean"),
+        "kl_mean": mean(train, "kl"),
+        "completion_len_mean": mean(train, "completion_len/mean"),
+        "wall_time_s": summary["wall_time_s"],
+        "eval_curve": [(x["step"] - offset, x["eval/accuracy"]) for x in evals],
+        "reward_curve": [(x["step"] - offset, x["reward/mean"]) for x in train if "reward/mean" in x],
+    }
+
+
+def write_results(directory: str, points: list[dict], seeds: list[int]) -> list[dict]:
+    """results.csv (+ results.png) over every finished point × seed; returns the rows."""
+    keys = list(dict.fromkeys(k for p in points for k in overrides(p)))
+    rows = []
+    for index, point in enumerate(points):
+        for seed in seeds:
+            run_dir = os.path.join(directory, point_name(point), f"seed{seed}")
+            if not os.path.exists(os.path.join(run_dir, "summary.json")):
+                continue
+            report = run_report(run_dir)
+            rows.append(
+                {
+                    "point": index,
+                    "name": point_name(point),
+                    "seed": seed,
+                    **{k: overrides(point).get(k, "") for k in keys},
+                    **{c: report[c] for c in COLUMNS},
+                    "_curves": (report["eval_curve"], report["reward_curve"]),
+                }
+            )
+    fields = ["point", "name", "seed", *keys, *COLUMNS]
+    tmp = os.path.join(directory, f".results.csv.{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, os.path.join(directory, "results.csv"))  # atomic: parallel --point jobs may race
+    if rows:
+        plot_results(rows, os.path.join(directory, "results.png"))
+    return rows
+
+
+def plot_results(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (acc_axis, reward_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    for name in names:
+        runs = [r["_curves"] for r in rows if r["name"] == name]
+        for axis, which, scale in ((acc_axis, 0, 100.0), (reward_axis, 1, 1.0)):
+            curves = [c[which] for c in runs if c[which]]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            steps = np.array([s for s, _ in curves[0][:n]])
+            values = np.array([[v for _, v in c[:n]] for c in curves]) * scale
+            axis.plot(steps, values.mean(axis=0), marker="o" if n < 30 else None, label=name)
+            if len(curves) > 1:
+                axis.fill_between(steps, values.min(axis=0), values.max(axis=0), alpha=0.2)
+    acc_axis.set(xlabel="RL step", ylabel="held-out greedy pass@1 (%)", title="eval accuracy")
+    reward_axis.set(xlabel="RL step", ylabel="mean reward", title="training reward")
+    for axis in (acc_axis, reward_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    seeds = len({r["seed"] for r in rows})
+    fig.suptitle(
+        f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}: mean and range over {seeds} seed(s)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fail(message: str) -> None:
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv):
+    del argv
+    try:
+        config, points = load_sweep(_CONFIG.value)
+        seeds = [int(s) for s in _SEEDS.value]
+        selected = [int(i) for i in _POINT.value] if _POINT.value else list(range(len(points)))
+        for i in selected:
+            if not 0 <= i < len(points):
+                raise SweepError(f"--point={i}: the sweep has points 0..{len(points) - 1}")
+        for index, point in enumerate(points):
+            apply_point(config, point, index)  # every point, not only the selected: fail before any run
+        names = [point_name(p) for p in points]
+        if len(set(names)) != len(names):
+            raise SweepError(f"two points have the same name: {names}; give them distinct '_name' entries")
+    except (SweepError, ValueError) as error:
+        _fail(error)
+    directory = os.path.abspath(_WORKDIR.value)
+    os.makedirs(directory, exist_ok=True)
+    runs = [(i, s) for i in selected for s in seeds]
+    failed = []
+    for n, (index, seed) in enumerate(runs, start=1):
+        point = points[index]
+        run_dir = os.path.join(directory, point_name(point), f"seed{seed}")
+        label = f"[{n}/{len(runs)}] point {index} {point_name(point)} seed {seed}"
+        if os.path.exists(os.path.join(run_dir, "summary.json")):
+            print(f"{label}: skip (finished)", flush=True)
+            continue
+        print(f"{label}: running in {run_dir}", flush=True)
+        os.makedirs(run_dir, exist_ok=True)
+        start = time.time()
+        with open(os.path.join(run_dir, "train.log"), "a") as log:
+            result = subprocess.run(
+                train_command(_CONFIG.value, run_dir, point, seed),
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if result.returncode != 0:
+            failed.append(label)
+            print(f"{label}: FAILED (exit {result.returncode}; see {run_dir}/train.log)", flush=True)
+            continue
+        report = run_report(run_dir)
+        print(
+            f"{label}: done in {time.time() - start:.0f}s, "
+            f"final eval accuracy {report['final_eval_accuracy']}",
+            flush=True,
+        )
+    rows = write_results(directory, points, seeds)
+    print(f"results: {len(rows)} run(s) in {directory}/results.csv, results.png", flush=True)
+    if failed:
+        _fail(f"{len(failed)} run(s) failed: {'; '.join(failed)}")
+
+
+if __name__ == "__main__":
+    app.run(main)

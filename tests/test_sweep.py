@@ -1,0 +1,146 @@
+"""scripts/sweep.py and configs/ablations/*.py (DESIGN.md §3, sweeps).
+
+Every ablation config parses, each of its points applies to its config (full and `:runlocal`), and a
+2-point `:runlocal` sweep (`configs/ablations/kl_coef.py:runlocal --point=...`, one seed) runs end to end
+as subprocesses: `--point=1` runs only that point; the sweep then runs the other one and skips the
+finished one without touching its metrics; results.csv has one row per run with the documented columns,
+and results.png is written. A bad override key fails before any run with one line naming it.
+"""
+
+import csv
+import functools
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "sweep.py"
+ABLATIONS = sorted(glob.glob(str(REPO / "configs" / "ablations" / "*.py")))
+
+
+@functools.cache
+def _sweep_module():
+    """scripts/sweep.py imported once (its absl flags can only be defined once per process)."""
+    spec = importlib.util.spec_from_file_location("sweep_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _env() -> dict[str, str]:
+    """One CPU device for the runs (conftest's 8 fake devices removed): runlocal batches are tiny."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_there_are_ablations():
+    names = {Path(p).stem for p in ABLATIONS}
+    assert {"loss_variants", "kl_coef", "group_size", "advantage", "dynamic_sampling", "temperature"} <= names
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: Path(p).stem)
+@pytest.mark.parametrize("arg", ["", "runlocal"])
+def test_ablation_points_apply(path, arg):
+    module = _sweep_module()
+    config, points = module.load_sweep(path + (f":{arg}" if arg else ""))
+    assert len(points) >= 2
+    names = [module.point_name(p) for p in points]
+    assert len(set(names)) == len(names), names
+    for index, point in enumerate(points):
+        assert module.overrides(point), point
+        module.apply_point(config, point, index)  # raises on an unknown key or a bad value
+    if arg == "runlocal":
+        full, _ = module.load_sweep(path)
+        assert config.grpo.steps < full.grpo.steps and config.sft.steps < full.sft.steps
+
+
+def test_group_size_keeps_samples_per_step():
+    module = _sweep_module()
+    for arg in ("", ":runlocal"):
+        config, points = module.load_sweep(str(REPO / "configs/ablations/group_size.py") + arg)
+        samples = set()
+        for point in points:
+            c = module.apply_point(config, point)
+            samples.add(c.grpo.prompts_per_step * c.grpo.algo.num_generations)
+        assert len(samples) == 1, samples
+
+
+def test_bad_key_fails_before_any_run(tmp_path):
+    config = tmp_path / "bad.py"
+    quickstart = str(REPO / "configs" / "quickstart.py")
+    config.write_text(
+        "from grpo_jax.config_utils import sibling_config\n"
+        f"def get_config(arg=None):\n    return sibling_config(__file__, {quickstart!r}, arg)\n"
+        "def get_sweep(arg=None):\n"
+        "    return [{'grpo.algo.kl_coef': 0.0}, {'grpo.algo.kl_coeff': 0.1}]\n"
+    )
+    result = sweep(f"--config={config}:runlocal", f"--workdir={tmp_path / 'out'}", timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "grpo.algo.kl_coeff" in errors[0], result.stderr
+    assert not (tmp_path / "out" / "kl_coef=0.0").exists()
+
+
+def test_two_point_sweep_end_to_end(tmp_path):
+    config, out = f"{REPO / 'configs/ablations/kl_coef.py'}:runlocal", tmp_path / "kl"
+    point0, point1 = out / "kl_coef=0.0" / "seed0", out / "kl_coef=0.001" / "seed0"
+
+    result = sweep(f"--config={config}", f"--workdir={out}", "--point=1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (point1 / "summary.json").exists() and not point0.exists()
+    with open(out / "results.csv") as f:
+        assert [r["name"] for r in csv.DictReader(f)] == ["kl_coef=0.001"]
+    metrics1 = (point1 / "metrics.jsonl").read_text()
+    mtime1 = (point1 / "metrics.jsonl").stat().st_mtime_ns
+
+    result = sweep(f"--config={config}", f"--workdir={out}", "--point=0,1", "--seeds=0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "point 1 kl_coef=0.001 seed 0: skip" in result.stdout, result.stdout
+    assert "point 0 kl_coef=0.0 seed 0: running" in result.stdout, result.stdout
+    assert (point1 / "metrics.jsonl").read_text() == metrics1
+    assert (point1 / "metrics.jsonl").stat().st_mtime_ns == mtime1
+    assert (point0 / "summary.json").exists()
+
+    with open(out / "results.csv") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    for column in (
+        "point",
+        "name",
+        "seed",
+        "grpo.algo.kl_coef",
+        "final_eval_accuracy",
+        "best_eval_accuracy",
+        "reward_last10pct",
+        "kl_mean",
+        "completion_len_mean",
+        "wall_time_s",
+    ):
+        assert column in reader.fieldnames, reader.fieldnames
+    assert [(r["point"], r["seed"], float(r["grpo.algo.kl_coef"])) for r in rows] == [
+        ("0", "0", 0.0),
+        ("1", "0", 0.001),
+    ]
+    for row in rows:
+        assert 0.0 <= float(row["final_eval_accuracy"]) <= 1.0
+        assert float(row["completion_len_mean"]) > 0 and float(row["wall_time_s"]) > 0
+        float(row["reward_last10pct"]), float(row["kl_mean"])
+    assert (out / "results.png").stat().st_size > 0
