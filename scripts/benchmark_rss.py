@@ -101,6 +101,16 @@ def run(workdir: str, grpo_steps: int, every: int, sft_steps: int) -> tuple[list
     return samples, command
 
 
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True, text=True
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def write_outputs(out: str, samples: list[dict], command: list[str], warmup_steps: int) -> dict:
     import jax  # noqa: PLC0415 (versions only; the run itself is a subprocess)
 
@@ -112,6 +122,7 @@ def write_outputs(out: str, samples: list[dict], command: list[str], warmup_step
             shlex.quote("--workdir=DIR" if a.startswith("--workdir=") else a) for a in command[1:]
         ),
         jax=jax.__version__,
+        commit=_git_commit(),
         warmup_steps=warmup_steps,
         growth_after_warmup=rel,
         goal="growth < 5 % after warm-up",
@@ -123,7 +134,7 @@ def write_outputs(out: str, samples: list[dict], command: list[str], warmup_step
     lines = [
         "# Host memory over 1,000 GRPO steps (quickstart)",
         "",
-        f"`{report['command']}` ({report['date']}, jax {report['jax']}) runs",
+        f"`{report['command']}` ({report['date']}, commit {report['commit']}, jax {report['jax']}) runs",
         f"`python {report['train_command']}` and samples the training process's RSS.",
         "",
         f"Growth after GRPO step {warmup_steps} (median of the last 4 samples over the first 4): "
