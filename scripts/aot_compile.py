@@ -1,7 +1,8 @@
 """Compile a config's sampler and GRPO step for a TPU topology, ahead of time, on any machine.
 
     python scripts/aot_compile.py --config=configs/NAME.py --topology=v5e:4x4 [--config.a.b=value ...]
-        [--model_preset=qwen2.5-7b] [--programs=sampler,grpo_step] [--out=FILE.json]
+        [--model_preset=qwen2.5-7b] [--activation_sharding=batch] [--programs=sampler,grpo_step]
+        [--out=FILE.json]
 
 Nothing runs and no weights are read: parameters, optimizer state and batches are
 `jax.ShapeDtypeStruct`s carrying the shardings the trainer would give them on the config's mesh
@@ -30,7 +31,9 @@ memory the compiler said it needed. The last line of stdout is one JSON object:
      "peak_bytes_per_device": int, ...}, "grpo_step": {...}}}
 
 Exit status 0 whether or not the programs fit; 1 with one line on stderr for a bad flag, config or
-topology, or a compile error that is not an out-of-memory.
+topology (and a traceback for a compile error that is not an out-of-memory).
+
+Results for Qwen2.5 0.5B-32B on v5e/v5p slices: benchmarks/tpu_aot.md; what they mean: docs/SCALING.md.
 """
 
 from __future__ import annotations
@@ -604,6 +607,8 @@ def _compile_all(
             "num_minibatches": p.grpo.num_minibatches,
             "num_iterations": p.grpo.num_iterations,
             "kl_coef": p.grpo.kl_coef,
+            "logprob_chunk_size": int(config.logprob_chunk_size),
+            "grad_accum_steps": int(config[stage].get("grad_accum_steps", 1)),
         },
         "jax_version": jax.__version__,
         "programs": {},
