@@ -53,8 +53,9 @@ def test_there_are_notebooks():
         assert name in names, names
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem[:2].isdigit()], ids=lambda p: p.stem)
 def test_notebook_is_stored_without_outputs(path):
+    """The numbered notebooks are stored clean (the walkthrough keeps its outputs as rendered reading)."""
     for cell in json.loads(path.read_text())["cells"]:
         if cell["cell_type"] == "code":
             assert not cell.get("outputs") and cell.get("execution_count") is None, path.name
