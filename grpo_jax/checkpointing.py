@@ -11,14 +11,23 @@ Layout of `DIR/checkpoints/` (orbax CheckpointManager): one folder per step, eac
 Orbax writes each step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a run
 killed mid-write leaves no folder that `latest_step` would pick. A checkpoint is never written when
 params, optimizer state or reference hold a NaN/inf: resuming would only replay the divergence.
+
+A complete folder can still be damaged later (a file deleted, a copy cut short, a full disk on a
+filesystem without atomic rename): reading one raises `DamagedCheckpointError` (which step, which item,
+what is wrong) instead of an orbax/TensorStore traceback, and `set_aside` moves it to
+`<step>.damaged` so that the run can fall back to an older step and later save that step afresh.
+Only what a read touches is checked: there are no checksums, so a flipped byte inside an array file
+that still decodes is not detected.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,12 +37,55 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from orbax.checkpoint import checkpoint_managers
+from orbax.checkpoint import checkpoint_managers, multihost
 
 from grpo_jax.training.state import TrainState
 
 FORMAT_VERSION = 1
 _STATE_FIELDS = ("step", "params", "opt_state", "ref_params", "reward_params", "rng", "aux")
+DAMAGED_SUFFIX = ".damaged"
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint folder that does not read cleanly: a file missing, truncated or not valid JSON.
+
+    `step`, `directory` and `problem` (one line: the item and what is wrong) say which and why.
+    """
+
+    def __init__(self, step: int, directory: str | os.PathLike, problem: str):
+        self.step, self.directory, self.problem = int(step), Path(directory), problem
+        super().__init__(f"checkpoint step {self.step} in {self.directory} is damaged: {problem}")
+
+
+# TensorStore status codes of a read that failed because of what is (not) on disk; others (e.g.
+# UNAVAILABLE on a remote filesystem, INVALID_ARGUMENT for a shape mismatch) are not damage.
+_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
+
+
+def _damage(error: BaseException, step_dir: Path) -> str | None:
+    """One line saying what is wrong on disk if `error` (or an error it was raised from) comes from a
+    missing, truncated or undecodable file; None if it is some other failure."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    for link in reversed(chain):  # the innermost error says most precisely what is wrong
+        text = str(link.args[0]) if isinstance(link, KeyError) and link.args else str(link)
+        if isinstance(link, FileNotFoundError):
+            kind = "missing file"
+        elif isinstance(link, (json.JSONDecodeError, UnicodeDecodeError)):
+            kind = "not valid JSON"
+        elif isinstance(link, KeyError) and "was not found in the checkpoint" in text:
+            kind = "missing item"
+        elif isinstance(link, ValueError) and text.startswith(_DAMAGE_CODES):
+            kind = "unreadable"
+        else:
+            continue
+        text = " ".join(text.replace(f"{step_dir}/", "").replace(str(step_dir), ".").split())
+        text = text.split(" [tensorstore_spec=")[0][:300].rstrip(".")
+        return f"{kind}: {text}"
+    return None
 
 
 def checkpoint_directory(workdir: str | os.PathLike) -> Path:
@@ -237,9 +289,8 @@ class Checkpointer:
                 create=True,
             )
         with _quiet_read_only():
-            self._manager = ocp.CheckpointManager(
-                self.directory, options=options, item_names=("state", "extra", "meta")
-            )
+            self._manager = _Manager(self.directory, options=options, item_names=("state", "extra", "meta"))
+        self._read_only = read_only
 
     def _score(self, metrics: Mapping[str, Any] | None) -> float | None:
         """The ranking value of a checkpoint's saved metrics, higher is better; None when it has none."""
@@ -276,11 +327,52 @@ class Checkpointer:
         return int(step)
 
     def read_extra(self, step: int | None = None) -> dict:
-        """The trainer's JSON `extra` of a checkpoint (latest if step is None), without loading arrays."""
+        """The trainer's JSON `extra` of a checkpoint (latest if step is None), without loading arrays.
+
+        Raises DamagedCheckpointError when the `extra` item is missing or not valid JSON.
+        """
         step = self._resolve_step(step)
-        return dict(
-            self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
-        )
+        return self._read_json(step, "extra")
+
+    def _read_json(self, step: int, item: str) -> dict:
+        saved = self._read(step, item, lambda: self._manager.restore(step, args=_json_args(item))[item])
+        if not isinstance(saved, Mapping):
+            raise DamagedCheckpointError(step, self.directory, f"{item}: holds {type(saved).__name__}")
+        return dict(saved)
+
+    def _read(self, step: int, item: str, read):
+        """`read()`, with an error that comes from what is on disk raised as DamagedCheckpointError."""
+        try:
+            return read()
+        except Exception as error:
+            problem = _damage(error, self.directory / str(step))
+            if problem is None:
+                raise
+        # Outside the except block, so the failed read's frames (and orbax's abandoned reads) are freed.
+        _quiet_abandoned_reads()
+        raise DamagedCheckpointError(step, self.directory, f"{item}: {problem}")
+
+    def set_aside(self, step: int) -> Path:
+        """Move damaged checkpoint `step` to `<step>.damaged` (kept for inspection, never read again) so
+        the run can fall back to an older step and save this step afresh; returns the new path."""
+        if self._read_only:
+            raise ValueError(f"a read-only Checkpointer does not move checkpoints (step {step})")
+        target = self.directory / f"{int(step)}{DAMAGED_SUFFIX}"
+        number = 1
+        while target.exists():
+            number += 1
+            target = self.directory / f"{int(step)}{DAMAGED_SUFFIX}.{number}"
+        if jax.process_index() == 0:
+            os.replace(self.directory / str(int(step)), target)
+        multihost.sync_global_processes(f"grpo_jax_set_aside_{int(step)}")
+        self._manager.reload()
+        return target
+
+    def set_aside_folders(self) -> list[str]:
+        """Names of the damaged checkpoints `set_aside` moved away in this folder."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.name for p in self.directory.iterdir() if DAMAGED_SUFFIX in p.name)
 
     # -- save ----------------------------------------------------------------------------------------
 
@@ -354,14 +446,12 @@ class Checkpointer:
         state_shardings: a TrainState of shardings like `create_train_state` returns; each array is read
         directly into its sharding. Without it, the template's own shardings are used (or one device).
         fingerprint: when given, compared to the saved `extra["fingerprint"]` before any array is read.
-        Returns (state, extra). Raises FileNotFoundError when there is no such checkpoint and ValueError
-        when the fingerprint or the state structure differ.
+        Returns (state, extra). Raises FileNotFoundError when there is no such checkpoint, ValueError
+        when the fingerprint or the state structure differ, and its subclass DamagedCheckpointError when
+        a file of the checkpoint is missing, truncated or undecodable.
         """
         step = self._resolve_step(step)
-        saved = self._manager.restore(
-            step, args=ocp.args.Composite(extra=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
-        )
-        extra, meta = dict(saved["extra"]), dict(saved["meta"])
+        extra, meta = self._read_json(step, "extra"), self.read_meta(step)
         if fingerprint is not None:
             check_compatible(extra.get("fingerprint"), fingerprint, directory=self.directory)
 
@@ -393,9 +483,13 @@ class Checkpointer:
                     ),
                 )
             )
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nest(targets)))
-        )["state"]
+        restored = self._read(
+            step,
+            "state",
+            lambda: self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nest(targets)))
+            )["state"],
+        )
 
         values = []
         for name, _ in template_leaves:
@@ -422,10 +516,7 @@ class Checkpointer:
         shardings (default: the template's own, or one device). Returns (params, extra).
         """
         step = self._resolve_step(step)
-        saved = self._manager.restore(
-            step, args=ocp.args.Composite(extra=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
-        )
-        extra, meta = dict(saved["extra"]), dict(saved["meta"])
+        extra, meta = self._read_json(step, "extra"), self.read_meta(step)
         if fingerprint is not None:
             check_compatible(extra.get("fingerprint"), fingerprint, directory=self.directory)
         named, treedef = jax.tree_util.tree_flatten_with_path(params_template)
@@ -446,18 +537,22 @@ class Checkpointer:
         tree = _nest(targets)
         restore_args = jax.tree_util.tree_map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), tree)
         with _quiet_read_only():
-            reader = ocp.CheckpointManager(
+            reader = _Manager(
                 self.directory,
                 options=ocp.CheckpointManagerOptions(read_only=True, create=False),
                 item_handlers={"state": ocp.PyTreeCheckpointHandler()},
             )
         try:
-            restored = reader.restore(
+            restored = self._read(
                 step,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(tree, restore_args=restore_args, partial_restore=True)
-                ),
-            )["state"]
+                "state",
+                lambda: reader.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.PyTreeRestore(tree, restore_args=restore_args, partial_restore=True)
+                    ),
+                )["state"],
+            )
         finally:
             reader.close()
         values = []
@@ -467,6 +562,14 @@ class Checkpointer:
                 value = value[part]
             values.append(value)
         return jax.tree_util.tree_unflatten(treedef, values), extra
+
+    def read_meta(self, step: int) -> dict:
+        """The `meta` JSON of checkpoint `step` (format version, PRNG implementations, the shape and dtype
+        of every saved leaf); raises DamagedCheckpointError when it is missing or malformed."""
+        meta = self._read_json(step, "meta")
+        if not isinstance(meta.get("leaves"), Mapping) or not isinstance(meta.get("prng_impls"), Mapping):
+            raise DamagedCheckpointError(step, self.directory, "meta: has no leaves/prng_impls")
+        return meta
 
     def _check_structure(self, saved_leaves: Mapping[str, dict], template_leaves, step: int) -> None:
         expected = {name: _leaf_signature(leaf) for name, leaf in template_leaves}
@@ -500,6 +603,71 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_ABANDONED_READ = "Encountered error while reading array index"
+
+
+def _is_abandoned_read(error: BaseException | None) -> bool:
+    text = str(error)
+    return text.startswith(_ABANDONED_READ) or (
+        isinstance(error, RuntimeError) and text == "Event loop is closed"
+    )
+
+
+class _DropAbandonedReads(logging.logging.Filter):
+    def filter(self, record):
+        error = record.exc_info[1] if record.exc_info else None
+        return not (_is_abandoned_read(error) or _ABANDONED_READ in record.getMessage())
+
+
+def _quiet_abandoned_reads() -> None:
+    """After a failed array read. Orbax gives up on the other reads of that restore without waiting for
+    them, and they report themselves later, each with a traceback and a whole TensorStore spec: closed,
+    each raises orbax's "Encountered error while reading array index" wrapper (its `except BaseException`
+    also catches GeneratorExit); TensorStore reads finishing after orbax closed its event loop raise
+    "Event loop is closed" in their callbacks (both "Exception ignored in ..."); and asyncio logs the
+    gathering future's "exception was never retrieved". From now on in this process those, and only
+    those, are dropped: the DamagedCheckpointError's one line says what happened."""
+    if not getattr(sys.unraisablehook, "grpo_jax_quiet_reads", False):
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            if not _is_abandoned_read(unraisable.exc_value):
+                previous(unraisable)
+
+        hook.grpo_jax_quiet_reads = True
+        sys.unraisablehook = hook
+    asyncio_logger = logging.logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropAbandonedReads) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_DropAbandonedReads())
+    gc.collect()
+
+
+def _json_args(item: str) -> ocp.args.Composite:
+    return ocp.args.Composite(**{item: ocp.args.JsonRestore()})
+
+
+class _Manager(ocp.CheckpointManager):
+    """Orbax's CheckpointManager, except that a damaged `metrics` item (the ranking values, read for
+    every step when the manager starts) costs that step its "best" rank with one warning, instead of
+    failing the start with a JSON traceback (orbax only tolerates a missing one)."""
+
+    def _get_metrics(self, step: int):
+        try:
+            return super()._get_metrics(step)
+        except ValueError as error:  # json.JSONDecodeError, UnicodeDecodeError
+            warned = self.__dict__.setdefault("_grpo_jax_warned", set())
+            if step not in warned:
+                warned.add(step)
+                logging.warning(
+                    "checkpoint step %d in %s: its metrics item is damaged (%s); the step is no longer "
+                    "ranked for keep-best",
+                    step,
+                    self.directory,
+                    " ".join(str(error).split())[:200],
+                )
+            return None
 
 
 class _DropReadOnlyNotices(logging.logging.Filter):

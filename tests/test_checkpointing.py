@@ -1,7 +1,9 @@
-"""Checkpointer: sharded bitwise round trip, keep-last + best, NaN refusal, crash safety, fingerprints."""
+"""Checkpointer: sharded bitwise round trip, keep-last + best, NaN refusal, crash safety, damaged
+checkpoints, fingerprints."""
 
 import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,12 @@ import optax
 import pytest
 
 from grpo_jax import sharding as shd
-from grpo_jax.checkpointing import Checkpointer, check_compatible, checkpoint_directory
+from grpo_jax.checkpointing import (
+    Checkpointer,
+    DamagedCheckpointError,
+    check_compatible,
+    checkpoint_directory,
+)
 from grpo_jax.testing import mesh_2x2x2, tiny_model_config
 from grpo_jax.training.state import OptimizerConfig, create_train_state, make_optimizer
 
@@ -206,6 +213,104 @@ def test_latest_step_ignores_unfinished_write(setup, tmp_path):
     assert checkpointer.save(4, _small_state(setup), extra={})
     assert not stray.exists()  # removed by the manager (it waits for that cleanup before saving)
     assert checkpointer.all_steps() == [3, 4]
+    checkpointer.close()
+
+
+def _truncate(path, keep=0.5):
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+
+# Damaged JSON items, and the state's own metadata (read before any array). Damaged array files are
+# tested end to end in tests/test_resume.py, in a subprocess: a failed array read leaves orbax's other
+# reads of that restore to report themselves later, outside what a test here could wait for.
+@pytest.mark.parametrize(
+    "damage, read, problem",
+    [
+        (
+            lambda d: (d / "extra" / "metadata").unlink(),
+            "extra",
+            "extra: missing file: File extra/metadata not",
+        ),
+        (lambda d: _truncate(d / "extra" / "metadata"), "extra", "extra: not valid JSON: "),
+        (lambda d: _truncate(d / "meta" / "metadata"), "restore", "meta: not valid JSON: "),
+        (lambda d: _truncate(d / "meta" / "metadata"), "params", "meta: not valid JSON: "),
+        (lambda d: _truncate(d / "state" / "_METADATA"), "restore", "state: not valid JSON: "),
+        (lambda d: shutil.rmtree(d / "state"), "restore", 'state: missing item: Item "state" was not'),
+    ],
+    ids=[
+        "extra-missing",
+        "extra-truncated",
+        "meta-truncated",
+        "meta-truncated-params-only",
+        "state-metadata-truncated",
+        "state-missing",
+    ],
+)
+def test_a_damaged_checkpoint_raises_one_clear_error_and_can_be_set_aside(
+    setup, tmp_path, damage, read, problem
+):
+    state, shardings = setup["state"], setup["shardings"]
+    checkpointer = Checkpointer(tmp_path, async_save=False)
+    for step in (1, 2):
+        assert checkpointer.save(step, state, extra={"step": step})
+    damage(tmp_path / "2")
+    with pytest.raises(DamagedCheckpointError) as error:
+        if read == "extra":
+            checkpointer.read_extra(2)
+        elif read == "restore":
+            checkpointer.restore(_abstract(state), shardings, step=2)
+        else:
+            checkpointer.restore_params(_abstract(state.params), setup["param_shardings"], step=2)
+    assert error.value.step == 2 and error.value.directory == tmp_path
+    message = str(error.value)
+    assert message.startswith(f"checkpoint step 2 in {tmp_path} is damaged: {problem}"), message
+    assert "\n" not in message and len(message) < 500 and "tensorstore_spec" not in message
+    assert error.value.__cause__ is None  # the orbax/TensorStore chain is summed up, not attached
+
+    # Set aside, the step is gone for the manager but kept on disk; the previous one restores intact.
+    assert checkpointer.set_aside(2) == tmp_path / "2.damaged"
+    assert checkpointer.all_steps() == [1] and checkpointer.latest_step() == 1
+    assert checkpointer.set_aside_folders() == ["2.damaged"]
+    restored, extra = checkpointer.restore(_abstract(state), shardings)
+    assert extra == {"step": 1}
+    assert [_bits(x) for x in jax.tree_util.tree_leaves(restored)] == [
+        _bits(x) for x in jax.tree_util.tree_leaves(state)
+    ]
+    assert checkpointer.save(2, state, extra={"step": 2})  # the step is saved afresh
+    assert checkpointer.set_aside(2).name == "2.damaged.2"  # an earlier set-aside copy is kept
+    checkpointer.close()
+
+
+def test_other_restore_failures_are_not_damage(setup, tmp_path):
+    """A fingerprint or structure mismatch is a config problem: a plain ValueError, nothing set aside."""
+    checkpointer = Checkpointer(tmp_path, async_save=False)
+    checkpointer.save(1, _small_state(setup), extra={"fingerprint": FINGERPRINT})
+    changed = {**FINGERPRINT, "tokenizer_hash": "other"}
+    with pytest.raises(ValueError, match="tokenizer_hash") as error:
+        checkpointer.restore(_abstract(setup["state"]), setup["shardings"], fingerprint=changed)
+    assert not isinstance(error.value, DamagedCheckpointError)
+    no_reference = setup["state"].replace(ref_params=None)
+    with pytest.raises(ValueError, match="only the checkpoint has ref_params") as error:
+        checkpointer.restore(_abstract(no_reference))
+    assert not isinstance(error.value, DamagedCheckpointError)
+    checkpointer.close()
+
+
+def test_a_damaged_metrics_item_costs_only_the_best_rank(setup, tmp_path, caplog):
+    """Orbax reads every step's ranking metrics when a manager starts; a truncated one used to fail that
+    start with a JSON traceback. Now it warns once and that step no longer competes for best."""
+    state = _small_state(setup)
+    checkpointer = Checkpointer(tmp_path, keep_last=3, async_save=False)
+    for step, accuracy in ((1, 0.9), (2, 0.5), (3, 0.1)):
+        checkpointer.save(step, state, extra={}, metrics={"eval/accuracy": accuracy})
+    checkpointer.close()
+    _truncate(tmp_path / "1" / "metrics" / "metrics")
+    with caplog.at_level(logging.WARNING):
+        checkpointer = Checkpointer(tmp_path, keep_last=3, async_save=False)
+        assert checkpointer.best_step() == 2
+    warnings = [r.getMessage() for r in caplog.records if "metrics item is damaged" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"checkpoint step 1 in {tmp_path}:"), warnings
+    assert checkpointer.all_steps() == [1, 2, 3] and checkpointer.read_extra(1) == {}
     checkpointer.close()
 
 
