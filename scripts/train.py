@@ -1,8 +1,10 @@
 """Train: `python scripts/train.py --config=configs/NAME.py --workdir=DIR [--config.a.b=value ...]`.
 
 Runs the config's stages (e.g. SFT then GRPO) and writes DIR/metrics.jsonl, DIR/checkpoints/,
-DIR/summary.json, DIR/curves.png and TensorBoard events. Re-running the same command resumes.
-A bad config key or value, or a malformed data file, exits non-zero with one line naming the problem.
+DIR/summary.json, DIR/curves.png and TensorBoard events. Re-running the same command resumes, from the
+newest checkpoint that reads cleanly (a damaged one gets one warning line and is moved aside).
+A bad config key or value, a malformed data file, or a workdir whose checkpoints are all damaged exits
+non-zero with one line naming the problem (the last line of stderr, and the only error line).
 """
 
 import os
@@ -69,8 +71,7 @@ def main(argv):
     try:
         summary = train(_CONFIG.value, os.path.abspath(_WORKDIR.value))
     except (ValueError, FileNotFoundError, TrainingError) as error:
-        logging.error("%s", error)
-        _fail(error)
+        _fail(error)  # one line: not also logged, which would print it twice
     for stage, result in summary["stages"].items():
         final, best = result["final_eval_accuracy"], result["best_eval_accuracy"]
         print(f"{stage}: final eval accuracy {final}, best {best}")

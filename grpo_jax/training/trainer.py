@@ -13,7 +13,10 @@ Resume: each checkpoint's `extra` holds the stage, the stage-local step, the dat
 stage's own extra state, the number of metrics.jsonl lines written so far and the run's fingerprint.
 Re-running the same command on the same workdir restores the latest checkpoint, truncates metrics.jsonl
 back to that point and continues; every random draw is `fold_in(seed key, step)`, so the steps after a
-resume reproduce the uninterrupted run's metrics.
+resume reproduce the uninterrupted run's metrics. A checkpoint that does not read cleanly (a file
+missing or truncated) is named in one warning line, moved to `<step>.damaged`, and the next older one is
+used; when none is left, the run stops with one error line naming the folder (it never starts over
+on top of the old metrics).
 """
 
 from __future__ import annotations
@@ -28,7 +31,12 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from grpo_jax import sharding
-from grpo_jax.checkpointing import Checkpointer, check_compatible, checkpoint_directory
+from grpo_jax.checkpointing import (
+    Checkpointer,
+    DamagedCheckpointError,
+    check_compatible,
+    checkpoint_directory,
+)
 from grpo_jax.metrics import MetricsWriter, ProgressBar, plot_curves, write_summary
 from grpo_jax.training import setup
 from grpo_jax.training.evaluator import Evaluator
@@ -178,73 +186,74 @@ def train(config, workdir: str) -> dict:
         keep_best=config.checkpoint.keep_best,
         async_save=config.checkpoint.async_save,
     )
-    resume = checkpointer.read_extra() if checkpointer.latest_step() is not None else None
-    if resume is not None:
-        check_compatible(resume["fingerprint"], fingerprint, directory=checkpointer.directory)
+    run = None
+    try:  # from here on, whatever stops the run closes the checkpointer (no orbax thread left behind)
+        resume = _resume_point(checkpointer, fingerprint)
 
-    offsets, total = {}, 0
-    for name in stages:
-        offsets[name] = total
-        total += config[name].steps
-    run = Run(
-        config,
-        workdir,
-        task,
-        tokenizer,
-        model_config,
-        mesh,
-        checkpointer,
-        None,
-        None,
-        fingerprint,
-        offsets,
-        {name: [] for name in stages},
-    )
-    os.makedirs(workdir, exist_ok=True)
-    tokenizer_path = os.path.join(workdir, setup.TOKENIZER_FILE)
-    if not config.tokenizer.path and not config.model.pretrained and not os.path.exists(tokenizer_path):
-        tokenizer.save(tokenizer_path)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    logging.info("config:\n%s", config)
-
-    run.metrics = MetricsWriter(workdir, tensorboard=config.tensorboard)
-    run.evaluator = Evaluator(
-        model_config,
-        tokenizer,
-        task.test[: config.eval.num_problems],
-        template=config.template,
-        max_prompt_len=config.max_prompt_len,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.eval.batch_size,
-        k=config.eval.k,
-        temperature=config.eval.temperature,
-        correct_fn=task.correctness,
-        mesh=mesh,
-    )
-    if resume is not None:
-        run.metrics.truncate_lines(resume["metrics_lines"])
-        run.history.update(resume.get("history", {}))
-        run.stage_summaries.update(resume.get("stage_summaries", {}))
-        logging.info(
-            "resuming from %s at stage %s step %d",
-            checkpointer.directory,
-            resume["stage"],
-            resume["stage_step"],
+        offsets, total = {}, 0
+        for name in stages:
+            offsets[name] = total
+            total += config[name].steps
+        run = Run(
+            config,
+            workdir,
+            task,
+            tokenizer,
+            model_config,
+            mesh,
+            checkpointer,
+            None,
+            None,
+            fingerprint,
+            offsets,
+            {name: [] for name in stages},
         )
+        os.makedirs(workdir, exist_ok=True)
+        tokenizer_path = os.path.join(workdir, setup.TOKENIZER_FILE)
+        if not config.tokenizer.path and not config.model.pretrained and not os.path.exists(tokenizer_path):
+            tokenizer.save(tokenizer_path)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        logging.info("config:\n%s", config)
 
-    run.base_params = setup.initial_params(config, model_config, mesh)
-    try:
-        for index in range(len(stages)):
-            if resume is not None and index < resume["stage_index"]:
-                continue
-            stage_resume = resume if resume is not None and index == resume["stage_index"] else None
-            run_stage(run, index, stage_resume)
-            resume = None
+        run.metrics = MetricsWriter(workdir, tensorboard=config.tensorboard)
+        run.evaluator = Evaluator(
+            model_config,
+            tokenizer,
+            task.test[: config.eval.num_problems],
+            template=config.template,
+            max_prompt_len=config.max_prompt_len,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.eval.batch_size,
+            k=config.eval.k,
+            temperature=config.eval.temperature,
+            correct_fn=task.correctness,
+            mesh=mesh,
+        )
+        run.base_params = setup.initial_params(config, model_config, mesh)
+        while True:
+            _start_from(run, resume)
+            try:
+                for index in range(len(stages)):
+                    if resume is not None and index < resume["stage_index"]:
+                        continue
+                    stage_resume = resume if resume is not None and index == resume["stage_index"] else None
+                    run_stage(run, index, stage_resume)
+                    resume = None
+                break
+            except DamagedCheckpointError as error:  # the resumed stage's restore of its arrays
+                if resume is None or (error.directory, error.step) != (
+                    checkpointer.directory,
+                    resume["checkpoint_step"],
+                ):
+                    raise
+                _set_aside(checkpointer, error)
+                resume = _resume_point(checkpointer, fingerprint)
     finally:
         checkpointer.wait()
         checkpointer.close()
-        run.metrics.close()
+        if run is not None and run.metrics is not None:
+            run.metrics.close()
 
     summary = {"wall_time_s": time.time() - start_time, "stages": {}}
     for name in stages:
@@ -259,6 +268,61 @@ def train(config, workdir: str) -> dict:
     write_summary(workdir, summary)
     plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
     return summary
+
+
+# What the loop reads from a checkpoint's extra; one without them is damaged, not a different format.
+_RESUME_KEYS = ("stage_index", "stage", "stage_step", "metrics_lines", "fingerprint")
+
+
+def _resume_point(checkpointer: Checkpointer, fingerprint: dict) -> dict | None:
+    """The newest checkpoint's `extra` (plus its `checkpoint_step`) whose JSON items read cleanly, checked
+    against the run's fingerprint; None for a fresh run. Its arrays are read (and found damaged or not)
+    when its stage restores it; a finished stage's are not needed. Damaged ones are named in one warning
+    line each and set aside; a folder whose checkpoints are all damaged stops the run instead of
+    restarting it on top of the old metrics."""
+    for step in reversed(checkpointer.all_steps()):
+        try:
+            extra = checkpointer.read_extra(step)
+            checkpointer.read_meta(step)
+            missing = [key for key in _RESUME_KEYS if key not in extra]
+            if missing:
+                raise DamagedCheckpointError(
+                    step, checkpointer.directory, f"extra: has no {', '.join(missing)}"
+                )
+        except DamagedCheckpointError as error:
+            _set_aside(checkpointer, error)
+            continue
+        check_compatible(extra["fingerprint"], fingerprint, directory=checkpointer.directory)
+        return dict(extra, checkpoint_step=step)
+    damaged = checkpointer.set_aside_folders()
+    if damaged:
+        raise TrainingError(
+            f"no intact checkpoint to resume from in {checkpointer.directory}: the damaged ones were moved "
+            f"to {', '.join(damaged)}; repair and rename one back, or use a new --workdir"
+        )
+    return None
+
+
+def _set_aside(checkpointer: Checkpointer, error: DamagedCheckpointError) -> None:
+    moved = checkpointer.set_aside(error.step)
+    logging.warning("%s; moved it to %s and trying the previous checkpoint", error, moved.name)
+
+
+def _start_from(run: Run, resume: dict | None) -> None:
+    """Reset what the run carries between stages to `resume` (a checkpoint's extra) or a fresh start."""
+    run.history = {name: [] for name in run.config.stages}
+    run.stage_summaries, run.previous = {}, None
+    if resume is None:
+        return
+    run.metrics.truncate_lines(resume["metrics_lines"])
+    run.history.update(resume.get("history", {}))
+    run.stage_summaries.update(resume.get("stage_summaries", {}))
+    logging.info(
+        "resuming from %s at stage %s step %d",
+        run.checkpointer.directory,
+        resume["stage"],
+        resume["stage_step"],
+    )
 
 
 def _check_batches_fit_mesh(config, stages: list[str], mesh) -> None:
@@ -336,7 +400,9 @@ def run_stage(run: Run, index: int, resume: dict | None) -> None:
         state, shardings = stage.build(params)
         stage_step, nonfinite = 0, 0
         if resume is not None:
-            state, extra = run.checkpointer.restore(state, shardings, fingerprint=run.fingerprint)
+            state, extra = run.checkpointer.restore(
+                state, shardings, resume["checkpoint_step"], fingerprint=run.fingerprint
+            )
             if stage.data_iter is not None and extra.get("data_state") is not None:
                 stage.data_iter.set_state(extra["data_state"])
             stage.load_extra_state(extra.get("stage_state") or {})
