@@ -57,7 +57,8 @@ def metric_lines(workdir: Path) -> list[dict]:
 
 
 def without_timing(line: dict) -> dict:
-    return {k: v for k, v in line.items() if not k.endswith("time_s")}
+    """A line without what differs between processes: timings and the process's compile count."""
+    return {k: v for k, v in line.items() if not k.endswith("time_s") and k != "compiles"}
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -1,9 +1,10 @@
 """scripts/train.py end to end (DESIGN.md §3), run as a subprocess with `configs/quickstart.py:runlocal`.
 
 One shared baseline run (SFT 2 steps, GRPO 4 steps, a NaN injected at global step 4, a length reward so
-GRPO really updates the weights) is checked for the metrics.jsonl contract and the run's files, and is
-the reference a SIGKILLed-then-resumed run must reproduce line for line. The bad-input tests check that
-each mistake exits non-zero with one clear last line on stderr and leaves no checkpoint behind.
+GRPO really updates the weights) is checked for the metrics.jsonl contract, the run's files and its
+compile counts, and is the reference a SIGKILLed-then-resumed run must reproduce line for line. The
+bad-input tests check that each mistake exits non-zero with one clear last line on stderr and leaves no
+checkpoint behind.
 Subprocesses see ONE CPU device (faster) unless the test is about the 8-device mesh.
 """
 
@@ -85,7 +86,8 @@ def metric_lines(workdir: Path) -> list[dict]:
 
 
 def without_timing(line: dict) -> dict:
-    return {k: v for k, v in line.items() if not k.endswith("time_s")}
+    """A line without what differs between processes: timings and the process's compile count."""
+    return {k: v for k, v in line.items() if not k.endswith("time_s") and k != "compiles"}
 
 
 def checkpoint_steps(workdir: Path) -> list[int]:
@@ -164,6 +166,17 @@ def test_a_nan_update_is_skipped_and_counted(baseline):
     assert grpo[POISON_STEP]["loss"] is None and "loss" in grpo[POISON_STEP]["nonfinite"]
     assert all("nonfinite" not in x for step, x in grpo.items() if step != POISON_STEP)
     assert grpo[5]["loss"] is not None
+
+
+@pytest.mark.slow
+def test_the_steps_do_not_recompile(baseline):
+    """`compiles` (XLA compilations so far in the process) grows while SFT and then GRPO compile their
+    programs, and stays flat once the first GRPO step, its checkpoint and the first GRPO eval are done:
+    the NaN step, later steps, evals and checkpoints reuse the same programs (DESIGN.md §1)."""
+    counts = {(x["stage"], x["step"]): x["compiles"] for x in metric_lines(baseline) if x["stage"] != "eval"}
+    assert counts[("sft", 1)] > 0, "the counter sees no compilation at all"
+    assert counts[("grpo", 3)] > counts[("sft", 2)], "GRPO's sampler and step compile at its first step"
+    assert counts[("grpo", 4)] == counts[("grpo", 5)] == counts[("grpo", 6)], counts
 
 
 @pytest.mark.slow

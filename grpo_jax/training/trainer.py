@@ -17,12 +17,17 @@ resume reproduce the uninterrupted run's metrics. A checkpoint that does not rea
 missing or truncated) is named in one warning line, moved to `<step>.damaged`, and the next older one is
 used; when none is left, the run stops with one error line naming the folder (it never starts over
 on top of the old metrics).
+
+Every training line of metrics.jsonl also carries `compiles`: the XLA compilations this process has
+done so far (jax's backend-compile monitoring event), so a program that recompiles every step shows as
+a growing count. It restarts in a resumed process, unlike every other value of the line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from typing import Any
 
@@ -46,6 +51,28 @@ from grpo_jax.training.stages.base import stage_dir
 
 class TrainingError(RuntimeError):
     """A run that cannot continue (e.g. too many non-finite updates in a row); the message says why."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Compile counting
+# ------------------------------------------------------------------------------------------------
+
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch's name
+_compiles = {"count": 0, "lock": threading.Lock()}
+
+
+def _on_duration_event(event: str, duration: float, **kwargs) -> None:
+    if event == _BACKEND_COMPILE_EVENT:  # recorded once per XLA compilation (or persistent-cache load)
+        with _compiles["lock"]:
+            _compiles["count"] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration_event)
+
+
+def compile_count() -> int:
+    """XLA compilations in this process so far (every jit/pjit program and eager op jax compiled)."""
+    return _compiles["count"]
 
 
 @dataclasses.dataclass
@@ -421,6 +448,7 @@ def run_stage(run: Run, index: int, resume: dict | None) -> None:
                 )
                 if eval_now:
                     m.update(stage.heldout_metrics(state))
+                m["compiles"] = compile_count()
                 run.metrics.write(global_step, stage.kind, m)
                 nonfinite = _check_nonfinite(run, name, m, nonfinite, stage_step)
                 eval_metrics, postfix = None, stage.progress(m)
