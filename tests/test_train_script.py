@@ -2,8 +2,8 @@
 
 One shared baseline run (SFT 2 steps, GRPO 4 steps, a NaN injected at global step 4, a length reward so
 GRPO really updates the weights) is checked for the metrics.jsonl contract, the run's files and its
-compile counts, and is the reference the 8-device run and every resumed run must reproduce line for
-line; it is made once per test session (`reference_run`). The bad-input tests check
+compile counts, and is the reference the 8-device run and every resumed run (tests/test_resume.py) must
+reproduce line for line; it is made once per test session (`reference_run`). The bad-input tests check
 that each mistake exits non-zero with one clear last line on stderr and leaves no checkpoint behind.
 Subprocesses see ONE CPU device (faster) unless the test is about the 8-device mesh.
 """
@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -288,71 +286,6 @@ def test_runs_on_an_8_device_mesh_and_matches_one_device(tmp_path, baseline):
 # ------------------------------------------------------------------------------------------------
 # Resume
 # ------------------------------------------------------------------------------------------------
-
-
-# Runs scripts/train.py unchanged except that the process hangs right after writing the metrics line of
-# global step HANG_AFTER, so the test can SIGKILL it at a known point: checkpoint HANG_AFTER-1 on disk,
-# one metrics line past it.
-_HANGING_TRAIN = f"""
-import os, runpy, sys, time
-from grpo_jax import metrics
-hang_after, write = int(os.environ["HANG_AFTER"]), metrics.MetricsWriter.write
-def hanging_write(self, step, stage, values):
-    line = write(self, step, stage, values)
-    if stage == "grpo" and step == hang_after:
-        time.sleep(3600)
-    return line
-metrics.MetricsWriter.write = hanging_write
-sys.argv[0] = {str(SCRIPT)!r}
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def _complete_lines(workdir: Path) -> list[dict]:
-    """metrics.jsonl lines fully written so far (the run may be writing the next one)."""
-    path = workdir / "metrics.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
-
-
-@pytest.mark.slow
-def test_sigkill_mid_grpo_then_rerun_reproduces_the_uninterrupted_run(tmp_path, baseline):
-    resume_from = 5  # a GRPO checkpoint after the NaN step, so the resumed run carries its counters
-    workdir, log = tmp_path / "run", tmp_path / "killed_run.log"
-    env = dict(_env(1), HANG_AFTER=str(resume_from + 1))
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(
-            _command(workdir, *BASELINE, script=("-c", _HANGING_TRAIN)),
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and process.poll() is None:
-            steps = [x["step"] for x in _complete_lines(workdir)]
-            if resume_from in checkpoint_steps(workdir) and resume_from + 1 in steps:
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, f"the run ended before it was killed:\n{log.read_text()[-3000:]}"
-        assert resume_from in checkpoint_steps(workdir), "timed out waiting for the checkpoint"
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
-    killed = metric_lines(workdir)
-    assert killed[-1]["step"] == resume_from + 1  # a line past the checkpoint, which the resume must drop
-
-    result = train(workdir, *BASELINE)
-    assert_ok(result)
-    assert "resuming from" in result.stderr
-    resumed, expected = metric_lines(workdir), metric_lines(baseline)
-    assert [(x["stage"], x["step"]) for x in resumed] == [(x["stage"], x["step"]) for x in expected]
-    for got, want in zip(resumed, expected, strict=True):
-        assert without_timing(got) == without_timing(want), (got["stage"], got["step"])
-    assert summary_evals(workdir) == summary_evals(baseline)  # eval history survives the kill too
 
 
 @pytest.mark.slow
