@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from grpo_jax.inputs import as_key
 from grpo_jax.models import (
     ModelConfig,
+    activation_sharding,
     completion_logprobs,
     forward_with_cache,
     init_cache,
@@ -201,22 +202,7 @@ def _constrain_rows(x, mesh, axis):
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "model_config",
-        "num_samples",
-        "max_new_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "stop_ids",
-        "min_new_tokens",
-        "pad_id",
-        "mesh",
-    ),
-)
-def _generate(
+def _generate_body(
     model_config,
     params,
     prompt_tokens,
@@ -326,6 +312,27 @@ def _generate(
         prompt_mask=jnp.repeat(prompt_mask, num_samples, axis=0),
         num_steps=state.step,
     )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "model_config",
+        "num_samples",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop_ids",
+        "min_new_tokens",
+        "pad_id",
+        "mesh",
+    ),
+)
+def _generate(model_config, params, prompt_tokens, prompt_mask, rng, *, mesh, **static):
+    """The jitted sampler: `_generate_body` traced with the activation layout pinned to the mesh."""
+    with activation_sharding(mesh):
+        return _generate_body(model_config, params, prompt_tokens, prompt_mask, rng, mesh=mesh, **static)
 
 
 def generate(

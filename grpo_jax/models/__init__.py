@@ -5,6 +5,7 @@ from grpo_jax.models.hf import load_pretrained, save_pretrained
 from grpo_jax.models.transformer import (
     KVCache,
     Params,
+    activation_sharding,
     completion_logprobs,
     completion_logprobs_shared_prefix,
     forward,
@@ -18,12 +19,14 @@ from grpo_jax.models.transformer import (
     param_shapes,
     positions_from_mask,
     token_logprobs,
+    with_activation_sharding,
 )
 
 __all__ = [
     "KVCache",
     "ModelConfig",
     "Params",
+    "activation_sharding",
     "completion_logprobs",
     "completion_logprobs_shared_prefix",
     "forward",
@@ -39,4 +42,5 @@ __all__ = [
     "positions_from_mask",
     "save_pretrained",
     "token_logprobs",
+    "with_activation_sharding",
 ]

@@ -429,4 +429,4 @@ def make_grpo_step(
     jit_kwargs = {"donate_argnums": (0,) if donate else ()}
     if state_shardings is not None:
         jit_kwargs["out_shardings"] = (state_shardings, replicated(mesh))
-    return jax.jit(step, **jit_kwargs)
+    return jax.jit(models.with_activation_sharding(step, mesh), **jit_kwargs)

@@ -71,7 +71,7 @@ def _jit_step(step, mesh, state_shardings, donate):
     kwargs = {"donate_argnums": (0,) if donate else ()}
     if state_shardings is not None:
         kwargs["out_shardings"] = (state_shardings, shd.replicated(mesh))
-    return jax.jit(step, **kwargs)
+    return jax.jit(models.with_activation_sharding(step, mesh), **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def make_sft_step(
     kwargs = {"donate_argnums": (0,) if donate else ()}
     if state_shardings is not None:
         kwargs["out_shardings"] = (state_shardings, replicated(mesh))
-    return jax.jit(step, **kwargs)
+    return jax.jit(models.with_activation_sharding(step, mesh), **kwargs)
 
 
 def make_sft_eval(model_config, *, chunk_size: int = 128):
