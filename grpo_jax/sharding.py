@@ -193,6 +193,8 @@ def initialize_distributed(**kwargs) -> None:
     On Cloud TPU all arguments are discovered automatically; elsewhere pass coordinator_address,
     num_processes and process_id (forwarded to `jax.distributed.initialize`).
     """
+    if jax.distributed.is_initialized():  # scripts/train.py may have started it with explicit arguments
+        return
     if kwargs or _looks_multihost():
         jax.distributed.initialize(**kwargs)
 

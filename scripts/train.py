@@ -1,7 +1,9 @@
 """Train: `python scripts/train.py --config=configs/NAME.py --workdir=DIR [--config.a.b=value ...]`.
 
 Runs the config's stages (e.g. SFT then GRPO) and writes DIR/metrics.jsonl, DIR/checkpoints/,
-DIR/summary.json, DIR/curves.png and TensorBoard events. Re-running the same command resumes, from the
+DIR/summary.json, DIR/curves.png and TensorBoard events. Several processes (one per host of a pod, or
+local ones): the same command in each, plus --coordinator_address=HOST:PORT --num_processes=N
+--process_id=I where jax.distributed cannot find them itself. Re-running the same command resumes, from the
 newest checkpoint that reads cleanly (a damaged one gets one warning line and is moved aside).
 A bad config key or value, a malformed data file, or a workdir whose checkpoints are all damaged exits
 non-zero with one line naming the problem (the last line of stderr, and the only error line).
@@ -15,6 +17,16 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpoints); reused to resume.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "HOST:PORT of process 0, for an explicit multi-process run (every process runs the same command with "
+    "its own --process_id). Unset: one process, or a TPU pod / SLURM job found by jax.distributed.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (with --coordinator_address)."
+)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -63,15 +75,41 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return args
 
 
+def _start_processes() -> bool:
+    """Join an explicit multi-process run (--coordinator_address ...); True when this is process 0."""
+    given = [_COORDINATOR.value is not None, _NUM_PROCESSES.value is not None, _PROCESS_ID.value is not None]
+    if any(given) and not all(given):
+        _fail("--coordinator_address, --num_processes and --process_id go together (all three or none)")
+    if not all(given):
+        return True
+    if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+        _fail(f"--process_id={_PROCESS_ID.value} must be in [0, --num_processes={_NUM_PROCESSES.value})")
+    import jax
+
+    from grpo_jax import sharding
+
+    if os.environ.get("JAX_PLATFORMS", "").split(",")[0] in ("", "cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices across processes
+    sharding.initialize_distributed(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
+    return _PROCESS_ID.value == 0
+
+
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    reports = _start_processes()
     from grpo_jax.training.trainer import TrainingError, train
 
     try:
         summary = train(_CONFIG.value, os.path.abspath(_WORKDIR.value))
     except (ValueError, FileNotFoundError, TrainingError) as error:
         _fail(error)  # one line: not also logged, which would print it twice
+    if not reports:
+        return
     for stage, result in summary["stages"].items():
         final, best = result["final_eval_accuracy"], result["best_eval_accuracy"]
         print(f"{stage}: final eval accuracy {final}, best {best}")

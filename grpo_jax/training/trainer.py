@@ -237,10 +237,15 @@ def train(config, workdir: str) -> dict:
         )
         os.makedirs(workdir, exist_ok=True)
         tokenizer_path = os.path.join(workdir, setup.TOKENIZER_FILE)
-        if not config.tokenizer.path and not config.model.pretrained and not os.path.exists(tokenizer_path):
-            tokenizer.save(tokenizer_path)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        if jax.process_index() == 0:  # the run's files come from one process (all build the same)
+            if (
+                not config.tokenizer.path
+                and not config.model.pretrained
+                and not os.path.exists(tokenizer_path)
+            ):
+                tokenizer.save(tokenizer_path)
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
         logging.info("config:\n%s", config)
 
         run.metrics = MetricsWriter(workdir, tensorboard=config.tensorboard)
@@ -292,8 +297,9 @@ def train(config, workdir: str) -> dict:
             "evals": run.history[name],
             **run.stage_summaries.get(name, {}),
         }
-    write_summary(workdir, summary)
-    plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
+    if jax.process_index() == 0:
+        write_summary(workdir, summary)
+        plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
     return summary
 
 
@@ -360,7 +366,7 @@ def _check_batches_fit_mesh(config, stages: list[str], mesh) -> None:
     for name in stages:
         field = STAGE_KINDS[stage_kind(name)].batch_field
         if field is not None:
-            sizes[f"config.{name}.{field}"] = config[name][field] * jax.process_count()
+            sizes[f"config.{name}.{field}"] = config[name][field]  # global batch, all processes
     bad = [f"{key}={size}" for key, size in sizes.items() if size % data_parallel]
     if bad:
         raise ValueError(
