@@ -202,6 +202,13 @@ def test_top_k_and_top_p_respect_the_allowed_set():
     assert set(both.tolist()) == {0, 1}
 
 
+def _completion_logits(params, out):
+    """Logits [N, L, V] of the training forward at each completion position of a Rollout."""
+    full = jnp.concatenate([out.prompt_tokens, out.tokens], axis=1)
+    fmask = jnp.concatenate([out.prompt_mask, out.mask], axis=1)
+    return models.forward(CONFIG, params, full, attention_mask=fmask)[:, out.prompt_tokens.shape[1] - 1 : -1]
+
+
 def test_top_k_sampler_only_emits_top_k_tokens(params):
     _, tokens, mask = _prompts()
     out = sampling.generate(
@@ -216,9 +223,7 @@ def test_top_k_sampler_only_emits_top_k_tokens(params):
         top_k=3,
         eos_id=EOS,
     )
-    full = jnp.concatenate([out.prompt_tokens, out.tokens], axis=1)
-    fmask = jnp.concatenate([out.prompt_mask, out.mask], axis=1)
-    logits = models.forward(CONFIG, params, full, attention_mask=fmask)[:, tokens.shape[1] - 1 : -1]
+    logits = _completion_logits(params, out)
     top3 = np.asarray(jax.lax.top_k(logits, 3)[1])
     toks, m = np.asarray(out.tokens), np.asarray(out.mask)
     for r in range(toks.shape[0]):
@@ -355,9 +360,7 @@ def test_top_p_acts_through_generate(params):
         top_p=0.5,
         eos_id=EOS,
     )
-    full = jnp.concatenate([out.prompt_tokens, out.tokens], axis=1)
-    fmask = jnp.concatenate([out.prompt_mask, out.mask], axis=1)
-    logits = models.forward(CONFIG, params, full, attention_mask=fmask)[:, tokens.shape[1] - 1 : -1]
+    logits = _completion_logits(params, out)
     nucleus_logp = np.asarray(jax.nn.log_softmax(sampling.truncate_logits(logits / 0.9, top_p=0.5), axis=-1))
     toks, m = np.asarray(out.tokens), np.asarray(out.mask) > 0
     chosen = np.take_along_axis(nucleus_logp, toks[..., None], axis=-1)[..., 0]
