@@ -17,3 +17,16 @@ def sibling_config(this_file: str, name: str, arg: str | None = None) -> ml_coll
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+ABLATION_RL_STEPS = 150  # most of the quickstart's 300-step gain is in; 36-run sweeps fit a CPU afternoon
+
+
+def ablation_config(this_file: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The quickstart (`configs/quickstart.py`) as an ablation base: the same task, model and SFT, and
+    `ABLATION_RL_STEPS` GRPO steps with a held-out eval every 25 (curves for the sweep's plot).
+    `:runlocal` is the quickstart's own smoke variant."""
+    config = sibling_config(this_file, "../quickstart.py", arg)
+    if arg != "runlocal":
+        config.grpo.update(steps=ABLATION_RL_STEPS, eval_every=25)
+    return config

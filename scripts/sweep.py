@@ -16,6 +16,13 @@ points, so a job array can run the points in parallel; every invocation then (re
   KL and completion length, and the run's wall time (of its last process, when it was resumed);
 - `DIR/results.png`: eval accuracy and reward curves per point, mean and range over the seeds.
 
+Shared stages: when every override key lies under a later stage's section (`grpo.algo.kl_coef`), the
+leading stages no point touches (the quickstart's cold-start `sft`) are the same for every point. They run
+once per seed into `DIR/_shared/seed<k>` (`--config.stages=(...)`), and each point's workdir starts as a
+copy of that one, so its run resumes after them exactly as an interrupted run would (resume is exact:
+same metrics as a run from scratch). Such a point's `wall_time_s` is then that of its own stages.
+`--noshare_stages` runs every point from scratch.
+
 A key that the config does not have, or a value of the wrong type, fails before any run with one line.
 """
 
@@ -28,6 +35,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -38,10 +46,16 @@ _CONFIG = flags.DEFINE_string("config", None, "Config file with get_config() and
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: DIR/<point>/seed<k>, results.csv/png.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds to run for every point.")
 _POINT = flags.DEFINE_list("point", [], "Run only these point indices (0-based; default: all).")
+_SHARE = flags.DEFINE_bool(
+    "share_stages", True, "Run the leading stages no point changes once per seed (DIR/_shared)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME_KEY = "_name"  # an override dict's optional display name; not a config key
+SHARED = "_shared"  # DIR/_shared/seed<k>: the stages every point shares, run once per seed
+# What a point's workdir does not take from the shared run: its own config, log, summary and plots.
+NOT_COPIED = ("summary.json", "config.json", "train.log", "curves.png", "tensorboard")
 COLUMNS = (
     "final_eval_accuracy",
     "best_eval_accuracy",
@@ -126,6 +140,48 @@ def _check_algo(config, where: str) -> None:
                 GRPOConfig.from_dict(section.algo)
             except ValueError as error:
                 raise SweepError(f"{where}: {' '.join(str(error).split())}") from None
+
+
+def shared_stages(config, points: list[dict]) -> list[str]:
+    """The leading stages of `config.stages` that no point's overrides touch, when every override key
+    lies under some stage's section (`grpo.algo.kl_coef`); [] when one does not (`model.hidden_size`,
+    `seed`: then every stage may differ). The last stage is never shared: a point must run something."""
+    stages = list(config.get("stages", ()))
+    touched = set()
+    for point in points:
+        for key in overrides(point):
+            head = key.split(".")[0]
+            if head not in stages or "." not in key:
+                return []
+            touched.add(head)
+    shared = []
+    for name in stages[:-1]:
+        if name in touched:
+            break
+        shared.append(name)
+    return shared
+
+
+def start_from_shared(shared_dir: str, run_dir: str) -> bool:
+    """Make a fresh `run_dir` a copy of the finished shared run (checkpoints, stage results, metrics,
+    tokenizer), so the point's `train.py` resumes after the shared stages. An already started run_dir
+    (it has checkpoints) is left as it is; returns whether it copied."""
+    if os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        return False
+    shutil.copytree(shared_dir, run_dir, ignore=shutil.ignore_patterns(*NOT_COPIED), dirs_exist_ok=True)
+    return True
+
+
+def run_train(config_arg: str, run_dir: str, point: dict, seed: int) -> int:
+    """`scripts/train.py` for one point × seed into run_dir (log appended to run_dir/train.log)."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "train.log"), "a") as log:
+        return subprocess.run(
+            train_command(config_arg, run_dir, point, seed),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ).returncode
 
 
 def train_command(config_arg: str, workdir: str, point: dict, seed: int) -> list[str]:
@@ -260,6 +316,9 @@ def main(argv):
         names = [point_name(p) for p in points]
         if len(set(names)) != len(names):
             raise SweepError(f"two points have the same name: {names}; give them distinct '_name' entries")
+        if SHARED in names:
+            raise SweepError(f"a point may not be named {SHARED!r} (the shared stages' folder)")
+        shared = shared_stages(config, points) if _SHARE.value else []
     except (SweepError, ValueError) as error:
         _fail(error)
     directory = os.path.abspath(_WORKDIR.value)
@@ -273,19 +332,22 @@ def main(argv):
         if os.path.exists(os.path.join(run_dir, "summary.json")):
             print(f"{label}: skip (finished)", flush=True)
             continue
+        if shared:
+            shared_dir = os.path.join(directory, SHARED, f"seed{seed}")
+            if not os.path.exists(os.path.join(shared_dir, "summary.json")):
+                print(f"{label}: running the shared stages {shared} in {shared_dir}", flush=True)
+                if run_train(_CONFIG.value, shared_dir, {"stages": tuple(shared)}, seed):
+                    failed.append(label)
+                    print(f"{label}: FAILED (shared stages; see {shared_dir}/train.log)", flush=True)
+                    continue
+            if start_from_shared(shared_dir, run_dir):
+                print(f"{label}: starts after the shared stages {shared} of {shared_dir}", flush=True)
         print(f"{label}: running in {run_dir}", flush=True)
-        os.makedirs(run_dir, exist_ok=True)
         start = time.time()
-        with open(os.path.join(run_dir, "train.log"), "a") as log:
-            result = subprocess.run(
-                train_command(_CONFIG.value, run_dir, point, seed),
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        if result.returncode != 0:
+        returncode = run_train(_CONFIG.value, run_dir, point, seed)
+        if returncode != 0:
             failed.append(label)
-            print(f"{label}: FAILED (exit {result.returncode}; see {run_dir}/train.log)", flush=True)
+            print(f"{label}: FAILED (exit {returncode}; see {run_dir}/train.log)", flush=True)
             continue
         report = run_report(run_dir)
         print(

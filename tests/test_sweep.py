@@ -4,13 +4,16 @@ Every ablation config parses, each of its points applies to its config (full and
 2-point `:runlocal` sweep (`configs/ablations/kl_coef.py:runlocal --point=...`, one seed) runs end to end
 as subprocesses: `--point=1` runs only that point; the sweep then runs the other one and skips the
 finished one without touching its metrics; results.csv has one row per run with the documented columns,
-and results.png is written. A bad override key fails before any run with one line naming it.
+and results.png is written. The cold-start SFT that every point shares runs once (`DIR/_shared/seed0`)
+and a point that starts from it writes the same metrics as the point run from scratch
+(`--noshare_stages`). A bad override key fails before any run with one line naming it.
 """
 
 import csv
 import functools
 import glob
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -105,6 +108,7 @@ def test_two_point_sweep_end_to_end(tmp_path):
 
     result = sweep(f"--config={config}", f"--workdir={out}", "--point=1")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "running the shared stages ['sft']" in result.stdout, result.stdout
     assert (point1 / "summary.json").exists() and not point0.exists()
     with open(out / "results.csv") as f:
         assert [r["name"] for r in csv.DictReader(f)] == ["kl_coef=0.001"]
@@ -114,7 +118,9 @@ def test_two_point_sweep_end_to_end(tmp_path):
     result = sweep(f"--config={config}", f"--workdir={out}", "--point=0,1", "--seeds=0")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "point 1 kl_coef=0.001 seed 0: skip" in result.stdout, result.stdout
-    assert "point 0 kl_coef=0.0 seed 0: running" in result.stdout, result.stdout
+    assert "point 0 kl_coef=0.0 seed 0: running in" in result.stdout, result.stdout
+    assert "starts after the shared stages ['sft']" in result.stdout, result.stdout
+    assert "running the shared stages" not in result.stdout, result.stdout  # once per seed
     assert (point1 / "metrics.jsonl").read_text() == metrics1
     assert (point1 / "metrics.jsonl").stat().st_mtime_ns == mtime1
     assert (point0 / "summary.json").exists()
@@ -144,3 +150,28 @@ def test_two_point_sweep_end_to_end(tmp_path):
         assert float(row["completion_len_mean"]) > 0 and float(row["wall_time_s"]) > 0
         float(row["reward_last10pct"]), float(row["kl_mean"])
     assert (out / "results.png").stat().st_size > 0
+
+    scratch = tmp_path / "scratch"
+    result = sweep(f"--config={config}", f"--workdir={scratch}", "--point=1", "--noshare_stages")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (scratch / "_shared").exists()
+    assert _metric_values(point1) == _metric_values(scratch / "kl_coef=0.001" / "seed0")
+
+
+def _metric_values(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without what differs between equal runs: timings and the process's compile count."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in x.items() if "time" not in k and k != "compiles"} for x in lines]
+
+
+def test_shared_stages_are_the_untouched_leading_ones():
+    module = _sweep_module()
+    config, points = module.load_sweep(str(REPO / "configs/ablations/loss_variants.py"))
+    assert module.shared_stages(config, points) == ["sft"]
+    assert module.shared_stages(config, points + [{"sft.learning_rate": 1e-3}]) == []
+    assert module.shared_stages(config, points + [{"model.num_layers": 2}]) == []
+    assert module.shared_stages(config, points + [{"seed": 3}]) == []
+    config.stages = ("sft", "grpo", "grpo_final")
+    config.grpo_final = config.grpo
+    assert module.shared_stages(config, [{"grpo_final.steps": 2}]) == ["sft", "grpo"]
+    assert module.shared_stages(config, [{"_name": "same"}, {"_name": "again"}]) == ["sft", "grpo"]

@@ -7,13 +7,13 @@ normalised REINFORCE++), dr_grpo (group mean, no std; arXiv 2503.20783). The los
 (token mean, β = 0.01). `:runlocal` shrinks every point to a seconds-long smoke run.
 """
 
-from grpo_jax.config_utils import sibling_config
+from grpo_jax.config_utils import ablation_config
 
 ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "dr_grpo")
 
 
 def get_config(arg=None):
-    return sibling_config(__file__, "../quickstart.py", arg)
+    return ablation_config(__file__, arg)
 
 
 def get_sweep(arg=None):

@@ -8,11 +8,11 @@ so the token-mean loss is averaged over the groups that carry signal (`zero_vari
 metrics.jsonl says how many were dropped). `:runlocal` shrinks every point to a seconds-long smoke run.
 """
 
-from grpo_jax.config_utils import sibling_config
+from grpo_jax.config_utils import ablation_config
 
 
 def get_config(arg=None):
-    return sibling_config(__file__, "../quickstart.py", arg)
+    return ablation_config(__file__, arg)
 
 
 def get_sweep(arg=None):

@@ -8,11 +8,11 @@ The quickstart samples 16 prompts × G = 8 = 128 completions per step; here G �
 8 samples per step (G ∈ {2, 4, 8} with 4, 2, 1 prompts).
 """
 
-from grpo_jax.config_utils import sibling_config
+from grpo_jax.config_utils import ablation_config
 
 
 def get_config(arg=None):
-    return sibling_config(__file__, "../quickstart.py", arg)
+    return ablation_config(__file__, arg)
 
 
 def get_sweep(arg=None):

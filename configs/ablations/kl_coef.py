@@ -6,13 +6,13 @@
 in the loss. `:runlocal` shrinks every point to a seconds-long smoke run.
 """
 
-from grpo_jax.config_utils import sibling_config
+from grpo_jax.config_utils import ablation_config
 
 BETAS = (0.0, 0.001, 0.01, 0.04)
 
 
 def get_config(arg=None):
-    return sibling_config(__file__, "../quickstart.py", arg)
+    return ablation_config(__file__, arg)
 
 
 def get_sweep(arg=None):

@@ -11,11 +11,11 @@ Everything else is the quickstart's (β = 0.01, clip-higher 0.2/0.28, T = 0.35).
 point to a seconds-long smoke run.
 """
 
-from grpo_jax.config_utils import sibling_config
+from grpo_jax.config_utils import ablation_config
 
 
 def get_config(arg=None):
-    return sibling_config(__file__, "../quickstart.py", arg)
+    return ablation_config(__file__, arg)
 
 
 def get_sweep(arg=None):

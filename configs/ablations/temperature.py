@@ -7,13 +7,13 @@ T ∈ {0.35 (the quickstart: close to the greedy policy it is judged on), 0.7 (R
 evaluation stays greedy. `:runlocal` shrinks every point to a seconds-long smoke run.
 """
 
-from grpo_jax.config_utils import sibling_config
+from grpo_jax.config_utils import ablation_config
 
 TEMPERATURES = (0.35, 0.7, 1.0)
 
 
 def get_config(arg=None):
-    return sibling_config(__file__, "../quickstart.py", arg)
+    return ablation_config(__file__, arg)
 
 
 def get_sweep(arg=None):
