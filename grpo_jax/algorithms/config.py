@@ -110,6 +110,12 @@ class GRPOConfig(ConfigFields):
       entropy_coef: weight of an entropy bonus in the loss (0 = off).
       max_len_norm: the constant of Dr. GRPO's "seq_mean_token_sum_norm"; None = the generation budget.
       dynamic_sampling: DAPO dynamic sampling: groups whose rewards are all equal get weight 0.
+      dynamic_sampling_refill: DAPO §3.2 with refill (`grpo_jax.training.refill`): the `grpo` stage samples
+        ceil(refill_oversample × prompts_per_step) prompts per generation round and keeps sampling (at
+        most refill_max_rounds extra rounds) until prompts_per_step groups with unequal rewards are in
+        hand; a shortfall is filled with weight-0 groups. Filters on the outcome rewards (not "process").
+      refill_oversample: prompts sampled per generation round over prompts_per_step, >= 1 (DAPO: 3).
+      refill_max_rounds: the cap on extra generation rounds per step, >= 0 (verl max_num_gen_batches − 1).
       mask_truncated: DAPO §3.4 overlong filtering: completions that hit max_new_tokens without a stop
         token get sample weight 0 in the loss (separate from overlong reward shaping).
       loss_type: "grpo" (clipped surrogate, DeepSeekMath eq. 3) or "cispo" (MiniMax-M1, arXiv 2506.13585:
@@ -143,6 +149,9 @@ class GRPOConfig(ConfigFields):
     entropy_coef: float = 0.0
     max_len_norm: int | None = None
     dynamic_sampling: bool = False
+    dynamic_sampling_refill: bool = False
+    refill_oversample: float = 1.0
+    refill_max_rounds: int = 2
     mask_truncated: bool = False
     loss_type: str = "grpo"
     entropy_mask_top: float = 1.0
@@ -179,6 +188,9 @@ class GRPOConfig(ConfigFields):
         if self.max_len_norm is not None:
             _require_int(self, "max_len_norm", minimum=1)
         _require_bool(self, "dynamic_sampling")
+        _require_bool(self, "dynamic_sampling_refill")
+        _require_float(self, "refill_oversample", minimum=1.0)
+        _require_int(self, "refill_max_rounds", minimum=0)
         _require_bool(self, "mask_truncated")
         _require_choice(self, "loss_type", LOSS_TYPES)
         _require_float(self, "entropy_mask_top", "in (0, 1]", lambda v: 0 < v <= 1)
@@ -200,6 +212,12 @@ class GRPOConfig(ConfigFields):
                 self.kl_in_reward,
                 "False with advantage_estimator='process' (its advantages come from step rewards, "
                 "not a sequence reward the KL could be folded into)",
+            )
+        if self.dynamic_sampling_refill and self.advantage_estimator == PROCESS_ESTIMATOR:
+            _fail(
+                "dynamic_sampling_refill",
+                True,
+                "False with advantage_estimator='process' (it filters groups on their outcome rewards)",
             )
         if self.loss_type == "cispo" and (self.ratio_level != "token" or self.dual_clip_c is not None):
             _fail(

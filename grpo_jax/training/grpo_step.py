@@ -27,6 +27,9 @@ The batch (N = prompts × G rows, prompt-major as the sampler emits them):
     step_end_index [N, S] int32                       = "process"): each step's reward, 1 on real steps, and
                                                       the completion token where it ends (see
                                                       grpo_jax.rewards.process.process_step_rewards)
+    fill [N] bool                                     rows standing in for a dynamic-sampling-with-refill
+                                                      shortfall: sample weight 0 (optional; see
+                                                      grpo_jax.training.refill)
     poison () bool                                    debug switch: make this step's loss NaN (optional)
     poison_grad () bool                               debug switch: keep the loss finite, make its gradient
                                                       NaN (optional; see training.state.debug_poison)
@@ -61,7 +64,7 @@ RewardFn = Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
 PROCESS_KEYS = ("step_rewards", "step_mask", "step_end_index")
 # Batch keys the policy loss never reads: kept out of the minibatch split. (`truncated` reaches the loss
 # through `sample_weight`, computed on the whole batch before the split.)
-_NOT_TRAINED = ("host_rewards", "truncated", *PROCESS_KEYS)
+_NOT_TRAINED = ("host_rewards", "truncated", "fill", *PROCESS_KEYS)
 # Quantiles of the sampler/trainer ratio π_old/π_sampler logged every step.
 _MISMATCH_QUANTILES = (("p01", 0.01), ("p50", 0.5), ("p99", 0.99))
 
@@ -205,14 +208,17 @@ def mismatch_metrics(trainer_logprobs, sampler_logprobs, mask) -> dict[str, jax.
     return metrics
 
 
-def sample_weights(grpo: GRPOConfig, zero_variance, truncated) -> tuple[jax.Array, jax.Array]:
+def sample_weights(grpo: GRPOConfig, zero_variance, truncated, fill=None) -> tuple[jax.Array, jax.Array]:
     """Per-sequence loss weights [N] and which rows `mask_truncated` zeroed [N] bool.
 
-    dynamic_sampling: groups whose rewards are all equal get 0 (DAPO §3.2); mask_truncated: completions
-    without a stop token within the budget get 0 (DAPO §3.4 overlong filtering)."""
+    dynamic_sampling: groups whose rewards are all equal get 0 (DAPO §3.2); `fill` rows (a refill
+    shortfall) get 0; mask_truncated: completions without a stop token within the budget get 0 (DAPO §3.4
+    overlong filtering)."""
     weight = jnp.ones(zero_variance.shape, jnp.float32)
     if grpo.dynamic_sampling:
         weight = jnp.where(zero_variance, 0.0, weight)
+    if fill is not None:
+        weight = jnp.where(fill, 0.0, weight)
     truncated_masked = jnp.asarray(truncated, bool) & grpo.mask_truncated
     weight = jnp.where(truncated_masked, 0.0, weight)
     return weight, truncated_masked
@@ -346,7 +352,9 @@ def make_grpo_step(
             else:
                 advantages = compute_advantages(grpo.advantage_estimator, score, G, **grpo.advantage_kwargs)
                 zero_variance = zero_variance_groups(score, G)
-            weight, truncated_masked = sample_weights(grpo, zero_variance, batch["truncated"])
+            weight, truncated_masked = sample_weights(
+                grpo, zero_variance, batch["truncated"], batch.get("fill")
+            )
             batch["advantages"] = advantages
             batch["sample_weight"] = weight
 

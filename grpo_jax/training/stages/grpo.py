@@ -22,10 +22,11 @@ import numpy as np
 from absl import logging
 
 from grpo_jax import sampling, sharding
+from grpo_jax.algorithms import zero_variance_groups
 from grpo_jax.data.pipeline import make_prompt_dataset, prompt_length_stats
 from grpo_jax.rewards import HOST_REWARDS, HostRewardRunner, TokenSpec, make_reward_fns
-from grpo_jax.training import setup
-from grpo_jax.training.grpo_step import make_grpo_step, rollout_to_batch
+from grpo_jax.training import refill, setup
+from grpo_jax.training.grpo_step import make_grpo_step, outcome_rewards, rollout_to_batch
 from grpo_jax.training.stages.base import Stage, host_metrics, register_stage, stage_kind
 from grpo_jax.training.stages.rm_retrain import RewardModelRetrainer
 from grpo_jax.training.state import (
@@ -94,13 +95,17 @@ class RolloutStage(Stage):
                 run.tokenizer,
                 template=run.config.template,
                 max_prompt_len=run.config.max_prompt_len,
-                batch_size=sc.prompts_per_step,
+                batch_size=self.generation_batch_size(),
                 seed=run.config.seed + self.index,
                 max_answer_len=run.config.max_answer_len,
                 shard_index=jax.process_index(),
                 shard_count=jax.process_count(),
             )
         )
+
+    def generation_batch_size(self) -> int:
+        """Prompts per sampled batch (global): `prompts_per_step`; more with dynamic-sampling refill."""
+        return self.config.prompts_per_step
 
     def reward_params(self):
         """({"reward_model": params} or {}, shardings or None) for TrainState.reward_params."""
@@ -188,11 +193,11 @@ class RolloutStage(Stage):
         values, logged = self.host_rewards(self.decode(rollout), self.row_examples(prompts, num_samples))
         return {"host_rewards": values}, logged
 
-    def train_step(self, state, global_step):
+    def sample_batch(self, state, prompts, rng=None) -> tuple[dict, dict, float]:
+        """(the step's batch for these prompts, host-logged metrics, seconds the sampler took)."""
         t0 = time.time()
-        prompts = next(self.data_iter)
         G = self.num_samples
-        placed, rollout = self.rollout(state, prompts, G, self.temperature)
+        placed, rollout = self.rollout(state, prompts, G, self.temperature, rng)
         jax.block_until_ready(rollout.tokens)
         sample_time = time.time() - t0
         extras, logged = self.host_batch_extras(rollout, prompts, G)
@@ -200,17 +205,27 @@ class RolloutStage(Stage):
             extras = sharding.place_global(extras, self.run.mesh)
         batch = rollout_to_batch(rollout, placed, G, extras.pop("host_rewards", None))
         batch.update(extras)
+        return batch, logged, sample_time
+
+    def collect(self, state, global_step) -> tuple[dict, dict]:
+        """(the step's batch, host-logged metrics incl. `sample_time_s`): one prompt batch, sampled."""
+        del global_step
+        prompts = next(self.data_iter)
+        batch, logged, sample_time = self.sample_batch(state, prompts)
+        return batch, dict(
+            logged,
+            sample_time_s=sample_time,
+            prompt_truncated_frac=float(np.mean(prompts["prompt_truncated"])),
+        )
+
+    def train_step(self, state, global_step):
+        t0 = time.time()
+        batch, logged = self.collect(state, global_step)
         batch.update(self.debug_switches(global_step))
         state, step_metrics = self.step_fn(state, batch)
         state, more = self.after_update(state)
         m = host_metrics(step_metrics)
-        m.update(
-            logged,
-            **more,
-            sample_time_s=sample_time,
-            step_time_s=time.time() - t0,
-            prompt_truncated_frac=float(np.mean(prompts["prompt_truncated"])),
-        )
+        m.update(logged, **more, step_time_s=time.time() - t0)
         return state, m
 
     def after_update(self, state):
@@ -274,11 +289,20 @@ class GRPOStage(RolloutStage):
                     f"config.{self.name}.step_verifier={sc.step_verifier!r}; known: {sorted(STEP_VERIFIERS)}"
                 )
             self.step_verifier = STEP_VERIFIERS[sc.step_verifier]
+        reward_fn = self.in_graph_rewards()
+        if grpo.dynamic_sampling_refill:
+            G = grpo.num_generations
+            self.refill_score = jax.jit(
+                lambda batch, reward_params: zero_variance_groups(
+                    outcome_rewards(reward_fn, batch, reward_params)[0], G
+                )[::G]
+            )
+            self.refill_merge = refill.make_merge(run.mesh)
         self.step_fn = make_grpo_step(
             grpo,
             run.model_config,
             optimizer,
-            reward_fn=self.in_graph_rewards(),
+            reward_fn=reward_fn,
             mesh=run.mesh,
             state_shardings=shardings,
             lr_schedule=learning_rate_schedule(opt_config),
@@ -287,6 +311,52 @@ class GRPOStage(RolloutStage):
             shared_prefix=sc.get("shared_prefix", False),
         )
         return state, shardings
+
+    def generation_batch_size(self) -> int:
+        sc = self.config
+        if not self.grpo.dynamic_sampling_refill:
+            return sc.prompts_per_step
+        mesh = self.run.mesh
+        return refill.generation_batch_size(
+            sc.prompts_per_step,
+            self.grpo.refill_oversample,
+            mesh.shape["data"] * mesh.shape["fsdp"],
+        )
+
+    def collect(self, state, global_step):
+        """With `dynamic_sampling_refill` (DAPO §3.2): generation rounds of `generation_batch_size()`
+        prompts until `prompts_per_step` groups with unequal rewards are in hand (or the extra rounds
+        run out), then the fixed-size batch of `grpo_jax.training.refill`. Round r > 0 samples with
+        fold_in(step key, r); every round takes the next prompt batch, so a resume replays them."""
+        if not self.grpo.dynamic_sampling_refill:
+            return super().collect(state, global_step)
+        target, G = self.config.prompts_per_step, self.num_samples
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        batches, flags, truncated, sample_time, logged = [], [], [], 0.0, {}
+        for round_ in range(self.grpo.refill_max_rounds + 1):
+            prompts = next(self.data_iter)
+            rng = step_rng if round_ == 0 else jax.random.fold_in(step_rng, round_)
+            batch, logged, seconds = self.sample_batch(state, prompts, rng)
+            batches.append(batch)
+            flags.append(np.asarray(sharding.to_host(self.refill_score(batch, state.reward_params))))
+            truncated.append(np.asarray(prompts["prompt_truncated"]))
+            sample_time += seconds
+            if refill.enough(flags, target):
+                break
+        selection = refill.select_groups(flags, target)
+        return refill.merge_rounds(self.refill_merge, batches, selection, G), dict(
+            logged,  # host rewards: of the last round
+            sample_time_s=sample_time,
+            prompt_truncated_frac=float(np.mean(np.concatenate(truncated))),
+            **{
+                "refill/rounds": float(len(batches)),
+                "refill/groups_sampled": float(sum(len(f) for f in flags)),
+                "refill/kept_groups": float(selection.kept),
+                "refill/dropped_groups": float(selection.dropped),
+                "refill/fill_groups": float(selection.shortfall),
+                "refill/surplus_groups": float(selection.surplus),
+            },
+        )
 
     def host_batch_extras(self, rollout, prompts, num_samples):
         """Host rewards, the reward-model retrainer's new pairs and process step rewards, with the
