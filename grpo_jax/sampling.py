@@ -202,6 +202,26 @@ def _constrain_rows(x, mesh, axis):
     )
 
 
+def _constrain_cache(cache, mesh):
+    """Pin the KV cache {"k", "v"} [L, B, S, K, Dh]: rows B over the batch axes and KV heads K over
+    `tensor` (where they divide), the layout of the tensor-parallel k/v projections that write it.
+    Without it XLA kept every KV head on every tensor chip: the cache per chip was `tensor` times larger
+    (docs/SCALING.md)."""
+    if mesh is None:
+        return cache
+    data_parallel = 1
+    for a in BATCH_AXES:
+        data_parallel *= mesh.shape[a]
+
+    def constrain(c):
+        rows = BATCH_AXES if c.shape[1] % data_parallel == 0 else None
+        heads = "tensor" if c.shape[3] % mesh.shape["tensor"] == 0 else None
+        spec = jax.sharding.PartitionSpec(None, rows, None, heads, None)
+        return jax.lax.with_sharding_constraint(c, jax.sharding.NamedSharding(mesh, spec))
+
+    return jax.tree_util.tree_map(constrain, cache)
+
+
 def _generate_body(
     model_config,
     params,
@@ -237,7 +257,9 @@ def _generate_body(
         last_only=True,
     )
     fan_out = lambda x, axis: _constrain_rows(jnp.repeat(x, num_samples, axis=axis), mesh, axis)
-    cache = jax.tree_util.tree_map(lambda c: fan_out(c, 1), cache)
+    cache = _constrain_cache(
+        jax.tree_util.tree_map(lambda c: jnp.repeat(c, num_samples, axis=1), cache), mesh
+    )
     key_mask = fan_out(key_mask, 0)
     last_logits = fan_out(logits[:, -1], 0)
     prompt_lengths = jnp.sum(prompt_mask, axis=-1)
@@ -284,6 +306,7 @@ def _generate_body(
         )
         positions = (next_position + state.step - 1)[:, None]
         logits, cache = forward_with_cache(model_config, params, last, positions, state.cache, slot, key_mask)
+        cache = _constrain_cache(cache, mesh)
         return record(state.replace(logits=logits[:, 0], cache=cache, key_mask=key_mask))
 
     zeros = jnp.zeros((n, max_new_tokens), jnp.float32)
