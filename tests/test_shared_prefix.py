@@ -172,3 +172,25 @@ def test_shared_prefix_refuses_minibatches_that_split_a_group():
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2))
     with pytest.raises(ValueError, match="shared_prefix needs num_generations=4 divisible by"):
         make_grpo_step(grpo, tiny_model_config(vocab_size=32), optimizer, shared_prefix=True)
+
+
+@pytest.mark.parametrize("num_minibatches, shared", [(2, False), (4, False), (2, True), (4, True)])
+def test_reference_logprobs_per_minibatch_equal_the_whole_batch(num_minibatches, shared):
+    """The step's reference forward runs one minibatch at a time (`minibatch_logprobs`, lax.map over
+    the interleaved split) and reassembles [N, L] in row order: the values of the whole-batch forward.
+    With shared_prefix each minibatch holds G/M rows of every prompt."""
+    from grpo_jax.training.grpo_step import completion_logprobs, minibatch_logprobs
+
+    config = _config()
+    params = tiny_params(config, seed=3)
+    batch = _batch(seed=4)
+    whole = _logprobs(config, params, batch, shared=False, with_entropy=False)
+
+    def per_minibatch(p, mb):
+        group = G // num_minibatches if shared else 1
+        return completion_logprobs(config, p, mb, temperature=0.7, chunk_size=4, shared_prefix_group=group)
+
+    got = jax.jit(lambda p, b: minibatch_logprobs(per_minibatch, p, b, num_minibatches))(params, batch)
+    assert got.shape == whole.shape
+    valid = np.asarray(batch["completion_mask"]) > 0
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(whole)[valid], rtol=1e-5, atol=1e-5)

@@ -241,6 +241,23 @@ def _to_minibatches(tree, num_minibatches: int, mesh):
     return jax.tree_util.tree_map(split, tree)
 
 
+def _from_minibatches(x):
+    """[M, N/M, ...] -> [N, ...]: the inverse of `_to_minibatches`' interleaved split."""
+    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+def minibatch_logprobs(logprobs_fn, params, batch: dict, num_minibatches: int, mesh=None):
+    """`logprobs_fn(params, minibatch)` [N/M, L] over the M minibatches of `_to_minibatches`, one at a time
+    (`lax.map`), reassembled to [N, L]: the forward's activations and vocabulary-projection chunks are
+    those of N/M rows, not N. The reference forward before the update is the step's memory peak at scale
+    (docs/SCALING.md); `logprobs_fn` sees the rows of a minibatch (shared_prefix: G/M per prompt)."""
+    keys = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask")
+    if num_minibatches == 1:
+        return logprobs_fn(params, {k: batch[k] for k in keys})
+    minibatches = _to_minibatches({k: batch[k] for k in keys}, num_minibatches, mesh)
+    return _from_minibatches(jax.lax.map(lambda mb: logprobs_fn(params, mb), minibatches))
+
+
 def make_grpo_step(
     grpo: GRPOConfig,
     model_config: models.ModelConfig,
@@ -275,12 +292,18 @@ def make_grpo_step(
             f"shared_prefix needs num_generations={G} divisible by num_minibatches x grad_accum_steps "
             f"= {M} x {grad_accum_steps} (the rows of one prompt must stay together in each micro-batch)"
         )
+    # Per minibatch (see `minibatch_logprobs`): with shared_prefix each minibatch holds G/M rows per prompt.
     logprobs_of = functools.partial(
-        completion_logprobs,
-        model_config,
-        temperature=grpo.temperature,
-        chunk_size=logprob_chunk_size,
-        shared_prefix_group=G if shared_prefix else 1,
+        minibatch_logprobs,
+        functools.partial(
+            completion_logprobs,
+            model_config,
+            temperature=grpo.temperature,
+            chunk_size=logprob_chunk_size,
+            shared_prefix_group=G // M if shared_prefix else 1,
+        ),
+        num_minibatches=M,
+        mesh=mesh,
     )
 
     loss_fn = functools.partial(
