@@ -197,16 +197,37 @@ def _checkpoint_steps(workdir: Path) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "run, stage, step",
-    [("r1", "rejection_sampling", 6), ("r1", "rm", 8), ("ppo", "ppo", 4), ("dpo", "dpo", 4)],
+    "run, kills",
+    [("r1", (("rejection_sampling", 6), ("rm", 8))), ("ppo", (("ppo", 4),)), ("dpo", (("dpo", 4),))],
+    ids=["r1-rejection_sampling-then-rm", "ppo", "dpo"],
 )
-def test_sigkill_inside_a_non_grpo_stage_then_rerun_reproduces_the_run(request, tmp_path, run, stage, step):
+def test_sigkill_inside_a_non_grpo_stage_then_rerun_reproduces_the_run(request, tmp_path, run, kills):
     """Killed after the line of `step` (its checkpoint is `step - 1`), the rerun truncates the metrics
     (and the rejection candidates) back and reproduces every line and every file of the uninterrupted
-    run: rejection sampling, reward-model training, PPO with its critic, DPO with its reference."""
+    run: rejection sampling, reward-model training, PPO with its critic, DPO with its reference. The R1
+    pipeline is killed twice in a row (in rejection sampling, then again in the reward model's stage
+    of the resumed process) before the final rerun."""
     baseline = request.getfixturevalue(f"{run}_run")
     config, overrides = {"r1": (R1, ()), "ppo": (PPO, ()), "dpo": (DPO, DPO_OVERRIDES)}[run]
     workdir = tmp_path / "run"
+    for stage, step in kills:
+        _kill_after(config, workdir, overrides, stage, step)
+        assert metric_lines(workdir)[-1]["step"] == step
+
+    result = train(config, workdir, *overrides)
+    assert_ok(result)
+    assert "resuming from" in result.stderr
+    resumed, expected = metric_lines(workdir), metric_lines(baseline)
+    assert [without_timing(x) for x in resumed] == [without_timing(x) for x in expected]
+    if run == "r1":
+        folder = "stages/rejection_sampling"
+        for name in ("candidates.jsonl", "sft.jsonl", "pairs.jsonl"):
+            assert (workdir / folder / name).read_bytes() == (baseline / folder / name).read_bytes(), name
+
+
+def _kill_after(config, workdir, overrides, stage: str, step: int) -> None:
+    """Run (or resume) `config` in workdir and SIGKILL it once the line of global `step` of stage kind
+    `stage` is written and the checkpoint of `step - 1` exists."""
     env = dict(_env(), HANG_AFTER=str(step), HANG_STAGE=stage)
     command = [sys.executable, "-c", _HANGING_TRAIN, config, f"--workdir={workdir}", *overrides]
     process = subprocess.Popen(
@@ -226,17 +247,6 @@ def test_sigkill_inside_a_non_grpo_stage_then_rerun_reproduces_the_run(request, 
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
         process.wait()
-    assert metric_lines(workdir)[-1]["step"] == step
-
-    result = train(config, workdir, *overrides)
-    assert_ok(result)
-    assert "resuming from" in result.stderr
-    resumed, expected = metric_lines(workdir), metric_lines(baseline)
-    assert [without_timing(x) for x in resumed] == [without_timing(x) for x in expected]
-    if run == "r1":
-        folder = "stages/rejection_sampling"
-        for name in ("candidates.jsonl", "sft.jsonl", "pairs.jsonl"):
-            assert (workdir / folder / name).read_bytes() == (baseline / folder / name).read_bytes(), name
 
 
 # ------------------------------------------------------------------------------------------------
