@@ -13,8 +13,10 @@ points, so a job array can run the points in parallel; every invocation then (re
 
 - `DIR/results.csv`: one row per finished point × seed: the overrides, the final and best held-out eval
   accuracy of the config's last stage, the mean reward over the last 10 % of that stage's steps, its mean
-  KL and completion length, and the run's wall time (of its last process, when it was resumed);
-- `DIR/results.png`: eval accuracy and reward curves per point, mean and range over the seeds.
+  KL, completion length, share of zero-variance groups, generation rounds (refill; else empty) and step
+  time (after the first, compiling step), and the run's wall time (of its last process, when resumed);
+- `DIR/results.png`: eval accuracy and reward curves per point, mean and range over the seeds;
+- `DIR/results.md`: one line per point, each column's mean ± standard deviation over its seeds.
 
 Shared stages: when every override key lies under a later stage's section (`grpo.algo.kl_coef`), the
 leading stages no point touches (the quickstart's cold-start `sft`) are the same for every point. They run
@@ -62,6 +64,9 @@ COLUMNS = (
     "reward_last10pct",
     "kl_mean",
     "completion_len_mean",
+    "zero_variance_frac",
+    "refill_rounds",
+    "step_time_s",
     "wall_time_s",
 )
 
@@ -224,6 +229,9 @@ def run_report(workdir: str) -> dict:
         "reward_last10pct": mean(tail, "reward/mean"),
         "kl_mean": mean(train, "kl"),
         "completion_len_mean": mean(train, "completion_len/mean"),
+        "zero_variance_frac": mean(train, "zero_variance_frac"),
+        "refill_rounds": mean(train, "refill/rounds"),
+        "step_time_s": mean(train[1:], "step_time_s"),  # the first step compiles
         "wall_time_s": summary["wall_time_s"],
         "eval_curve": [(x["step"] - offset, x["eval/accuracy"]) for x in evals],
         "reward_curve": [(x["step"] - offset, x["reward/mean"]) for x in train if "reward/mean" in x],
@@ -259,7 +267,35 @@ def write_results(directory: str, points: list[dict], seeds: list[int]) -> list[
     os.replace(tmp, os.path.join(directory, "results.csv"))  # atomic: parallel --point jobs may race
     if rows:
         plot_results(rows, os.path.join(directory, "results.png"))
+    with open(os.path.join(directory, "results.md"), "w") as f:
+        f.write(results_table(rows))
     return rows
+
+
+def results_table(rows: list[dict]) -> str:
+    """A markdown table with one line per point: each column's mean over the point's seeds, with the
+    standard deviation (± ...) when there are several; accuracies in percent."""
+    percent = ("final_eval_accuracy", "best_eval_accuracy")
+    header = ["point", "seeds", *COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name in dict.fromkeys(r["name"] for r in rows):
+        runs = [r for r in rows if r["name"] == name]
+        cells = [name, ",".join(str(r["seed"]) for r in runs)]
+        for column in COLUMNS:
+            scale = 100.0 if column in percent else 1.0
+            values = [scale * float(r[column]) for r in runs if r[column] is not None]
+            if not values:
+                cells.append("—")
+                continue
+            mean = sum(values) / len(values)
+            digits = 0 if column == "wall_time_s" else (1 if column in percent else 3)
+            cell = f"{mean:.{digits}f}"
+            if len(values) > 1:
+                std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+                cell += f" ± {std:.{digits}f}"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_results(rows: list[dict], path: str) -> None:

@@ -138,6 +138,9 @@ def test_two_point_sweep_end_to_end(tmp_path):
         "reward_last10pct",
         "kl_mean",
         "completion_len_mean",
+        "zero_variance_frac",
+        "refill_rounds",
+        "step_time_s",
         "wall_time_s",
     ):
         assert column in reader.fieldnames, reader.fieldnames
@@ -150,6 +153,9 @@ def test_two_point_sweep_end_to_end(tmp_path):
         assert float(row["completion_len_mean"]) > 0 and float(row["wall_time_s"]) > 0
         float(row["reward_last10pct"]), float(row["kl_mean"])
     assert (out / "results.png").stat().st_size > 0
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0].startswith("| point | seeds | final_eval_accuracy") and len(table) == 4, table
+    assert table[2].startswith("| kl_coef=0.0 | 0 |") and table[3].startswith("| kl_coef=0.001 | 0 |")
 
     scratch = tmp_path / "scratch"
     result = sweep(f"--config={config}", f"--workdir={scratch}", "--point=1", "--noshare_stages")
