@@ -22,12 +22,9 @@ that still decodes is not detected.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import math
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,8 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from orbax.checkpoint import checkpoint_managers, multihost
+from orbax.checkpoint import multihost
 
+from grpo_jax.orbax_adapters import (
+    LatestAndBest,
+    Manager,
+    json_args,
+    quiet_abandoned_reads,
+    quiet_read_only,
+)
 from grpo_jax.training.state import TrainState
 
 FORMAT_VERSION = 1
@@ -273,23 +277,23 @@ class Checkpointer:
         self._tracks_best = keep_best > 0
         self._best_mode = best_mode
         if read_only:
-            with _quiet_read_only():
+            with quiet_read_only():
                 options = ocp.CheckpointManagerOptions(
                     read_only=True, create=False, best_fn=self._score if self._tracks_best else None
                 )
         else:
             options = ocp.CheckpointManagerOptions(
-                preservation_policy=_LatestAndBest(
+                preservation_policy=LatestAndBest(
                     keep_last=keep_last, keep_best=keep_best, score=self._score
                 ),
-                # best_fn only makes orbax persist each step's metrics; ranking is by _score/_LatestAndBest.
+                # best_fn only makes orbax persist each step's metrics; ranking is by _score/LatestAndBest.
                 best_fn=self._score if self._tracks_best else None,
                 enable_async_checkpointing=async_save,
                 cleanup_tmp_directories=True,
                 create=True,
             )
-        with _quiet_read_only():
-            self._manager = _Manager(self.directory, options=options, item_names=("state", "extra", "meta"))
+        with quiet_read_only():
+            self._manager = Manager(self.directory, options=options, item_names=("state", "extra", "meta"))
         self._read_only = read_only
 
     def _score(self, metrics: Mapping[str, Any] | None) -> float | None:
@@ -335,7 +339,7 @@ class Checkpointer:
         return self._read_json(step, "extra")
 
     def _read_json(self, step: int, item: str) -> dict:
-        saved = self._read(step, item, lambda: self._manager.restore(step, args=_json_args(item))[item])
+        saved = self._read(step, item, lambda: self._manager.restore(step, args=json_args(item))[item])
         if not isinstance(saved, Mapping):
             raise DamagedCheckpointError(step, self.directory, f"{item}: holds {type(saved).__name__}")
         return dict(saved)
@@ -349,7 +353,7 @@ class Checkpointer:
             if problem is None:
                 raise
         # Outside the except block, so the failed read's frames (and orbax's abandoned reads) are freed.
-        _quiet_abandoned_reads()
+        quiet_abandoned_reads()
         raise DamagedCheckpointError(step, self.directory, f"{item}: {problem}")
 
     def set_aside(self, step: int) -> Path:
@@ -536,8 +540,8 @@ class Checkpointer:
         ]
         tree = _nest(targets)
         restore_args = jax.tree_util.tree_map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), tree)
-        with _quiet_read_only():
-            reader = _Manager(
+        with quiet_read_only():
+            reader = Manager(
                 self.directory,
                 options=ocp.CheckpointManagerOptions(read_only=True, create=False),
                 item_handlers={"state": ocp.PyTreeCheckpointHandler()},
@@ -603,110 +607,6 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-_ABANDONED_READ = "Encountered error while reading array index"
-
-
-def _is_abandoned_read(error: BaseException | None) -> bool:
-    text = str(error)
-    return text.startswith(_ABANDONED_READ) or (
-        isinstance(error, RuntimeError) and text == "Event loop is closed"
-    )
-
-
-class _DropAbandonedReads(logging.logging.Filter):
-    def filter(self, record):
-        error = record.exc_info[1] if record.exc_info else None
-        return not (_is_abandoned_read(error) or _ABANDONED_READ in record.getMessage())
-
-
-def _quiet_abandoned_reads() -> None:
-    """After a failed array read. Orbax gives up on the other reads of that restore without waiting for
-    them, and they report themselves later, each with a traceback and a whole TensorStore spec: closed,
-    each raises orbax's "Encountered error while reading array index" wrapper (its `except BaseException`
-    also catches GeneratorExit); TensorStore reads finishing after orbax closed its event loop raise
-    "Event loop is closed" in their callbacks (both "Exception ignored in ..."); and asyncio logs the
-    gathering future's "exception was never retrieved". From now on in this process those, and only
-    those, are dropped: the DamagedCheckpointError's one line says what happened."""
-    if not getattr(sys.unraisablehook, "grpo_jax_quiet_reads", False):
-        previous = sys.unraisablehook
-
-        def hook(unraisable):
-            if not _is_abandoned_read(unraisable.exc_value):
-                previous(unraisable)
-
-        hook.grpo_jax_quiet_reads = True
-        sys.unraisablehook = hook
-    asyncio_logger = logging.logging.getLogger("asyncio")
-    if not any(isinstance(f, _DropAbandonedReads) for f in asyncio_logger.filters):
-        asyncio_logger.addFilter(_DropAbandonedReads())
-    gc.collect()
-
-
-def _json_args(item: str) -> ocp.args.Composite:
-    return ocp.args.Composite(**{item: ocp.args.JsonRestore()})
-
-
-class _Manager(ocp.CheckpointManager):
-    """Orbax's CheckpointManager, except that a damaged `metrics` item (the ranking values, read for
-    every step when the manager starts) costs that step its "best" rank with one warning, instead of
-    failing the start with a JSON traceback (orbax only tolerates a missing one)."""
-
-    def _get_metrics(self, step: int):
-        try:
-            return super()._get_metrics(step)
-        except ValueError as error:  # json.JSONDecodeError, UnicodeDecodeError
-            warned = self.__dict__.setdefault("_grpo_jax_warned", set())
-            if step not in warned:
-                warned.add(step)
-                logging.warning(
-                    "checkpoint step %d in %s: its metrics item is damaged (%s); the step is no longer "
-                    "ranked for keep-best",
-                    step,
-                    self.directory,
-                    " ".join(str(error).split())[:200],
-                )
-            return None
-
-
-class _DropReadOnlyNotices(logging.logging.Filter):
-    """Orbax warns once per option it turns off for a read-only manager; reading is all we want."""
-
-    def filter(self, record):
-        message = record.getMessage()
-        return not ("read_only=True" in message or "directory is read only" in message)
-
-
-@contextlib.contextmanager
-def _quiet_read_only():
-    quiet = _DropReadOnlyNotices()
-    logging.get_absl_logger().addFilter(quiet)
-    try:
-        yield
-    finally:
-        logging.get_absl_logger().removeFilter(quiet)
-
-
-class _LatestAndBest(checkpoint_managers.PreservationPolicy):
-    """Preserve the newest `keep_last` checkpoints plus the `keep_best` highest-scoring ones.
-
-    Unlike orbax's BestN, a checkpoint without the metric is neither kept forever nor ranked: only
-    `keep_last` decides about it.
-    """
-
-    def __init__(self, *, keep_last: int, keep_best: int, score):
-        self.keep_last, self.keep_best, self.score = keep_last, keep_best, score
-
-    def should_preserve(self, checkpoints, *, context) -> list[bool]:
-        del context
-        order = sorted(range(len(checkpoints)), key=lambda i: checkpoints[i].step)
-        keep = set(order[-self.keep_last :])
-        if self.keep_best:
-            scored = [(self.score(checkpoints[i].metrics), checkpoints[i].step, i) for i in order]
-            scored = sorted(item for item in scored if item[0] is not None)
-            keep.update(i for _, _, i in scored[-self.keep_best :])
-        return [i in keep for i in range(len(checkpoints))]
 
 
 def _state_leaves_of_shardings(shardings: TrainState) -> list[tuple[str, Any]]:

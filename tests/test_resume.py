@@ -232,7 +232,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(
     assert f"checkpoint step {damaged} in {checkpoints} is damaged: {problem}" in warnings[0], warnings[0]
     assert warnings[0].startswith("W") and f"moved it to {damaged}.damaged" in warnings[0]
     assert f"at stage {resumes_at}" in result.stderr
-    # not even from orbax's reads abandoned after the failed one (see checkpointing._quiet_abandoned_reads)
+    # not even from orbax's reads abandoned after the failed one (see orbax_adapters.quiet_abandoned_reads)
     for noise in ("Traceback", "Exception ignored", "never retrieved", "Encountered error"):
         assert noise not in result.stderr, noise
     assert_reproduces(workdir, baseline)
