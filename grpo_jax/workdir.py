@@ -24,7 +24,7 @@ import ml_collections
 from absl import logging
 
 from grpo_jax import models, sharding
-from grpo_jax.checkpointing import Checkpointer, checkpoint_directory
+from grpo_jax.checkpointing import Checkpointer, DamagedCheckpointError, checkpoint_directory
 from grpo_jax.tokenizers import load_tokenizer
 from grpo_jax.training import setup
 
@@ -133,6 +133,24 @@ def _workdir_mesh(config):
         return sharding.make_mesh((-1, 1, 1))
 
 
+def _restore_policy(checkpointer, step, config, source, model_config, tokenizer, mesh):
+    """(stage name, policy params) of checkpoint `step` of a workdir, placed on `mesh`."""
+    stage = checkpointer.read_extra(step)["stage"]
+    if stage not in config:
+        raise ValueError(
+            f"{checkpointer.directory}: checkpoint {step} belongs to stage {stage!r}, "
+            f"which {os.path.join(source, CONFIG_FILE)} does not define"
+        )
+    template = jax.eval_shape(lambda: models.init_params(model_config, jax.random.key(0)))
+    params, _ = checkpointer.restore_params(
+        template,
+        sharding.model_param_shardings(mesh, model_config),
+        step,
+        fingerprint=setup.fingerprint(model_config, tokenizer),
+    )
+    return stage, params
+
+
 def load_policy(
     source: str | os.PathLike, *, step: int | None = None, best: bool = False, mesh=None
 ) -> tuple[models.ModelConfig, Any, Any, ml_collections.ConfigDict | None]:
@@ -162,20 +180,22 @@ def load_policy(
     mesh = mesh if mesh is not None else _workdir_mesh(config)
     checkpointer = Checkpointer(checkpoint_directory(source), read_only=True)
     try:
-        step = _select(checkpointer, step, best)
-        stage = checkpointer.read_extra(step)["stage"]
-        if stage not in config:
-            raise ValueError(
-                f"{checkpointer.directory}: checkpoint {step} belongs to stage {stage!r}, "
-                f"which {os.path.join(source, CONFIG_FILE)} does not define"
-            )
-        template = jax.eval_shape(lambda: models.init_params(model_config, jax.random.key(0)))
-        params, _ = checkpointer.restore_params(
-            template,
-            sharding.model_param_shardings(mesh, model_config),
-            step,
-            fingerprint=setup.fingerprint(model_config, tokenizer),
-        )
+        chosen = _select(checkpointer, step, best)
+        # Unless a step was asked for, a damaged checkpoint gives way to the next older one (read-only:
+        # it is named in a warning and left where it is; a resumed run sets it aside).
+        older = [s for s in reversed(checkpointer.all_steps()) if s != chosen]
+        candidates = [chosen] if step is not None else [chosen, *older]
+        for candidate in candidates:
+            try:
+                stage, params = _restore_policy(
+                    checkpointer, candidate, config, source, model_config, tokenizer, mesh
+                )
+                step = candidate
+                break
+            except DamagedCheckpointError as error:
+                if candidate == candidates[-1]:
+                    raise
+                logging.warning("%s; trying the next older checkpoint (left in place)", error)
     finally:
         checkpointer.close()
     logging.info("loaded step %d (stage %s) from %s", step, stage, checkpointer.directory)

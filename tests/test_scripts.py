@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,27 @@ def test_loading_never_touches_the_checkpoint_folder(workdir):
         assert in_progress.is_dir()  # a live run's unfinished save survives an evaluation next to it
     finally:
         in_progress.rmdir()
+
+
+def test_a_damaged_newest_checkpoint_gives_way_to_the_next_older_one(workdir, tmp_path, caplog):
+    """Readers (evaluate, sample, convert) load the newest intact checkpoint, name the damaged one in a
+    warning and leave it in place; a damaged step asked for by number is an error."""
+    from grpo_jax.checkpointing import DamagedCheckpointError
+
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    metadata = copy / "checkpoints" / "4" / "meta" / "metadata"
+    metadata.write_bytes(metadata.read_bytes()[: metadata.stat().st_size // 2])
+    with caplog.at_level("WARNING"):
+        _, params, _, _ = load_policy(copy)
+    _, expected, _, _ = load_policy(workdir, step=3)
+    assert jax.tree_util.tree_all(
+        jax.tree_util.tree_map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), params, expected)
+    )
+    assert any("checkpoint step 4" in r.getMessage() and "older" in r.getMessage() for r in caplog.records)
+    assert (copy / "checkpoints" / "4").is_dir()
+    with pytest.raises(DamagedCheckpointError, match="checkpoint step 4"):
+        load_policy(copy, step=4)
 
 
 def test_missing_sources_raise_one_clear_error(workdir, tmp_path):
