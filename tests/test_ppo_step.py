@@ -214,10 +214,15 @@ def test_nonfinite_update_is_skipped_for_policy_and_critic():
     state, _, step = _setup(ppo)
     batch = _batch(tiny_params(CONFIG), ppo)
     before = _host((state.params, state.aux))
-    new_state, metrics = step(state, dict(batch, poison=jnp.asarray(True)))
+    switches = lambda loss, grad: {"poison": jnp.asarray(loss), "poison_grad": jnp.asarray(grad)}
+    new_state, metrics = step(state, dict(batch, **switches(True, False)))
     assert float(metrics["nonfinite_updates"]) == 1.0
     jax.tree_util.tree_map(np.testing.assert_array_equal, _host((new_state.params, new_state.aux)), before)
-    _, metrics = step(new_state, dict(batch, poison=jnp.asarray(False)))
+    new_state, metrics = step(new_state, dict(batch, **switches(False, True)))  # finite loss, NaN grad
+    assert np.isfinite(float(metrics["loss"])) and np.isnan(float(metrics["grad_norm"]))
+    assert float(metrics["nonfinite_updates"]) == 1.0
+    jax.tree_util.tree_map(np.testing.assert_array_equal, _host((new_state.params, new_state.aux)), before)
+    _, metrics = step(new_state, dict(batch, **switches(False, False)))
     assert float(metrics["nonfinite_updates"]) == 0.0
 
 

@@ -33,7 +33,8 @@ KINDS = ("wrong_answer", "malformed", "wrong_step")
 def _batches(pairs, batch_size, **kw):
     kw = dict(template="raw", max_len=MAX_LEN, batch_size=batch_size, seed=0) | kw
     for batch in make_preference_dataset(pairs, tiny_tokenizer(), **kw):
-        yield dict(batch, poison=np.bool_(False))  # a fixed key set: the poisoned step reuses the program
+        # a fixed key set: the poisoned steps reuse the program
+        yield dict(batch, poison=np.bool_(False), poison_grad=np.bool_(False))
 
 
 @functools.cache
@@ -118,6 +119,11 @@ def test_rm_learns_heldout_preferences_and_skips_nan_steps():
     params = jax.device_get(state.params)
     state, metrics = step(state, dict(next(batches), poison=np.bool_(True)))
     assert float(metrics["nonfinite_updates"]) == 1.0 and int(state.step) == 81
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params), params)
+    # poison_grad: the loss stays finite, only the gradient is NaN; the guard still skips the update.
+    state, metrics = step(state, dict(next(batches), poison_grad=np.bool_(True)))
+    assert np.isfinite(float(metrics["loss"])) and np.isnan(float(metrics["grad_norm"]))
+    assert float(metrics["nonfinite_updates"]) == 1.0 and int(state.step) == 82
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params), params)
     assert step._cache_size() == 1
 

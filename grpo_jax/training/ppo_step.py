@@ -26,6 +26,8 @@ The batch is exactly the GRPO step's (N rows, prompt-major; see `grpo_jax.traini
     route [N] int32                                   which routed rewards apply (optional)
     host_rewards [N] float32                          weighted sum of Python rewards (optional)
     poison () bool                                    debug switch: make this step's loss NaN (optional)
+    poison_grad () bool                               debug switch: keep the loss finite, make its gradient
+                                                      NaN (optional; see training.state.debug_poison)
 """
 
 from __future__ import annotations
@@ -50,7 +52,14 @@ from grpo_jax.algorithms import (
 )
 from grpo_jax.rewards.reward_model import init_reward_head
 from grpo_jax.training.grpo_step import RewardFn, _to_minibatches, completion_logprobs, outcome_rewards
-from grpo_jax.training.state import OptimizerConfig, TrainState, create_train_state, make_optimizer
+from grpo_jax.training.state import (
+    DEBUG_KEYS,
+    OptimizerConfig,
+    TrainState,
+    create_train_state,
+    debug_poison,
+    make_optimizer,
+)
 
 # Batch keys the inner updates read (rewards, route and answers are consumed before them).
 _TRAIN_KEYS = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "old_logprobs")
@@ -240,9 +249,7 @@ def ppo_policy_loss(params, mb: dict, *, ppo: PPOConfig, model_config, chunk_siz
         loss_agg="token_mean",
         entropy=entropy,
     )
-    if "poison" in mb:
-        loss = loss + jnp.where(mb["poison"], jnp.nan, 0.0)
-    return loss, metrics
+    return debug_poison(loss, mb), metrics
 
 
 def critic_loss(value_params, mb: dict, *, ppo: PPOConfig, model_config):
@@ -286,7 +293,7 @@ def make_ppo_step(
 
     def step(state: TrainState, batch: dict):
         batch = dict(batch)
-        poison = batch.pop("poison", None)
+        debug = {key: batch.pop(key) for key in DEBUG_KEYS if key in batch}
         mask = batch["completion_mask"]
         n = mask.shape[0]
         if n % M:
@@ -302,8 +309,7 @@ def make_ppo_step(
         def inner_update(carry, index):
             params, opt_state, value_params, value_opt_state = carry
             mb = jax.tree_util.tree_map(lambda x: x[index % M], minibatches)
-            if poison is not None:
-                mb["poison"] = poison
+            mb.update(debug)
             with jax.named_scope("policy_loss"):
                 (loss, metrics), grads = policy_grad(params, mb)
             with jax.named_scope("value_loss"):

@@ -9,6 +9,8 @@ The batch (from `grpo_jax.data.make_preference_dataset`; B pairs, T = max_len, r
     (loss masks are 1 on the completion tokens and EOS, aligned with the tokens, as in the SFT batch)
     truncated [B] bool, example_index [B] int32                   carried along, unused by the math
     poison () bool                                                 debug switch: make the loss NaN (optional)
+    poison_grad () bool                                            debug switch: finite loss, NaN gradient
+                                                                   (optional; see training.state.debug_poison)
     ref_chosen_logprobs, ref_rejected_logprobs [B] float32         DPO only, optional: precomputed reference
                                                                    sequence logprobs; skips the π_ref forward
 
@@ -27,7 +29,7 @@ from grpo_jax import models
 from grpo_jax import sharding as shd
 from grpo_jax.algorithms import dpo_loss
 from grpo_jax.rewards.reward_model import init_reward_head, reward_model_loss, reward_model_scores
-from grpo_jax.training.state import TrainState
+from grpo_jax.training.state import TrainState, debug_poison
 
 
 def _interleave(chosen: jax.Array, rejected: jax.Array) -> jax.Array:
@@ -41,12 +43,6 @@ def _pair_inputs(batch) -> tuple[jax.Array, jax.Array, jax.Array]:
         _interleave(batch[f"chosen_{name}"], batch[f"rejected_{name}"])
         for name in ("tokens", "attention_mask", "loss_mask")
     )
-
-
-def _poisoned(loss: jax.Array, batch) -> jax.Array:
-    if "poison" in batch:
-        loss = loss + jnp.where(batch["poison"], jnp.nan, 0.0)
-    return loss
 
 
 def _guarded_update(state: TrainState, grads, loss, optimizer, lr_schedule, metrics):
@@ -105,7 +101,7 @@ def rm_objective(params, batch, *, model_config):
     tokens, attention_mask, _ = _pair_inputs(batch)
     scores = reward_model_scores(model_config, params, tokens, attention_mask).reshape(-1, 2)  # [B, 2]
     loss, metrics = reward_model_loss(scores[:, 0], scores[:, 1])
-    return _poisoned(loss, batch), jax.lax.stop_gradient(metrics)
+    return debug_poison(loss, batch), jax.lax.stop_gradient(metrics)
 
 
 def make_rm_step(
@@ -181,7 +177,7 @@ def dpo_objective(
     metrics = {f"dpo/{k}": v for k, v in stats.items() if k != "loss"}
     metrics["dpo/logp_chosen"] = jax.lax.stop_gradient(jnp.mean(chosen))
     metrics["dpo/logp_rejected"] = jax.lax.stop_gradient(jnp.mean(rejected))
-    return _poisoned(loss, batch), metrics
+    return debug_poison(loss, batch), metrics
 
 
 def _check_dpo_args(beta: float, label_smoothing: float) -> None:

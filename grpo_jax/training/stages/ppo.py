@@ -16,6 +16,8 @@ from grpo_jax.training.state import learning_rate_schedule, make_optimizer
 
 @register_stage("ppo")
 class PPOStage(RolloutStage):
+    poisons_gradients = True
+
     @staticmethod
     def algo(stage_config):
         return PPOConfig.from_dict(setup._plain(stage_config.algo))

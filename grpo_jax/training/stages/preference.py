@@ -43,6 +43,8 @@ PAIR_KEYS = tuple(
 class PreferenceStage(Stage):
     """Pair data, held-out pairs and the step loop shared by `rm` and `dpo`."""
 
+    poisons_gradients = True
+
     @classmethod
     def validate(cls, config, name):
         setup.check_data_spec(config, name)
@@ -109,7 +111,7 @@ class PreferenceStage(Stage):
         t0 = time.time()
         batch = next(self.data_iter)
         device_batch = sharding.shard_batch({k: batch[k] for k in PAIR_KEYS}, self.run.mesh)
-        device_batch["poison"] = self.poison(global_step)
+        device_batch.update(self.debug_switches(global_step))
         state, step_metrics = self.step_fn(state, device_batch)
         m = host_metrics(step_metrics)
         m["truncated_frac"] = float(np.mean(batch["truncated"]))
