@@ -11,12 +11,14 @@ as a subprocess, one after another, so each is a resumable workdir (its log: `tr
 whose `summary.json` exists is skipped; an interrupted one resumes. `--point=I` (or `I,J`) runs only those
 points, so a job array can run the points in parallel; every invocation then (re)writes
 
-- `DIR/results.csv`: one row per finished point × seed: the overrides, the final and best held-out eval
-  accuracy of the config's last stage, the mean reward over the last 10 % of that stage's steps, its mean
+- `DIR/results.csv`: one row per finished point × seed: the overrides, the held-out eval accuracy the
+  last stage started from (the previous stage's final one), the final and best held-out eval accuracy of
+  the config's last stage, the mean reward over the last 10 % of that stage's steps, its mean
   KL, completion length, share of zero-variance groups, generation rounds (refill; else empty) and step
   time (after the first, compiling step), and the run's wall time (of its last process, when resumed);
 - `DIR/results.png`: eval accuracy and reward curves per point, mean and range over the seeds;
-- `DIR/results.md`: one line per point, each column's mean ± standard deviation over its seeds.
+- `DIR/results.md`: one line per point, each column's mean ± standard deviation over its seeds, plus the
+  gain over the start and the paired difference to point 0 (same seed, same start) in accuracy points.
 
 Shared stages: when every override key lies under a later stage's section (`grpo.algo.kl_coef`), the
 leading stages no point touches (the quickstart's cold-start `sft`) are the same for every point. They run
@@ -59,6 +61,7 @@ SHARED = "_shared"  # DIR/_shared/seed<k>: the stages every point shares, run on
 # What a point's workdir does not take from the shared run: its own config, log, summary and plots.
 NOT_COPIED = ("summary.json", "config.json", "train.log", "curves.png", "tensorboard")
 COLUMNS = (
+    "start_eval_accuracy",
     "final_eval_accuracy",
     "best_eval_accuracy",
     "reward_last10pct",
@@ -223,7 +226,9 @@ def run_report(workdir: str) -> dict:
         return sum(values) / len(values) if values else None
 
     stage = summary["stages"][last]
+    previous = summary["stages"][stages[-2]] if len(stages) > 1 else {}
     return {
+        "start_eval_accuracy": previous.get("final_eval_accuracy"),
         "final_eval_accuracy": stage["final_eval_accuracy"],
         "best_eval_accuracy": stage["best_eval_accuracy"],
         "reward_last10pct": mean(tail, "reward/mean"),
@@ -274,21 +279,44 @@ def write_results(directory: str, points: list[dict], seeds: list[int]) -> list[
 
 def results_table(rows: list[dict]) -> str:
     """A markdown table with one line per point: each column's mean over the point's seeds, with the
-    standard deviation (± ...) when there are several; accuracies in percent."""
-    percent = ("final_eval_accuracy", "best_eval_accuracy")
-    header = ["point", "seeds", *COLUMNS]
+    standard deviation (± ...) when there are several; accuracies in percent. Two derived columns, in
+    accuracy points: `gain` = final − start accuracy, and `vs_<point 0>` = final accuracy minus point 0's
+    of the same seed (a paired difference: seeds that start from the same SFT policy differ far less
+    from each other than seeds do)."""
+    percent = ("start_eval_accuracy", "final_eval_accuracy", "best_eval_accuracy")
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    first = {r["seed"]: r for r in rows if names and r["name"] == names[0]}
+
+    def number(row, column):
+        value = row.get(column)
+        return None if value in (None, "", "None") else float(value)
+
+    def gain(row):
+        start, final = number(row, "start_eval_accuracy"), number(row, "final_eval_accuracy")
+        return None if start is None or final is None else final - start
+
+    def versus_first(row):
+        base = first.get(row["seed"])
+        final = number(row, "final_eval_accuracy")
+        base_final = number(base, "final_eval_accuracy") if base is not None else None
+        return None if final is None or base_final is None else final - base_final
+
+    derived = {"gain": gain, f"vs_{names[0] if names else 'first'}": versus_first}
+    columns = [*COLUMNS[:2], *derived, *COLUMNS[2:]]
+    header = ["point", "seeds", *columns]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for name in dict.fromkeys(r["name"] for r in rows):
+    for name in names:
         runs = [r for r in rows if r["name"] == name]
         cells = [name, ",".join(str(r["seed"]) for r in runs)]
-        for column in COLUMNS:
-            scale = 100.0 if column in percent else 1.0
-            values = [scale * float(r[column]) for r in runs if r[column] is not None]
+        for column in columns:
+            scale = 100.0 if column in percent or column in derived else 1.0
+            get = derived.get(column, lambda row, column=column: number(row, column))
+            values = [scale * v for v in map(get, runs) if v is not None]
             if not values:
                 cells.append("—")
                 continue
             mean = sum(values) / len(values)
-            digits = 0 if column == "wall_time_s" else (1 if column in percent else 3)
+            digits = 0 if column == "wall_time_s" else (1 if scale == 100.0 else 3)
             cell = f"{mean:.{digits}f}"
             if len(values) > 1:
                 std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5

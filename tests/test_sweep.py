@@ -133,6 +133,7 @@ def test_two_point_sweep_end_to_end(tmp_path):
         "name",
         "seed",
         "grpo.algo.kl_coef",
+        "start_eval_accuracy",
         "final_eval_accuracy",
         "best_eval_accuracy",
         "reward_last10pct",
@@ -150,11 +151,13 @@ def test_two_point_sweep_end_to_end(tmp_path):
     ]
     for row in rows:
         assert 0.0 <= float(row["final_eval_accuracy"]) <= 1.0
+        assert 0.0 <= float(row["start_eval_accuracy"]) <= 1.0  # the shared SFT's final eval
         assert float(row["completion_len_mean"]) > 0 and float(row["wall_time_s"]) > 0
         float(row["reward_last10pct"]), float(row["kl_mean"])
     assert (out / "results.png").stat().st_size > 0
     table = (out / "results.md").read_text().splitlines()
-    assert table[0].startswith("| point | seeds | final_eval_accuracy") and len(table) == 4, table
+    header = "| point | seeds | start_eval_accuracy | final_eval_accuracy | gain | vs_kl_coef=0.0 |"
+    assert table[0].startswith(header) and len(table) == 4, table
     assert table[2].startswith("| kl_coef=0.0 | 0 |") and table[3].startswith("| kl_coef=0.001 | 0 |")
 
     scratch = tmp_path / "scratch"
@@ -181,3 +184,22 @@ def test_shared_stages_are_the_untouched_leading_ones():
     config.grpo_final = config.grpo
     assert module.shared_stages(config, [{"grpo_final.steps": 2}]) == ["sft", "grpo"]
     assert module.shared_stages(config, [{"_name": "same"}, {"_name": "again"}]) == ["sft", "grpo"]
+
+
+def test_results_table_pairs_each_seed_with_point_zero():
+    module = _sweep_module()
+    row = lambda name, seed, start, final: {
+        "name": name,
+        "seed": seed,
+        **dict.fromkeys(module.COLUMNS),
+        "start_eval_accuracy": start,
+        "final_eval_accuracy": final,
+    }
+    rows = [row("a", 0, 0.5, 0.6), row("a", 1, 0.2, 0.3), row("b", 0, 0.5, 0.7), row("b", 1, 0.2, 0.5)]
+    lines = module.results_table(rows).splitlines()
+    assert lines[0].startswith("| point | seeds | start_eval_accuracy | final_eval_accuracy | gain | vs_a |")
+    # b: finals 70, 50 (mean 60.0, std 14.1); gains 20, 30; paired differences to a: +10, +20.
+    assert lines[3].startswith("| b | 0,1 | 35.0 ± 21.2 | 60.0 ± 14.1 | 25.0 ± 7.1 | 15.0 ± 7.1 | — |"), (
+        lines[3]
+    )
+    assert lines[2].startswith("| a | 0,1 | 35.0 ± 21.2 | 45.0 ± 21.2 | 10.0 ± 0.0 | 0.0 ± 0.0 |"), lines[2]
