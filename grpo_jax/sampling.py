@@ -89,13 +89,37 @@ def truncate_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) ->
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, _NEG_INF, logits)
     if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = mass_before < top_p
-        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, _NEG_INF, logits)
+        logits = jnp.where(_order_keys(logits) < _nucleus_key(logits, top_p), _NEG_INF, logits)
     return logits
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+    """int32 keys ordered as the float32 values of x (no NaN): a comparison of keys is one of values
+    (-0.0 and +0.0 get the same key)."""
+    x = x.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.float32(0), x), jnp.int32)
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _nucleus_key(logits: jax.Array, top_p: float) -> jax.Array:
+    """[..., 1]: the smallest order key k whose tokens above it (key > k) hold probability mass < top_p.
+
+    The nucleus is then exactly the tokens with key >= k: a token is in it iff the mass of the tokens
+    strictly more likely than it is below top_p, which is the sorted-cumsum rule (ties kept together).
+    Found by bisection over the 2^32 keys (32 masked sums over V) instead of sorting every row: on CPU
+    about 20x less time at V = 16k (`scripts/benchmark_decode.py`, the `choice_*_top_p` rows)."""
+    keys = _order_keys(logits)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    high = jnp.max(keys, axis=-1, keepdims=True)  # mass above the top token: 0 < top_p
+    low = jnp.min(keys, axis=-1, keepdims=True) - 1  # mass above: 1 >= top_p
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = (low >> 1) + (high >> 1) + (low & high & 1)  # floor((low + high) / 2), no overflow
+        small = jnp.sum(jnp.where(keys > middle, probs, 0.0), axis=-1, keepdims=True) < top_p
+        return jnp.where(small, low, middle), jnp.where(small, middle, high)
+
+    return jax.lax.fori_loop(0, 32, halve, (low, high))[1]
 
 
 def _prompt_hash(prompt_tokens: jax.Array, prompt_mask: jax.Array) -> jax.Array:

@@ -10,8 +10,8 @@ loop_argmax        no sampling: the forward alone (nothing is dead code)
 loop_sampled       the sampler's choice, `sampling.choose_tokens` (inverse CDF), temperature 1
 loop_categorical   `jax.vmap(jax.random.categorical)` with one key per row: V Gumbel draws per row, what
                    the sampler did before the inverse CDF (the same distribution, another random stream)
-choice_*           the same choices alone, and both with top_p = 0.9 (`sampling.truncate_logits`, a sort
-                   of every row)
+choice_*           the same choices alone, and both with top_p = 0.9 (`sampling.truncate_logits`: a
+                   32-step bisection over float order keys per row; a sort of every row before 2026-12)
 
 Per-step times use the minimum over the repeats (other processes only ever add time); every timing,
 the load average and the CPU share the process got are in the JSON. Presets and timing are shared with

@@ -1,5 +1,7 @@
 """Sampler: greedy == step-by-step argmax, logprobs == training forward, order/rng, early stop, sharding."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,6 +229,39 @@ def test_top_k_and_top_p_respect_the_allowed_set():
     assert abs(np.mean(nucleus == 0) - 0.5 / 0.9) < 0.04
     both = np.asarray(sample(sampling.truncate_logits(logits, top_k=3, top_p=0.6)))
     assert set(both.tolist()) == {0, 1}
+
+
+def _nucleus_by_sorting(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """The sorted-cumsum nucleus (Holtzman et al.): keep a token iff the mass of the tokens sorted before
+    it is below top_p, ties with a kept token kept. float64 numpy, one row at a time."""
+    keep = np.zeros(logits.shape, bool)
+    for row, values in enumerate(logits.astype(np.float64)):
+        probs = np.exp(values - values.max())
+        probs /= probs.sum()
+        order = np.argsort(-values, kind="stable")
+        mass_before = np.cumsum(probs[order]) - probs[order]
+        threshold = values[order][mass_before < top_p].min()
+        keep[row] = values >= threshold
+    return keep
+
+
+def test_top_p_bisection_equals_the_sorted_nucleus():
+    """`truncate_logits` finds the nucleus by bisection over float order keys, not by sorting: the same
+    set as sorting, on random rows, rows with ties (rounded logits, -0.0 next to 0.0) and top-k first."""
+    rng = np.random.default_rng(0)
+    for vocab in (5, 64, 257):
+        for top_p in (0.3, 0.9, 0.999):
+            truncate = jax.jit(functools.partial(sampling.truncate_logits, top_p=top_p))
+            for scale, tied in ((0.1, True), (1.0, False), (1.0, True), (8.0, False)):
+                logits = (rng.standard_normal((6, vocab)) * scale).astype(np.float32)
+                logits = np.round(logits) if tied else logits
+                got = np.asarray(truncate(jnp.asarray(logits))) > -1e29
+                expected = _nucleus_by_sorting(logits, top_p)
+                np.testing.assert_array_equal(got, expected, err_msg=f"V={vocab} top_p={top_p} {scale}")
+    logits = rng.standard_normal((4, 50)).astype(np.float32)  # no ties: top-k keeps exactly k
+    top3 = np.asarray(sampling.truncate_logits(jnp.asarray(logits), top_k=3, top_p=0.999)) > -1e29
+    np.testing.assert_array_equal(top3, _nucleus_by_sorting(np.where(top3, logits, -1e30), 0.999))
+    assert (top3.sum(axis=-1) == 3).all()
 
 
 def _completion_logits(params, out):
