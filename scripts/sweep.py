@@ -16,7 +16,8 @@ points, so a job array can run the points in parallel; every invocation then (re
   the config's last stage, the mean reward over the last 10 % of that stage's steps, its mean
   KL, completion length, share of zero-variance groups, generation rounds (refill; else empty) and step
   time (after the first, compiling step), and the run's wall time (of its last process, when resumed);
-- `DIR/results.png`: eval accuracy and reward curves per point, mean and range over the seeds;
+- `DIR/results.png`: eval accuracy and reward curves per point, mean and range over the seeds, and the
+  eval accuracy minus point 0's of the same seed (paired);
 - `DIR/results.md`: one line per point, each column's mean ± standard deviation over its seeds, plus the
   gain over the start and the paired difference to point 0 (same seed, same start) in accuracy points.
 
@@ -326,30 +327,72 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SMOOTH = 10  # the training-reward curves: a running mean over this many steps
+
+
 def plot_results(rows: list[dict], path: str) -> None:
+    """Three panels: eval accuracy and training reward (running mean over SMOOTH steps) per point, mean
+    and range over seeds; and each point's eval accuracy minus point 0's of the same seed (paired), mean
+    and range, which separates the points from the seed-to-seed spread of the first two panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, (acc_axis, reward_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (acc_axis, reward_axis, paired_axis) = plt.subplots(1, 3, figsize=(16, 4))
     names = list(dict.fromkeys(r["name"] for r in rows))
-    for name in names:
-        runs = [r["_curves"] for r in rows if r["name"] == name]
-        for axis, which, scale in ((acc_axis, 0, 100.0), (reward_axis, 1, 1.0)):
-            curves = [c[which] for c in runs if c[which]]
-            if not curves:
-                continue
-            n = min(len(c) for c in curves)
-            steps = np.array([s for s, _ in curves[0][:n]])
-            values = np.array([[v for _, v in c[:n]] for c in curves]) * scale
-            axis.plot(steps, values.mean(axis=0), marker="o" if n < 30 else None, label=name)
-            if len(curves) > 1:
-                axis.fill_between(steps, values.min(axis=0), values.max(axis=0), alpha=0.2)
+    first = {r["seed"]: dict(r["_curves"][0]) for r in rows if r["name"] == names[0]}
+
+    def smooth(values):  # [seeds, steps] -> [seeds, steps - SMOOTH + 1]
+        if values.shape[1] < SMOOTH:
+            return values
+        kernel = np.ones(SMOOTH) / SMOOTH
+        return np.stack([np.convolve(v, kernel, mode="valid") for v in values])
+
+    def band(axis, steps, values, name, color):
+        axis.plot(
+            steps, values.mean(axis=0), marker="o" if len(steps) < 30 else None, label=name, color=color
+        )
+        if len(values) > 1:
+            axis.fill_between(steps, values.min(axis=0), values.max(axis=0), alpha=0.15, color=color)
+
+    for index, name in enumerate(names):
+        color = f"C{index % 10}"
+        runs = [r for r in rows if r["name"] == name]
+        evals = [r["_curves"][0] for r in runs if r["_curves"][0]]
+        if evals:
+            n = min(len(c) for c in evals)
+            steps = np.array([s for s, _ in evals[0][:n]])
+            band(acc_axis, steps, 100.0 * np.array([[v for _, v in c[:n]] for c in evals]), name, color)
+            paired = [
+                [
+                    100.0 * (v - first[r["seed"]][s])
+                    for s, v in r["_curves"][0][:n]
+                    if s in first.get(r["seed"], {})
+                ]
+                for r in runs
+            ]
+            paired = [p for p in paired if len(p) == n]
+            if paired:
+                band(paired_axis, steps, np.array(paired), name, color)
+        rewards = [r["_curves"][1] for r in runs if r["_curves"][1]]
+        if rewards:
+            n = min(len(c) for c in rewards)
+            values = smooth(np.array([[v for _, v in c[:n]] for c in rewards]))
+            steps = np.array([s for s, _ in rewards[0][:n]])[n - values.shape[1] :]
+            band(reward_axis, steps, values, name, color)
     acc_axis.set(xlabel="RL step", ylabel="held-out greedy pass@1 (%)", title="eval accuracy")
-    reward_axis.set(xlabel="RL step", ylabel="mean reward", title="training reward")
-    for axis in (acc_axis, reward_axis):
+    reward_axis.set(
+        xlabel="RL step", ylabel="mean reward", title=f"training reward (running mean of {SMOOTH})"
+    )
+    paired_axis.set(
+        xlabel="RL step",
+        ylabel="pass@1 minus the same seed's (points)",
+        title=f"eval accuracy vs {names[0]}, paired by seed",
+    )
+    paired_axis.axhline(0.0, color="gray", linewidth=1)
+    for axis in (acc_axis, reward_axis, paired_axis):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     seeds = len({r["seed"] for r in rows})
