@@ -39,6 +39,7 @@ from orbax.checkpoint import multihost
 from grpo_jax.orbax_adapters import (
     LatestAndBest,
     Manager,
+    drop_abandoned_read_noise,
     json_args,
     quiet_abandoned_reads,
     quiet_read_only,
@@ -346,6 +347,7 @@ class Checkpointer:
 
     def _read(self, step: int, item: str, read):
         """`read()`, with an error that comes from what is on disk raised as DamagedCheckpointError."""
+        drop_abandoned_read_noise()
         try:
             return read()
         except Exception as error:

@@ -31,14 +31,10 @@ class _DropAbandonedReads(logging.logging.Filter):
         return not (_is_abandoned_read(error) or _ABANDONED_READ in record.getMessage())
 
 
-def quiet_abandoned_reads() -> None:
-    """After a failed array read. Orbax gives up on the other reads of that restore without waiting for
-    them, and they report themselves later, each with a traceback and a whole TensorStore spec: closed,
-    each raises orbax's "Encountered error while reading array index" wrapper (its `except BaseException`
-    also catches GeneratorExit); TensorStore reads finishing after orbax closed its event loop raise
-    "Event loop is closed" in their callbacks (both "Exception ignored in ..."); and asyncio logs the
-    gathering future's "exception was never retrieved". From now on in this process those, and only
-    those, are dropped: the DamagedCheckpointError's one line says what happened."""
+def drop_abandoned_read_noise() -> None:
+    """Install, once per process, the filters `quiet_abandoned_reads` describes. They drop only the
+    abandoned reads' own reports, so they are installed before every read: a TensorStore callback of an
+    abandoned read may fire before the failed read's error reaches the caller (seen once in CI)."""
     if not getattr(sys.unraisablehook, "grpo_jax_quiet_reads", False):
         previous = sys.unraisablehook
 
@@ -51,6 +47,18 @@ def quiet_abandoned_reads() -> None:
     asyncio_logger = logging.logging.getLogger("asyncio")
     if not any(isinstance(f, _DropAbandonedReads) for f in asyncio_logger.filters):
         asyncio_logger.addFilter(_DropAbandonedReads())
+
+
+def quiet_abandoned_reads() -> None:
+    """After a failed array read. Orbax gives up on the other reads of that restore without waiting for
+    them, and they report themselves later, each with a traceback and a whole TensorStore spec: closed,
+    each raises orbax's "Encountered error while reading array index" wrapper (its `except BaseException`
+    also catches GeneratorExit); TensorStore reads finishing after orbax closed its event loop raise
+    "Event loop is closed" in their callbacks (both "Exception ignored in ..."); and asyncio logs the
+    gathering future's "exception was never retrieved". From now on in this process those, and only
+    those, are dropped (`drop_abandoned_read_noise`), and the abandoned reads are collected now: the
+    DamagedCheckpointError's one line says what happened."""
+    drop_abandoned_read_noise()
     gc.collect()
 
 
