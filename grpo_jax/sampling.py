@@ -40,7 +40,7 @@ from grpo_jax.models import (
     init_cache,
     positions_from_mask,
 )
-from grpo_jax.sharding import BATCH_AXES
+from grpo_jax.sharding import BATCH_AXES, data_parallel_size
 
 _NEG_INF = -1e30
 
@@ -214,10 +214,7 @@ def _constrain_rows(x, mesh, axis):
     """Shard dimension `axis` of x over the batch axes when a mesh is given and it divides."""
     if mesh is None:
         return x
-    data_parallel = 1
-    for a in BATCH_AXES:
-        data_parallel *= mesh.shape[a]
-    if x.shape[axis] % data_parallel:
+    if x.shape[axis] % data_parallel_size(mesh):
         return x
     spec = [None] * x.ndim
     spec[axis] = BATCH_AXES
@@ -233,9 +230,7 @@ def _constrain_cache(cache, mesh):
     (docs/SCALING.md)."""
     if mesh is None:
         return cache
-    data_parallel = 1
-    for a in BATCH_AXES:
-        data_parallel *= mesh.shape[a]
+    data_parallel = data_parallel_size(mesh)
 
     def constrain(c):
         rows = BATCH_AXES if c.shape[1] % data_parallel == 0 else None

@@ -132,6 +132,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def data_parallel_size(mesh: Mesh) -> int:
+    """Devices a batch's rows are split over: the product of the BATCH_AXES ("data", "fsdp") sizes."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
 def shard_batch(batch, mesh: Mesh):
     """Place a host batch (pytree of numpy arrays holding THIS process's rows) on the mesh.
 
@@ -144,7 +149,7 @@ def shard_batch(batch, mesh: Mesh):
         if x.ndim == 0:
             return jax.device_put(x, replicated(mesh))
         sharding = batch_sharding(mesh, x.ndim)
-        data_parallel = math.prod(mesh.shape[a] for a in BATCH_AXES)
+        data_parallel = data_parallel_size(mesh)
         global_rows = x.shape[0] * jax.process_count()
         if global_rows % data_parallel:
             raise ValueError(
@@ -180,7 +185,7 @@ def place_global(tree, mesh: Mesh):
 
     def place(x):
         x = np.asarray(x)
-        rows = math.prod(mesh.shape[a] for a in BATCH_AXES)
+        rows = data_parallel_size(mesh)
         sharding = batch_sharding(mesh, x.ndim) if x.ndim and x.shape[0] % rows == 0 else replicated(mesh)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 

@@ -313,14 +313,12 @@ class GRPOStage(RolloutStage):
         return state, shardings
 
     def generation_batch_size(self) -> int:
-        sc = self.config
         if not self.grpo.dynamic_sampling_refill:
-            return sc.prompts_per_step
-        mesh = self.run.mesh
+            return super().generation_batch_size()
         return refill.generation_batch_size(
-            sc.prompts_per_step,
+            self.config.prompts_per_step,
             self.grpo.refill_oversample,
-            mesh.shape["data"] * mesh.shape["fsdp"],
+            sharding.data_parallel_size(self.run.mesh),
         )
 
     def collect(self, state, global_step):
