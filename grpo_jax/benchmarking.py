@@ -196,17 +196,53 @@ def measure_copy_bandwidth(mib: int, repeats: int) -> dict[str, Any]:
     return {"mib": mib, **timing, "gbps": bytes_moved / timing["min_s"] / 1e9}
 
 
+# HBM per device (a v4 / v5p megacore chip is one device) and peak dense bf16 FLOP/s per chip, from the
+# Cloud TPU system architecture pages; keyed by `device_kind`.
+TPU_CHIPS = {
+    "TPU v4": dict(hbm_gib=32, peak_bf16_tflops=275),
+    "TPU v5 lite": dict(hbm_gib=16, peak_bf16_tflops=197),
+    "TPU v5": dict(hbm_gib=95, peak_bf16_tflops=459),
+    "TPU v6 lite": dict(hbm_gib=32, peak_bf16_tflops=918),
+}
+
 # ----------------------------------------------------------------------------------------------
 # Analytic costs of one decode step
 # ----------------------------------------------------------------------------------------------
 
 
+def layer_matmul_params(model: ModelConfig) -> int:
+    """Weights of one decoder layer multiplied by every token: q, k, v, o and the three MLP projections."""
+    d, f, hd = model.hidden_size, model.intermediate_size, model.resolved_head_dim
+    return d * hd * (2 * model.num_heads + 2 * model.num_kv_heads) + 3 * d * f
+
+
 def matmul_param_count(model: ModelConfig) -> int:
     """Weights multiplied by every token: attention and MLP projections plus the output head (the
     embedding is a gather, not a matmul, unless it is tied and doubles as the head)."""
-    d, f, hd = model.hidden_size, model.intermediate_size, model.resolved_head_dim
-    per_layer = d * hd * (2 * model.num_heads + 2 * model.num_kv_heads) + 3 * d * f
-    return model.num_layers * per_layer + d * model.vocab_size
+    return model.num_layers * layer_matmul_params(model) + model.hidden_size * model.vocab_size
+
+
+def grpo_step_flops(model: ModelConfig, grpo, prompts: int, prompt_len: int, new_tokens: int) -> float:
+    """Matmul + attention FLOPs of one GRPO step (XLA's cost analysis counts each loop body once): the
+    reference forward (β > 0), then μ passes of forward + backward (2× forward) + the remat recompute of
+    the layer forward, over all prompts × G rows of prompt_len + new_tokens tokens (the model attends over
+    the whole padded sequence; the chunked vocabulary projection covers the whole sequence too)."""
+    n, t = prompts * grpo.num_generations, prompt_len + new_tokens
+    attention = 4 * model.num_heads * model.resolved_head_dim * t
+    layers = n * t * model.num_layers * (2 * layer_matmul_params(model) + attention)
+    forward = layers + n * t * 2 * model.hidden_size * model.vocab_size
+    recompute = layers if model.remat != "none" else 0.0
+    reference = forward if grpo.kl_coef > 0 else 0.0
+    return float(reference + grpo.num_iterations * (3 * forward + recompute))
+
+
+def grpo_sampler_flops(model: ModelConfig, grpo, prompts: int, prompt_len: int, new_tokens: int) -> float:
+    """Upper bound (no early stop): prefill of the prompts (logits at every prompt position), then
+    prompts × G × new_tokens single-token decode steps that attend over all cache slots."""
+    n, s = prompts * grpo.num_generations, prompt_len + new_tokens
+    per_token = 2 * layer_matmul_params(model) * model.num_layers + 2 * model.hidden_size * model.vocab_size
+    attention = 4 * model.num_heads * model.resolved_head_dim * s * model.num_layers
+    return float((prompts * prompt_len + n * new_tokens) * (per_token + attention))
 
 
 def decode_step_costs(model: ModelConfig, rows: int, cache_len: int, filled_len: float) -> dict[str, float]:

@@ -82,81 +82,7 @@ _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "HBM per device in GiB (default: f
 _OUT = flags.DEFINE_string("out", "", "Also write the final JSON object to this file.")
 flags.mark_flags_as_required(["config", "topology"])
 
-# Hugging Face config.json values (Qwen/Qwen2.5-*): layers, hidden, heads, kv heads, MLP, vocabulary,
-# tied embeddings. Qwen2 models have q/k/v biases; RoPE theta 1e6.
-_QWEN = dict(qkv_bias=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=32768)
-MODEL_PRESETS: dict[str, dict] = {
-    "qwen2.5-0.5b": dict(
-        _QWEN,
-        num_layers=24,
-        hidden_size=896,
-        num_heads=14,
-        num_kv_heads=2,
-        intermediate_size=4864,
-        vocab_size=151936,
-        tie_embeddings=True,
-    ),
-    "qwen2.5-1.5b": dict(
-        _QWEN,
-        num_layers=28,
-        hidden_size=1536,
-        num_heads=12,
-        num_kv_heads=2,
-        intermediate_size=8960,
-        vocab_size=151936,
-        tie_embeddings=True,
-    ),
-    "qwen2.5-3b": dict(
-        _QWEN,
-        num_layers=36,
-        hidden_size=2048,
-        num_heads=16,
-        num_kv_heads=2,
-        intermediate_size=11008,
-        vocab_size=151936,
-        tie_embeddings=True,
-    ),
-    "qwen2.5-7b": dict(
-        _QWEN,
-        num_layers=28,
-        hidden_size=3584,
-        num_heads=28,
-        num_kv_heads=4,
-        intermediate_size=18944,
-        vocab_size=152064,
-        tie_embeddings=False,
-    ),
-    "qwen2.5-14b": dict(
-        _QWEN,
-        num_layers=48,
-        hidden_size=5120,
-        num_heads=40,
-        num_kv_heads=8,
-        intermediate_size=13824,
-        vocab_size=152064,
-        tie_embeddings=False,
-    ),
-    "qwen2.5-32b": dict(
-        _QWEN,
-        num_layers=64,
-        hidden_size=5120,
-        num_heads=40,
-        num_kv_heads=8,
-        intermediate_size=27648,
-        vocab_size=152064,
-        tie_embeddings=False,
-    ),
-}
-
 GIB = 2**30
-# HBM per device (a v4 / v5p megacore chip is one device) and peak dense bf16 FLOP/s per chip, from the
-# Cloud TPU system architecture pages.
-CHIPS = {
-    "TPU v4": dict(hbm_gib=32, peak_bf16_tflops=275),
-    "TPU v5 lite": dict(hbm_gib=16, peak_bf16_tflops=197),
-    "TPU v5": dict(hbm_gib=95, peak_bf16_tflops=459),
-    "TPU v6 lite": dict(hbm_gib=32, peak_bf16_tflops=918),
-}
 
 
 class AotError(Exception):
@@ -189,6 +115,7 @@ def model_config_for(config, preset: str = ""):
     """The ModelConfig to compile: a preset's shapes, an HF directory's config.json (no weights are read),
     or `config.model`'s fields (vocabulary: `model.vocab_size`, else `tokenizer.vocab_size`)."""
     from grpo_jax.models import ModelConfig
+    from grpo_jax.models.presets import MODEL_PRESETS
 
     m = config.model
     dtypes = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
@@ -407,45 +334,6 @@ def build_programs(config, stage: str, model_config, mesh) -> Programs:
 
 
 # ------------------------------------------------------------------------------------------------
-# Analytic FLOPs (XLA's cost analysis counts each loop body once)
-# ------------------------------------------------------------------------------------------------
-
-
-def _layer_matmul_params(mc) -> int:
-    d, f, dh = mc.hidden_size, mc.intermediate_size, mc.resolved_head_dim
-    return d * dh * (2 * mc.num_heads + 2 * mc.num_kv_heads) + 3 * d * f
-
-
-def analytic_step_flops(p: Programs) -> float:
-    """Matmul + attention FLOPs of one GRPO step: the reference forward (β > 0), then μ passes of
-    forward + backward (2× forward) + the remat recompute of the layer forward, over all N rows of
-    P + L tokens (the model attends over the whole padded sequence; the chunked vocabulary projection
-    covers the whole sequence too)."""
-    mc, g = p.model_config, p.grpo
-    n, t = p.prompts * g.num_generations, p.prompt_len + p.new_tokens
-    layers = (
-        n * t * mc.num_layers * (2 * _layer_matmul_params(mc) + 4 * mc.num_heads * mc.resolved_head_dim * t)
-    )
-    head = n * t * 2 * mc.hidden_size * mc.vocab_size
-    forward = layers + head
-    recompute = layers if mc.remat != "none" else 0.0
-    reference = forward if g.kl_coef > 0 else 0.0
-    return float(reference + g.num_iterations * (3 * forward + recompute))
-
-
-def analytic_sampler_flops(p: Programs) -> float:
-    """Upper bound (no early stop): prefill of B prompts (logits at every prompt position), then N × L
-    single-token decode steps that attend over all P + L cache slots."""
-    mc = p.model_config
-    n, s = p.prompts * p.grpo.num_generations, p.prompt_len + p.new_tokens
-    per_token = 2 * _layer_matmul_params(mc) * mc.num_layers + 2 * mc.hidden_size * mc.vocab_size
-    attention = 4 * mc.num_heads * mc.resolved_head_dim * s * mc.num_layers
-    prefill = p.prompts * p.prompt_len * (per_token + attention)
-    decode = n * p.new_tokens * (per_token + attention)
-    return float(prefill + decode)
-
-
-# ------------------------------------------------------------------------------------------------
 # Compile and report
 # ------------------------------------------------------------------------------------------------
 
@@ -525,6 +413,7 @@ def run(
 ) -> dict:
     """Resolve the config, model, topology and mesh, compile `programs`, print and return the report."""
     from grpo_jax import sharding
+    from grpo_jax.benchmarking import TPU_CHIPS
 
     unknown = sorted(set(programs) - {"sampler", "grpo_step"})
     if unknown:
@@ -533,7 +422,7 @@ def run(
     model_config = model_config_for(config, preset)
     devices = topology_devices(topology)
     kind = devices[0].device_kind
-    chip = CHIPS.get(kind, {})
+    chip = TPU_CHIPS.get(kind, {})
     hbm = hbm_gib or chip.get("hbm_gib")
     if not hbm:
         raise AotError(f"unknown HBM size for {kind!r}: pass --hbm_gib")
@@ -566,8 +455,10 @@ def _compile_all(
 ) -> dict:
     import jax
 
+    from grpo_jax.benchmarking import TPU_CHIPS, grpo_sampler_flops, grpo_step_flops
+
     kind = devices[0].device_kind
-    chip = CHIPS.get(kind, {})
+    chip = TPU_CHIPS.get(kind, {})
     p = build_programs(config, stage, model_config, mesh)
 
     report = {
@@ -621,7 +512,8 @@ def _compile_all(
         f"{p.prompts} prompts x G={p.grpo.num_generations}, P={p.prompt_len}, L={p.new_tokens}",
         flush=True,
     )
-    analytic = {"sampler": analytic_sampler_flops(p), "grpo_step": analytic_step_flops(p)}
+    shape = (p.model_config, p.grpo, p.prompts, p.prompt_len, p.new_tokens)
+    analytic = {"sampler": grpo_sampler_flops(*shape), "grpo_step": grpo_step_flops(*shape)}
     for name in programs:
         fn, args = (p.sampler, p.sampler_args) if name == "sampler" else (p.step, p.step_args)
         result = compile_program(fn, args, hbm_bytes)

@@ -8,8 +8,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from grpo_jax.rewards import in_graph
-from grpo_jax.rewards.in_graph import TokenSpec, language_vocab_mask, vocabulary_texts
 from grpo_jax.rewards.registry import IN_GRAPH_REWARDS, make_reward, make_reward_fns
+from grpo_jax.rewards.vocabulary import TokenSpec, language_vocab_mask, vocabulary_texts
 
 VOCAB = [
     "<pad>", "</s>", "<think>", "</think>", "<answer>", "</answer>", "▁", "<0x0A>",

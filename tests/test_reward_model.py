@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax.rewards.in_graph import TokenSpec
 from grpo_jax.rewards.registry import make_reward_fns
 from grpo_jax.rewards.reward_model import (
     init_reward_head,
@@ -13,6 +12,7 @@ from grpo_jax.rewards.reward_model import (
     reward_model_loss,
     reward_model_scores,
 )
+from grpo_jax.rewards.vocabulary import TokenSpec
 from grpo_jax.testing import tiny_model_config
 
 CONFIG = tiny_model_config()

@@ -9,7 +9,6 @@ verifier's judgements (`STEP_VERIFIERS`, e.g. `verify_arithmetic_steps`) into pe
 
 from grpo_jax.rewards.countdown import countdown_reward
 from grpo_jax.rewards.host import HOST_REWARDS, HostRewardRunner, countdown_host_reward, math_accuracy_reward
-from grpo_jax.rewards.in_graph import TokenSpec, VocabLanguageMask, language_vocab_mask
 from grpo_jax.rewards.math import extract_answer, is_equivalent
 from grpo_jax.rewards.process import STEP_VERIFIERS, StepCheck, process_step_rewards, verify_arithmetic_steps
 from grpo_jax.rewards.registry import IN_GRAPH_REWARDS, make_reward, make_reward_fns, register_reward
@@ -19,6 +18,7 @@ from grpo_jax.rewards.reward_model import (
     reward_model_loss,
     reward_model_scores,
 )
+from grpo_jax.rewards.vocabulary import TokenSpec, VocabLanguageMask, language_vocab_mask
 
 __all__ = [
     "HOST_REWARDS",
