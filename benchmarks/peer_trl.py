@@ -234,6 +234,20 @@ def update_flops(setting: str) -> float:
     return forward + 3 * forward  # reference forward; policy forward + backward (2x forward)
 
 
+def update_flops_done(setting: str) -> float:
+    """FLOPs the update really does with shared-prefix training (on in configs/bench_trl_d.py): each
+    prompt's 32 positions go through the layers once per group (8 x 32 + 64 x 64 = 4,352 positions instead
+    of 64 x 96 = 6,144) and only the 64 completion positions of each row reach the vocabulary projection
+    (`grpo_jax.benchmarking.grpo_update_flops_done`)."""
+    from grpo_jax.algorithms import GRPOConfig
+    from grpo_jax.benchmarking import grpo_update_flops_done
+    from grpo_jax.models import ModelConfig
+
+    model = ModelConfig(vocab_size=VOCAB, **SETTINGS[setting])
+    grpo = GRPOConfig(num_generations=G, kl_coef=0.04)
+    return grpo_update_flops_done(model, grpo, NUM_PROMPTS, PROMPT_LEN, COMPLETION_LEN, shared_prefix=True)
+
+
 def summarize(runs: list[dict], skip: int, key: str = "step_times") -> float:
     values = [t for run in runs for t in run[key][skip:]]
     return statistics.median(values)
@@ -294,6 +308,9 @@ def main_runner(args) -> None:
             update_nominal_gflop=flops / 1e9,
             update_gflops_per_s=flops / ours_update / 1e9,
             update_fraction_of_peak=flops / ours_update / peak,
+            update_done_gflop=update_flops_done(setting) / 1e9,
+            update_done_gflops_per_s=update_flops_done(setting) / ours_update / 1e9,
+            update_done_fraction_of_peak=update_flops_done(setting) / ours_update / peak,
             ours_completion_len=statistics.mean(x for run in ours for x in run["completion_len"]),
             trl_completion_len=statistics.mean(x for run in trl for x in run["completion_len"])
             if trl[0]["completion_len"]
@@ -320,21 +337,26 @@ def format_markdown(report: dict) -> str:
         f"{report['skip_steps']} steps of each run dropped; medians over the rest. Setting: "
         "`configs/bench_trl_d.py` (see the script's docstring).",
         "",
-        "| setting | ours step (s) | TRL step (s) | speed-up | ours sample / update (s) | update GFLOP/s "
-        "| update / peak |",
+        "| setting | ours step (s) | TRL step (s) | speed-up | ours sample / update (s) "
+        "| update GFLOP/s, nominal / done | update / peak, nominal / **done** |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    peak = report["machine"]["matmul_peak_gflops"]
     for name, s in report["settings"].items():
+        done = update_flops_done(name) / 1e9 / s["ours_update_s"]
         lines.append(
             f"| {name} | {s['ours_step_s']:.3f} | {s['trl_step_s']:.3f} | **{s['speedup']:.2f}x** | "
-            f"{s['ours_sample_s']:.3f} / {s['ours_update_s']:.3f} | {s['update_gflops_per_s']:.0f} | "
-            f"{100 * s['update_fraction_of_peak']:.0f} % |"
+            f"{s['ours_sample_s']:.3f} / {s['ours_update_s']:.3f} | {s['update_gflops_per_s']:.0f} / "
+            f"{done:.0f} | {100 * s['update_fraction_of_peak']:.0f} % / **{100 * done / peak:.0f} %** |"
         )
     lines += [
         "",
         "Goal (issue 10): speed-up >= 1.5x at both settings; the update at `large` at >= 60 % of the matmul "
-        "peak. The update's FLOPs are the nominal work (reference forward + policy forward/backward over all "
-        "tokens), so levers that skip work (shared-prefix training) count as higher FLOP/s.",
+        'peak. "Nominal" counts the update\'s work as a reference forward plus a policy forward and backward '
+        'over all 64 x 96 tokens (`update_flops`); "done" counts what shared-prefix training really '
+        "computes (`update_flops_done`: each prompt once per group, the vocabulary projection on completion "
+        'positions only), the figure the goal is held to. "Update" is the step time minus the sampling '
+        "time in `metrics.jsonl`: it includes the host's share of the step (rewards, metrics).",
         "",
     ]
     return "\n".join(lines)
@@ -351,8 +373,15 @@ def main() -> None:
     parser.add_argument("--torch_threads", type=int, default=os.cpu_count())
     parser.add_argument("--trl_python", default="/work/trl-venv/bin/python")
     parser.add_argument("--out", default="benchmarks/peer_trl")
+    parser.add_argument("--render", default="", help="rewrite OUT.md from this JSON report; runs nothing")
     args = parser.parse_args()
-    if args.side == "trl":
+    if args.render:
+        with open(args.render) as f:
+            markdown = format_markdown(json.load(f))
+        with open(args.out + ".md", "w") as f:
+            f.write(markdown)
+        print(markdown)
+    elif args.side == "trl":
         print(json.dumps(run_trl(args.setting, args.steps, args.torch_threads)))
     else:
         main_runner(args)

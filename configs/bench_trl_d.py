@@ -8,9 +8,9 @@ A random Qwen2-style model (4 layers, hidden 256, 4 heads, 2 KV heads, MLP 688, 
 embeddings, fp32; `:large` = 8 layers, hidden 512, 8 heads, 4 KV heads, MLP 1376), 8 prompts x G = 8
 completions per step, every prompt 32 tokens (left-padded to 32: static shapes compute all 32), exactly 64
 completion tokens (stop tokens suppressed until then), β = 0.04 with the reference forward, μ = 1, AdamW,
-temperature 1, PPO clip 0.2, DAPO token-mean loss (TRL's defaults); no eval and no checkpoint during the
-timed steps. The task is the quickstart's synthetic arithmetic; its rewards are the quickstart's. What
-is measured is the step, not learning: the model starts random.
+temperature 1, PPO clip 0.2, DAPO token-mean loss (TRL's defaults), remat="dots"; no eval and no
+checkpoint during the timed steps. The task is the quickstart's synthetic arithmetic; its rewards are the
+quickstart's. What is measured is the step, not learning: the model starts random.
 `:runlocal` shrinks it to a seconds-long smoke run (the tests).
 """
 
@@ -39,7 +39,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         rope_theta=1_000_000.0,
         param_dtype="float32",
         dtype="float32",
-        remat="none",
+        # Saves the matmul outputs and recomputes the cheap elementwise ops in the backward. On CPU that
+        # avoids stacking the elementwise residuals across the layer scan (zero-fill, a write and a read
+        # per layer: 13 % of the large step in a profile); measured 14-20 % faster than "none" at :large.
+        remat="dots",
         **SETTINGS["large" if arg == "large" else "small"],
     )
     c.stages = ("grpo",)

@@ -236,6 +236,26 @@ def grpo_step_flops(model: ModelConfig, grpo, prompts: int, prompt_len: int, new
     return float(reference + grpo.num_iterations * (3 * forward + recompute))
 
 
+def grpo_update_flops_done(
+    model: ModelConfig, grpo, prompts: int, prompt_len: int, new_tokens: int, *, shared_prefix: bool
+) -> float:
+    """The useful FLOPs one GRPO update computes (no remat recompute): the reference forward (β > 0) and
+    μ policy forwards + backwards (2× forward). With `shared_prefix` each prompt goes through the layers
+    once per group (prompts × P + rows × L positions instead of rows × (P + L)) and attends to itself
+    only; the vocabulary projection covers the rows × L completion positions either way."""
+    rows = prompts * grpo.num_generations
+    p, length = prompt_len, new_tokens
+    if shared_prefix:
+        positions, query_keys = prompts * p + rows * length, prompts * p * p + rows * length * (p + length)
+    else:
+        positions, query_keys = rows * (p + length), rows * (p + length) ** 2
+    attention = model.num_layers * 4 * model.num_heads * model.resolved_head_dim * query_keys
+    forward = 2 * layer_matmul_params(model) * model.num_layers * positions + attention
+    forward += 2 * model.hidden_size * model.vocab_size * rows * length
+    reference = forward if grpo.kl_coef > 0 else 0.0
+    return float(reference + grpo.num_iterations * 3 * forward)
+
+
 def grpo_sampler_flops(model: ModelConfig, grpo, prompts: int, prompt_len: int, new_tokens: int) -> float:
     """Upper bound (no early stop): prefill of the prompts (logits at every prompt position), then
     prompts × G × new_tokens single-token decode steps that attend over all cache slots."""

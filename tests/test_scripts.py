@@ -397,3 +397,30 @@ def test_gsm8k_qwen2_5_runlocal_trains_from_a_tiny_hf_model(tmp_path):
     _check_two_grpo_steps(run, "host_reward/math_accuracy")
     model_config, params, loaded_tokenizer, _ = load_policy(run)  # the tokenizer comes from model.pretrained
     assert model_config.architecture == "qwen2" and loaded_tokenizer.vocab_size == tokenizer.vocab_size
+
+
+# ------------------------------------------------------------------------------------------------
+# profile_step.py
+# ------------------------------------------------------------------------------------------------
+
+
+def test_profile_step_times_each_variant_and_lists_the_ops():
+    bench = f"--config={REPO / 'configs' / 'bench_trl_d.py'}:runlocal"
+    out = _ok(
+        run_script(
+            "profile_step.py", bench, "--variant=remat=none", "--variant=remat=dots,scan_layers=false",
+            "--rounds=2", "--profile=grpo_step", "--top=3",
+        )
+    )  # fmt: skip
+    timed = [line for line in out.splitlines() if " step median " in line]
+    assert [line.split()[0] for line in timed] == ["remat=none", "remat=dots,scan_layers=False"], out
+    assert all("% of the matmul rate" in line for line in timed)
+    kinds = out.split("op kind | ms | share")[1].split("slowest ops")[0]
+    rows = [line for line in kinds.splitlines() if line.count("|") == 2 and "---" not in line]
+    assert rows and all(float(row.split("|")[1]) >= 0 for row in rows), out
+    slowest = out.split("slowest ops | ms | shape and source")[1].splitlines()
+    assert len([line for line in slowest if line.count("|") == 2]) == 3, out
+    assert any("f32[" in line for line in slowest), out
+
+    bad = run_script("profile_step.py", bench, "--variant=layers=3")
+    assert bad.returncode != 0 and "['layers'] are not ModelConfig fields" in bad.stderr
