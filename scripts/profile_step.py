@@ -8,10 +8,10 @@ one run, and show where XLA:CPU spends the time, op by op, from the JAX profiler
 The step is built as `scripts/train.py` builds it (`make_grpo_step` with the stage's GRPOConfig,
 optimizer, logprob chunk and shared-prefix switch) on one device and a random model with the config's
 shapes, and is fed random rollouts of exactly max_prompt_len + max_new_tokens tokens. Each round calls
-every variant's step once, then times a 2048^3 fp32 matmul; the report gives each variant's median and
-min step time and the fraction of the best measured matmul rate that its work reaches. "Work" is the
-FLOPs the step really computes (`benchmarking.grpo_update_flops_done`: with shared prefix each prompt
-once per group, the vocabulary projection on completion positions only).
+every variant's step once, then times a 2048^3 fp32 matmul (`benchmarking.measure_peak_matmul`). The
+report gives each variant's median and min step time and the fraction of the best measured matmul rate
+that its work reaches. "Work" is the FLOPs the step really computes (`benchmarking.grpo_update_flops_done`:
+with shared prefix each prompt once per group, the vocabulary projection on completion positions only).
 
 `--profile=grpo_step` or `--profile=sampler` traces one more call of the first variant and prints the
 time of each compiled op kind (`ynn_fusion` = the matmuls; the rest is layout copies, elementwise
@@ -139,17 +139,6 @@ def build(config, overrides: dict):
     )
 
 
-def matmul_rate() -> float:
-    import jax
-
-    a = jax.random.normal(jax.random.key(0), (2048, 2048))
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    return 2 * 2048**3 / (time.perf_counter() - t0)
-
-
 def hlo_ops(hlo_text: str) -> dict[str, str]:
     """{instruction name: "shape  jax op"} from a compiled module's text."""
     ops = {}
@@ -197,7 +186,7 @@ def run(config, variants: Sequence[dict], rounds: int, profile: str = "", top: i
     """Build every variant, alternate `rounds` timed steps, print and return the per-variant summary."""
     import jax
 
-    from grpo_jax.benchmarking import grpo_update_flops_done
+    from grpo_jax.benchmarking import grpo_update_flops_done, measure_peak_matmul
 
     runs = [dict(build(config, v), times=[]) for v in (variants or [{}])]
     for r in runs:  # compile
@@ -210,7 +199,7 @@ def run(config, variants: Sequence[dict], rounds: int, profile: str = "", top: i
             r["state"], metrics = r["step"](r["state"], r["batch"])
             jax.block_until_ready(metrics)
             r["times"].append(time.perf_counter() - t0)
-        rates.append(matmul_rate())
+        rates.append(measure_peak_matmul(2048, "float32", repeats=1)["gflops"] * 1e9)
     peak = max(rates)
     stage = config.grpo
     print(f"best fp32 matmul rate over the run: {peak / 1e9:.0f} GFLOP/s")
