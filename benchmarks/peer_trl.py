@@ -205,19 +205,10 @@ def run_trl_subprocess(trl_python: str, setting: str, steps: int, threads: int) 
 
 
 def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 matmul FLOP/s of this machine (jnp.dot of two size x size matrices)."""
-    import jax
-    import jax.numpy as jnp
+    """Best fp32 matmul FLOP/s of this machine (`grpo_jax.benchmarking.measure_peak_matmul`)."""
+    from grpo_jax.benchmarking import measure_peak_matmul
 
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best
+    return measure_peak_matmul(size, "float32", repeats)["gflops"] * 1e9
 
 
 def update_flops(setting: str) -> float:
