@@ -2,6 +2,7 @@
 
 from grpo_jax.models.config import ModelConfig
 from grpo_jax.models.hf import load_pretrained, save_pretrained
+from grpo_jax.models.kv_cache import forward_with_cache, init_cache
 from grpo_jax.models.transformer import (
     KVCache,
     Params,
@@ -10,8 +11,6 @@ from grpo_jax.models.transformer import (
     completion_logprobs_shared_prefix,
     forward,
     forward_hidden,
-    forward_with_cache,
-    init_cache,
     init_params,
     logical_axes,
     logits_from_hidden,
