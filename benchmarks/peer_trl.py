@@ -211,18 +211,20 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
     return measure_peak_matmul(size, "float32", repeats)["gflops"] * 1e9
 
 
+def _setting(setting: str):
+    """(ModelConfig, GRPOConfig) of a setting, for the FLOP counts of `grpo_jax.benchmarking`."""
+    from grpo_jax.algorithms import GRPOConfig
+    from grpo_jax.models import ModelConfig
+
+    return ModelConfig(vocab_size=VOCAB, **SETTINGS[setting]), GRPOConfig(num_generations=G, kl_coef=0.04)
+
+
 def update_flops(setting: str) -> float:
-    """Nominal FLOPs of one update: reference forward + policy forward and backward over all tokens."""
-    s = SETTINGS[setting]
-    h, inter, layers = s["hidden_size"], s["intermediate_size"], s["num_layers"]
-    head_dim = h // s["num_heads"]
-    kv = s["num_kv_heads"] * head_dim
-    matmul_params = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + h * VOCAB
-    rows, length = NUM_PROMPTS * G, PROMPT_LEN + COMPLETION_LEN
-    tokens = rows * length
-    attention = layers * rows * 2 * 2 * length * length * h  # QK^T and AV, full square (causal masks half)
-    forward = 2 * matmul_params * tokens + attention
-    return forward + 3 * forward  # reference forward; policy forward + backward (2x forward)
+    """Nominal FLOPs of one update: reference forward + policy forward and backward over all 64 x 96
+    tokens, attention as the full square (`grpo_jax.benchmarking.grpo_step_flops`, no remat)."""
+    from grpo_jax.benchmarking import grpo_step_flops
+
+    return grpo_step_flops(*_setting(setting), NUM_PROMPTS, PROMPT_LEN, COMPLETION_LEN)
 
 
 def update_flops_done(setting: str) -> float:
@@ -230,13 +232,11 @@ def update_flops_done(setting: str) -> float:
     prompt's 32 positions go through the layers once per group (8 x 32 + 64 x 64 = 4,352 positions instead
     of 64 x 96 = 6,144) and only the 64 completion positions of each row reach the vocabulary projection
     (`grpo_jax.benchmarking.grpo_update_flops_done`)."""
-    from grpo_jax.algorithms import GRPOConfig
     from grpo_jax.benchmarking import grpo_update_flops_done
-    from grpo_jax.models import ModelConfig
 
-    model = ModelConfig(vocab_size=VOCAB, **SETTINGS[setting])
-    grpo = GRPOConfig(num_generations=G, kl_coef=0.04)
-    return grpo_update_flops_done(model, grpo, NUM_PROMPTS, PROMPT_LEN, COMPLETION_LEN, shared_prefix=True)
+    return grpo_update_flops_done(
+        *_setting(setting), NUM_PROMPTS, PROMPT_LEN, COMPLETION_LEN, shared_prefix=True
+    )
 
 
 def summarize(runs: list[dict], skip: int, key: str = "step_times") -> float:

@@ -193,8 +193,8 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1, preferred_element_type=
     """x [..., *in] · w [*in, *out] -> [..., *out], `in` being x's last `contract` dims, as ONE 2-D matmul
     over the flattened leading dims. Written as a 3-D einsum ("btd,df->btf"), the weight gradient on
     XLA:CPU contracts over two dims and gets a transposed copy of the incoming gradient, fused into its
-    producer as a strided write: the 8-layer update ran its MLP backward at 116 GFLOP/s against 159 in
-    2-D (benchmarks/peer_trl.md). The flattened dims keep their sharding (rows and heads stay major)."""
+    producer as a strided write: 19.6 % of the 8-layer GRPO step's op time, 4.6 % in 2-D
+    (benchmarks/README.md). The flattened dims keep their sharding (rows and heads stay major)."""
     lead, inner = x.shape[: x.ndim - contract], x.shape[x.ndim - contract :]
     if w.shape[:contract] != inner:
         raise ValueError(f"dense: x {x.shape} does not contract with w {w.shape} over {contract} dims")
