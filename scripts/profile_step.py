@@ -61,19 +61,19 @@ def parse_variant(text: str) -> dict:
 
 
 def model_config(config, overrides: dict):
+    """The config's model as `scripts/train.py` builds it (`setup.build_model_config`; a pretrained
+    directory gives its shapes only: the weights are random), with the variant's fields replaced."""
+    import types
+
     from grpo_jax.models import ModelConfig
+    from grpo_jax.training import setup
 
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise app.UsageError(f"--variant: {unknown} are not ModelConfig fields")
-    fields = {k: v for k, v in config.model.to_dict().items() if k in known}
-    fields["vocab_size"] = fields.get("vocab_size") or config.tokenizer.get("vocab_size", 0)
-    if config.model.get("pretrained"):
-        raise app.UsageError(
-            "profile_step.py times a random model of the config's shapes: no model.pretrained"
-        )
-    return ModelConfig(**{**fields, **overrides})
+    tokenizer = types.SimpleNamespace(vocab_size=int(config.tokenizer.get("vocab_size", 0)))
+    return dataclasses.replace(setup.build_model_config(config, tokenizer), **overrides)
 
 
 def random_batch(config, model, rows: int, group: int):
