@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from grpo_jax.training.state import TrainState
+from grpo_jax.train_state import TrainState
 
 
 @jax.jit

@@ -44,7 +44,7 @@ from grpo_jax.orbax_adapters import (
     quiet_abandoned_reads,
     quiet_read_only,
 )
-from grpo_jax.training.state import TrainState
+from grpo_jax.train_state import TrainState
 
 FORMAT_VERSION = 1
 _STATE_FIELDS = ("step", "params", "opt_state", "ref_params", "reward_params", "rng", "aux")
@@ -94,7 +94,7 @@ def _damage(error: BaseException, step_dir: Path) -> str | None:
 
 
 def checkpoint_directory(workdir: str | os.PathLike) -> Path:
-    """The checkpoint folder of a workdir (DESIGN.md §3: `DIR/checkpoints/`)."""
+    """The checkpoint folder of a workdir (docs/CONTRACTS.md: `DIR/checkpoints/`)."""
     return Path(workdir) / "checkpoints"
 
 

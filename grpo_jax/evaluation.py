@@ -1,20 +1,15 @@
 """Evaluation metrics over sampled answers: pass@1, pass@k (unbiased), maj@k (majority vote), and the
 sampling settings a number was measured with.
 
-Metric names written to metrics.jsonl are a contract (DESIGN.md §3): `eval/accuracy` (pass@1),
+Metric names written to metrics.jsonl are a contract (docs/CONTRACTS.md): `eval/accuracy` (pass@1),
 `eval/pass@k`, `eval/maj@k`; `summarize_eval` also writes `eval/k`, the k they were computed with.
-
-A sampled number means little without its temperature, top-p and top-k. `SamplingSettings` carries
-them (and says where they came from); `run_sampling_settings` reads a run's rollout settings from its
-config, which is what scripts/sample.py and scripts/evaluate.py default to for a training workdir.
+Pure functions of the per-sample verdicts: the sampling settings a number was measured with are read
+from a run by `grpo_jax.workdir.run_sampling_settings`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -125,85 +120,3 @@ def summarize_eval(
     if answers is not None and gold is not None:
         metrics["eval/maj@k"] = maj_at_k(answers, gold, k, equivalent=equivalent)
     return metrics
-
-
-# ------------------------------------------------------------------------------------------------
-# The sampling settings behind a number
-# ------------------------------------------------------------------------------------------------
-
-# Stage kinds whose rollouts train the policy: their sampling settings are the run's.
-ROLLOUT_STAGE_KINDS = ("grpo", "ppo")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingSettings:
-    """Temperature (0 = greedy), top-p (1 = off) and top-k (0 = off) of a sampler call; `source` says
-    where they came from (e.g. "config.grpo of the run", "defaults", "--temperature")."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    source: str = "defaults"
-
-    def describe(self, k: int | None = None) -> str:
-        """ "T=0.35, top_p=1.0, top_k=0" (", k=8" with k), the label printed next to a sampled number."""
-        text = f"T={self.temperature}, top_p={self.top_p}, top_k={self.top_k}"
-        return text if k is None else f"{text}, k={k}"
-
-    def override(self, *, temperature=None, top_p=None, top_k=None) -> SamplingSettings:
-        """These settings with every value that is not None replaced: explicit flags win."""
-        given = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
-        given = {name: value for name, value in given.items() if value is not None}
-        if not given:
-            return self
-        flags = ", ".join(f"--{name}" for name in given)
-        return dataclasses.replace(
-            self,
-            temperature=float(given.get("temperature", self.temperature)),
-            top_p=float(given.get("top_p", self.top_p)),
-            top_k=int(given.get("top_k", self.top_k)),
-            source=f"{flags}; the rest from {self.source}",
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def run_sampling_settings(config, stage: str | None = None) -> SamplingSettings | None:
-    """The rollout sampling settings of a run's config (a ConfigDict as `workdir.read_config` gives it).
-
-    They are the settings of a rollout stage (kind grpo or ppo: `config.<stage>.algo.temperature`,
-    `config.<stage>.top_p`, `config.<stage>.top_k`): `stage` itself if it is one, else the nearest one
-    before it in `config.stages` (the policy was last trained on those rollouts), else the first one
-    after it; with no `stage`, the run's last rollout stage. None when the run has no rollout stage.
-    """
-    from grpo_jax.training.stages import stage_kind
-
-    names = list(config.get("stages", ()))
-    rollout = [i for i, name in enumerate(names) if stage_kind(name) in ROLLOUT_STAGE_KINDS]
-    if not rollout:
-        return None
-    if stage in names:
-        before = [i for i in rollout if i <= names.index(stage)]
-        index = before[-1] if before else rollout[0]
-    else:
-        index = rollout[-1]
-    name = names[index]
-    section = config[name]
-    algo = section.get("algo") or {}
-    return SamplingSettings(
-        temperature=float(algo.get("temperature", 1.0)),
-        top_p=float(section.get("top_p", 1.0)),
-        top_k=int(section.get("top_k", 0)),
-        source=f"config.{name} of the run"
-        if stage is None or name == stage
-        else f"config.{name} of the run (the checkpoint is from stage {stage!r})",
-    )
-
-
-def checkpoint_stage(workdir: str | os.PathLike, step: int) -> str:
-    """The stage that wrote checkpoint `step` of a training workdir (read-only; no arrays are read)."""
-    from grpo_jax.checkpointing import Checkpointer, checkpoint_directory
-
-    with Checkpointer(checkpoint_directory(workdir), read_only=True) as checkpointer:
-        return checkpointer.read_extra(step)["stage"]

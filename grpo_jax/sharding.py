@@ -103,22 +103,6 @@ def param_shardings(mesh: Mesh, axes_tree, shapes_tree, rules=None):
     )
 
 
-def model_param_shardings(mesh: Mesh, model_config, rules=None):
-    from grpo_jax.models import logical_axes, param_shapes
-
-    return param_shardings(mesh, logical_axes(model_config), param_shapes(model_config), rules)
-
-
-def init_sharded_params(model_config, rng: jax.Array, mesh: Mesh, rules=None):
-    """Initialise params directly in their sharding: shapes via `jax.eval_shape`, then a jitted init with
-    `out_shardings`, so no device ever holds the full unsharded model."""
-    from grpo_jax.models import init_params
-
-    shardings = model_param_shardings(mesh, model_config, rules)
-    jax.eval_shape(lambda r: init_params(model_config, r), rng)  # validates shapes before allocating
-    return jax.jit(lambda r: init_params(model_config, r), out_shardings=shardings)(rng)
-
-
 def batch_spec(ndim: int) -> P:
     return P(BATCH_AXES, *([None] * (ndim - 1)))
 

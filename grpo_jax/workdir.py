@@ -10,10 +10,15 @@ A Hugging Face directory (`config.json` + `*.safetensors`) goes through `load_pr
 
 Reading never writes: the checkpoint folder is opened read-only, so evaluating next to a live run leaves
 its in-progress save alone.
+
+A sampled number means little without its temperature, top-p and top-k. `SamplingSettings` carries
+them (and says where they came from); `run_sampling_settings` reads a run's rollout settings from its
+config, which is what scripts/sample.py and scripts/evaluate.py default to for a training workdir.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -27,6 +32,7 @@ from grpo_jax import models, sharding
 from grpo_jax.checkpointing import Checkpointer, DamagedCheckpointError, checkpoint_directory
 from grpo_jax.tokenizers import load_tokenizer
 from grpo_jax.training import setup
+from grpo_jax.training.stages import STAGE_KINDS, stage_kind
 
 CONFIG_FILE = "config.json"
 
@@ -144,7 +150,7 @@ def _restore_policy(checkpointer, step, config, source, model_config, tokenizer,
     template = jax.eval_shape(lambda: models.init_params(model_config, jax.random.key(0)))
     params, _ = checkpointer.restore_params(
         template,
-        sharding.model_param_shardings(mesh, model_config),
+        models.model_param_shardings(mesh, model_config),
         step,
         fingerprint=setup.fingerprint(model_config, tokenizer),
     )
@@ -200,3 +206,79 @@ def load_policy(
         checkpointer.close()
     logging.info("loaded step %d (stage %s) from %s", step, stage, checkpointer.directory)
     return model_config, params, tokenizer, config
+
+
+# ------------------------------------------------------------------------------------------------
+# The sampling settings behind a number
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """Temperature (0 = greedy), top-p (1 = off) and top-k (0 = off) of a sampler call; `source` says
+    where they came from (e.g. "config.grpo of the run", "defaults", "--temperature")."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    source: str = "defaults"
+
+    def describe(self, k: int | None = None) -> str:
+        """ "T=0.35, top_p=1.0, top_k=0" (", k=8" with k), the label printed next to a sampled number."""
+        text = f"T={self.temperature}, top_p={self.top_p}, top_k={self.top_k}"
+        return text if k is None else f"{text}, k={k}"
+
+    def override(self, *, temperature=None, top_p=None, top_k=None) -> SamplingSettings:
+        """These settings with every value that is not None replaced: explicit flags win."""
+        given = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+        given = {name: value for name, value in given.items() if value is not None}
+        if not given:
+            return self
+        flags = ", ".join(f"--{name}" for name in given)
+        return dataclasses.replace(
+            self,
+            temperature=float(given.get("temperature", self.temperature)),
+            top_p=float(given.get("top_p", self.top_p)),
+            top_k=int(given.get("top_k", self.top_k)),
+            source=f"{flags}; the rest from {self.source}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def run_sampling_settings(config, stage: str | None = None) -> SamplingSettings | None:
+    """The rollout sampling settings of a run's config (a ConfigDict as `workdir.read_config` gives it).
+
+    They are the settings of a stage that trains on its own rollouts (a `Stage` with
+    `trains_on_rollouts`: grpo, ppo; `config.<stage>.algo.temperature`,
+    `config.<stage>.top_p`, `config.<stage>.top_k`): `stage` itself if it is one, else the nearest one
+    before it in `config.stages` (the policy was last trained on those rollouts), else the first one
+    after it; with no `stage`, the run's last rollout stage. None when the run has no rollout stage.
+    """
+    names = list(config.get("stages", ()))
+    rollout = [i for i, name in enumerate(names) if STAGE_KINDS[stage_kind(name)].trains_on_rollouts]
+    if not rollout:
+        return None
+    if stage in names:
+        before = [i for i in rollout if i <= names.index(stage)]
+        index = before[-1] if before else rollout[0]
+    else:
+        index = rollout[-1]
+    name = names[index]
+    section = config[name]
+    algo = section.get("algo") or {}
+    return SamplingSettings(
+        temperature=float(algo.get("temperature", 1.0)),
+        top_p=float(section.get("top_p", 1.0)),
+        top_k=int(section.get("top_k", 0)),
+        source=f"config.{name} of the run"
+        if stage is None or name == stage
+        else f"config.{name} of the run (the checkpoint is from stage {stage!r})",
+    )
+
+
+def checkpoint_stage(workdir: str | os.PathLike, step: int) -> str:
+    """The stage that wrote checkpoint `step` of a training workdir (read-only; no arrays are read)."""
+    with Checkpointer(checkpoint_directory(workdir), read_only=True) as checkpointer:
+        return checkpointer.read_extra(step)["stage"]

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from grpo_jax import sharding as shd
+from grpo_jax import models
 from grpo_jax.checkpointing import (
     Checkpointer,
     DamagedCheckpointError,
@@ -30,8 +30,8 @@ def setup():
     and a reward model."""
     config = tiny_model_config()
     mesh = mesh_2x2x2()
-    params = shd.init_sharded_params(config, jax.random.key(0), mesh)
-    param_shardings = shd.model_param_shardings(mesh, config)
+    params = models.init_sharded_params(config, jax.random.key(0), mesh)
+    param_shardings = models.model_param_shardings(mesh, config)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2))
     reward_params = {"reward_model": {"head": jnp.arange(6, dtype=jnp.float32).reshape(2, 3)}}
     state, shardings = create_train_state(

@@ -1,4 +1,4 @@
-"""Issue 11's switches, each with hand-computed numbers and a test that fails when the switch is off:
+"""The frontier GRPO switches, each with hand-computed numbers and a test that fails when the switch is off:
 mask_truncated (DAPO §3.4), CISPO (arXiv 2506.13585), the entropy mask (arXiv 2506.01939), sampler/trainer
 mismatch correction (truncated IS, IcePop), and every GRPOConfig field overridable from the command line
 in every shipped config (typed placeholders for the Optional ones; max_grad_norm removed)."""
@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from grpo_jax import sampling, sharding
+from grpo_jax import models, sampling, sharding
 from grpo_jax.algorithms import GRPOConfig, policy_loss
 from grpo_jax.algorithms.grpo import importance_weights, masked_quantile
 from grpo_jax.testing import tiny_model_config, tiny_params
@@ -244,7 +244,7 @@ def test_step_mask_truncated_and_is_correction_metrics():
     batch["truncated"] = jnp.asarray(truncated)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, max_grad_norm=1.0))
-    shardings = sharding.model_param_shardings(mesh, CONFIG)
+    shardings = models.model_param_shardings(mesh, CONFIG)
     params = jax.device_put(tiny_params(CONFIG, seed=0), shardings)
     state, state_sh = create_train_state(params, optimizer, mesh, shardings, rng=jax.random.key(0))
     step = make_grpo_step(grpo, CONFIG, optimizer, reward_fn=_reward, mesh=mesh, state_shardings=state_sh)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import sampling, sharding
+from grpo_jax import models, sampling, sharding
 from grpo_jax.algorithms import GRPOConfig
 from grpo_jax.testing import mesh_2x2x2, tiny_model_config, tiny_params
 from grpo_jax.training import (
@@ -69,7 +69,7 @@ def _setup(
     mesh = mesh or sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     opt_config = OptimizerConfig(learning_rate=lr, max_grad_norm=1.0, eps=adam_eps)
     optimizer = make_optimizer(opt_config)
-    shardings = sharding.model_param_shardings(mesh, CONFIG)
+    shardings = models.model_param_shardings(mesh, CONFIG)
     params = jax.device_put(tiny_params(CONFIG, seed=seed), shardings)
     state, state_sh = create_train_state(
         params, optimizer, mesh, shardings, rng=jax.random.key(seed), with_reference=with_reference

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import models, sharding
+from grpo_jax import models
 from grpo_jax.testing import mesh_2x2x2, tiny_model_config, tiny_params
 
 
@@ -156,7 +156,7 @@ def test_sharded_checkpoint_with_index_loads_onto_mesh(tmp_path, safetensors):
         for shard in x.addressable_shards:
             np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(original)[shard.index], where)
 
-    jax.tree_util.tree_map_with_path(check, loaded, sharding.model_param_shardings(mesh, config), params)
+    jax.tree_util.tree_map_with_path(check, loaded, models.model_param_shardings(mesh, config), params)
     # ... and those shapes really split the arrays over the 2x2x2 mesh (a replicated array would have
     # the global shape): q [L, D, H, Dh] over fsdp and tensor, gate [L, D, F] too, embed [V, D] as well.
     shard_shapes = {k: v.addressable_shards[0].data.shape for k, v in loaded["layers"].items()}

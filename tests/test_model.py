@@ -34,7 +34,7 @@ def test_forward_shape_and_dtype(config, params):
 
 def test_sharded_forward_matches_single_device(config, params):
     mesh = mesh_2x2x2()
-    sharded = sharding.init_sharded_params(config, jax.random.key(0), mesh)
+    sharded = models.init_sharded_params(config, jax.random.key(0), mesh)
     # Really sharded: q [L, D, H, Dh] maps embed->fsdp and heads->tensor.
     assert sharded["layers"]["q"].sharding.spec == P(None, "fsdp", "tensor", None)
     assert sharded["embed"].sharding.spec == P("tensor", "fsdp")

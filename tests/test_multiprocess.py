@@ -1,4 +1,4 @@
-"""Two processes, one run (issue 10): scripts/train.py started as TWO local processes with 4 fake CPU
+"""Two processes, one run: scripts/train.py started as TWO local processes with 4 fake CPU
 devices each (JAX's multi-controller runtime over gloo CPU collectives, the path a TPU pod takes) on a
 (data, fsdp, tensor) = (2, 2, 2) mesh that spans both, must write the metrics.jsonl of the one-process
 baseline run of tests/test_train_script.py (SFT, evals, and GRPO with its NaN step), from process 0 only,

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import sampling, sharding
+from grpo_jax import models, sampling, sharding
 from grpo_jax.algorithms import PPOConfig
 from grpo_jax.testing import mesh_2x2x2, tiny_model_config, tiny_params
 from grpo_jax.training import (
@@ -59,7 +59,7 @@ def _setup(ppo, *, mesh=None, lr=1e-2, seed=0, with_reference=True, reward_fn=fi
     opt_config = OptimizerConfig(learning_rate=lr, max_grad_norm=1.0)
     optimizer = make_optimizer(opt_config)
     value_optimizer = make_value_optimizer(ppo, opt_config)
-    params = jax.device_put(tiny_params(CONFIG, seed=seed), sharding.model_param_shardings(mesh, CONFIG))
+    params = jax.device_put(tiny_params(CONFIG, seed=seed), models.model_param_shardings(mesh, CONFIG))
     state, state_sh = create_ppo_state(
         params,
         optimizer,

@@ -161,7 +161,7 @@ def test_dpo_starts_at_log2_and_separates_training_pairs():
     mesh = _single_device_mesh()
     opt_config = OptimizerConfig(learning_rate=1e-2, max_grad_norm=1.0)
     optimizer = make_optimizer(opt_config)
-    shardings = sharding.model_param_shardings(mesh, CONFIG)
+    shardings = models.model_param_shardings(mesh, CONFIG)
     params = jax.device_put(_policy_params(), shardings)
     state, state_sh = create_train_state(params, optimizer, mesh, shardings, rng=jax.random.key(0))
     beta = 0.1

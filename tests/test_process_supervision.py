@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from grpo_jax import sharding
+from grpo_jax import models, sharding
 from grpo_jax.algorithms import GRPOConfig, compute_advantages, process_advantages
 from grpo_jax.algorithms.advantages import ADVANTAGE_ESTIMATORS, process_zero_variance_groups
 from grpo_jax.data.tasks import ArithmeticTask
@@ -352,7 +352,7 @@ def _run_step(monkeypatch, grpo, batch):
     config = tiny_model_config(vocab_size=tiny_tokenizer().vocab_size)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3))
-    shardings = sharding.model_param_shardings(mesh, config)
+    shardings = models.model_param_shardings(mesh, config)
     params = jax.device_put(tiny_params(config), shardings)
     state, state_sh = create_train_state(
         params, optimizer, mesh, shardings, rng=jax.random.key(0), with_reference=False
@@ -424,12 +424,12 @@ def test_process_step_without_step_keys_raises():
     grpo = GRPOConfig(advantage_estimator="process", num_generations=2, kl_coef=0.0)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     optimizer = make_optimizer(OptimizerConfig())
-    params = jax.device_put(tiny_params(config), sharding.model_param_shardings(mesh, config))
+    params = jax.device_put(tiny_params(config), models.model_param_shardings(mesh, config))
     state, _ = create_train_state(
         params,
         optimizer,
         mesh,
-        sharding.model_param_shardings(mesh, config),
+        models.model_param_shardings(mesh, config),
         rng=jax.random.key(0),
         with_reference=False,
     )

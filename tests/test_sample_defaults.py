@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from grpo_jax.evaluation import SamplingSettings, checkpoint_stage, run_sampling_settings
+from grpo_jax.workdir import SamplingSettings, checkpoint_stage, run_sampling_settings
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_OVERRIDES = ("--config.grpo.algo.temperature=0.35", "--config.grpo.top_k=1")

@@ -180,7 +180,7 @@ def test_compiles_once_and_sharded_equals_single_device(params):
     assert sampling._generate._cache_size() == before
 
     mesh = mesh_2x2x2()
-    sharded_params = jax.device_put(params, sharding.model_param_shardings(mesh, CONFIG))
+    sharded_params = jax.device_put(params, models.model_param_shardings(mesh, CONFIG))
     placed = sharding.shard_batch({"t": tokens, "m": mask}, mesh)  # 4 prompts over data x fsdp = 4
     assert len(placed["t"].sharding.device_set) == 8
     got = sampling.generate(
@@ -198,7 +198,7 @@ def test_kv_cache_is_split_over_tensor_as_well_as_rows():
         vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=4
     )
     mesh = sharding.make_mesh((1, 2, 4), devices=jax.devices()[:8])
-    params = jax.device_put(tiny_params(config, seed=0), sharding.model_param_shardings(mesh, config))
+    params = jax.device_put(tiny_params(config, seed=0), models.model_param_shardings(mesh, config))
     B, P, L, G = 4, 8, 120, 4
     tokens = sharding.shard_batch({"t": np.ones((B, P), np.int32)}, mesh)["t"]
     static = dict(temperature=1.0, top_p=1.0, top_k=0, stop_ids=(1,), min_new_tokens=0, pad_id=0)

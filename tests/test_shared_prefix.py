@@ -1,4 +1,4 @@
-"""Shared-prefix training (issue 10): each prompt's forward computed once per group of G rows gives the
+"""Shared-prefix training: each prompt's forward computed once per group of G rows gives the
 same completion logprobs, entropies and gradients as the per-row forward (fp32, tight tolerance)."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import models, sampling, sharding
+from grpo_jax import models, sampling
 from grpo_jax.algorithms import GRPOConfig
 from grpo_jax.models import ModelConfig
 from grpo_jax.testing import mesh_2x2x2, tiny_model_config, tiny_params
@@ -115,7 +115,7 @@ def test_grpo_step_with_shared_prefix_equals_the_per_row_step_on_a_2x2x2_mesh():
     grpo = GRPOConfig(num_generations=4, num_minibatches=2, num_iterations=2, kl_coef=0.05, temperature=1.0)
     mesh = mesh_2x2x2()
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, max_grad_norm=1.0))
-    shardings = sharding.model_param_shardings(mesh, config)
+    shardings = models.model_param_shardings(mesh, config)
 
     def reward(batch, params):
         r = jnp.sum((batch["completion_tokens"] % 3 == 0) * batch["completion_mask"], axis=-1)
@@ -179,7 +179,8 @@ def test_reference_logprobs_per_minibatch_equal_the_whole_batch(num_minibatches,
     """The step's reference forward runs one minibatch at a time (`minibatch_logprobs`, lax.map over
     the interleaved split) and reassembles [N, L] in row order: the values of the whole-batch forward.
     With shared_prefix each minibatch holds G/M rows of every prompt."""
-    from grpo_jax.training.grpo_step import completion_logprobs, minibatch_logprobs
+    from grpo_jax.training.grpo_step import completion_logprobs
+    from grpo_jax.training.minibatches import minibatch_logprobs
 
     config = _config()
     params = tiny_params(config, seed=3)

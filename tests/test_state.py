@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from grpo_jax import sharding
+from grpo_jax import models, sharding
 from grpo_jax.testing import mesh_2x2x2, tiny_model_config, tiny_params
 from grpo_jax.training import OptimizerConfig, create_train_state, learning_rate_schedule, make_optimizer
 from grpo_jax.training.sft_step import make_sft_step
@@ -69,7 +69,7 @@ def test_cosine_schedule_without_warmup_starts_at_the_peak():
 def test_adam_moments_are_sharded_like_their_params():
     config = tiny_model_config()
     mesh = mesh_2x2x2()
-    param_shardings = sharding.model_param_shardings(mesh, config)
+    param_shardings = models.model_param_shardings(mesh, config)
     params = jax.device_put(tiny_params(config), param_shardings)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=PEAK))
     state, _ = create_train_state(params, optimizer, mesh, param_shardings, rng=jax.random.key(0))
@@ -114,7 +114,7 @@ def _host(tree):
 def test_sft_step_skips_an_update_whose_gradient_alone_is_nan():
     config = tiny_model_config()
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    param_shardings = sharding.model_param_shardings(mesh, config)
+    param_shardings = models.model_param_shardings(mesh, config)
     params = jax.device_put(tiny_params(config), param_shardings)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2))
     state, state_sh = create_train_state(

@@ -3,6 +3,7 @@
 from grpo_jax.models.config import ModelConfig
 from grpo_jax.models.hf import load_pretrained, save_pretrained
 from grpo_jax.models.kv_cache import forward_with_cache, init_cache
+from grpo_jax.models.placement import init_sharded_params, model_param_shardings
 from grpo_jax.models.transformer import (
     KVCache,
     Params,
@@ -33,10 +34,12 @@ __all__ = [
     "forward_with_cache",
     "init_cache",
     "init_params",
+    "init_sharded_params",
     "load_pretrained",
     "logical_axes",
     "logits_from_hidden",
     "logprobs_from_hidden",
+    "model_param_shardings",
     "param_shapes",
     "positions_from_mask",
     "save_pretrained",

@@ -20,6 +20,7 @@ import numpy as np
 
 from grpo_jax.inputs import DTYPES, canonical_dtype
 from grpo_jax.models.config import ModelConfig
+from grpo_jax.models.placement import model_param_shardings
 from grpo_jax.models.transformer import Params, param_shapes
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -208,7 +209,7 @@ def load_pretrained(
     dtype=None,
     **config_overrides,
 ) -> tuple[ModelConfig, Params]:
-    """Load an HF Llama/Qwen2 directory -> (ModelConfig, params) (DESIGN.md §3 contract).
+    """Load an HF Llama/Qwen2 directory -> (ModelConfig, params) (docs/CONTRACTS.md).
 
     With `mesh`, every parameter is placed directly into its sharding from the logical-axis rules.
     `param_dtype` overrides the stored weight dtype (default: config.json's `torch_dtype`), `dtype` the
@@ -238,12 +239,7 @@ def load_pretrained(
     shapes = param_shapes(config)
     target_dtype = np.dtype(config.weight_dtype)
 
-    if mesh is not None:
-        from grpo_jax.sharding import model_param_shardings
-
-        shardings = model_param_shardings(mesh, config, rules)
-    else:
-        shardings = None
+    shardings = None if mesh is None else model_param_shardings(mesh, config, rules)
 
     def place(array: np.ndarray, key_path: tuple[str, ...]):
         array = np.asarray(array).astype(target_dtype)

@@ -98,7 +98,7 @@ def init_params(config: ModelConfig, rng: jax.Array) -> Params:
     """Random init: normal(0, 0.02) matrices (scaled-down output projections), unit norms, zero biases.
 
     `rng` is a typed key (`jax.random.key`) or a raw one (`jax.random.PRNGKey`); both give the same params.
-    Wrap in `jax.jit(..., out_shardings=...)` (see `grpo_jax.sharding.init_sharded_params`) to create the
+    Wrap in `jax.jit(..., out_shardings=...)` (see `grpo_jax.models.init_sharded_params`) to create the
     params directly sharded without ever materialising them on one device.
     """
     shapes = param_shapes(config)
@@ -193,8 +193,8 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1, preferred_element_type=
     """x [..., *in] · w [*in, *out] -> [..., *out], `in` being x's last `contract` dims, as ONE 2-D matmul
     over the flattened leading dims. Written as a 3-D einsum ("btd,df->btf"), the weight gradient on
     XLA:CPU contracts over two dims and gets a transposed copy of the incoming gradient, fused into its
-    producer as a strided write: 19.6 % of the 8-layer GRPO step's op time, 4.6 % in 2-D
-    (benchmarks/README.md). The flattened dims keep their sharding (rows and heads stay major)."""
+    producer as a strided write (the profile in benchmarks/README.md shows its share of the step). The
+    flattened dims keep their sharding (rows and heads stay major)."""
     lead, inner = x.shape[: x.ndim - contract], x.shape[x.ndim - contract :]
     if w.shape[:contract] != inner:
         raise ValueError(f"dense: x {x.shape} does not contract with w {w.shape} over {contract} dims")
@@ -266,7 +266,7 @@ def _run_layers(config, layers, x, positions, allowed, cache=None, cache_index=N
 
     The KV cache rides in the scan carry and each layer updates its slice in place, so a decode step
     touches the cache only to write one token and read it for attention (scanning the cache as xs/ys
-    copied every layer's cache every step: 1.7x slower decode on CPU, see benchmarks/README.md).
+    would copy every layer's cache every step; benchmarks/README.md measures the difference).
     """
     inv_freq = rope_inv_frequencies(config)
 
@@ -300,8 +300,8 @@ def activation_sharding(mesh):
     """While tracing inside this block, the token embeddings [B, T, D] (the residual stream's start) are
     constrained to rows over the mesh's ("data", "fsdp") axes when B divides. Without it XLA propagates
     the embedding table's layout (hidden dimension over fsdp) into the residual stream and keeps every
-    row on every fsdp device: the 0.5B GRPO step compiled for v5e-16 needed 158 GiB per chip instead of
-    19 GiB (benchmarks/tpu_aot.md). The step builders and the sampler trace under it; None: no-op."""
+    row on every fsdp device, multiplying the step's activation memory by the fsdp size (compiled for a
+    TPU slice in benchmarks/tpu_aot.md). The step builders and the sampler trace under it; None: no-op."""
     token = _ACTIVATION_MESH.set(mesh)
     try:
         yield
@@ -369,7 +369,7 @@ def forward_hidden(
 def forward(
     config: ModelConfig, params: Params, tokens: jax.Array, *, attention_mask: jax.Array | None = None
 ) -> jax.Array:
-    """Training forward: tokens [B, T] int32 -> logits float32 [B, T, V] (DESIGN.md §3 contract)."""
+    """Training forward: tokens [B, T] int32 -> logits float32 [B, T, V] (docs/CONTRACTS.md)."""
     hidden = forward_hidden(config, params, tokens, attention_mask=attention_mask)
     return logits_from_hidden(config, params, hidden)
 

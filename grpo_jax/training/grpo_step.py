@@ -42,7 +42,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from grpo_jax import models
@@ -56,7 +55,8 @@ from grpo_jax.algorithms import (
 )
 from grpo_jax.algorithms.advantages import PROCESS_ESTIMATOR, process_zero_variance_groups
 from grpo_jax.algorithms.grpo import masked_quantile
-from grpo_jax.sharding import BATCH_AXES, replicated
+from grpo_jax.sharding import replicated
+from grpo_jax.training.minibatches import minibatch_logprobs, to_minibatches
 from grpo_jax.training.state import DEBUG_KEYS, TrainState, debug_poison
 
 RewardFn = Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
@@ -224,40 +224,6 @@ def sample_weights(grpo: GRPOConfig, zero_variance, truncated, fill=None) -> tup
     return weight, truncated_masked
 
 
-def _to_minibatches(tree, num_minibatches: int, mesh):
-    """[N, ...] -> [M, N/M, ...] with minibatch m = rows m, m+M, m+2M, ...: every minibatch is spread
-    over all data-parallel devices instead of living on a few of them."""
-
-    def split(x):
-        n = x.shape[0]
-        y = x.reshape(n // num_minibatches, num_minibatches, *x.shape[1:]).swapaxes(0, 1)
-        if mesh is not None:
-            spec = jax.sharding.PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 1)))
-            dp = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-            if y.shape[1] % dp == 0:
-                y = jax.lax.with_sharding_constraint(y, jax.sharding.NamedSharding(mesh, spec))
-        return y
-
-    return jax.tree_util.tree_map(split, tree)
-
-
-def _from_minibatches(x):
-    """[M, N/M, ...] -> [N, ...]: the inverse of `_to_minibatches`' interleaved split."""
-    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
-
-
-def minibatch_logprobs(logprobs_fn, params, batch: dict, num_minibatches: int, mesh=None):
-    """`logprobs_fn(params, minibatch)` [N/M, L] over the M minibatches of `_to_minibatches`, one at a time
-    (`lax.map`), reassembled to [N, L]: the forward's activations and vocabulary-projection chunks are
-    those of N/M rows, not N. The reference forward before the update is the step's memory peak at scale
-    (docs/SCALING.md); `logprobs_fn` sees the rows of a minibatch (shared_prefix: G/M per prompt)."""
-    keys = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask")
-    if num_minibatches == 1:
-        return logprobs_fn(params, {k: batch[k] for k in keys})
-    minibatches = _to_minibatches({k: batch[k] for k in keys}, num_minibatches, mesh)
-    return _from_minibatches(jax.lax.map(lambda mb: logprobs_fn(params, mb), minibatches))
-
-
 def make_grpo_step(
     grpo: GRPOConfig,
     model_config: models.ModelConfig,
@@ -318,7 +284,7 @@ def make_grpo_step(
     def accumulated_grads(params, mb):
         if grad_accum_steps == 1:
             return grad_fn(params, mb)
-        micro = _to_minibatches({k: v for k, v in mb.items() if k not in DEBUG_KEYS}, grad_accum_steps, None)
+        micro = to_minibatches({k: v for k, v in mb.items() if k not in DEBUG_KEYS}, grad_accum_steps, None)
         for key in DEBUG_KEYS:
             if key in mb:
                 micro[key] = jnp.broadcast_to(mb[key], (grad_accum_steps,))
@@ -389,7 +355,7 @@ def make_grpo_step(
 
         debug = {key: batch.pop(key) for key in DEBUG_KEYS if key in batch}
         train_keys = [k for k in batch if k not in _NOT_TRAINED]
-        minibatches = _to_minibatches({k: batch[k] for k in train_keys}, M, mesh)
+        minibatches = to_minibatches({k: batch[k] for k in train_keys}, M, mesh)
 
         def inner_update(carry, index):
             params, opt_state = carry

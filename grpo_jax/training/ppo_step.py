@@ -51,7 +51,8 @@ from grpo_jax.algorithms import (
     value_loss,
 )
 from grpo_jax.rewards.reward_model import init_reward_head
-from grpo_jax.training.grpo_step import RewardFn, _to_minibatches, completion_logprobs, outcome_rewards
+from grpo_jax.training.grpo_step import RewardFn, completion_logprobs, outcome_rewards
+from grpo_jax.training.minibatches import map_minibatches, to_minibatches
 from grpo_jax.training.state import (
     DEBUG_KEYS,
     OptimizerConfig,
@@ -87,7 +88,7 @@ def value_shardings(mesh, model_config: models.ModelConfig, rules=None) -> dict:
     """Shardings of the value params: the backbone like the policy's params, the head replicated."""
     replicated = shd.replicated(mesh)
     return {
-        "backbone": shd.model_param_shardings(mesh, model_config, rules),
+        "backbone": models.model_param_shardings(mesh, model_config, rules),
         "head": {"kernel": replicated, "bias": replicated},
     }
 
@@ -145,7 +146,7 @@ def create_ppo_state(
         policy_params,
         optimizer,
         mesh,
-        shd.model_param_shardings(mesh, model_config, rules),
+        models.model_param_shardings(mesh, model_config, rules),
         rng=rng,
         with_reference=with_reference,
         reward_params=reward_params,
@@ -159,16 +160,21 @@ def token_values(model_config: models.ModelConfig, value_params, batch: dict) ->
     """V_ψ at each completion token, float32 [N, L]: the head on the hidden state of the position whose
     logits predict that token (the one before it), so V_t values the state before o_t is emitted.
 
-    One forward over prompt + completion [N, P + L]; the positions P − 1 .. P + L − 2 are read.
+    One forward over prompt + completion [N, P + L]; the positions P − 1 .. P + L − 2 are read. The head
+    runs in the compute dtype with a float32 result, so no float32 copy of the [N, L, D] hidden states
+    is made.
     """
     prompt_tokens = batch["prompt_tokens"]
     tokens = jnp.concatenate([prompt_tokens, batch["completion_tokens"]], axis=1)
     mask = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1)
     hidden = models.forward_hidden(model_config, value_params["backbone"], tokens, attention_mask=mask)
     start, length = prompt_tokens.shape[1] - 1, batch["completion_tokens"].shape[1]
-    hidden = hidden[:, start : start + length].astype(jnp.float32)  # [N, L, D]
+    hidden = hidden[:, start : start + length]  # [N, L, D]
     head = value_params["head"]
-    return jnp.einsum("nld,d->nl", hidden, head["kernel"].astype(jnp.float32)) + head["bias"]
+    values = jnp.einsum(
+        "nld,d->nl", hidden, head["kernel"].astype(hidden.dtype), preferred_element_type=jnp.float32
+    )
+    return values + head["bias"].astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,8 +190,12 @@ def ppo_targets(
     *,
     reward_fn: RewardFn | None = None,
     logprob_chunk_size: int = 128,
+    mesh=None,
 ) -> dict:
     """Everything the inner updates need from the rollout, computed once per step (no gradient).
+
+    The reference logprobs and the critic's old values are computed one minibatch at a time
+    (`minibatches.map_minibatches` over `ppo.num_minibatches`): their activations are those of N/M rows.
 
     Returns {"rewards" [N] outcome rewards, "per_reward" {name: [N]}, "kl" [N, L] KL_t(π_old ‖ π_ref)
     (zeros when β = 0), "token_rewards" [N, L], "old_values" [N, L], "advantages" [N, L] (whitened if
@@ -196,12 +206,17 @@ def ppo_targets(
         if ppo.kl_coef > 0:
             if state.ref_params is None:
                 raise ValueError("kl_coef > 0 needs a reference: create the state with with_reference=True")
-            ref_logprobs = completion_logprobs(
-                model_config,
+            ref_logprobs = map_minibatches(
+                functools.partial(
+                    completion_logprobs,
+                    model_config,
+                    temperature=ppo.temperature,
+                    chunk_size=logprob_chunk_size,
+                ),
                 state.ref_params,
                 batch,
-                temperature=ppo.temperature,
-                chunk_size=logprob_chunk_size,
+                ppo.num_minibatches,
+                mesh,
             )
             kl = kl_divergence(ppo.kl_estimator, batch["old_logprobs"], jax.lax.stop_gradient(ref_logprobs))
             kl = jnp.where(mask > 0, kl, 0.0)
@@ -212,7 +227,14 @@ def ppo_targets(
         rewards, per_reward = outcome_rewards(reward_fn, batch, state.reward_params)
 
     with jax.named_scope("old_values"):
-        old_values = jax.lax.stop_gradient(token_values(model_config, state.aux["value_params"], batch))
+        old_values = map_minibatches(
+            functools.partial(token_values, model_config),
+            state.aux["value_params"],
+            batch,
+            ppo.num_minibatches,
+            mesh,
+        )
+        old_values = jax.lax.stop_gradient(old_values)
 
     with jax.named_scope("advantages"):
         token_rewards = ppo_token_rewards(rewards, kl, mask, ppo.kl_coef)
@@ -300,11 +322,17 @@ def make_ppo_step(
             raise ValueError(f"batch of {n} rows does not split into {M} minibatches")
 
         targets = ppo_targets(
-            ppo, model_config, state, batch, reward_fn=reward_fn, logprob_chunk_size=logprob_chunk_size
+            ppo,
+            model_config,
+            state,
+            batch,
+            reward_fn=reward_fn,
+            logprob_chunk_size=logprob_chunk_size,
+            mesh=mesh,
         )
         train = {key: batch[key] for key in _TRAIN_KEYS}
         train.update({key: targets[key] for key in ("advantages", "returns", "old_values")})
-        minibatches = _to_minibatches(train, M, mesh)
+        minibatches = to_minibatches(train, M, mesh)
 
         def inner_update(carry, index):
             params, opt_state, value_params, value_opt_state = carry

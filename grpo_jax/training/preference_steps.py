@@ -80,7 +80,7 @@ def rm_param_shardings(mesh, model_config, rules=None):
     head ({"kernel": [D], "bias": []}) replicated."""
     replicated = shd.replicated(mesh)
     return {
-        "backbone": shd.model_param_shardings(mesh, model_config, rules),
+        "backbone": models.model_param_shardings(mesh, model_config, rules),
         "head": {"kernel": replicated, "bias": replicated},
     }
 

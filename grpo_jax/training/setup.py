@@ -145,7 +145,7 @@ def initial_params(config, model_config, mesh):
             remat=model_config.remat,
         )
         return params
-    return sharding.init_sharded_params(model_config, jax.random.key(config.seed), mesh)
+    return models.init_sharded_params(model_config, jax.random.key(config.seed), mesh)
 
 
 def build_mesh(config):

@@ -3,35 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 
 from grpo_jax import sharding as shd
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a resume needs besides the data iterator.
-
-    step: RL (or SFT) steps taken; params: the policy π_θ; opt_state: optax state; ref_params: the frozen
-    reference π_ref (None when no KL is used); reward_params: frozen params of model-based rewards
-    (e.g. {"reward_model": ...}), empty otherwise; rng: the base key (each step folds in `step`);
-    aux: stage-specific state that is neither the policy nor frozen, e.g. PPO's critic
-    `{"value_params", "value_opt_state"}`; empty for SFT and GRPO (so their checkpoints are unchanged).
-    """
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    ref_params: Any
-    reward_params: Any
-    rng: jax.Array
-    aux: Any = flax.struct.field(default_factory=dict)
-
+from grpo_jax.train_state import TrainState
 
 # Debug batch keys (0-d bool) that the SFT and GRPO steps read to exercise their non-finite guard
 # (`finite = isfinite(loss) & isfinite(grad_norm)`), one half each; see `debug_poison`.
@@ -106,7 +84,7 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
     already gets the peak), then constant, or cosine down to 0.1 x peak at `total_steps` and flat after."""
     warmup = max(config.warmup_steps, 0)
     if config.schedule == "cosine" and warmup == 0:
-        # Plain cosine from the peak: a forced 1-step warmup (as before) gave update 0 lr 0, a wasted update.
+        # Plain cosine from the peak: a 1-step warmup would give update 0 lr 0, a wasted update.
         return optax.cosine_decay_schedule(config.learning_rate, config.total_steps, alpha=0.1)
     if config.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(

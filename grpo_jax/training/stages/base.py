@@ -71,12 +71,15 @@ class Stage:
         stage's start); False for a reward model.
       poisons_gradients: the stage's jitted step reads the `poison_grad` batch key, so
         `config.debug.poison_grad_step` applies to it (see `debug_switches`).
+      trains_on_rollouts: the stage trains the policy on its own samples, so its sampling settings
+        (temperature, top-p, top-k) are the run's (`grpo_jax.workdir.run_sampling_settings`).
     """
 
     kind: ClassVar[str] = ""
     batch_field: ClassVar[str | None] = "batch_size"
     produces_policy: ClassVar[bool] = True
     poisons_gradients: ClassVar[bool] = False
+    trains_on_rollouts: ClassVar[bool] = False
 
     def __init__(self, run, index: int):
         self.run = run
@@ -99,10 +102,10 @@ class Stage:
 
     def result_template(self):
         """(abstract result pytree, its shardings), to load this stage's saved result from disk."""
-        from grpo_jax import models, sharding
+        from grpo_jax import models
 
         shapes = jax.eval_shape(lambda: models.init_params(self.run.model_config, jax.random.key(0)))
-        return shapes, sharding.model_param_shardings(self.run.mesh, self.run.model_config)
+        return shapes, models.model_param_shardings(self.run.mesh, self.run.model_config)
 
     # -- running ------------------------------------------------------------------------------------
 

@@ -10,12 +10,13 @@ from grpo_jax.algorithms.ppo_config import PPOConfig
 from grpo_jax.training import setup
 from grpo_jax.training.ppo_step import create_ppo_state, make_ppo_step, make_value_optimizer
 from grpo_jax.training.stages.base import register_stage
-from grpo_jax.training.stages.grpo import RolloutStage
+from grpo_jax.training.stages.rollout import RolloutStage
 from grpo_jax.training.state import learning_rate_schedule, make_optimizer
 
 
 @register_stage("ppo")
 class PPOStage(RolloutStage):
+    trains_on_rollouts = True
     poisons_gradients = True
 
     @staticmethod

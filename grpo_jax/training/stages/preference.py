@@ -180,7 +180,7 @@ class DPOStage(PreferenceStage):
             params,
             optimizer,
             run.mesh,
-            sharding.model_param_shardings(run.mesh, run.model_config),
+            models.model_param_shardings(run.mesh, run.model_config),
             rng=self.state_rng(),
             with_reference=True,
         )

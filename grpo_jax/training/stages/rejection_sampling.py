@@ -25,12 +25,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from grpo_jax import sharding
+from grpo_jax import models, sharding
 from grpo_jax.data.files import load_jsonl_task
 from grpo_jax.data.rejection import write_rejection_sft
 from grpo_jax.training.grpo_step import rollout_to_batch
 from grpo_jax.training.stages.base import register_stage, stage_dir
-from grpo_jax.training.stages.grpo import RolloutStage
+from grpo_jax.training.stages.rollout import RolloutStage
 from grpo_jax.training.state import create_train_state
 
 CANDIDATES_FILE, SFT_FILE, PAIRS_FILE = "candidates.jsonl", "sft.jsonl", "pairs.jsonl"
@@ -102,7 +102,7 @@ class RejectionSamplingStage(RolloutStage):
             params,
             optax.identity(),
             run.mesh,
-            sharding.model_param_shardings(run.mesh, run.model_config),
+            models.model_param_shardings(run.mesh, run.model_config),
             rng=self.state_rng(),
             with_reference=False,
         )

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from grpo_jax import sharding
+from grpo_jax import models, sharding
 from grpo_jax.data.pipeline import make_sft_dataset, sft_length_stats
 from grpo_jax.training import setup
 from grpo_jax.training.sft_step import make_sft_eval, make_sft_step
@@ -57,7 +57,7 @@ class SFTStage(Stage):
             params,
             optimizer,
             run.mesh,
-            sharding.model_param_shardings(run.mesh, run.model_config),
+            models.model_param_shardings(run.mesh, run.model_config),
             rng=self.state_rng(),
             with_reference=False,
         )

@@ -1,0 +1,223 @@
+"""What the RL stages share (`grpo`, `ppo`, `rejection_sampling`): prompt data, the sampler, host rewards
+and a reward model's params. A subclass adds its algorithm's state and step (`build`, `algo`) and may
+override `collect` (e.g. dynamic sampling with refill) or `host_batch_extras`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from grpo_jax import sampling, sharding
+from grpo_jax.data.pipeline import make_prompt_dataset, prompt_length_stats
+from grpo_jax.rewards import HOST_REWARDS, HostRewardRunner, TokenSpec, make_reward_fns
+from grpo_jax.training import setup
+from grpo_jax.training.grpo_step import rollout_to_batch
+from grpo_jax.training.stages.base import Stage, host_metrics, stage_kind
+
+PROMPT_KEYS = ("prompt_tokens", "prompt_mask", "answer_tokens", "answer_mask", "route")
+
+
+def route_examples(examples: list[dict], open_fraction: float) -> list[dict]:
+    """Mark a stable `open_fraction` of the examples `route="open"` (scored by the reward model only),
+    the rest "verifiable"; chosen by a hash of the prompt, so the split does not depend on order."""
+    if not open_fraction:
+        return examples
+
+    def is_open(prompt: str) -> bool:
+        digest = hashlib.blake2b(prompt.encode(), digest_size=8, person=b"grpo_jax_route").digest()
+        return int.from_bytes(digest, "little") < open_fraction * 2**64
+
+    return [dict(e, route="open" if is_open(e["prompt"]) else "verifiable") for e in examples]
+
+
+class RolloutStage(Stage):
+    """Shared by the RL stages: prompt data, sampling, host rewards, reward-model params."""
+
+    batch_field = "prompts_per_step"
+
+    @classmethod
+    def validate(cls, config, name):
+        sc = config[name]
+        source = sc.get("reward_model_from", "")
+        if source:
+            stages = list(config.stages)
+            if source not in stages[: stages.index(name)] or stage_kind(source) != "rm":
+                raise ValueError(
+                    f"config.{name}.reward_model_from={source!r} must name an earlier 'rm' stage "
+                    f"(stages: {stages})"
+                )
+        if not 0.0 <= sc.get("open_fraction", 0.0) < 1.0:
+            raise ValueError(f"config.{name}.open_fraction must be in [0, 1), got {sc.open_fraction}")
+        cls.algo(sc)
+
+    @staticmethod
+    def algo(stage_config):
+        raise NotImplementedError
+
+    def build_data(self):
+        run, sc = self.run, self.config
+        self.examples = route_examples(setup.stage_task(run, self.name).train, sc.get("open_fraction", 0.0))
+        logging.info(
+            "[%s] %s",
+            self.name,
+            prompt_length_stats(
+                self.examples,
+                run.tokenizer,
+                template=run.config.template,
+                max_prompt_len=run.config.max_prompt_len,
+            ),
+        )
+        self.data_iter = iter(
+            make_prompt_dataset(
+                self.examples,
+                run.tokenizer,
+                template=run.config.template,
+                max_prompt_len=run.config.max_prompt_len,
+                batch_size=self.generation_batch_size(),
+                seed=run.config.seed + self.index,
+                max_answer_len=run.config.max_answer_len,
+                shard_index=jax.process_index(),
+                shard_count=jax.process_count(),
+            )
+        )
+
+    def generation_batch_size(self) -> int:
+        """Prompts per sampled batch (global): `prompts_per_step`; more with dynamic-sampling refill."""
+        return self.config.prompts_per_step
+
+    def reward_params(self):
+        """({"reward_model": params} or {}, shardings or None) for TrainState.reward_params."""
+        source = self.config.get("reward_model_from", "")
+        if not source:
+            return {}, None
+        params, shardings = self.run.load_result(source)
+        return {"reward_model": params}, {"reward_model": shardings}
+
+    def in_graph_rewards(self):
+        specs = [tuple(r) for r in self.config.rewards]
+        if not specs:
+            return None
+        token_spec = TokenSpec.from_tokenizer(self.run.tokenizer)
+        return make_reward_fns(
+            specs, token_spec, tokenizer=self.run.tokenizer, model_config=self.run.model_config
+        )
+
+    def build_host_rewards(self):
+        """Weighted Python rewards between sampler and step: sets self.host_rewards (or None)."""
+        specs = [tuple(s) for s in self.config.host_rewards]
+        self.host_runner = None
+        self.host_rewards = None
+        if not specs:
+            return
+        unknown = [s[0] for s in specs if s[0] not in HOST_REWARDS]
+        if unknown:
+            raise ValueError(f"host_rewards: unknown reward(s) {unknown}; known: {sorted(HOST_REWARDS)}")
+        self.host_runner = HostRewardRunner(
+            {s[0]: HOST_REWARDS[s[0]] for s in specs}, timeout_s=self.config.host_reward_timeout_s
+        )
+        weights = {s[0]: float(s[1]) for s in specs}
+
+        def compute(texts, examples):
+            rewards, stats = self.host_runner(texts, examples)
+            total = sum(weights[k] * v for k, v in rewards.items())
+            logged = {f"host_reward/{k}": float(np.mean(v)) for k, v in rewards.items()}
+            logged.update(host_reward_errors=stats["num_errors"], host_reward_timeouts=stats["num_timeouts"])
+            return np.asarray(total, np.float32), logged
+
+        self.host_rewards = compute
+
+    def decode(self, rollout) -> list[str]:
+        tokens, mask = sharding.to_host((rollout.tokens, rollout.mask))
+        eos = self.run.tokenizer.eos_id
+        return [
+            self.run.tokenizer.decode([i for i in t[m > 0].tolist() if i != eos])
+            for t, m in zip(tokens, mask)
+        ]
+
+    def rollout(self, state, prompts, num_samples: int, temperature: float, rng=None):
+        """(prompt batch placed on the mesh, sampler Rollout); rng defaults to fold_in(state.rng, step)."""
+        placed = sharding.shard_batch({k: prompts[k] for k in PROMPT_KEYS}, self.run.mesh)
+        rollout = sampling.generate(
+            self.run.model_config,
+            state.params,
+            placed["prompt_tokens"],
+            placed["prompt_mask"],
+            jax.random.fold_in(state.rng, state.step) if rng is None else rng,
+            num_samples=num_samples,
+            max_new_tokens=self.run.config.max_new_tokens,
+            min_new_tokens=self.config.get("min_new_tokens", 0),
+            temperature=temperature,
+            top_p=self.config.top_p,
+            top_k=self.config.top_k,
+            eos_id=self.run.tokenizer.eos_id,
+            pad_id=self.run.tokenizer.pad_id,
+            mesh=self.run.mesh,
+        )
+        return placed, rollout
+
+    def row_examples(self, prompts, num_samples: int) -> list[dict]:
+        """The example of every rollout row (prompt-major: each prompt's example `num_samples` times)."""
+        indices = np.asarray(prompts["example_index"])
+        if jax.process_count() > 1:  # the rollout rows are global: every process's prompts, in order
+            from jax.experimental import multihost_utils
+
+            indices = np.asarray(multihost_utils.process_allgather(indices, tiled=True))
+        return [self.examples[int(i)] for i in np.repeat(indices, num_samples)]
+
+    def host_batch_extras(self, rollout, prompts, num_samples: int) -> tuple[dict, dict]:
+        """Host-computed batch entries (host rewards, step rewards) and their logged metrics."""
+        if self.host_rewards is None:
+            return {}, {}
+        values, logged = self.host_rewards(self.decode(rollout), self.row_examples(prompts, num_samples))
+        return {"host_rewards": values}, logged
+
+    def sample_batch(self, state, prompts, rng=None) -> tuple[dict, dict, float]:
+        """(the step's batch for these prompts, host-logged metrics, seconds the sampler took)."""
+        t0 = time.time()
+        G = self.num_samples
+        placed, rollout = self.rollout(state, prompts, G, self.temperature, rng)
+        jax.block_until_ready(rollout.tokens)
+        sample_time = time.time() - t0
+        extras, logged = self.host_batch_extras(rollout, prompts, G)
+        if extras and jax.process_count() > 1:  # host values of the global batch: onto the mesh
+            extras = sharding.place_global(extras, self.run.mesh)
+        batch = rollout_to_batch(rollout, placed, G, extras.pop("host_rewards", None))
+        batch.update(extras)
+        return batch, logged, sample_time
+
+    def collect(self, state, global_step) -> tuple[dict, dict]:
+        """(the step's batch, host-logged metrics incl. `sample_time_s`): one prompt batch, sampled."""
+        del global_step
+        prompts = next(self.data_iter)
+        batch, logged, sample_time = self.sample_batch(state, prompts)
+        return batch, dict(
+            logged,
+            sample_time_s=sample_time,
+            prompt_truncated_frac=float(np.mean(prompts["prompt_truncated"])),
+        )
+
+    def train_step(self, state, global_step):
+        t0 = time.time()
+        batch, logged = self.collect(state, global_step)
+        batch.update(self.debug_switches(global_step))
+        state, step_metrics = self.step_fn(state, batch)
+        state, more = self.after_update(state)
+        m = host_metrics(step_metrics)
+        m.update(logged, **more, step_time_s=time.time() - t0)
+        return state, m
+
+    def after_update(self, state):
+        """Work between steps (reference reset, reward-model retraining): (state, extra metrics)."""
+        return state, {}
+
+    def progress(self, metrics):
+        return {"reward": metrics["reward/mean"], "kl": metrics["kl"]}
+
+    def close(self):
+        if getattr(self, "host_runner", None) is not None:
+            self.host_runner.close()
