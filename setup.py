@@ -39,4 +39,16 @@ setup(
         "notebooks": ["jupyter", "nbconvert", "nbclient", "ipykernel"],
         "tpu": ["jax[tpu]"],
     },
+    # The user's commands, the same code as `python scripts/NAME.py` (grpo_jax/cli/).
+    entry_points={
+        "console_scripts": [
+            "grpo-train = grpo_jax.cli.train:entry_point",
+            "grpo-sample = grpo_jax.cli.sample:entry_point",
+            "grpo-evaluate = grpo_jax.cli.evaluate:entry_point",
+            "grpo-convert-hf = grpo_jax.cli.convert_hf:entry_point",
+            "grpo-sweep = grpo_jax.cli.sweep:entry_point",
+            "grpo-aot-compile = grpo_jax.cli.aot_compile:entry_point",
+            "grpo-launch-tpu-pod = grpo_jax.cli.launch_tpu_pod:entry_point",
+        ]
+    },
 )

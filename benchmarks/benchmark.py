@@ -1,7 +1,7 @@
 """Benchmark the sampler and the GRPO step; print a table and write one JSON per run.
 
-    python scripts/benchmark.py --preset=cpu --out=benchmarks/cpu.json
-    python scripts/benchmark.py --preset=gpu --which=sampler --out=benchmarks/h100_sampler.json
+    python benchmarks/benchmark.py --preset=cpu --out=benchmarks/cpu.json
+    python benchmarks/benchmark.py --preset=gpu --which=sampler --out=benchmarks/h100_sampler.json
 
 Every timing runs after a warm-up call; compile time (lower + compile) is reported separately. Timed
 quantities record mean / median / min over the repeats and the CPU share the process got; derived
@@ -21,8 +21,8 @@ step      the one-program GRPO step (`make_grpo_step`, μ = 1, β > 0 so the ref
           chunk size and with one chunk covering the whole sequence.
 
 The decode loop with and without sampling, and the token choice against `jax.random.categorical`,
-are in scripts/benchmark_decode.py. Settings, presets, timing and the analytic costs are shared with it
-in `grpo_jax.benchmarking`. Only public names of grpo_jax are used.
+are in benchmarks/benchmark_decode.py. Settings, presets, timing and the analytic costs are shared with it
+in `benchlib.py` (analytic costs: `grpo_jax.flops`). Only public names of grpo_jax are used.
 """
 
 from __future__ import annotations
@@ -38,17 +38,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-from grpo_jax import sampling, sharding
-from grpo_jax.algorithms import GRPOConfig
-from grpo_jax.benchmarking import (  # noqa: F401  (PRESETS, matmul_param_count, ...: the script's API)
+from benchlib import (  # noqa: F401  (PRESETS, BenchConfig, ...: the script's API)
     PRESETS,
     BenchConfig,
     compile_timed,
-    decode_step_costs,
     environment,
     finish,
-    matmul_param_count,
     measure_copy_bandwidth,
     measure_peak_matmul,
     prompts,
@@ -56,6 +51,10 @@ from grpo_jax.benchmarking import (  # noqa: F401  (PRESETS, matmul_param_count,
     time_calls,
     write_json,
 )
+
+from grpo_jax import models, sampling, sharding
+from grpo_jax.algorithms import GRPOConfig
+from grpo_jax.flops import decode_step_costs, matmul_param_count  # noqa: F401  (the script's API)
 from grpo_jax.models import forward_with_cache, init_cache, init_params, positions_from_mask
 from grpo_jax.training import (
     OptimizerConfig,
@@ -66,7 +65,7 @@ from grpo_jax.training import (
 )
 
 BENCHMARKS = ("sampler", "step")
-MOVED = {"variants": "scripts/benchmark_decode.py"}
+MOVED = {"variants": "benchmarks/benchmark_decode.py"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,7 +271,7 @@ def bench_grpo_step(cfg: BenchConfig, params, rollout) -> dict[str, Any]:
         num_minibatches=cfg.num_minibatches,
     )
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-6))
-    param_sh = sharding.model_param_shardings(mesh, model)
+    param_sh = models.model_param_shardings(mesh, model)
     state, state_sh = create_train_state(
         jax.device_put(params, param_sh),
         optimizer,

@@ -1,6 +1,6 @@
 """Decode-step micro-benchmarks: what the token choice costs inside the decode loop and alone.
 
-    python scripts/benchmark_decode.py --preset=cpu --out=benchmarks/cpu_decode.json
+    python benchmarks/benchmark_decode.py --preset=cpu --out=benchmarks/cpu_decode.json
 
 The sampler's decode loop without its bookkeeping (`forward_with_cache` in a `lax.fori_loop`, each step
 feeding its chosen token to the next) with three token choices, and the choices alone on [B*G, V] random
@@ -15,7 +15,7 @@ choice_*           the same choices alone, and both with top_p = 0.9 (`sampling.
 
 Per-step times use the minimum over the repeats (other processes only ever add time); every timing,
 the load average and the CPU share the process got are in the JSON. Presets and timing are shared with
-scripts/benchmark.py (`grpo_jax.benchmarking`); only public names of grpo_jax are used.
+benchmarks/benchmark.py (`benchlib.py`); only public names of grpo_jax are used.
 """
 
 from __future__ import annotations
@@ -31,18 +31,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from benchlib import PRESETS, BenchConfig, compile_timed, environment, finish, ratio, time_calls, write_json
 
 from grpo_jax import sampling
-from grpo_jax.benchmarking import (
-    PRESETS,
-    BenchConfig,
-    compile_timed,
-    environment,
-    finish,
-    ratio,
-    time_calls,
-    write_json,
-)
 from grpo_jax.models import forward_with_cache, init_cache, init_params
 
 CHOICES = ("argmax", "sampled", "categorical")
@@ -177,7 +168,7 @@ def main(argv: Sequence[str]) -> None:
 def define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_enum("preset", "cpu", sorted(PRESETS), "Model and batch setting (grpo_jax.benchmarking).")
+    flags.DEFINE_enum("preset", "cpu", sorted(PRESETS), "Model and batch setting (benchlib.py).")
     flags.DEFINE_string("out", None, "Write the JSON report here.")
     flags.DEFINE_integer("repeats", None, "Override the preset's timed calls per measurement.")
 

@@ -1,7 +1,7 @@
 """What GRPO saves: compiled memory and step time of the GRPO step against PPO with a critic, same rollouts.
 
-    python scripts/benchmark_ppo.py --preset=ppo_vs_grpo --out=benchmarks/grpo_vs_ppo_step.json
-    python scripts/benchmark_ppo.py --cpu_scheduler=concurrency --out=benchmarks/grpo_vs_ppo_step_conc.json
+    python benchmarks/benchmark_ppo.py --preset=ppo_vs_grpo --out=benchmarks/grpo_vs_ppo_step.json
+    python benchmarks/benchmark_ppo.py --cpu_scheduler=concurrency --out=benchmarks/grpo_vs_ppo_step_conc.json
 
 Both steps train on the same B × G rollouts (DeepSeekMath arXiv 2402.03300 §4.1: GRPO drops PPO's value
 model, "usually another model of comparable size as the policy model"). Both keep a frozen reference
@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from grpo_jax import sampling, sharding
+from grpo_jax import models, sampling, sharding
 from grpo_jax.algorithms import GRPOConfig, PPOConfig
 from grpo_jax.models import ModelConfig, init_params
 from grpo_jax.training import (
@@ -128,7 +128,7 @@ def bench_variant(setting: Setting, remat: str, num_minibatches: int, params, ba
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     opt_config = OptimizerConfig(learning_rate=1e-6)
     optimizer = make_optimizer(opt_config)
-    param_sh = sharding.model_param_shardings(mesh, model)
+    param_sh = models.model_param_shardings(mesh, model)
     params = jax.device_put(params, param_sh)
     common = dict(mesh=mesh, logprob_chunk_size=setting.logprob_chunk_size)
     grpo = GRPOConfig(

@@ -1,6 +1,6 @@
 """Host memory over a long run: the quickstart's GRPO stage for 1,000 steps, host RSS every 50 steps.
 
-    python scripts/benchmark_rss.py --out=benchmarks/host_rss
+    python benchmarks/benchmark_rss.py --out=benchmarks/host_rss
 
 Runs `scripts/train.py` on `configs/quickstart.py` exactly as a user would (metrics.jsonl, TensorBoard,
 evals and async checkpoints on) with the GRPO stage raised to `--grpo_steps`, and samples the training

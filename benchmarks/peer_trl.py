@@ -205,14 +205,14 @@ def run_trl_subprocess(trl_python: str, setting: str, steps: int, threads: int) 
 
 
 def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 matmul FLOP/s of this machine (`grpo_jax.benchmarking.measure_peak_matmul`)."""
-    from grpo_jax.benchmarking import measure_peak_matmul
+    """Best fp32 matmul FLOP/s of this machine (`benchlib.measure_peak_matmul`)."""
+    from benchlib import measure_peak_matmul
 
     return measure_peak_matmul(size, "float32", repeats)["gflops"] * 1e9
 
 
 def _setting(setting: str):
-    """(ModelConfig, GRPOConfig) of a setting, for the FLOP counts of `grpo_jax.benchmarking`."""
+    """(ModelConfig, GRPOConfig) of a setting, for the FLOP counts of `grpo_jax.flops`."""
     from grpo_jax.algorithms import GRPOConfig
     from grpo_jax.models import ModelConfig
 
@@ -221,8 +221,8 @@ def _setting(setting: str):
 
 def update_flops(setting: str) -> float:
     """Nominal FLOPs of one update: reference forward + policy forward and backward over all 64 x 96
-    tokens, attention as the full square (`grpo_jax.benchmarking.grpo_step_flops`, no remat)."""
-    from grpo_jax.benchmarking import grpo_step_flops
+    tokens, attention as the full square (`grpo_jax.flops.grpo_step_flops`, no remat)."""
+    from grpo_jax.flops import grpo_step_flops
 
     return grpo_step_flops(*_setting(setting), NUM_PROMPTS, PROMPT_LEN, COMPLETION_LEN)
 
@@ -231,8 +231,8 @@ def update_flops_done(setting: str) -> float:
     """FLOPs the update really does with shared-prefix training (on in configs/bench_trl_d.py): each
     prompt's 32 positions go through the layers once per group (8 x 32 + 64 x 64 = 4,352 positions instead
     of 64 x 96 = 6,144) and only the 64 completion positions of each row reach the vocabulary projection
-    (`grpo_jax.benchmarking.grpo_update_flops_done`)."""
-    from grpo_jax.benchmarking import grpo_update_flops_done
+    (`grpo_jax.flops.grpo_update_flops_done`)."""
+    from grpo_jax.flops import grpo_update_flops_done
 
     return grpo_update_flops_done(
         *_setting(setting), NUM_PROMPTS, PROMPT_LEN, COMPLETION_LEN, shared_prefix=True

@@ -1,16 +1,16 @@
 """Time a config's one-program GRPO step (and its sampler) in-process, A/B model variants alternated in
 one run, and show where XLA:CPU spends the time, op by op, from the JAX profiler.
 
-    python scripts/profile_step.py --config=configs/bench_trl_d.py:large \
+    python benchmarks/profile_step.py --config=configs/bench_trl_d.py:large \
         --variant=remat=none --variant=remat=dots --rounds=5
-    python scripts/profile_step.py --config=configs/bench_trl_d.py:large --profile=grpo_step --top=25
+    python benchmarks/profile_step.py --config=configs/bench_trl_d.py:large --profile=grpo_step --top=25
 
 The step is built as `scripts/train.py` builds it (`make_grpo_step` with the stage's GRPOConfig,
 optimizer, logprob chunk and shared-prefix switch) on one device and a random model with the config's
 shapes, and is fed random rollouts of exactly max_prompt_len + max_new_tokens tokens. Each round calls
-every variant's step once, then times a 2048^3 fp32 matmul (`benchmarking.measure_peak_matmul`). The
+every variant's step once, then times a 2048^3 fp32 matmul (`benchlib.measure_peak_matmul`). The
 report gives each variant's median and min step time and the fraction of the best measured matmul rate
-that its work reaches. "Work" is the FLOPs the step really computes (`benchmarking.grpo_update_flops_done`:
+that its work reaches. "Work" is the FLOPs the step really computes (`grpo_jax.flops.grpo_update_flops_done`:
 with shared prefix each prompt once per group, the vocabulary projection on completion positions only).
 
 `--profile=grpo_step` or `--profile=sampler` traces one more call of the first variant and prints the
@@ -109,7 +109,7 @@ def build(config, overrides: dict):
     G, rows = grpo.num_generations, stage.prompts_per_step * grpo.num_generations
     optimizer = make_optimizer(setup.optimizer_config(stage, int(stage.steps)))
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    param_sh = sharding.model_param_shardings(mesh, model)
+    param_sh = models.model_param_shardings(mesh, model)
     params = jax.device_put(models.init_params(model, jax.random.key(0)), param_sh)
     state, state_sh = create_train_state(
         params, optimizer, mesh, param_sh, rng=jax.random.key(0), with_reference=grpo.kl_coef > 0
@@ -185,8 +185,9 @@ def op_profile(call, top: int, hlo_text: str = "") -> str:
 def run(config, variants: Sequence[dict], rounds: int, profile: str = "", top: int = 20) -> list[dict]:
     """Build every variant, alternate `rounds` timed steps, print and return the per-variant summary."""
     import jax
+    from benchlib import measure_peak_matmul
 
-    from grpo_jax.benchmarking import grpo_update_flops_done, measure_peak_matmul
+    from grpo_jax.flops import grpo_update_flops_done
 
     runs = [dict(build(config, v), times=[]) for v in (variants or [{}])]
     for r in runs:  # compile

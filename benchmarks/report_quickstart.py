@@ -1,6 +1,6 @@
 """Run the quickstart for several seeds, one after another, and write `benchmarks/quickstart.md` + `.json`.
 
-    python scripts/report_quickstart.py --seeds=0,1,2 --root=workdirs/quickstart_seeds
+    python benchmarks/report_quickstart.py --seeds=0,1,2 --root=workdirs/quickstart_seeds
 
 Each seed runs `scripts/train.py --config=configs/quickstart.py --config.seed=S` in its own workdir
 (wall time includes start-up and compilation). The report gives, per seed: held-out greedy pass@1
@@ -88,7 +88,7 @@ def main(argv):
             "stage and after the GRPO stage, for each seed. Made by:",
             "",
             "```bash",
-            f"python scripts/report_quickstart.py --seeds={','.join(_SEEDS.value)} --root={_ROOT.value}",
+            f"python benchmarks/report_quickstart.py --seeds={','.join(_SEEDS.value)} --root={_ROOT.value}",
             "```",
             "",
             "which runs, one seed at a time, "

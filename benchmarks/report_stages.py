@@ -1,8 +1,8 @@
 """Run a multi-stage config for several seeds and report every stage: `OUT.md`, `OUT.json`, `OUT.png`.
 
-    python scripts/report_stages.py --config=configs/compare_rl.py --seeds=0,1,2 \
+    python benchmarks/report_stages.py --config=configs/compare_rl.py --seeds=0,1,2 \
         --root=workdirs/compare_rl --out=benchmarks/grpo_vs_ppo
-    python scripts/report_stages.py --config=configs/r1_pipeline.py --seeds=0 \
+    python benchmarks/report_stages.py --config=configs/r1_pipeline.py --seeds=0 \
         --root=workdirs/r1_pipeline --out=benchmarks/r1_pipeline
 
 Each seed runs `scripts/train.py --config=CONFIG --workdir=ROOT/seedS --config.seed=S` (a finished
@@ -162,7 +162,7 @@ def main(argv):
             "Made by:",
             "",
             "```bash",
-            f"python scripts/report_stages.py --config={_CONFIG.value} --seeds={','.join(_SEEDS.value)} "
+            f"python benchmarks/report_stages.py --config={_CONFIG.value} --seeds={','.join(_SEEDS.value)} "
             f"--root={_ROOT.value} --out={_OUT.value}"
             + (f" --append={','.join(_APPEND.value)}" if _APPEND.value else ""),
             "```",

@@ -1,4 +1,4 @@
-"""scripts/benchmark_rss.py reads the run it watches correctly: the newest GRPO step from a metrics.jsonl
+"""benchmarks/benchmark_rss.py reads the run it watches correctly: the newest GRPO step from a metrics.jsonl
 that is still being written (a half-written last line is left for the next read), and the growth figure
 it reports against the goal."""
 
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark_rss.py"
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark_rss.py"
 
 
 @pytest.fixture(scope="module")

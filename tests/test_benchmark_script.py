@@ -1,5 +1,5 @@
-"""scripts/benchmark.py and scripts/benchmark_decode.py have a pulse: the tiny preset runs end to end and
-each report has every key the README's tables read. No timing is asserted (the machine is shared); the
+"""benchmarks/benchmark.py and benchmarks/benchmark_decode.py have a pulse: the tiny preset runs end to
+end and each report has every key the README's tables read. No timing is asserted (the machine is shared); the
 analytic costs are exact. Both scripts use only public names of grpo_jax."""
 
 import importlib.util
@@ -13,10 +13,12 @@ import pytest
 
 from grpo_jax.models import ModelConfig
 
-SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name):
+    if str(SCRIPTS) not in sys.path:  # the scripts import their shared `benchlib` as a sibling
+        sys.path.insert(0, str(SCRIPTS))
     spec = importlib.util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
@@ -115,7 +117,7 @@ def test_decode_costs_are_exact(benchmark):
 
 
 def test_variants_moved_to_benchmark_decode(benchmark):
-    with pytest.raises(ValueError, match="benchmark 'variants' moved to scripts/benchmark_decode.py"):
+    with pytest.raises(ValueError, match="benchmark 'variants' moved to benchmarks/benchmark_decode.py"):
         benchmark.run_benchmarks(benchmark.PRESETS["tiny"](), ("sampler", "variants"))
 
 

@@ -38,8 +38,11 @@ def _env() -> dict[str, str]:
 
 
 def run_script(name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python scripts/NAME ARGS` (a benchmark script, `benchmarks/NAME`, where scripts/ has none)."""
+    path = REPO / "scripts" / name
+    path = path if path.exists() else REPO / "benchmarks" / name
     return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / name), *map(str, args)],
+        [sys.executable, str(path), *map(str, args)],
         cwd=REPO,
         env=_env(),
         capture_output=True,

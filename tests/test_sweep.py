@@ -1,4 +1,4 @@
-"""scripts/sweep.py and configs/ablations/*.py (DESIGN.md §3, sweeps).
+"""scripts/sweep.py and configs/ablations/*.py (docs/CONTRACTS.md, sweeps).
 
 Every ablation config parses, each of its points applies to its config (full and `:runlocal`), and a
 2-point `:runlocal` sweep (`configs/ablations/kl_coef.py:runlocal --point=...`, one seed) runs end to end
@@ -12,7 +12,7 @@ and a point that starts from it writes the same metrics as the point run from sc
 import csv
 import functools
 import glob
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -28,11 +28,8 @@ ABLATIONS = sorted(glob.glob(str(REPO / "configs" / "ablations" / "*.py")))
 
 @functools.cache
 def _sweep_module():
-    """scripts/sweep.py imported once (its absl flags can only be defined once per process)."""
-    spec = importlib.util.spec_from_file_location("sweep_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The sweep command's module (`grpo_jax.cli.sweep`, behind scripts/sweep.py)."""
+    return importlib.import_module("grpo_jax.cli.sweep")
 
 
 def _env() -> dict[str, str]:

@@ -253,7 +253,7 @@ def build_programs(config, stage: str, model_config, mesh) -> Programs:
         shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape))
     )
 
-    param_shardings = sharding.model_param_shardings(mesh, model_config)
+    param_shardings = models.model_param_shardings(mesh, model_config)
     params = _sds(
         jax.eval_shape(lambda k: models.init_params(model_config, k), jax.random.key(0)), param_shardings
     )
@@ -413,7 +413,7 @@ def run(
 ) -> dict:
     """Resolve the config, model, topology and mesh, compile `programs`, print and return the report."""
     from grpo_jax import sharding
-    from grpo_jax.benchmarking import TPU_CHIPS
+    from grpo_jax.flops import TPU_CHIPS
 
     unknown = sorted(set(programs) - {"sampler", "grpo_step"})
     if unknown:
@@ -455,7 +455,7 @@ def _compile_all(
 ) -> dict:
     import jax
 
-    from grpo_jax.benchmarking import TPU_CHIPS, grpo_sampler_flops, grpo_step_flops
+    from grpo_jax.flops import TPU_CHIPS, grpo_sampler_flops, grpo_step_flops
 
     kind = devices[0].device_kind
     chip = TPU_CHIPS.get(kind, {})
@@ -569,5 +569,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return args
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The `grpo-aot-compile` console entry point (also `python scripts/aot_compile.py`)."""
     app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -145,5 +145,10 @@ def main(argv):
         _fail(error)
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The `grpo-convert-hf` console entry point (also `python scripts/convert_hf.py`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -12,7 +12,7 @@ from the workdir's saved config, or from --config (required for an HF directory,
 it may also override a workdir's).
 
 The k samples use the run's rollout settings by default: temperature, top-p and top-k of the
-checkpoint's GRPO/PPO stage (or the run's nearest one; `grpo_jax.evaluation.run_sampling_settings`),
+checkpoint's GRPO/PPO stage (or the run's nearest one; `grpo_jax.workdir.run_sampling_settings`),
 for an HF directory those of --config's rollout stage; with no rollout stage, config.eval.temperature.
 --temperature, --top_p and --top_k override them one by one.
 """
@@ -84,10 +84,17 @@ def evaluate(
     the SamplingSettings of the k samples)."""
     import jax
 
-    from grpo_jax.evaluation import SamplingSettings, checkpoint_stage, run_sampling_settings
     from grpo_jax.training import setup
     from grpo_jax.training.evaluator import Evaluator
-    from grpo_jax.workdir import is_hf_directory, is_workdir, load_policy, select_step
+    from grpo_jax.workdir import (
+        SamplingSettings,
+        checkpoint_stage,
+        is_hf_directory,
+        is_workdir,
+        load_policy,
+        run_sampling_settings,
+        select_step,
+    )
 
     if config is None and is_hf_directory(source):
         raise ValueError(
@@ -169,5 +176,10 @@ def main(argv):
             json.dump(record, f, indent=2)
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The `grpo-evaluate` console entry point (also `python scripts/evaluate.py`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    entry_point()

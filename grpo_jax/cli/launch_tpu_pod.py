@@ -136,7 +136,10 @@ class Plan:
         self.runtime_version = runtime_version or runtime_for(accelerator_type)
         self.queued, self.spot, self.extras = queued, spot, extras
         self.remote_dir, self.source, self.git_url, self.git_ref = remote_dir, source, git_url, git_ref
-        self.repo_root = repo_root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # The checkout this package runs from (an editable install: grpo_jax/cli/ -> the repository).
+        self.repo_root = repo_root or os.path.dirname(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        )
         self.where = _where(zone, project)
 
     # -- the slice --------------------------------------------------------------------------------
@@ -391,5 +394,10 @@ def main(argv):
     sys.exit(status)
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The `grpo-launch-tpu-pod` console entry point (also `python scripts/launch_tpu_pod.py`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -9,7 +9,7 @@ per line). Each prompt is wrapped in --template (default: the run's template, "p
 and sampled --num_samples times in one batched call of the jitted sampler.
 
 For a training workdir, temperature, top-p and top-k default to the run's rollout settings (those of the
-checkpoint's GRPO/PPO stage, or of the run's nearest one: `grpo_jax.evaluation.run_sampling_settings`);
+checkpoint's GRPO/PPO stage, or of the run's nearest one: `grpo_jax.workdir.run_sampling_settings`);
 for an HF directory to T=1, top_p=1, top_k=0. --temperature, --top_p and --top_k override them one by
 one. The settings used are printed before the samples and written into every --out line.
 """
@@ -88,8 +88,14 @@ def sample(
     from grpo_jax import sampling
     from grpo_jax.data.pipeline import tokenize_prompt
     from grpo_jax.data.templates import format_prompt
-    from grpo_jax.evaluation import SamplingSettings, checkpoint_stage, run_sampling_settings
-    from grpo_jax.workdir import is_workdir, load_policy, select_step
+    from grpo_jax.workdir import (
+        SamplingSettings,
+        checkpoint_stage,
+        is_workdir,
+        load_policy,
+        run_sampling_settings,
+        select_step,
+    )
 
     stage = None
     if is_workdir(source):
@@ -178,5 +184,10 @@ def main(argv):
                 f.write(json.dumps(record) + "\n")
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The `grpo-sample` console entry point (also `python scripts/sample.py`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    entry_point()

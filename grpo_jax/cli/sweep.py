@@ -56,7 +56,6 @@ _SHARE = flags.DEFINE_bool(
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME_KEY = "_name"  # an override dict's optional display name; not a config key
 SHARED = "_shared"  # DIR/_shared/seed<k>: the stages every point shares, run once per seed
 # What a point's workdir does not take from the shared run: its own config, log, summary and plots.
@@ -182,12 +181,12 @@ def start_from_shared(shared_dir: str, run_dir: str) -> bool:
 
 
 def run_train(config_arg: str, run_dir: str, point: dict, seed: int) -> int:
-    """`scripts/train.py` for one point × seed into run_dir (log appended to run_dir/train.log)."""
+    """`scripts/train.py` (run as `python -m grpo_jax.cli.train`) for one point × seed into run_dir (log
+    appended to run_dir/train.log)."""
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "train.log"), "a") as log:
         return subprocess.run(
             train_command(config_arg, run_dir, point, seed),
-            cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
         ).returncode
@@ -197,7 +196,8 @@ def train_command(config_arg: str, workdir: str, point: dict, seed: int) -> list
     path, sep, arg = config_arg.partition(":")
     return [
         sys.executable,
-        os.path.join(REPO, "scripts", "train.py"),
+        "-m",
+        "grpo_jax.cli.train",
         f"--config={os.path.abspath(path)}{sep}{arg}",
         f"--workdir={workdir}",
         *(f"--config.{k}={_format_value(v)}" for k, v in overrides(point).items()),
@@ -468,5 +468,10 @@ def main(argv):
         _fail(f"{len(failed)} run(s) failed: {'; '.join(failed)}")
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The `grpo-sweep` console entry point (also `python scripts/sweep.py`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    entry_point()

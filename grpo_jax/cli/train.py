@@ -116,5 +116,10 @@ def main(argv):
     print(f"wall time {summary['wall_time_s']:.0f}s; results in {_WORKDIR.value}")
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The `grpo-train` console entry point (also `python scripts/train.py`)."""
     app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    entry_point()
