@@ -40,8 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         param_dtype="float32",
         dtype="float32",
         # Saves the matmul outputs and recomputes the cheap elementwise ops in the backward. On CPU that
-        # avoids stacking the elementwise residuals across the layer scan (zero-fill, a write and a read
-        # per layer: 13 % of the large step in a profile); measured 14-20 % faster than "none" at :large.
+        # avoids stacking the elementwise residuals across the layer scan (a zero-fill, a write and a read
+        # per layer); benchmarks/peer_trl.md has the profile and the timing against "none".
         remat="dots",
         **SETTINGS["large" if arg == "large" else "small"],
     )

@@ -10,7 +10,7 @@ policy learning rate:
   grpo_process  process supervision: per-step rewards from the arithmetic step verifier (§4.1.3)
 Each RL stage runs 150 steps (half the quickstart's GRPO stage: on this task most of the gain comes
 early), so three arms and three seeds fit in about an hour on a 2-core CPU.
-`scripts/report_stages.py` runs it for several seeds and writes `benchmarks/grpo_vs_ppo.md`.
+`benchmarks/report_stages.py` runs it for several seeds and writes `benchmarks/grpo_vs_ppo.md`.
 """
 
 import ml_collections

@@ -5,7 +5,7 @@
 
 The policy sees the R1-Zero template and is rewarded for the tag format (in-graph) and for a valid
 Countdown equation (host, TinyZero's score: 1 correct, 0.1 well-formed but wrong, 0 no answer).
-RL settings are the R1 paper's (Nature version, Methods; DESIGN.md §4): lr 3e-6, β = 0.001, G = 16,
+RL settings are the R1 paper's (Nature version, Methods; docs/ALGORITHMS.md): lr 3e-6, β = 0.001, G = 16,
 a rollout of 512 questions x 16 outputs split into 16 minibatches of 32 x 16 (one inner epoch),
 temperature 1, reference reset every 400 steps. Shrink `grpo.prompts_per_step` together with
 `grpo.algo.num_minibatches` for smaller machines.

@@ -1,6 +1,6 @@
 """grpo_jax: GRPO, R1-Zero and R1 training for language models in JAX, one XLA program per RL update.
 
-Public entry points (stable names, DESIGN.md §3):
+Public entry points (stable names, docs/CONTRACTS.md):
   grpo_jax.models.load_pretrained / forward           the Llama/Qwen2 policy
   grpo_jax.sampling.generate                           G completions per prompt with a KV cache
   grpo_jax.sampling.choose_tokens                      its per-step token choice (inverse CDF)

@@ -1,6 +1,6 @@
 """Metric logging: `DIR/metrics.jsonl` (the contract), TensorBoard scalars, a progress bar, curves.
 
-metrics.jsonl (DESIGN.md §3) holds one JSON object per line: `step` (int), `stage` ("sft", "grpo",
+metrics.jsonl (docs/CONTRACTS.md) holds one JSON object per line: `step` (int), `stage` ("sft", "grpo",
 "eval", ...) and the metrics of that step. JSON has no NaN/inf, so a non-finite metric is written as
 `null` and its name is listed in the line's `nonfinite` key (absent when every value is finite).
 Lines are flushed one by one, so a crash loses at most the line being written.

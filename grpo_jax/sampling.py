@@ -106,8 +106,8 @@ def _nucleus_key(logits: jax.Array, top_p: float) -> jax.Array:
 
     The nucleus is then exactly the tokens with key >= k: a token is in it iff the mass of the tokens
     strictly more likely than it is below top_p, which is the sorted-cumsum rule (ties kept together).
-    Found by bisection over the 2^32 keys (32 masked sums over V) instead of sorting every row: on CPU
-    about 20x less time at V = 16k (`scripts/benchmark_decode.py`, the `choice_*_top_p` rows)."""
+    Found by bisection over the 2^32 keys (32 masked sums over V) instead of sorting every row, which is
+    far cheaper at large V (measured by `benchmarks/benchmark_decode.py`, the `choice_*_top_p` rows)."""
     keys = _order_keys(logits)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     high = jnp.max(keys, axis=-1, keepdims=True)  # mass above the top token: 0 < top_p
@@ -395,7 +395,7 @@ def generate(
     pad_id: int = 0,
     mesh=None,
 ) -> Rollout:
-    """Sample `num_samples` completions for each left-padded prompt (DESIGN.md §3 contract).
+    """Sample `num_samples` completions for each left-padded prompt (docs/CONTRACTS.md).
 
     prompt_tokens/prompt_mask [B, P] (left-padded); rng: a typed or raw PRNG key. Returns a `Rollout`
     with N = B * num_samples rows in prompt-major order. `eos_id` and any `stop_ids` end a sequence (the

@@ -1,4 +1,4 @@
-"""scripts/train.py end to end (DESIGN.md §3), run as a subprocess with `configs/quickstart.py:runlocal`.
+"""scripts/train.py end to end (docs/CONTRACTS.md), run as a subprocess with `configs/quickstart.py:runlocal`.
 
 One shared baseline run (SFT 2 steps, GRPO 4 steps, a NaN injected at global step 4, a length reward so
 GRPO really updates the weights) is checked for the metrics.jsonl contract, the run's files and its
@@ -181,7 +181,7 @@ def test_a_nan_update_is_skipped_and_counted(baseline):
 def test_the_steps_do_not_recompile(baseline):
     """`compiles` (XLA compilations so far in the process) grows while SFT and then GRPO compile their
     programs, and stays flat once the first GRPO step, its checkpoint and the first GRPO eval are done:
-    the NaN step, later steps, evals and checkpoints reuse the same programs (DESIGN.md §1)."""
+    the NaN step, later steps, evals and checkpoints reuse the same programs (docs/ARCHITECTURE.md)."""
     counts = {(x["stage"], x["step"]): x["compiles"] for x in metric_lines(baseline) if x["stage"] != "eval"}
     assert counts[("sft", 1)] > 0, "the counter sees no compilation at all"
     assert counts[("grpo", 3)] > counts[("sft", 2)], "GRPO's sampler and step compile at its first step"

@@ -3,7 +3,7 @@
     python scripts/sweep.py --config=configs/ablations/loss_variants.py --workdir=workdirs/loss_variants \
         --seeds=0,1,2
 
-Points (each a `config.grpo.algo` switch, DESIGN.md §4): GRPO (DeepSeekMath eq. 3: per-sequence token
+Points (each a `config.grpo.algo` switch, docs/ALGORITHMS.md): GRPO (DeepSeekMath eq. 3: per-sequence token
 mean, std-scaled group advantages), Dr. GRPO (arXiv 2503.20783: mean-only advantages, token sums over a
 constant), DAPO's token-level mean (arXiv 2503.14476 eq. 8), GSPO's sequence-level ratio (arXiv
 2507.18071, ε 3e-4/4e-4) and CISPO (arXiv 2506.13585: clipped, stop-gradient IS weight times log π).

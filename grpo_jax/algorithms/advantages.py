@@ -4,7 +4,7 @@ Rewards are `[N]` with `N = num_prompts * group_size`, laid out prompt-major: th
 then the G samples of prompt 1, and so on. Group statistics reshape the global array to `[N // G, G]`
 inside jit, so a group whose samples sit on different devices is normalised exactly as on one device.
 
-Conventions shared by every estimator (DESIGN.md §4, matching verl): standard deviations are
+Conventions shared by every estimator (docs/ALGORITHMS.md, matching verl): standard deviations are
 Bessel-corrected and an epsilon (default 1e-6) is added to them; a group whose rewards are all equal gets
 advantage exactly 0, and so does a one-sample group (its baseline is itself).
 """

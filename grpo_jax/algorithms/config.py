@@ -2,7 +2,7 @@
 
 Sources: GRPO, DeepSeekMath (arXiv 2402.03300) eq. 3 and §4.1; DeepSeek-R1 (arXiv 2501.12948);
 DAPO (arXiv 2503.14476); Dr. GRPO (arXiv 2503.20783); GSPO (arXiv 2507.18071).
-The presets `dapo_config`, `dr_grpo_config` and `gspo_config` set each paper's recipe (DESIGN.md §4).
+The presets `dapo_config`, `dr_grpo_config` and `gspo_config` set each paper's recipe (docs/ALGORITHMS.md).
 """
 
 import dataclasses

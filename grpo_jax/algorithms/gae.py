@@ -1,6 +1,6 @@
 """The PPO baseline's critic-side math: token rewards, generalised advantage estimation, value loss.
 
-PPO for language models (InstructGPT-style, as in DeepSeekMath §4.1 and DESIGN.md §4) learns a value
+PPO for language models (InstructGPT-style, as in DeepSeekMath §4.1 and docs/ALGORITHMS.md) learns a value
 V_t per token; GRPO's point is to drop it. Shapes: N sequences, T completion tokens, right-padded, with
 `mask` 1 on real tokens. A sequence ends at its last real token: no value is bootstrapped past it.
 """

@@ -1,4 +1,5 @@
-"""Python rewards on the host, between the sampler and the jitted step (DESIGN.md §1), that never crash a run.
+"""Python rewards on the host, between the sampler and the jitted step (docs/ARCHITECTURE.md), that never
+crash a run.
 
 A host reward is `fn(completion_text, example) -> float`. `HostRewardRunner` applies several of them to a
 batch and returns one float32 array `[N]` per reward name. A call that raises, returns a non-finite value,
