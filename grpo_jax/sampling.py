@@ -16,9 +16,10 @@ a raw one (`jax.random.PRNGKey`); the two spellings of one key give identical ro
 
 Logprobs: `logprobs` are log softmax(logits / temperature) of the sampled token — exactly what the
 training forward computes for the same tokens at the same temperature, so GRPO can use them as π_old
-with no importance correction. With top-k/top-p truncation, `sampling_logprobs` gives the log-prob
-under the truncated, renormalised distribution actually sampled from. Greedy (`temperature=0`) reports
-logprobs at temperature 1.
+with no importance correction, also where `min_new_tokens` kept the stop tokens from being drawn. With
+top-k/top-p truncation or that stop mask, `sampling_logprobs` gives the log-prob under the truncated,
+masked, renormalised distribution actually sampled from. Greedy (`temperature=0`) reports logprobs at
+temperature 1.
 """
 
 from __future__ import annotations
@@ -180,27 +181,35 @@ def choose_tokens(
     """The sampler's token choice at decode step `step` (traceable; the sampler calls it inside its loop).
 
     logits [N, V] float32, row_keys [N] typed PRNG keys (one stream per row). Returns (token [N] int32,
-    logprob [N]: log softmax(logits / temperature) of the token, sampling_logprob [N]: its log-prob
-    under the truncated, renormalised distribution sampled from; 0 when greedy). `temperature=0` is
-    argmax (logprob at temperature 1); before `min_new_tokens` the `stop_ids` cannot be chosen.
+    logprob [N], sampling_logprob [N]). `temperature=0` is argmax (logprob at temperature 1,
+    sampling_logprob 0); before `min_new_tokens` the `stop_ids` cannot be chosen.
+
+    Which distribution each reports (docs/ALGORITHMS.md, "Which logprobs are which"): `logprob` is the
+    policy's, log softmax(logits / temperature) over the FULL vocabulary, before the `min_new_tokens` stop
+    mask and top-k/top-p truncation, exactly what the training forward computes, so it serves as π_old;
+    `sampling_logprob` is the log-prob under the distribution really sampled from (stop tokens masked,
+    truncated, renormalised): π_sampler of the mismatch correction.
 
     Sampling draws two uniforms per row from `fold_in(row_key, step)` and inverts the CDF of the
     (truncated) softmax (`inverse_cdf_sample`): the distribution of `jax.random.categorical` without
     its V Gumbel draws per row (on a CPU those were half of a decode step).
     """
     vocab = logits.shape[-1]
+    policy_logits = logits
     if min_new_tokens:
         is_stop = jnp.isin(jnp.arange(vocab), jnp.asarray(stop_ids))
         logits = jnp.where(is_stop & (step < min_new_tokens), _NEG_INF, logits)
     if temperature == 0.0:
         token = jnp.argmax(logits, axis=-1)
-        logp_all = jax.nn.log_softmax(logits, axis=-1)
+        logp_all = jax.nn.log_softmax(policy_logits, axis=-1)
         sampling_logp = jnp.zeros(token.shape, jnp.float32)
     else:
+        logp_all = jax.nn.log_softmax(policy_logits / temperature, axis=-1)
         scaled = logits / temperature
-        logp_all = jax.nn.log_softmax(scaled, axis=-1)
         if (top_k and top_k < vocab) or top_p < 1.0:
             sampling_logp_all = jax.nn.log_softmax(truncate_logits(scaled, top_k=top_k, top_p=top_p), axis=-1)
+        elif min_new_tokens:
+            sampling_logp_all = jax.nn.log_softmax(scaled, axis=-1)
         else:
             sampling_logp_all = logp_all
         uniforms = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (2,)))(row_keys)

@@ -76,6 +76,43 @@ def test_logprobs_equal_training_forward(params, temperature):
     assert float(jnp.sum(out.mask)) > 0
 
 
+def test_min_new_tokens_logprobs_are_the_policy_and_sampling_logprobs_the_masked_draw(params):
+    """With stop tokens masked for the first `min_new_tokens` steps, `logprobs` stay the policy's
+    full-softmax logprobs (what the trainer computes: π_old) and `sampling_logprobs` are those of the
+    masked distribution sampled from (π_sampler), larger by exactly the stop tokens' lost mass."""
+    _, tokens, mask = _prompts()
+    stops, temperature = (EOS, 5, 6), 0.8
+    out = sampling.generate(
+        CONFIG,
+        params,
+        tokens,
+        mask,
+        jax.random.key(3),
+        num_samples=3,
+        max_new_tokens=8,
+        temperature=temperature,
+        eos_id=EOS,
+        stop_ids=stops,
+        min_new_tokens=5,
+    )
+    valid = np.asarray(out.mask) > 0
+    recomputed = np.asarray(sampling.rollout_logprobs(CONFIG, params, out, temperature=temperature))
+    np.testing.assert_allclose(np.asarray(out.logprobs)[valid], recomputed[valid], atol=1e-5)
+    # π_sampler = π / (1 − stop mass) on the masked steps, = π after them (no top-p/top-k here).
+    logits = models.forward(
+        CONFIG,
+        params,
+        jnp.concatenate([out.prompt_tokens, out.tokens], axis=1),
+        attention_mask=jnp.concatenate([out.prompt_mask, out.mask], axis=1),
+    )
+    P = tokens.shape[1]
+    logp = jax.nn.log_softmax(np.asarray(logits)[:, P - 1 : -1] / temperature, axis=-1)
+    stop_mass = np.exp(np.asarray(logp)[..., list(stops)]).sum(-1)
+    expected = np.asarray(out.logprobs) - np.log1p(-stop_mass) * (np.arange(8) < 5)
+    np.testing.assert_allclose(np.asarray(out.sampling_logprobs)[valid], expected[valid], atol=1e-5)
+    assert (np.asarray(out.sampling_logprobs) - np.asarray(out.logprobs))[:, :5][valid[:, :5]].min() > 1e-4
+
+
 def test_group_layout_rng_and_prompt_order(params):
     _, tokens, mask = _prompts()
     kw = dict(num_samples=4, max_new_tokens=6, temperature=1.0, eos_id=EOS)
