@@ -421,6 +421,17 @@ def test_value_loss_clipping():
     np.testing.assert_allclose(unclipped, 0.5 * (1.0 + 3.24) / 2, rtol=1e-6)
 
 
+def test_value_inside_the_clip_band_is_not_counted_as_clipped():
+    """V inside [V_old − ε, V_old + ε]: the clipped value is V itself, so the token is not clipped. As
+    V_old + clip(V − V_old, ±ε) it rounds one ulp off V for these float32 numbers and was counted."""
+    values, old = jnp.array([[-0.031837113]], jnp.float32), jnp.array([[-0.2314137]], jnp.float32)
+    assert float(old[0, 0] + jnp.clip(values - old, -0.2, 0.2)[0, 0]) != float(values[0, 0])
+    for returns in (jnp.array([[0.5]]), jnp.array([[-0.5]])):
+        loss, m = value_loss(values, old, returns, jnp.array([[1]]), clip_eps=0.2)
+        assert float(m["vf_clip_frac"]) == 0.0
+        np.testing.assert_allclose(loss, 0.5 * float((values - returns)[0, 0]) ** 2, rtol=1e-6)
+
+
 # ---------------------------------------------------------------- GRPOConfig
 
 

@@ -55,7 +55,10 @@ def gae_advantages(
 
 
 def masked_whiten(values: jax.Array, mask: jax.Array, *, eps: float = 1e-8) -> jax.Array:
-    """(x − mean) / (std + eps) over the masked entries, 0 elsewhere; PPO's advantage normalisation."""
+    """(x − mean) / (std + eps) over the masked entries, 0 elsewhere; PPO's advantage normalisation.
+
+    The variance is the population one (divided by n, the masked count); verl and TRL divide by n − 1,
+    a factor sqrt(n / (n − 1)) on the std that vanishes at a batch's token counts (docs/ALGORITHMS.md)."""
     mask = jnp.asarray(mask, jnp.float32)
     count = jnp.maximum(jnp.sum(mask), 1.0)
     mean = jnp.sum(values * mask) / count
@@ -70,11 +73,13 @@ def value_loss(
     mask: jax.Array,
     clip_eps: float | None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Clipped value loss `½ max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²)`, token mean over the mask.
+    """Clipped value loss `½ max((V − R)², (clip(V, V_old − ε, V_old + ε) − R)²)`, token mean over the mask.
 
     (Value clipping of OpenAI baselines' ppo2, studied in arXiv 2005.12729.) `clip_eps=None` gives the
     plain squared error. Metrics: vf_loss, vf_clip_frac (share of tokens where the clipped term is
-    larger), value_mean.
+    larger), value_mean. The clipped value is clip(V, V_old − ε, V_old + ε), which is V itself inside the
+    band: written V_old + clip(V − V_old, ±ε) it rounds one ulp off V there, and such tokens were counted
+    as clipped.
     """
     mask = jnp.asarray(mask, jnp.float32)
     valid = mask > 0
@@ -86,7 +91,7 @@ def value_loss(
         per_token = unclipped
         clipped_active = jnp.zeros_like(unclipped, dtype=bool)
     else:
-        clipped_values = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+        clipped_values = jnp.clip(values, old_values - clip_eps, old_values + clip_eps)
         clipped = jnp.square(clipped_values - returns)
         per_token = jnp.maximum(unclipped, clipped)
         clipped_active = clipped > unclipped
