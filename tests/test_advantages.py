@@ -58,6 +58,17 @@ def test_reinforce_pp_uses_batch_statistics():
     np.testing.assert_allclose(adv.compute_advantages("reinforce_pp", REWARDS, 4), expected, rtol=1e-5)
 
 
+def test_reinforce_pp_token_whitening_weighs_completions_by_length():
+    """verl's convention: mean and (Bessel) std over tokens, each completion counting once per token."""
+    lengths = np.array([6, 1, 2, 1, 4, 5, 1, 2], np.float64)  # the rewarded completions are the long ones
+    tokens = np.repeat(REWARDS.astype(np.float64), lengths.astype(int))  # every token's reward
+    expected = (REWARDS - tokens.mean()) / (tokens.std(ddof=1) + 1e-6)
+    got = adv.reinforce_pp_advantages(REWARDS, 4, token_counts=lengths)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    by_sequence = adv.reinforce_pp_advantages(REWARDS, 4)
+    assert np.abs(np.asarray(got) - np.asarray(by_sequence)).max() > 0.3
+
+
 @pytest.mark.parametrize("name", sorted(adv.ADVANTAGE_ESTIMATORS))
 def test_identical_rewards_give_exactly_zero(name):
     rewards = np.full(6, 0.1, np.float32)  # 0.1 is not exact in binary: a naive mean would not cancel

@@ -100,16 +100,28 @@ def rloo_advantages(rewards: jax.Array, group_size: int, *, eps: float = 1e-6) -
     return jnp.where(_all_equal(grouped), 0.0, grouped - leave_one_out_mean).reshape(-1)
 
 
-def reinforce_pp_advantages(rewards: jax.Array, group_size: int, *, eps: float = 1e-6) -> jax.Array:
+def reinforce_pp_advantages(
+    rewards: jax.Array, group_size: int, *, eps: float = 1e-6, token_counts: jax.Array | None = None
+) -> jax.Array:
     """REINFORCE++ advantages, `(r - batch mean) / (batch std + eps)` (Hu, arXiv 2501.03262).
 
-    The group structure is ignored: the baseline and the scale are global batch statistics.
+    The group structure is ignored: the baseline and the scale are global batch statistics. By default
+    every completion counts once (whitening over sequences). With `token_counts` [N] (completion lengths)
+    the mean and the Bessel-corrected std are taken over tokens, each completion weighing by its length,
+    as verl whitens its per-token advantages (docs/ALGORITHMS.md).
     """
     flat = _as_groups(rewards, group_size).reshape(-1)
     if flat.shape[0] == 1:
         return jnp.zeros_like(flat)
-    centred = jnp.where(jnp.all(flat == flat[0]), 0.0, flat - flat.mean())
-    return _safe_divide(centred, jnp.std(flat, ddof=1) + eps)
+    if token_counts is None:
+        mean, std = flat.mean(), jnp.std(flat, ddof=1)
+    else:
+        weight = jnp.asarray(token_counts, jnp.float32)
+        total = jnp.sum(weight)
+        mean = _safe_divide(jnp.sum(weight * flat), total)
+        std = jnp.sqrt(_safe_divide(jnp.sum(weight * jnp.square(flat - mean)), total - 1.0))
+    centred = jnp.where(jnp.all(flat == flat[0]), 0.0, flat - mean)
+    return _safe_divide(centred, std + eps)
 
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {

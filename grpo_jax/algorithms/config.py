@@ -12,12 +12,15 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 from ml_collections.config_dict import FieldReference, placeholder
 
 from grpo_jax.algorithms.advantages import ADVANTAGE_SCALES, ESTIMATOR_NAMES, PROCESS_ESTIMATOR
 from grpo_jax.algorithms.grpo import IS_CORRECTIONS, LOSS_AGGREGATIONS, LOSS_TYPES, RATIO_LEVELS
 from grpo_jax.algorithms.kl import KL_ESTIMATORS
 
+OLD_LOGPROBS_SOURCES = ("auto", "sampler", "trainer")
+WHITEN_OVER = ("sequence", "token")
 # Estimators whose baseline is the group: they need at least two samples per prompt to learn anything.
 _GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", PROCESS_ESTIMATOR)
 
@@ -127,6 +130,14 @@ class GRPOConfig(ConfigFields):
         (`sampling_logprobs`, the truncated top-p/top-k distribution, else `old_logprobs`).
       is_cap: C of truncated IS: weight min(π_old/π_sampler, C) per token, or of the sequence product.
       is_mask_low, is_mask_high: IcePop bounds [α, β]: tokens whose π_old/π_sampler lies outside get weight 0.
+      old_logprobs_source: where π_old comes from when `is_correction` is "none": "sampler" (the rollout's
+        full-softmax logprobs), "trainer" (the trainer's forward at the rollout params, before the update,
+        stop-gradient) or "auto" (the default): "trainer" when the model computes in a dtype other than
+        float32, where the sampler's cached decode and the training forward round differently, else
+        "sampler". With an `is_correction` it is always the trainer. Logged as `old_logprobs_from_trainer`.
+      reinforce_pp_whiten: for "reinforce_pp": "sequence" (each completion counts once in the batch mean
+        and std, the default) or "token" (verl's convention: whitened over tokens, so a completion weighs
+        by its length).
       reference_reset_every: iterative GRPO (§4.1.4): reset π_ref to π_θ every this many steps; 0 = never
         (R1: 400).
       temperature: sampling temperature of the rollouts (R1: 1.0; 0.7 in its last stage).
@@ -159,6 +170,8 @@ class GRPOConfig(ConfigFields):
     is_cap: float = 2.0
     is_mask_low: float = 0.5
     is_mask_high: float = 2.0
+    old_logprobs_source: str = "auto"
+    reinforce_pp_whiten: str = "sequence"
     reference_reset_every: int = 0
     temperature: float = 1.0
 
@@ -198,6 +211,8 @@ class GRPOConfig(ConfigFields):
         _require_float(self, "is_cap", ">= 1", lambda v: v >= 1)
         _require_float(self, "is_mask_low", "in [0, 1]", lambda v: 0 <= v <= 1)
         _require_float(self, "is_mask_high", ">= 1", lambda v: v >= 1)
+        _require_choice(self, "old_logprobs_source", OLD_LOGPROBS_SOURCES)
+        _require_choice(self, "reinforce_pp_whiten", WHITEN_OVER)
         _require_int(self, "reference_reset_every", minimum=0)
         _require_float(self, "temperature", "> 0", lambda v: v > 0)
         if self.advantage_estimator in _GROUP_ESTIMATORS and self.num_generations < 2:
@@ -225,6 +240,12 @@ class GRPOConfig(ConfigFields):
                 self.loss_type,
                 "'grpo' with ratio_level='sequence' or dual_clip_c (CISPO clips a per-token IS weight)",
             )
+        if self.reinforce_pp_whiten != "sequence" and self.advantage_estimator != "reinforce_pp":
+            _fail(
+                "reinforce_pp_whiten",
+                self.reinforce_pp_whiten,
+                "'sequence' (the default) unless advantage_estimator='reinforce_pp'",
+            )
         if self.advantage_scale != "group" and self.advantage_estimator != "grpo":
             _fail(
                 "advantage_scale",
@@ -240,6 +261,12 @@ class GRPOConfig(ConfigFields):
         if self.advantage_estimator == "grpo":
             kwargs["scale"] = self.advantage_scale
         return kwargs
+
+    def old_logprobs_from_trainer(self, compute_dtype) -> bool:
+        """Whether π_old is the trainer's recomputed logprobs for a model computing in `compute_dtype`."""
+        if self.is_correction != "none" or self.old_logprobs_source == "trainer":
+            return True
+        return self.old_logprobs_source == "auto" and jnp.dtype(compute_dtype) != jnp.float32
 
     @property
     def loss_kl_coef(self) -> float:
