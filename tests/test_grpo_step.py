@@ -64,10 +64,12 @@ def _setup(
     batch_size=4,
     adam_eps=1e-8,
     reward_fn=contains_target,
+    warmup_steps=0,
+    model_config=CONFIG,
     **step_kw,
 ):
     mesh = mesh or sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    opt_config = OptimizerConfig(learning_rate=lr, max_grad_norm=1.0, eps=adam_eps)
+    opt_config = OptimizerConfig(learning_rate=lr, max_grad_norm=1.0, eps=adam_eps, warmup_steps=warmup_steps)
     optimizer = make_optimizer(opt_config)
     shardings = models.model_param_shardings(mesh, CONFIG)
     params = jax.device_put(tiny_params(CONFIG, seed=seed), shardings)
@@ -76,7 +78,7 @@ def _setup(
     )
     step = make_grpo_step(
         grpo,
-        CONFIG,
+        model_config,
         optimizer,
         reward_fn=reward_fn,
         mesh=mesh,
@@ -377,16 +379,102 @@ def test_the_step_learns_a_bandit_task():
     assert np.mean(rewards[-5:]) > 0.9, rewards
 
 
-def test_gradient_accumulation_matches_one_big_batch():
-    grpo = GRPOConfig(num_generations=4, kl_coef=0.04, loss_agg="seq_mean_token_mean")
-    whole_state, whole_step, batch, _ = _setup(grpo, adam_eps=1e-2)
-    accum_state, accum_step, _, _ = _setup(grpo, adam_eps=1e-2, grad_accum_steps=2)
+@pytest.mark.parametrize("loss_agg", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
+def test_gradient_accumulation_matches_one_big_batch(loss_agg):
+    """Micro-batches of unequal token counts and sample weights: every micro-batch divides by the whole
+    minibatch's denominator, so loss, gradient and update equal the unaccumulated step's for every
+    aggregation (token_mean used to normalise each micro-batch by its own token count). The mismatch
+    metrics are computed once on the update's rows, not averaged over micro-batches."""
+    grpo = GRPOConfig(num_generations=4, kl_coef=0.04, loss_agg=loss_agg, dynamic_sampling=True)
+    whole_state, whole_step, batch, _ = _setup(grpo, adam_eps=1e-2, batch_size=4, reward_fn=first_two_groups)
+    accum_state, accum_step, _, _ = _setup(
+        grpo, adam_eps=1e-2, batch_size=4, grad_accum_steps=2, reward_fn=first_two_groups
+    )
+    n = batch["completion_mask"].shape[0]
+    # micro-batch 0 (rows 0, 2, ...) keeps 1 token per row, micro-batch 1 (rows 1, 3, ...) all of them
+    lengths = np.where(np.arange(n) % 2 == 0, 1, MAX_NEW)
+    mask = np.asarray(batch["completion_mask"]) * (np.arange(MAX_NEW)[None, :] < lengths[:, None])
+    noise = np.random.default_rng(1).uniform(-0.5, 0.5, mask.shape).astype(np.float32)
+    batch = dict(
+        batch,
+        completion_mask=jnp.asarray(mask, jnp.int32),
+        sampling_logprobs=batch["old_logprobs"] + noise,
+    )
     whole_state, whole = whole_step(whole_state, batch)
     accum_state, accum = accum_step(accum_state, batch)
-    np.testing.assert_allclose(float(accum["grad_norm"]), float(whole["grad_norm"]), rtol=1e-4)
-    np.testing.assert_allclose(float(accum["loss"]), float(whole["loss"]), rtol=1e-4, atol=1e-7)
+    assert 0 < float(whole["zero_variance_frac"]) < 1  # some rows carry sample weight 0
+    np.testing.assert_allclose(float(accum["loss"]), float(whole["loss"]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(accum["pg_loss"]), float(whole["pg_loss"]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(accum["grad_norm"]), float(whole["grad_norm"]), rtol=1e-5)
+    for key in ("mismatch/ratio_p01", "mismatch/ratio_p50", "mismatch/ratio_p99", "sampler_logprob_diff"):
+        np.testing.assert_allclose(float(accum[key]), float(whole[key]), rtol=1e-5, atol=1e-6, err_msg=key)
+    assert float(whole["mismatch/ratio_p99"]) > 1.1
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
         _host(accum_state.params),
         _host(whole_state.params),
     )
+
+
+def first_two_groups(batch, params):
+    """Rewards that vary inside the first two groups of 4 and are constant in the others (zero variance)."""
+    n = batch["completion_mask"].shape[0]
+    reward = ((jnp.arange(n) < 8) & (jnp.arange(n) % 2 == 0)).astype(jnp.float32)
+    return reward, {"first_two": reward}
+
+
+def test_learning_rate_is_logged_at_the_optimizers_own_count():
+    """With a warmup, a skipped (non-finite) update does not advance optax's count, so the next step's
+    update runs at the same learning rate, and that is what is logged (not step × updates per step)."""
+    grpo = GRPOConfig(num_generations=4, num_minibatches=2)
+    state, step, batch, _ = _setup(grpo, lr=1e-2, warmup_steps=10)
+    schedule = learning_rate_schedule(OptimizerConfig(learning_rate=1e-2, warmup_steps=10))
+    state, first = step(state, dict(batch, poison=jnp.asarray(False)))
+    np.testing.assert_allclose(float(first["learning_rate"]), float(schedule(0)), rtol=1e-6)
+    state, skipped = step(state, dict(batch, poison=jnp.asarray(True)))
+    assert float(skipped["nonfinite_updates"]) == 2.0
+    state, after = step(state, dict(batch, poison=jnp.asarray(False)))
+    np.testing.assert_allclose(float(skipped["learning_rate"]), float(schedule(2)), rtol=1e-6)
+    np.testing.assert_allclose(float(after["learning_rate"]), float(schedule(2)), rtol=1e-6)
+    assert float(schedule(2)) != float(schedule(4))
+
+
+def test_kl_in_reward_zero_variance_is_judged_on_outcome_rewards():
+    """Equal outcome rewards in every group: with kl_in_reward the scores r − β·KL differ, but dynamic
+    sampling (as refill does) judges the groups on the outcome rewards and drops them all."""
+    grpo = GRPOConfig(num_generations=4, kl_coef=0.5, kl_in_reward=True, dynamic_sampling=True)
+    state, step, batch, _ = _setup(grpo, reward_fn=constant_reward)
+    state = _with_reference(state)
+    before = _host(state.params)
+    new_state, metrics = step(state, batch)
+    assert float(metrics["zero_variance_frac"]) == 1.0
+    assert float(metrics["advantage/mean_abs"]) > 0  # the KL did move the scores
+    assert float(metrics["loss"]) == 0.0
+    jax.tree_util.tree_map(np.testing.assert_array_equal, _host(new_state.params), before)
+
+
+@pytest.mark.parametrize(
+    "dtype, source, from_trainer",
+    [
+        ("bfloat16", "auto", True),
+        ("bfloat16", "sampler", False),
+        ("float32", "auto", False),
+        ("float32", "trainer", True),
+    ],
+)
+def test_old_logprobs_come_from_the_trainer_when_compute_is_not_fp32(dtype, source, from_trainer):
+    """π_old: with bf16 compute ("auto") the trainer recomputes it, so the first update's ratio is exactly
+    1 even where the sampler's numbers differ; with the sampler's logprobs (shifted here to stand for a
+    different numeric path) it is not. Both with μ = 1 (the loss's own forward) and μ = 2 (precomputed)."""
+    model_config = tiny_model_config(vocab_size=32, dtype=dtype)
+    for iterations in (1, 2):
+        grpo = GRPOConfig(num_generations=4, num_iterations=iterations, old_logprobs_source=source)
+        state, step, batch, _ = _setup(grpo, model_config=model_config, lr=1e-6)
+        batch = dict(batch, old_logprobs=batch["old_logprobs"] + 0.3)
+        _, metrics = step(state, batch)
+        assert float(metrics["old_logprobs_from_trainer"]) == float(from_trainer)
+        ratio_max = float(metrics["ratio_max"])
+        if from_trainer:  # μ = 2: the second update's params have moved by a 1e-6 step
+            assert ratio_max == 1.0 if iterations == 1 else abs(ratio_max - 1.0) < 1e-3, ratio_max
+        else:
+            assert ratio_max < 0.85, ratio_max  # exp(−0.3) ≈ 0.74, up to rounding

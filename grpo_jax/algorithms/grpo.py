@@ -27,6 +27,7 @@ __all__ = [
     "LOSS_TYPES",
     "RATIO_LEVELS",
     "aggregate_loss",
+    "aggregation_normaliser",
     "importance_weights",
     "masked_quantile",
     "group_advantages",
@@ -51,6 +52,20 @@ def _sequence_weights(sample_weight: jax.Array | None, num_sequences: int) -> ja
     return jnp.asarray(sample_weight, jnp.float32)
 
 
+def aggregation_normaliser(
+    mask: jax.Array, loss_agg: str, sample_weight: jax.Array | None = None
+) -> jax.Array:
+    """The denominator `aggregate_loss` divides by: the weighted token count for "token_mean", the
+    weighted count of non-empty sequences otherwise. Computed on a whole minibatch and passed to every
+    micro-batch of gradient accumulation (`normaliser=`), the summed micro-batch losses and gradients
+    equal the minibatch's exactly."""
+    mask = jnp.asarray(mask, jnp.float32)
+    sequence_weight = _sequence_weights(sample_weight, mask.shape[0])  # [N]
+    if loss_agg == "token_mean":
+        return jnp.sum(mask * sequence_weight[:, None])
+    return jnp.sum(sequence_weight * (mask.sum(axis=1) > 0))
+
+
 def aggregate_loss(
     per_token_loss: jax.Array,
     mask: jax.Array,
@@ -58,6 +73,7 @@ def aggregate_loss(
     *,
     sample_weight: jax.Array | None = None,
     max_len_norm: float | None = None,
+    normaliser: jax.Array | None = None,
 ) -> jax.Array:
     """Reduce a per-token loss `[N, T]` to a scalar.
 
@@ -69,24 +85,26 @@ def aggregate_loss(
     sample_weight `[N]` (e.g. 0 for DAPO's zero-variance groups): the sequence means are weighted by it
     and divided by the weighted count of non-empty sequences; for "token_mean" every token carries its
     sequence's weight and the sum is divided by the weighted token count. Sequences with an all-zero
-    mask count for nothing, and an entirely empty batch gives loss 0, never NaN.
+    mask count for nothing, and an entirely empty batch gives loss 0, never NaN. `normaliser` replaces
+    that denominator (`aggregation_normaliser` of the whole minibatch, for a micro-batch of it).
     """
     if loss_agg not in LOSS_AGGREGATIONS:
         raise ValueError(f"unknown loss_agg {loss_agg!r}; known: {LOSS_AGGREGATIONS}")
     mask = jnp.asarray(mask, jnp.float32)
     weighted_loss = jnp.where(mask > 0, per_token_loss, 0.0) * mask  # [N, T]
     sequence_weight = _sequence_weights(sample_weight, mask.shape[0])  # [N]
+    if normaliser is None:
+        normaliser = aggregation_normaliser(mask, loss_agg, sample_weight)
     if loss_agg == "token_mean":
-        token_weight = mask * sequence_weight[:, None]
-        return _safe_divide(jnp.sum(weighted_loss * sequence_weight[:, None]), jnp.sum(token_weight))
+        return _safe_divide(jnp.sum(weighted_loss * sequence_weight[:, None]), normaliser)
     lengths = mask.sum(axis=1)  # [N]
     if loss_agg == "seq_mean_token_mean":
         per_sequence = _safe_divide(weighted_loss.sum(axis=1), lengths)
     else:
-        normaliser = mask.shape[1] if max_len_norm is None else max_len_norm
-        per_sequence = weighted_loss.sum(axis=1) / normaliser
+        constant = mask.shape[1] if max_len_norm is None else max_len_norm
+        per_sequence = weighted_loss.sum(axis=1) / constant
     sequence_weight = sequence_weight * (lengths > 0)
-    return _safe_divide(jnp.sum(sequence_weight * per_sequence), jnp.sum(sequence_weight))
+    return _safe_divide(jnp.sum(sequence_weight * per_sequence), normaliser)
 
 
 def masked_quantile(x: jax.Array, valid: jax.Array, q) -> jax.Array:
@@ -170,6 +188,7 @@ def policy_loss(
     is_cap: float = 2.0,
     is_mask_low: float = 0.5,
     is_mask_high: float = 2.0,
+    normaliser: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Clipped-surrogate GRPO loss (negated DeepSeekMath eq. 3) and its metrics.
 
@@ -202,6 +221,8 @@ def policy_loss(
         then the trainer's π_old at the rollout params.
       is_correction, is_cap, is_mask_low, is_mask_high: see `importance_weights`; the weight multiplies
         the policy-gradient term as a constant.
+      normaliser: the aggregation's denominator for a micro-batch of a larger minibatch (see
+        `aggregate_loss`); None: this batch's own. `loss` and `pg_loss` then add up over micro-batches.
 
     Returns:
       (loss, metrics). Metrics are scalars averaged over the tokens that count (mask × sample_weight):
@@ -297,7 +318,7 @@ def policy_loss(
             per_token_loss = per_token_loss - entropy_coef * entropy
 
     aggregate = lambda x: aggregate_loss(
-        x, mask, loss_agg, sample_weight=sample_weight, max_len_norm=max_len_norm
+        x, mask, loss_agg, sample_weight=sample_weight, max_len_norm=max_len_norm, normaliser=normaliser
     )
     loss = aggregate(per_token_loss)
 

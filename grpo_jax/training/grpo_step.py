@@ -54,10 +54,10 @@ from grpo_jax.algorithms import (
     zero_variance_groups,
 )
 from grpo_jax.algorithms.advantages import PROCESS_ESTIMATOR, process_zero_variance_groups
-from grpo_jax.algorithms.grpo import masked_quantile
+from grpo_jax.algorithms.grpo import aggregation_normaliser, masked_quantile
 from grpo_jax.sharding import replicated
-from grpo_jax.training.minibatches import minibatch_logprobs, to_minibatches
-from grpo_jax.training.state import DEBUG_KEYS, TrainState, debug_poison
+from grpo_jax.training.minibatches import from_minibatches, minibatch_logprobs, to_minibatches
+from grpo_jax.training.state import DEBUG_KEYS, TrainState, debug_poison, schedule_count
 
 RewardFn = Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -132,19 +132,31 @@ def _masked_mean(x, mask):
 
 
 def grpo_loss(
-    params, mb: dict, *, grpo: GRPOConfig, model_config, chunk_size: int = 128, shared_prefix_group: int = 1
+    params,
+    mb: dict,
+    *,
+    grpo: GRPOConfig,
+    model_config,
+    chunk_size: int = 128,
+    shared_prefix_group: int = 1,
+    old_from_trainer: bool | None = None,
+    with_logprobs: bool = False,
 ):
-    """The GRPO objective on one minibatch (DeepSeekMath eq. 3) -> (loss, metrics); the step takes its grad.
+    """The GRPO objective on one minibatch (DeepSeekMath eq. 3) -> (loss, metrics); the step takes its
+    grad. `with_logprobs`: (loss, (metrics, logprobs)), `logprobs` [N, L] being these params' logprobs of
+    the completions (stop-gradient), for the mismatch metrics the step computes once per update.
 
-    mb holds the batch keys plus `advantages` [N] or [N, L], `sample_weight` [N] and, when β > 0,
-    `ref_logprobs` [N, L]. shared_prefix_group: see `completion_logprobs`.
+    mb holds the batch keys plus `advantages` [N] or [N, L], `sample_weight` [N], when β > 0
+    `ref_logprobs` [N, L], and under gradient accumulation `loss_normaliser` (the whole minibatch's
+    aggregation denominator). shared_prefix_group: see `completion_logprobs`.
 
-    Which logprobs are which: π_sampler = `sampling_logprobs` (else `old_logprobs`), what the rollout
-    engine sampled from. Without `is_correction`, π_old = `old_logprobs` (the sampler's full-softmax
-    logprobs). With it, π_old = the trainer's logprobs at the rollout params: `trainer_old_logprobs`
+    Which logprobs are which (docs/ALGORITHMS.md): π_sampler = `sampling_logprobs` (else `old_logprobs`),
+    what the rollout engine sampled from. π_old = `old_logprobs` (the sampler's full-softmax logprobs)
+    unless `old_from_trainer` (None: `grpo.old_logprobs_from_trainer(model_config.dtype)`): then the
+    trainer's logprobs at the rollout params, `trainer_old_logprobs`
     when the step precomputed them (μ > 1 or several minibatches), else these params' own logprobs under
-    stop-gradient (μ = 1, one minibatch: the params have not moved yet), and the PPO ratio is taken
-    against them while min(π_old/π_sampler, C) (or IcePop's mask) weighs the policy gradient.
+    stop-gradient (μ = 1, one minibatch: the params have not moved yet). The PPO ratio is taken against
+    π_old; an `is_correction` weighs the policy gradient by min(π_old/π_sampler, C) or IcePop's mask.
     """
     logprobs, entropy = completion_logprobs(
         model_config,
@@ -156,10 +168,12 @@ def grpo_loss(
         shared_prefix_group=shared_prefix_group,
     )
     sampler_logprobs = mb.get("sampling_logprobs", mb["old_logprobs"])
-    if grpo.is_correction == "none":
-        old_logprobs = mb["old_logprobs"]
-    else:
+    if old_from_trainer is None:
+        old_from_trainer = grpo.old_logprobs_from_trainer(model_config.dtype)
+    if old_from_trainer:
         old_logprobs = mb.get("trainer_old_logprobs", jax.lax.stop_gradient(logprobs))
+    else:
+        old_logprobs = mb["old_logprobs"]
     loss, metrics = policy_loss(
         logprobs,
         old_logprobs,
@@ -184,12 +198,12 @@ def grpo_loss(
         is_cap=grpo.is_cap,
         is_mask_low=grpo.is_mask_low,
         is_mask_high=grpo.is_mask_high,
+        normaliser=mb.get("loss_normaliser"),
     )
     loss = debug_poison(loss, mb)
-    mask = mb["completion_mask"] > 0
-    metrics["sampler_logprob_diff"] = jnp.max(jnp.where(mask, jnp.abs(logprobs - mb["old_logprobs"]), 0.0))
-    metrics.update(mismatch_metrics(jax.lax.stop_gradient(logprobs), sampler_logprobs, mask))
-    metrics["entropy"] = _masked_mean(entropy, mask)
+    metrics["entropy"] = _masked_mean(entropy, mb["completion_mask"] > 0)
+    if with_logprobs:
+        return loss, (metrics, jax.lax.stop_gradient(logprobs))
     return loss, metrics
 
 
@@ -205,6 +219,19 @@ def mismatch_metrics(trainer_logprobs, sampler_logprobs, mask) -> dict[str, jax.
     quantiles = masked_quantile(jnp.exp(diff), valid, jnp.asarray([q for _, q in _MISMATCH_QUANTILES]))
     for i, (name, _) in enumerate(_MISMATCH_QUANTILES):
         metrics[f"mismatch/ratio_{name}"] = quantiles[i]
+    return metrics
+
+
+def rollout_mismatch_metrics(trainer_logprobs, mb: dict) -> dict[str, jax.Array]:
+    """What the first update's forward (at the rollout params) says about the rollout's logprobs:
+    `sampler_logprob_diff` (max |π_trainer − the sampler's full-softmax logprobs|) and `mismatch/*`
+    against π_sampler. Called once per step, on the rows of update 0."""
+    valid = mb["completion_mask"] > 0
+    sampler_logprobs = mb.get("sampling_logprobs", mb["old_logprobs"])
+    metrics = mismatch_metrics(trainer_logprobs, sampler_logprobs, valid)
+    metrics["sampler_logprob_diff"] = jnp.max(
+        jnp.where(valid, jnp.abs(trainer_logprobs - mb["old_logprobs"]), 0.0)
+    )
     return metrics
 
 
@@ -242,17 +269,22 @@ def make_grpo_step(
 
     `reward_fn(batch, reward_params) -> (total [N], {name: [N]})` runs in-graph (see
     `grpo_jax.rewards.make_reward_fns`); `host_rewards` in the batch are added to its total.
-    `grad_accum_steps` splits each minibatch into equal micro-batches whose gradients are averaged before
-    one optimizer update: exact for the sequence-mean aggregations; with "token_mean" each micro-batch is
-    normalised by its own token count. Pass `state_shardings` to pin the output state to the input layout.
+    `grad_accum_steps` splits each minibatch into equal micro-batches whose gradients add up to the
+    minibatch's before one optimizer update: every micro-batch divides by the WHOLE minibatch's
+    aggregation denominator (`aggregation_normaliser`: its token count for "token_mean", its sequence
+    count otherwise), so loss and gradient equal the unaccumulated ones for every aggregation.
+    Pass `state_shardings` to pin the output state to the input layout.
     `shared_prefix` computes each prompt's forward once per group, for the reference and the policy
     (exact: autodiff sums the G rows' gradients through the shared prompt); the rows of one prompt stay
     together in every minibatch and micro-batch when G divides by num_minibatches x grad_accum_steps.
+    π_old is the sampler's logprobs or the trainer's recomputed ones (`GRPOConfig.old_logprobs_source`;
+    "auto" recomputes when `model_config.dtype` is not float32).
     """
     G = grpo.num_generations
     M = grpo.num_minibatches
     process = grpo.advantage_estimator == PROCESS_ESTIMATOR
     needs_reference = grpo.kl_coef > 0
+    old_from_trainer = grpo.old_logprobs_from_trainer(model_config.dtype)
     if shared_prefix and G % (M * grad_accum_steps):
         raise ValueError(
             f"shared_prefix needs num_generations={G} divisible by num_minibatches x grad_accum_steps "
@@ -278,29 +310,39 @@ def make_grpo_step(
         model_config=model_config,
         chunk_size=logprob_chunk_size,
         shared_prefix_group=G // (M * grad_accum_steps) if shared_prefix else 1,
+        old_from_trainer=old_from_trainer,
+        with_logprobs=True,
     )
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulated_grads(params, mb):
+        """((loss, (metrics, logprobs [N/M, L])), grads) of one minibatch, over its micro-batches."""
         if grad_accum_steps == 1:
             return grad_fn(params, mb)
-        micro = to_minibatches({k: v for k, v in mb.items() if k not in DEBUG_KEYS}, grad_accum_steps, None)
-        for key in DEBUG_KEYS:
+        mb = dict(mb)
+        mb["loss_normaliser"] = aggregation_normaliser(
+            mb["completion_mask"], grpo.loss_agg, mb.get("sample_weight")
+        )
+        micro = to_minibatches(
+            {k: v for k, v in mb.items() if k not in (*DEBUG_KEYS, "loss_normaliser")}, grad_accum_steps, None
+        )
+        for key in (*DEBUG_KEYS, "loss_normaliser"):
             if key in mb:
                 micro[key] = jnp.broadcast_to(mb[key], (grad_accum_steps,))
 
         def body(acc, one):
-            (loss, metrics), grads = grad_fn(params, one)
-            return jax.tree_util.tree_map(jnp.add, acc, (loss, metrics, grads)), None
+            (loss, (metrics, logprobs)), grads = grad_fn(params, one)
+            return jax.tree_util.tree_map(jnp.add, acc, (loss, metrics, grads)), logprobs
 
         zeros = jax.tree_util.tree_map(
             jnp.zeros_like,
             jax.eval_shape(lambda: grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], micro))),
         )
-        (loss, metrics, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]), micro)
-        scale = 1.0 / grad_accum_steps
-        metrics = jax.tree_util.tree_map(lambda x: x * scale, metrics)
-        return (loss * scale, metrics), jax.tree_util.tree_map(lambda g: g * scale, grads)
+        init = (zeros[0][0], zeros[0][1][0], zeros[1])
+        (loss, metrics, grads), logprobs = jax.lax.scan(body, init, micro)
+        # loss and pg_loss add up over the micro-batches (one denominator); the other metrics are means.
+        metrics = {k: v if k in ("loss", "pg_loss") else v / grad_accum_steps for k, v in metrics.items()}
+        return (loss, (metrics, from_minibatches(logprobs))), grads
 
     def step(state: TrainState, batch: dict):
         batch = dict(batch)
@@ -339,17 +381,22 @@ def make_grpo_step(
                 advantages = process_advantages(*step_args, G, mask.shape[1], **grpo.advantage_kwargs)
                 zero_variance = process_zero_variance_groups(step_args[0], step_args[1], G)
             else:
-                advantages = compute_advantages(grpo.advantage_estimator, score, G, **grpo.advantage_kwargs)
-                zero_variance = zero_variance_groups(score, G)
+                kwargs = dict(grpo.advantage_kwargs)
+                if grpo.advantage_estimator == "reinforce_pp" and grpo.reinforce_pp_whiten == "token":
+                    kwargs["token_counts"] = jnp.sum(mask, axis=-1)
+                advantages = compute_advantages(grpo.advantage_estimator, score, G, **kwargs)
+                # Judged on the outcome rewards, as refill's selection is: with kl_in_reward the score's
+                # −β·KL term would make every group's scores differ.
+                zero_variance = zero_variance_groups(rewards, G)
             weight, truncated_masked = sample_weights(
                 grpo, zero_variance, batch["truncated"], batch.get("fill")
             )
             batch["advantages"] = advantages
             batch["sample_weight"] = weight
 
-        if grpo.is_correction != "none" and (grpo.num_iterations > 1 or M > 1):
-            # π_old for the mismatch correction: the trainer's logprobs at the rollout params, before any
-            # update (with μ = 1 and one minibatch the loss takes them from its own forward instead).
+        if old_from_trainer and (grpo.num_iterations > 1 or M > 1):
+            # π_old recomputed by the trainer at the rollout params, before any update (with μ = 1 and one
+            # minibatch the loss takes them from its own forward instead).
             with jax.named_scope("old_logprobs"):
                 batch["trainer_old_logprobs"] = jax.lax.stop_gradient(logprobs_of(state.params, batch))
 
@@ -362,7 +409,18 @@ def make_grpo_step(
             mb = jax.tree_util.tree_map(lambda x: x[index % M], minibatches)
             mb.update(debug)
             with jax.named_scope("policy_loss"):
-                (loss, metrics), grads = accumulated_grads(params, mb)
+                (loss, (metrics, logprobs)), grads = accumulated_grads(params, mb)
+            with jax.named_scope("mismatch_metrics"):
+                # Update 0's forward is at the rollout params: the sampler/trainer mismatch, computed once.
+                metrics.update(
+                    jax.lax.cond(
+                        index == 0,
+                        lambda: rollout_mismatch_metrics(logprobs, mb),
+                        lambda: jax.tree_util.tree_map(
+                            jnp.zeros_like, jax.eval_shape(rollout_mismatch_metrics, logprobs, mb)
+                        ),
+                    )
+                )
             with jax.named_scope("optimizer"):
                 grad_norm = optax.tree.norm(grads)
                 finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -373,6 +431,7 @@ def make_grpo_step(
             metrics = dict(metrics, loss=loss, grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.float32))
             return (params, opt_state), metrics
 
+        updates_before = schedule_count(state.opt_state, state.step * grpo.num_iterations * M)
         (params, opt_state), inner = jax.lax.scan(
             inner_update, (state.params, state.opt_state), jnp.arange(grpo.num_iterations * M)
         )
@@ -397,8 +456,8 @@ def make_grpo_step(
                 "grad_norm": mean_over_updates(inner["grad_norm"]),
                 "nonfinite_updates": jnp.sum(inner["nonfinite"]),
                 "sampler_logprob_diff": inner["sampler_logprob_diff"][0],
-                # The first update's forward is at the rollout params: the sampler/trainer mismatch.
                 **{k: v[0] for k, v in inner.items() if k.startswith("mismatch/")},
+                "old_logprobs_from_trainer": jnp.float32(old_from_trainer),
                 "completion_len/mean": jnp.mean(lengths),
                 "completion_len/max": jnp.max(lengths),
                 "truncated_frac": jnp.mean(batch["truncated"].astype(jnp.float32)),
@@ -417,8 +476,9 @@ def make_grpo_step(
                 if name in inner:
                     metrics[name] = mean_over_updates(inner[name])
             if lr_schedule is not None:
-                updates_per_step = grpo.num_iterations * M
-                metrics["learning_rate"] = lr_schedule(state.step * updates_per_step)
+                # The lr of this step's first update, at optax's own count (a skipped update does not
+                # advance it), not at step × updates per step.
+                metrics["learning_rate"] = lr_schedule(updates_before)
 
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics

@@ -60,6 +60,7 @@ from grpo_jax.training.state import (
     create_train_state,
     debug_poison,
     make_optimizer,
+    schedule_count,
 )
 
 # Batch keys the inner updates read (rewards, route and answers are consumed before them).
@@ -372,6 +373,7 @@ def make_ppo_step(
             return (params, opt_state, value_params, value_opt_state), metrics
 
         aux = state.aux
+        updates_before = schedule_count(state.opt_state, state.step * ppo.num_iterations * M)
         carry = (state.params, state.opt_state, aux["value_params"], aux["value_opt_state"])
         (params, opt_state, value_params, value_opt_state), inner = jax.lax.scan(
             inner_update, carry, jnp.arange(ppo.num_iterations * M)
@@ -412,7 +414,7 @@ def make_ppo_step(
             for name, value in targets["per_reward"].items():
                 metrics[f"reward/{name}"] = jnp.mean(value)
             if lr_schedule is not None:
-                metrics["learning_rate"] = lr_schedule(state.step * ppo.num_iterations * M)
+                metrics["learning_rate"] = lr_schedule(updates_before)  # at optax's count: skips excluded
 
         new_aux = dict(aux, value_params=value_params, value_opt_state=value_opt_state)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, aux=new_aux)

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from grpo_jax import models
 from grpo_jax import sharding as shd
 from grpo_jax.algorithms import dpo_loss
 from grpo_jax.rewards.reward_model import init_reward_head, reward_model_loss, reward_model_scores
-from grpo_jax.training.state import TrainState, debug_poison
+from grpo_jax.training.state import TrainState, debug_poison, guarded_update
 
 
 def _interleave(chosen: jax.Array, rejected: jax.Array) -> jax.Array:
@@ -43,24 +42,6 @@ def _pair_inputs(batch) -> tuple[jax.Array, jax.Array, jax.Array]:
         _interleave(batch[f"chosen_{name}"], batch[f"rejected_{name}"])
         for name in ("tokens", "attention_mask", "loss_mask")
     )
-
-
-def _guarded_update(state: TrainState, grads, loss, optimizer, lr_schedule, metrics):
-    """optax update kept only when loss and gradient norm are finite; adds grad_norm, nonfinite_updates,
-    learning_rate to `metrics`."""
-    with jax.named_scope("optimizer"):
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = state.replace(
-            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state)
-        )
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, nonfinite_updates=(~finite).astype(jnp.float32))
-    if lr_schedule is not None:
-        metrics["learning_rate"] = lr_schedule(state.step)
-    return new_state, metrics
 
 
 def _jit_step(step, mesh, state_shardings, donate):
@@ -118,7 +99,7 @@ def make_rm_step(
             (loss, metrics), grads = jax.value_and_grad(rm_objective, has_aux=True)(
                 state.params, batch, model_config=model_config
             )
-        return _guarded_update(state, grads, loss, optimizer, lr_schedule, metrics)
+        return guarded_update(state, grads, loss, optimizer, lr_schedule, metrics)
 
     return _jit_step(step, mesh, state_shardings, donate)
 
@@ -227,7 +208,7 @@ def make_dpo_step(
                 label_smoothing=label_smoothing,
                 chunk_size=chunk_size,
             )
-        return _guarded_update(state, grads, loss, optimizer, lr_schedule, metrics)
+        return guarded_update(state, grads, loss, optimizer, lr_schedule, metrics)
 
     return _jit_step(step, mesh, state_shardings, donate)
 

@@ -9,13 +9,11 @@ finite and make its gradient NaN; see `grpo_jax.training.state.debug_poison`).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-import optax
 
 from grpo_jax import models
 from grpo_jax.algorithms import sft_loss
 from grpo_jax.sharding import replicated
-from grpo_jax.training.state import TrainState, debug_poison
+from grpo_jax.training.state import TrainState, debug_poison, guarded_update
 
 
 def sft_objective(params, batch, *, model_config, chunk_size: int = 128):
@@ -43,20 +41,7 @@ def make_sft_step(
         (loss, metrics), grads = jax.value_and_grad(sft_objective, has_aux=True)(
             state.params, batch, model_config=model_config, chunk_size=chunk_size
         )
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-        metrics = dict(
-            metrics, loss=loss, grad_norm=grad_norm, nonfinite_updates=(~finite).astype(jnp.float32)
-        )
-        if lr_schedule is not None:
-            metrics["learning_rate"] = lr_schedule(state.step)
-        new_state = state.replace(
-            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state)
-        )
-        return new_state, metrics
+        return guarded_update(state, grads, loss, optimizer, lr_schedule, metrics)
 
     kwargs = {"donate_argnums": (0,) if donate else ()}
     if state_shardings is not None:

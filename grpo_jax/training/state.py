@@ -105,6 +105,41 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
     )
 
 
+def schedule_count(opt_state, default):
+    """Optimizer updates applied so far: the count of optax's learning-rate schedule state (`default`
+    for an optimizer without one, e.g. a constant-rate optax.adam). A skipped (non-finite) update leaves
+    the optimizer state, and so this count, where it was; a step logs `learning_rate` at this count."""
+    counts = [
+        leaf.count
+        for leaf in jax.tree_util.tree_leaves(
+            opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)
+        )
+        if isinstance(leaf, optax.ScaleByScheduleState)
+    ]
+    if len(counts) > 1:
+        raise ValueError(f"expected one learning-rate schedule in the optimizer state, found {len(counts)}")
+    return counts[0] if counts else default
+
+
+def guarded_update(state: TrainState, grads, loss, optimizer, lr_schedule, metrics):
+    """One optax update of `state.params`, kept only when the loss and the gradient norm are finite (a
+    skipped update is counted in `nonfinite_updates`); adds `loss`, `grad_norm` and `learning_rate` (at
+    the optimizer's own count) to `metrics`. The SFT, reward-model and DPO steps share it."""
+    with jax.named_scope("optimizer"):
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = state.replace(
+            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state)
+        )
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, nonfinite_updates=(~finite).astype(jnp.float32))
+    if lr_schedule is not None:
+        metrics["learning_rate"] = lr_schedule(schedule_count(state.opt_state, state.step))
+    return new_state, metrics
+
+
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     parts = []
     if config.max_grad_norm is not None:
