@@ -36,12 +36,13 @@ def _training_texts():
     return texts
 
 
-@pytest.fixture(scope="module", params=["gpt2", "qwen2"])
+@pytest.fixture(scope="module", params=["gpt2", "qwen2", "qwen3"])
 def bpe(request, tmp_path_factory):
-    """(tokenizer, TokenSpec): a byte-level BPE trained in-process WITHOUT the tags as special tokens."""
+    """(tokenizer, TokenSpec): a byte-level BPE trained in-process WITHOUT the tags as special tokens;
+    "qwen3" then adds <think> and </think> as tokens (as Qwen3 does), leaving the answer tags split."""
     pre_tokenizers = tokenizers.pre_tokenizers
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    if request.param == "qwen2":
+    if request.param in ("qwen2", "qwen3"):
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [
                 pre_tokenizers.Split(tokenizers.Regex(QWEN2_SPLIT), behavior="isolated"),
@@ -58,6 +59,8 @@ def bpe(request, tmp_path_factory):
         show_progress=False,
     )
     tok.train_from_iterator(_training_texts(), trainer=trainer)
+    if request.param == "qwen3":
+        tok.add_tokens(["<think>", "</think>"])
     directory = tmp_path_factory.mktemp(f"bpe_{request.param}")
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
@@ -76,15 +79,16 @@ def _pieces(tok, text):
 
 
 def _batch(tok, completions, answers=None, *, stop=True, length=48):
-    """Encode each completion (+ EOS when `stop`) and its gold answer into a right-padded batch."""
+    """Each completion (text, encoded + EOS when `stop`; or a list of ids, taken as is) and its gold
+    answer, in a right-padded batch."""
     n = len(completions)
     tokens = np.full((n, length), tok.pad_id, np.int32)
     mask = np.zeros((n, length), np.int32)
     gold = np.full((n, 8), tok.pad_id, np.int32)
     gold_mask = np.zeros((n, 8), np.int32)
-    for i, text in enumerate(completions):
-        ids = tok.encode(text, add_eos=stop)
-        assert len(ids) <= length, text
+    for i, completion in enumerate(completions):
+        ids = tok.encode(completion, add_eos=stop) if isinstance(completion, str) else completion
+        assert len(ids) <= length, completion
         tokens[i, : len(ids)], mask[i, : len(ids)] = ids, 1
         answer = tok.encode(answers[i] if answers else "0")
         gold[i, : len(answer)], gold_mask[i, : len(answer)] = answer, 1
@@ -105,13 +109,15 @@ def _decoded(tok, batch):
 
 def test_tags_are_split_and_edge_pieces_carry_neighbours(bpe):
     tok, spec = bpe
-    assert spec.tag_ids == (-1, -1, -1, -1) and spec.tag_texts == R1_TAGS
-    for tag in R1_TAGS:
+    added = tok.token_to_id("<think>") is not None  # "qwen3": the think tags are tokens, matched by id
+    think_ids = (tok.token_to_id("<think>"), tok.token_to_id("</think>")) if added else (-1, -1)
+    assert spec.tag_ids == (*think_ids, -1, -1) and spec.tag_texts == R1_TAGS
+    for tag in R1_TAGS[2:] if added else R1_TAGS:
         for context in (tag, f" {tag}", f"\n{tag}", f"x.{tag}"):
             assert len(_pieces(tok, context)) > 1 and tag not in _pieces(tok, context), (context, tag)
     # The edge pieces of a tag also hold a neighbour's characters in context: the cases the matcher handles.
-    assert " <" in _pieces(tok, " <think>")
-    assert "><" in _pieces(tok, "</think><answer>")
+    assert " <" in _pieces(tok, " <answer>")
+    assert "><" in _pieces(tok, "</answer><answer>")
     assert ".</" in _pieces(tok, "x.</answer>")
     hash(spec)
 
@@ -171,19 +177,23 @@ def test_format_partial_reads_split_tags(bpe):
 
 
 def test_a_tag_spelled_in_any_split_is_found(bpe):
-    """The model may spell a tag in pieces the tokenizer would not choose: still the tag, as in the text."""
+    """The model may spell a tag in pieces the tokenizer would not choose: still the tag, as in the text,
+    unless the tag is a token of its own ("qwen3"'s <think>), which the tokenizer never spells out."""
     tok, spec = bpe
     texts = vocabulary_texts(tok)
-    single = {texts[i]: i for i in range(tok.vocab_size)}
-    spelled = [single[c] for c in "<think>"] + tok.encode("x</think><answer>7</answer>", add_eos=True)
-    assert spelled[:7] != tok.encode("<think>")[:7]
-    batch = _batch(tok, ["x"])
-    tokens = np.full((1, 48), tok.pad_id, np.int32)
-    tokens[0, : len(spelled)] = spelled
-    batch["completion_tokens"] = jnp.asarray(tokens)
-    batch["completion_mask"] = jnp.asarray((np.arange(48) < len(spelled))[None].astype(np.int32))
-    assert _decoded(tok, batch) == ["<think>x</think><answer>7</answer>"]
-    np.testing.assert_array_equal(_reward("format", spec)(batch), [1.0])
+    char_ids = {texts[i]: i for i in range(tok.vocab_size) if len(texts[i]) == 1}
+
+    def spelled(tag):
+        ids = [char_ids[c] for c in tag]
+        assert ids != tok.encode(tag)
+        return ids
+
+    answer = tok.encode("<think>x</think>") + spelled("<answer>") + tok.encode("7</answer>", add_eos=True)
+    think = spelled("<think>") + tok.encode("x</think><answer>7</answer>", add_eos=True)
+    batch = _batch(tok, [answer, think])
+    assert _decoded(tok, batch) == ["<think>x</think><answer>7</answer>"] * 2
+    think_is_a_token = spec.think_open != -1
+    np.testing.assert_array_equal(_reward("format", spec)(batch), [1.0, 0.0 if think_is_a_token else 1.0])
 
 
 ACCURACY_CASES = [

@@ -229,6 +229,8 @@ class TokenSpec:
                 raise ValueError(f"TokenSpec: number piece {i} has non-digit text {digits!r}")
         table_ids = self.whitespace_ids + self.minus_ids + tuple(i for i, _ in self.number_pieces)
         table_ids += tuple(i for i, _ in self.tag_pieces)
+        if not all(text for _, text in self.tag_pieces):
+            raise ValueError("TokenSpec: every tag piece needs its (non-empty) text")
         out_of_range = sorted(i for i in table_ids if not 0 <= i < self.vocab_size)
         if out_of_range:
             raise ValueError(
@@ -340,6 +342,7 @@ class TagTables(NamedTuple):
 
 @functools.lru_cache(maxsize=16)
 def tag_tables(spec: TokenSpec) -> TagTables:
+    """The `TagTables` of a spec: its tag pieces, and each single-token tag's own id."""
     pieces = {i: text for i, text in spec.tag_pieces}
     pieces.update({i: tag for i, tag in zip(spec.tag_ids, spec.tag_texts, strict=True) if i >= 0})
     ids = sorted(pieces)
