@@ -6,13 +6,17 @@
 
 GSM8K JSONL lines are `{"question": ..., "answer": "... #### 42"}` (the openai/gsm8k files). The policy
 answers under the R1-Zero template (`--config.template=chat` for an instruct model's chat template) and
-is rewarded for the tag format (in-graph, weight 0.5) and for an answer equivalent to the gold one
+is rewarded for the tag format (in-graph `format`, weight 0.5) and for an answer equivalent to the gold one
 (host, `math_accuracy`, weight 1). Nothing is downloaded: the model directory and both data files are
 given by flags. Sizes are for one TPU v4-8 / 8-GPU host with Qwen2.5-1.5B: params and optimizer state
 sharded over every device (fsdp), bf16 compute over fp32 master weights, full remat.
 
-The format reward runs on the host over decoded text (`r1_format`): Qwen2.5's tokenizer splits
-<think>/<answer> into several tokens, which the in-graph `format` reward cannot read.
+The format reward runs inside the compiled step although Qwen2.5's tokenizer splits <think>/<answer> into
+several tokens ("<th" "ink" ">\\n", "><", ">-" ...): the in-graph rewards match each tag as every token
+sequence that spells it (grpo_jax/rewards/in_graph.py). Accuracy stays on the host: GSM8K answers are
+integers, but models write "$18", "18 dollars", "18." or \\boxed{18}, which `math_accuracy` normalises
+and the in-graph `accuracy_numeric` (a bare integer between the tags) scores 0; swap them with
+`--config.grpo.rewards` / `--config.grpo.host_rewards` to keep everything in the step.
 `:runlocal` is a seconds-long CPU run for the tests: it still needs the three paths, pointing at a tiny
 random Qwen2 directory (with a `tokenizer.model`) and tiny JSONL files that the test writes.
 """
@@ -75,8 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             max_grad_norm=1.0,
             top_p=1.0,
             top_k=0,
-            rewards=(),
-            host_rewards=(("r1_format", 0.5), ("math_accuracy", 1.0)),
+            rewards=(("format", 0.5),),
+            host_rewards=(("math_accuracy", 1.0),),
             host_reward_timeout_s=5.0,
             eval_every=50,
             eval_at_start=True,

@@ -10,8 +10,9 @@ a rollout of 512 questions x 16 outputs split into 16 minibatches of 32 x 16 (on
 temperature 1, reference reset every 400 steps. Shrink `grpo.prompts_per_step` together with
 `grpo.algo.num_minibatches` for smaller machines.
 
-The in-graph format reward needs <think>, </think>, <answer>, </answer> to be single tokens; a
-tokenizer trained by the run has them, and so must a pretrained model's tokenizer.
+A tokenizer trained by the run has <think>, </think>, <answer>, </answer> as single tokens; a pretrained
+model's tokenizer that splits them (Qwen2.5's) serves as well: the in-graph format reward matches them as
+token sequences.
 Without `model.pretrained` a model is trained from scratch with its own SentencePiece tokenizer (a
 smoke test, not R1-Zero). `:runlocal` shrinks everything to a seconds-long CPU run (used by the tests).
 """

@@ -72,8 +72,8 @@ _R1_FORMAT = re.compile(
 def r1_format_reward(completion_text: str, example: Mapping[str, Any]) -> float:
     """DeepSeek-R1 format reward on text: 1.0 iff the completion is `<think> … </think> <answer> … </answer>`
     with each tag once, in order (whitespace around allowed). The text-level twin of the in-graph
-    `format` reward, for tokenizers whose tags are not single tokens (e.g. Qwen2.5's). The caller passes
-    the completion without its stop token."""
+    `format` reward, which reads the same verdict from token ids with any tokenizer (tags split into
+    several tokens included); the caller passes the completion without its stop token."""
     return 1.0 if _R1_FORMAT.fullmatch(completion_text) else 0.0
 
 

@@ -14,6 +14,33 @@ properties (digit value, language) are lookup tables gathered by token id.
 Tokenizer-specific ids live in `TokenSpec`, a small frozen dataclass built once by
 `TokenSpec.from_tokenizer` (in `grpo_jax.rewards.vocabulary`, with the per-vocabulary language
 classes). The "completion content" is every masked token except a final stop token.
+
+The R1 tags (`find_tags`) are read from the text the tokens spell, whatever the tokenizer:
+  * A tag the tokenizer always keeps as one token (a SentencePiece user-defined symbol, an added
+    token) is matched by that id only, as before: a model that spells it out in pieces has not written
+    the tag (the tokenizer never encodes it so).
+  * Any other tag (byte-level BPE such as Qwen2.5's splits "<answer>" into "<", "answer", ">", and in
+    context merges neighbours into the edge pieces: " <", ".</", "><", ">\\n", ">-" ...) is matched
+    as EVERY token sequence that spells it, not a list of encodings seen in sample contexts: a
+    "head" piece whose text ends with the tag's first a characters (any text before them), "middle"
+    pieces that are exactly the next characters, and a "tail" piece that starts with the tag's last
+    characters (any text after them); or one piece that holds the whole tag. Each piece's relation to
+    each tag is a table row built once on the host (`vocabulary.tag_tables`, by scanning every piece's
+    decoded text); in-graph, a bitmask of "characters spelled so far" is carried across at most
+    len(tag) shifted copies of the completion (a sliding window of static size, vectorised over
+    [N, L]), so a sequence the model spells in any split is found, as the host's regex finds it in
+    the decoded text.
+  * Positions are character keys `token_index * stride + offset_in_piece`, so the order of two tags
+    that share a piece ("><" ends </think> and starts <answer>) is exact.
+  * Characters that an edge piece carries besides the tag belong to the text next to the tag, as in
+    the decoded text: `format` requires them to be whitespace where the tag stands outside <think>/
+    <answer> (" <think>" and "\\n<answer>" pass, ".<answer>" after </think> fails); the accuracy
+    rewards score 0 when they are non-whitespace text inside <answer> ("42.</" as pieces "42", ".</":
+    the answer "42." is not an integer, exactly as with pieces "42", ".", "</"), except a "-" right
+    after <answer> in its last piece (Qwen2.5 has ">-"), which `accuracy_numeric` reads as the sign;
+    `language_consistency` counts only the tokens wholly inside <think>.
+Tags matched as sequences must have their first and last characters nowhere else in any tag (true of
+"<" and ">" in the R1 tags), so occurrences never overlap and each piece fits a tag's edge one way only.
 """
 
 from __future__ import annotations
@@ -27,7 +54,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax.rewards.registry import register_reward
-from grpo_jax.rewards.vocabulary import TokenSpec, VocabLanguageMask, language_vocab_mask
+from grpo_jax.rewards.vocabulary import (
+    MAX_TAG_CHARS,
+    TagTables,
+    TokenSpec,
+    VocabLanguageMask,
+    language_vocab_mask,
+    tag_tables,
+)
 
 Batch = Mapping[str, jax.Array]
 
@@ -107,24 +141,149 @@ def completion_content(batch: Batch, spec: TokenSpec) -> jax.Array:
     return (batch["completion_mask"] > 0) & ~at_stop
 
 
-def tag_span(
-    tokens: jax.Array, content: jax.Array, open_id: int, close_id: int
-) -> tuple[jax.Array, jax.Array]:
-    """Tokens strictly between the first `open_id` and the first `close_id` after it.
+# ----------------------------------------------------------------------------------------------
+# R1 tags in the token stream (see the module docstring)
+# ----------------------------------------------------------------------------------------------
 
-    tokens/content [N, L] -> (span [N, L] bool, found [N] bool: both tags present and ordered).
+_NO_CHAR = np.iinfo(np.int32).max  # the key of a character that is not there
+
+
+class TagMatch(NamedTuple):
+    """The occurrences of one tag in the content. Keys are `token_index * stride + offset_in_piece`.
+
+    count [N] int32; first_begin/first_end [N] int32: keys of the first occurrence's first and last
+    characters (`_NO_CHAR` when there is none); begins [N, L, 2] int32: the key of the first character of
+    the occurrence that starts in each token, as a whole piece's part or as a head (`_NO_CHAR` if none).
     """
-    positions = jnp.arange(tokens.shape[-1])
-    open_pos = _first_position((tokens == open_id) & content)
-    close_pos = _first_position((tokens == close_id) & content & (positions[None] > open_pos[:, None]))
-    found = close_pos < tokens.shape[-1]
-    span = (
-        content
-        & (positions[None] > open_pos[:, None])
-        & (positions[None] < close_pos[:, None])
-        & found[:, None]
+
+    count: jax.Array
+    begins: jax.Array
+    first_begin: jax.Array
+    first_end: jax.Array
+
+    def first_begin_after(self, key: jax.Array) -> jax.Array:
+        """[N] key of the first occurrence that begins after character `key` [N]."""
+        later = jnp.where(self.begins > key[:, None, None], self.begins, _NO_CHAR)
+        return later.min(axis=(1, 2))
+
+
+class Tags(NamedTuple):
+    """The four tags found in a batch, with what `text_between` needs. rows/content/nonspace: [N, L]."""
+
+    matches: tuple[TagMatch, TagMatch, TagMatch, TagMatch]
+    rows: jax.Array
+    content: jax.Array
+    nonspace: jax.Array  # non-whitespace characters of each content token (>= 1 for a non-space piece)
+    tables: TagTables
+
+
+def _shift_left(x: jax.Array, by: int, fill) -> jax.Array:
+    """x[:, i + by] at position i, `fill` past the end. [N, L]"""
+    return jnp.concatenate([x[:, by:], jnp.full((x.shape[0], by), fill, x.dtype)], axis=1)
+
+
+def _match_tag(rows: jax.Array, content: jax.Array, tables: TagTables, k: int, size: int, sequence: bool):
+    """Occurrences of tag k (`size` characters) in the content tokens, by their pieces' table rows."""
+    stride = tables.stride
+    table = lambda name: jnp.asarray(getattr(tables, name)[:, k])
+    starts = jnp.arange(rows.shape[-1], dtype=jnp.int32)[None] * stride
+    whole = jnp.where(content, table("whole")[rows], 0)
+    whole_begin = jnp.where(whole > 0, starts + table("whole_offset")[rows], _NO_CHAR)
+    whole_end = jnp.where(whole > 0, whole_begin + size - 1, _NO_CHAR)
+    count, first_end = whole.sum(-1), whole_end.min(-1)
+    head_begin = jnp.full(rows.shape, _NO_CHAR, jnp.int32)
+    if sequence:  # head, middles, tail: at most `size` tokens, one character each at least
+        piece_length = jnp.asarray(tables.length)
+        head, length = table("head")[rows], piece_length[rows]
+        state = jnp.where(content & (head > 0), jnp.left_shift(1, head), 0)  # bit a: a characters spelled
+        started = jnp.zeros(rows.shape, bool)
+        for offset in range(1, size):
+            next_rows, next_content = _shift_left(rows, offset, 0), _shift_left(content, offset, False)
+            tail = table("tail")[next_rows]
+            done = next_content & (tail > 0) & (jnp.right_shift(state, size - tail) & 1 > 0)
+            started = started | done
+            end = starts + offset * stride + tail - 1
+            first_end = jnp.minimum(first_end, jnp.where(done, end, _NO_CHAR).min(-1))
+            spelled = jnp.left_shift(state & table("middle")[next_rows], piece_length[next_rows])
+            state = jnp.where(next_content, spelled, 0)
+        count = count + started.sum(-1)
+        head_begin = jnp.where(started, starts + length - head, _NO_CHAR)
+    begins = jnp.stack([whole_begin, head_begin], axis=-1).astype(jnp.int32)
+    return TagMatch(count.astype(jnp.int32), begins, begins.min(axis=(1, 2)), first_end.astype(jnp.int32))
+
+
+def find_tags(batch: Batch, spec: TokenSpec) -> Tags:
+    """Every occurrence of the four tags in the completion content (static shapes, no loop over tokens)."""
+    tokens = batch["completion_tokens"]
+    tables = tag_tables(spec)
+    if (tokens.shape[-1] + MAX_TAG_CHARS + 1) * tables.stride >= _NO_CHAR:
+        raise ValueError(f"completions of {tokens.shape[-1]} tokens are too long for int32 character keys")
+    content = completion_content(batch, spec)
+    rows = lookup(tables.row, tokens)
+    matches = tuple(
+        _match_tag(rows, content, tables, k, len(tag), spec.tag_ids[k] == -1)
+        for k, tag in enumerate(spec.tag_texts)
     )
-    return span, found
+    piece_nonspace = jnp.asarray(tables.nonspace_before)[rows, jnp.asarray(tables.length)[rows]]
+    nonspace = jnp.where(rows > 0, piece_nonspace, ~is_whitespace(tokens, spec))
+    return Tags(matches, rows, content, jnp.where(content, nonspace, 0), tables)
+
+
+def text_between(tags: Tags, after: jax.Array, before: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Non-whitespace characters strictly between character keys `after` < `before` [N] (-1: from the
+    start; `_NO_CHAR`: to the end) -> (all of them [N], those inside the two boundary tokens [N])."""
+    stride, length = tags.tables.stride, tags.rows.shape[-1]
+    cumulative = jnp.asarray(tags.tables.nonspace_before)
+    first_token = jnp.where(after < 0, -1, after // stride)
+    last_token = jnp.minimum(before // stride, length)
+    positions = jnp.arange(length)[None]
+    inner = (positions > first_token[:, None]) & (positions < last_token[:, None])
+    whole_tokens = jnp.where(inner, tags.nonspace, 0).sum(-1)
+
+    def row_at(token):
+        return jnp.take_along_axis(tags.rows, jnp.clip(token, 0, length - 1)[:, None], axis=-1)[:, 0]
+
+    def nonspace_before(row, offset):
+        return cumulative[row, jnp.clip(offset, 0, cumulative.shape[-1] - 1)]
+
+    row_a, row_b = row_at(first_token), row_at(last_token)
+    after_a = nonspace_before(row_a, after % stride + 1)
+    tail_of_a = nonspace_before(row_a, jnp.asarray(tags.tables.length)[row_a]) - after_a
+    head_of_b = nonspace_before(row_b, before % stride)
+    parts = jnp.where(
+        first_token == last_token,
+        head_of_b - after_a,
+        jnp.where(first_token >= 0, tail_of_a, 0) + jnp.where(last_token < length, head_of_b, 0),
+    )
+    return whole_tokens + parts, parts
+
+
+class TagSpan(NamedTuple):
+    """The text strictly between a first opening tag and the first closing tag after it.
+
+    inside [N, L] bool: the content tokens wholly inside; found [N] bool: both tags present and ordered;
+    edge_text [N] int32: non-whitespace characters that the two tags' boundary tokens carry inside it;
+    opened/closed [N] int32: keys of the opening tag's last and the closing tag's first character.
+    """
+
+    inside: jax.Array
+    found: jax.Array
+    edge_text: jax.Array
+    opened: jax.Array
+    closed: jax.Array
+
+
+def tag_span(tags: Tags, open_k: int, close_k: int) -> TagSpan:
+    """The span from the first tag `open_k` to the first tag `close_k` after it (see `TagSpan`)."""
+    stride = tags.tables.stride
+    opened = tags.matches[open_k].first_end
+    closed = tags.matches[close_k].first_begin_after(opened)
+    found = closed < _NO_CHAR
+    positions = jnp.arange(tags.rows.shape[-1])[None]
+    inside = (positions > (opened // stride)[:, None]) & (positions < (closed // stride)[:, None])
+    _, edge_text = text_between(tags, opened, closed)
+    inside = tags.content & inside & found[:, None]
+    return TagSpan(inside, found, jnp.where(found, edge_text, 0), opened, closed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,19 +292,24 @@ def tag_span(
 
 
 def format_reward(batch: Batch, spec: TokenSpec, *, require_stop: bool = True) -> jax.Array:
-    """R1 format reward (arXiv 2501.12948 §2.2.2): 1.0 iff the content is exactly
-    `ws* <think> X </think> ws* <answer> Y </answer> ws*` (ws = whitespace pieces; X, Y anything
-    without tags, possibly empty) and, with `require_stop`, a stop token ended it (not truncated). [N]
+    """R1 format reward (arXiv 2501.12948 §2.2.2): 1.0 iff the content's text is exactly
+    `ws* <think> X </think> ws* <answer> Y </answer> ws*` (ws = whitespace; X, Y anything without tags,
+    possibly empty) and, with `require_stop`, a stop token ended it (not truncated). [N]
     """
-    tokens = batch["completion_tokens"]
-    content = completion_content(batch, spec)
-    hits = [(tokens == tag) & content for tag in spec.tag_ids]
-    each_once = jnp.stack([h.sum(-1) == 1 for h in hits]).all(0)
-    p0, p1, p2, p3 = (_first_position(h)[:, None] for h in hits)
-    ordered = ((p0 < p1) & (p1 < p2) & (p2 < p3))[:, 0]
-    positions = jnp.arange(tokens.shape[-1])[None]
-    outside = (positions < p0) | ((positions > p1) & (positions < p2)) | (positions > p3)
-    clean = ~(outside & content & ~is_whitespace(tokens, spec)).any(-1)
+    tags = find_tags(batch, spec)
+    think_open, think_close, answer_open, answer_close = tags.matches
+    each_once = jnp.stack([m.count == 1 for m in tags.matches]).all(0)
+    ordered = (
+        (think_open.first_end < think_close.first_begin)
+        & (think_close.first_end < answer_open.first_begin)
+        & (answer_open.first_end < answer_close.first_begin)
+    )
+    outside = [
+        (jnp.full_like(think_open.first_begin, -1), think_open.first_begin),
+        (think_close.first_end, answer_open.first_begin),
+        (answer_close.first_end, jnp.full_like(answer_close.first_end, _NO_CHAR)),
+    ]
+    clean = jnp.stack([text_between(tags, a, b)[0] == 0 for a, b in outside]).all(0)
     ok = each_once & ordered & clean
     if require_stop:
         ok = ok & _final_stop(batch, spec)[1]
@@ -159,12 +323,10 @@ def format_partial_reward(batch: Batch, spec: TokenSpec) -> jax.Array:
     occurs exactly once, k comes before j exactly when k precedes j in <think> </think> <answer>
     </answer>. Text around the tags and the stop token are not checked (`format` does that).
     """
-    tokens = batch["completion_tokens"]
-    content = completion_content(batch, spec)
-    hits = [(tokens == tag) & content for tag in spec.tag_ids]
-    once = [h.sum(-1) == 1 for h in hits]
-    pos = [_first_position(h) for h in hits]
-    score = jnp.zeros(tokens.shape[0], jnp.float32)
+    matches = find_tags(batch, spec).matches
+    once = [m.count == 1 for m in matches]
+    pos = [m.first_begin for m in matches]
+    score = jnp.zeros(once[0].shape, jnp.float32)
     for k in range(4):
         placed = once[k]
         for j in range(4):
@@ -180,22 +342,40 @@ def format_partial_reward(batch: Batch, spec: TokenSpec) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def _answer_span(batch: Batch, spec: TokenSpec) -> tuple[jax.Array, jax.Array]:
-    """Non-whitespace tokens strictly inside the first <answer> ... </answer>. ([N, L] bool, found [N])"""
+def _answer_span(batch: Batch, spec: TokenSpec) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Non-whitespace tokens strictly inside the first <answer> ... </answer>: ([N, L] bool, found [N],
+    leading_minus [N]).
+
+    When the tags' boundary tokens carry non-whitespace text of the answer ("42.</" as pieces "42",
+    ".</"), the answer is not a token sequence and `found` is False, with one exception: a "-" right
+    after <answer> in its last piece (Qwen2.5 keeps ">-" as one piece) is `leading_minus`, a sign.
+    """
+    tags = find_tags(batch, spec)
+    span = tag_span(tags, 2, 3)
+    stride, length = tags.tables.stride, tags.rows.shape[-1]
+    open_token = jnp.clip(span.opened // stride, 0, length - 1)
+    open_row = jnp.take_along_axis(tags.rows, open_token[:, None], axis=-1)[:, 0]
+    leading_minus = (
+        span.found
+        & (jnp.asarray(tags.tables.minus_after[:, 2])[open_row] > 0)
+        & (span.opened // stride != span.closed // stride)
+    )
+    found = span.found & (span.edge_text == leading_minus.astype(jnp.int32))
     tokens = batch["completion_tokens"]
-    span, found = tag_span(tokens, completion_content(batch, spec), spec.answer_open, spec.answer_close)
-    return span & ~is_whitespace(tokens, spec), found
+    return span.inside & ~is_whitespace(tokens, spec), found, leading_minus & found
 
 
 def accuracy_reward(batch: Batch, spec: TokenSpec) -> jax.Array:
     """R1 rule accuracy by exact token match: 1.0 iff the answer span without whitespace pieces equals
     `answer_tokens` without whitespace pieces. An empty answer span never scores. [N]
 
-    Token ids must match: "▁7" and "7" differ (use `accuracy_numeric` for integers).
+    Token ids must match: "▁7" and "7" differ (use `accuracy_numeric` for integers); text that a tag's
+    piece carries inside the span (">-", ".</") is no token, so such an answer scores 0.
     """
     answer_tokens = batch["answer_tokens"]
     width = answer_tokens.shape[-1]
-    span, found = _answer_span(batch, spec)
+    span, found, leading_minus = _answer_span(batch, spec)
+    found = found & ~leading_minus  # a sign inside a tag's piece is no token of the gold answer
     predicted, n_predicted = compact(batch["completion_tokens"], span, width)
     gold_keep = (batch["answer_mask"] > 0) & ~is_whitespace(answer_tokens, spec)
     gold, n_gold = compact(answer_tokens, gold_keep, width)
@@ -225,8 +405,11 @@ def _number_tables(spec: TokenSpec) -> _NumberTables:
     return _NumberTables(digits, num_digits, is_minus)
 
 
-def parse_integer(tokens: jax.Array, keep: jax.Array, tables: _NumberTables) -> tuple[jax.Array, ...]:
-    """Parse `-? digit+` from the kept tokens of each row (whitespace must already be dropped).
+def parse_integer(
+    tokens: jax.Array, keep: jax.Array, tables: _NumberTables, leading_minus: jax.Array | None = None
+) -> tuple[jax.Array, ...]:
+    """Parse `-? digit+` from the kept tokens of each row (whitespace must already be dropped);
+    `leading_minus` [N] bool: a "-" already read before the kept tokens (then they must not start with one).
 
     tokens/keep [N, L] -> (valid [N] bool, negative [N] bool, significant digits [N, L*K] int32
     (leading zeros stripped, -1 after the end), number of significant digits [N]). Values are never
@@ -241,6 +424,9 @@ def parse_integer(tokens: jax.Array, keep: jax.Array, tables: _NumberTables) -> 
     has_sign = (take(tables.is_minus) & at_first & keep).any(-1)
     body = keep & ~(at_first & has_sign[:, None])
     valid = ~(body & (num_digits == 0)).any(-1) & body.any(-1)
+    if leading_minus is not None:
+        valid = valid & ~(leading_minus & has_sign)
+        has_sign = has_sign | leading_minus
     slots = jnp.arange(tables.digits.shape[1])
     keep_digit = (body[..., None] & (slots < num_digits[..., None])).reshape(n, width)
     digit_values = take(tables.digits).astype(jnp.int32).reshape(n, width)
@@ -260,8 +446,8 @@ def accuracy_numeric_reward(batch: Batch, spec: TokenSpec) -> jax.Array:
     zeros stripped, so arbitrarily long numbers are exact. [N]
     """
     tables = _number_tables(spec)
-    span, found = _answer_span(batch, spec)
-    valid_p, neg_p, digits_p, len_p = parse_integer(batch["completion_tokens"], span, tables)
+    span, found, leading_minus = _answer_span(batch, spec)
+    valid_p, neg_p, digits_p, len_p = parse_integer(batch["completion_tokens"], span, tables, leading_minus)
     answer_tokens = batch["answer_tokens"]
     gold_keep = (batch["answer_mask"] > 0) & ~is_whitespace(answer_tokens, spec)
     valid_g, neg_g, digits_g, len_g = parse_integer(answer_tokens, gold_keep, tables)
@@ -285,7 +471,8 @@ def language_consistency_reward(
     mixes no language. [N]
     """
     tokens = batch["completion_tokens"]
-    span, found = tag_span(tokens, completion_content(batch, spec), spec.think_open, spec.think_close)
+    think = tag_span(find_tags(batch, spec), 0, 1)
+    span, found = think.inside, think.found
     target = (lookup(vocab_mask.is_target, tokens, False) & span).sum(-1)
     countable = (lookup(vocab_mask.is_countable, tokens, False) & span).sum(-1)
     no_words = jnp.where(found, no_words_value, 0.0)
