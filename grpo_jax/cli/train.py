@@ -106,8 +106,10 @@ def main(argv):
 
     try:
         summary = train(_CONFIG.value, os.path.abspath(_WORKDIR.value))
-    except (ValueError, FileNotFoundError, TrainingError) as error:
-        _fail(error)  # one line: not also logged, which would print it twice
+    except (ValueError, FileNotFoundError, ImportError, TrainingError) as error:
+        # One line, not also logged (which would print it twice). ImportError: an optional dependency
+        # the config needs is missing (pyarrow for a Parquet task file).
+        _fail(error)
     if not reports:
         return
     for stage, result in summary["stages"].items():
