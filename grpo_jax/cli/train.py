@@ -9,6 +9,8 @@ A bad config key or value, a malformed data file, or a workdir whose checkpoints
 non-zero with one line naming the problem (the last line of stderr, and the only error line).
 SIGTERM (a preemption notice on TPU VMs and SLURM) finishes the current step, saves its checkpoint and
 exits with code 75 (`trainer.PREEMPTED_EXIT_CODE`) and one `preempted: ...` line; rerun to resume.
+--config.compilation_cache_dir=DIR keeps compiled programs in DIR (JAX's persistent compilation cache), so
+the next run or resume with the same DIR loads them instead of compiling.
 """
 
 import os

@@ -26,8 +26,10 @@ command resumes from that checkpoint. The handler is installed by `train` and th
 when it returns (`stop_on_sigterm`), never at import.
 
 Every training line of metrics.jsonl also carries `compiles`: the XLA compilations this process has
-done so far (jax's backend-compile monitoring event), so a program that recompiles every step shows as
-a growing count. It restarts in a resumed process, unlike every other value of the line.
+done so far (`compilation.compile_count`; programs loaded from the persistent compilation cache are not
+compilations), so a program that recompiles every step shows as a growing count. It restarts in a
+resumed process, unlike every other value of the line. `config.compilation_cache_dir` (top level, ""
+= off) turns on JAX's persistent compilation cache there, for every program, before anything compiles.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from grpo_jax.checkpointing import (
 )
 from grpo_jax.metrics import MetricsWriter, ProgressBar, plot_curves, write_summary
 from grpo_jax.training import setup
+from grpo_jax.training.compilation import compile_count, enable_persistent_cache
 from grpo_jax.training.evaluator import Evaluator
 from grpo_jax.training.stages import INIT_BASE, INIT_PREVIOUS, STAGE_KINDS, stage_kind
 from grpo_jax.training.stages.base import stage_dir
@@ -113,28 +116,6 @@ def stop_agreed(request: threading.Event | None) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(local))).any())
-
-
-# ------------------------------------------------------------------------------------------------
-# Compile counting
-# ------------------------------------------------------------------------------------------------
-
-_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch's name
-_compiles = {"count": 0, "lock": threading.Lock()}
-
-
-def _on_duration_event(event: str, duration: float, **kwargs) -> None:
-    if event == _BACKEND_COMPILE_EVENT:  # recorded once per XLA compilation (or persistent-cache load)
-        with _compiles["lock"]:
-            _compiles["count"] += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_duration_event)
-
-
-def compile_count() -> int:
-    """XLA compilations in this process so far (every jit/pjit program and eager op jax compiled)."""
-    return _compiles["count"]
 
 
 @dataclasses.dataclass
@@ -265,6 +246,7 @@ def train(config, workdir: str) -> dict:
 
 def _train(config, workdir: str, stop_requested: threading.Event) -> dict:
     start_time = time.time()
+    enable_persistent_cache(config.get("compilation_cache_dir", ""))
     stages = validate_stages(config)
     sharding.initialize_distributed()
     task = setup.build_task(config)
