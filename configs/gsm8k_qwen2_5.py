@@ -38,6 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.max_nonfinite_in_a_row = 5
     c.progress_bar = True
     c.tensorboard = True
+    # JAX persistent compilation cache folder ("" = off): a rerun or resume loads programs, not compiles
+    c.compilation_cache_dir = ""
 
     c.task = ml_collections.ConfigDict(
         dict(

@@ -40,6 +40,7 @@ TOP_LEVEL_KEYS = {
     "max_nonfinite_in_a_row",
     "progress_bar",
     "tensorboard",
+    "compilation_cache_dir",
     "task",
     "tokenizer",
     "model",

@@ -252,6 +252,128 @@ def test_empty_and_missing_files(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# Parquet task files (how GSM8K, MATH and DAPO-Math are published): the same examples and errors
+# --------------------------------------------------------------------------------------------------
+
+
+def _write_parquet(path, columns: dict):
+    """A Parquet file of `columns` (name -> list of values), written in two row groups so reads span them."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.table(columns)
+    pq.write_table(table, path, row_group_size=max(1, (table.num_rows + 1) // 2))
+    return path
+
+
+GSM8K_ROWS = [
+    {
+        "question": "Natalia sold 48 clips and half as many later. Total?",
+        "answer": "48/2 = <<48/2=24>>24\n#### 72",
+    },
+    {"question": "Big?", "answer": "a lot\n#### 1,234"},
+    {"question": "Small?", "answer": "none\n#### 0"},
+]
+
+
+@pytest.mark.parametrize(
+    "kind, rows, fields",
+    [
+        ("gsm8k", GSM8K_ROWS, {}),
+        (
+            "math",
+            [
+                {"problem": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$.", "level": "Level 1"},
+                {"problem": "1+1?", "solution": "\\boxed{2}", "level": "Level 2"},
+            ],
+            {},
+        ),
+        (
+            "sft",
+            [{"prompt": "p", "completion": "c <answer> 4 </answer>"}, {"prompt": "q", "completion": "d"}],
+            {},
+        ),
+        ("math", [{"q": "Q?", "s": "\\boxed{3}", "id": 1}], {"question_field": "q", "answer_field": "s"}),
+    ],
+)
+def test_parquet_file_gives_the_jsonl_files_examples(tmp_path, kind, rows, fields):
+    jsonl = _write_lines(tmp_path / "task.jsonl", [json.dumps(r) for r in rows])
+    columns = {name: [r[name] for r in rows] for name in rows[0]}
+    parquet = _write_parquet(tmp_path / "task.parquet", columns)
+    from_jsonl = load_jsonl_task(jsonl, kind=kind, **fields)
+    from_parquet = load_jsonl_task(parquet, kind=kind, **fields)
+    assert from_parquet == from_jsonl
+    assert len(from_parquet) == len(rows) and from_parquet[0]["task"] == kind
+
+
+def test_parquet_task_file_drives_build_task(tmp_path):
+    """config.task.train_file/test_file may be Parquet, as for GSM8K's published train/test splits."""
+    import ml_collections
+
+    from grpo_jax.training.setup import build_task
+
+    columns = {name: [r[name] for r in GSM8K_ROWS] for name in GSM8K_ROWS[0]}
+    train = _write_parquet(tmp_path / "train-00000-of-00001.parquet", columns)
+    test = _write_parquet(tmp_path / "test.parquet", columns)
+    config = ml_collections.ConfigDict(
+        dict(
+            seed=0,
+            task=dict(
+                name="gsm8k", train_file=str(train), test_file=str(test), train_size=2, test_size=0, kwargs={}
+            ),
+        )
+    )
+    task = build_task(config)
+    assert [e["answer"] for e in task.train] == ["72", "1234"] and len(task.test) == 3
+
+
+@pytest.mark.parametrize(
+    "columns, problem",
+    [
+        ({"question": ["q", "r"]}, "missing column 'answer' \\(columns present: \\['question'\\]\\)"),
+        (
+            {"question": ["q", "r", "s"], "answer": ["x #### 1", None, "y #### 3"]},
+            "row 1: field 'answer' must be a string, got NoneType",
+        ),
+        (
+            {"question": ["q", "r", "s"], "answer": ["x #### 1", "y #### 2", "no final"]},
+            "row 2: field 'answer' has no final answer after '####'",
+        ),
+        (
+            {"question": [1, 2], "answer": ["x #### 1", "y #### 2"]},
+            "row 0: field 'question' must be a string, got int",
+        ),
+    ],
+    ids=["missing-column", "null-value", "no-answer", "not-a-string"],
+)
+def test_malformed_parquet_names_file_and_column_or_row(tmp_path, columns, problem):
+    path = _write_parquet(tmp_path / "bad.parquet", columns)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: ") + problem) as error:
+        load_jsonl_task(path)
+    assert "\n" not in str(error.value)
+
+
+def test_unreadable_and_empty_parquet(tmp_path):
+    pytest.importorskip("pyarrow")
+    not_parquet = tmp_path / "fake.parquet"
+    not_parquet.write_text('{"question": "q", "answer": "x #### 1"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{not_parquet}: not a readable Parquet file (")):
+        load_jsonl_task(not_parquet)
+    empty = _write_parquet(tmp_path / "empty.parquet", {"question": [], "answer": []})
+    with pytest.raises(ValueError, match=re.escape(f"{empty}: task file is empty")):
+        load_jsonl_task(empty)
+
+
+def test_parquet_without_pyarrow_is_one_clear_line(tmp_path, monkeypatch):
+    import sys
+
+    path = tmp_path / "task.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import raises ImportError
+    with pytest.raises(ImportError, match=re.escape(f"{path}: reading a Parquet task file needs pyarrow")):
+        load_jsonl_task(path)
+
+
+# --------------------------------------------------------------------------------------------------
 # grain pipelines
 # --------------------------------------------------------------------------------------------------
 

@@ -6,7 +6,9 @@ Only the parity tests compare against transformers and need torch (the `hf` fixt
 it); the rest need safetensors at most and run without torch.
 """
 
+import collections
 import json
+import math
 import os
 import types
 
@@ -16,6 +18,8 @@ import numpy as np
 import pytest
 
 from grpo_jax import models
+from grpo_jax.models.transformer import param_shapes
+from grpo_jax.sharding import DEFAULT_RULES
 from grpo_jax.testing import mesh_2x2x2, tiny_model_config, tiny_params
 
 
@@ -66,11 +70,12 @@ def _hf_model(hf, family, extra, seed=0):
         rms_norm_eps=1e-6,
         rope_theta=500.0,
     )
+    common.update(extra)
     if family == "qwen2":
-        cfg = transformers.Qwen2Config(**common, **extra)
+        cfg = transformers.Qwen2Config(**common)
         model = transformers.Qwen2ForCausalLM(cfg)
     else:
-        cfg = transformers.LlamaConfig(**common, **extra)
+        cfg = transformers.LlamaConfig(**common)
         model = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():  # random, non-trivial biases and norms so every tensor matters
         for name, p in model.named_parameters():
@@ -163,6 +168,117 @@ def test_sharded_checkpoint_with_index_loads_onto_mesh(tmp_path, safetensors):
     assert loaded["layers"]["q"].shape == (2, 32, 4, 8) and shard_shapes["q"] == (2, 16, 2, 8)
     assert loaded["layers"]["gate"].shape == (2, 32, 64) and shard_shapes["gate"] == (2, 16, 32)
     assert loaded["embed"].shape == (128, 32) and loaded["embed"].addressable_shards[0].data.shape == (64, 16)
+
+
+# Shard-by-shard loading. GQA with 6 heads and 3 kv heads: on tensor=2 the heads split, the kv heads do not
+# (replicated over tensor); vocab 96 and d=48 split too. "split_more" also splits the stacked layers over
+# data and, where the kv heads cannot take tensor, the head dim within each head.
+SHARDED_MODEL = dict(
+    vocab_size=96,
+    hidden_size=48,
+    num_attention_heads=6,
+    num_key_value_heads=3,
+    head_dim=8,
+    intermediate_size=64,
+)
+SPLIT_MORE = tuple(dict(DEFAULT_RULES, layers="data", head_dim="tensor").items())
+
+
+@pytest.mark.parametrize(
+    "family, extra, rules, param_dtype",
+    [
+        ("qwen2", dict(tie_word_embeddings=False), None, "float32"),  # q/k/v biases, an lm_head
+        ("qwen2", dict(tie_word_embeddings=False), SPLIT_MORE, "bfloat16"),  # converted slice by slice
+        ("llama", dict(attention_bias=True, tie_word_embeddings=True), SPLIT_MORE, "float32"),  # o bias
+    ],
+    ids=["qwen2", "qwen2_split_more_bf16", "llama_bias_split_more"],
+)
+def test_loading_onto_a_mesh_gives_the_whole_tensor_loads_values(
+    tmp_path, hf, family, extra, rules, param_dtype
+):
+    """Every param built shard by shard on a (2, 2, 2) mesh equals the one read whole (no mesh), in its
+    planned sharding, also converted to bf16 slice by slice."""
+    hf_model = _hf_model(hf, family, dict(SHARDED_MODEL, **extra))
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    mesh = mesh_2x2x2()
+    config, whole = models.load_pretrained(str(tmp_path), param_dtype=param_dtype)
+    _, sharded = models.load_pretrained(str(tmp_path), mesh=mesh, rules=rules, param_dtype=param_dtype)
+    shardings = models.model_param_shardings(mesh, config, rules)
+    assert jax.tree_util.tree_structure(sharded) == jax.tree_util.tree_structure(whole)
+
+    def check(path, got, want, sharding):
+        where = jax.tree_util.keystr(path)
+        assert got.dtype == want.dtype == jnp.dtype(param_dtype), where
+        assert got.sharding.is_equivalent_to(sharding, got.ndim), where
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), where)
+
+    jax.tree_util.tree_map_with_path(check, sharded, whole, shardings)
+    specs = {k: v.sharding.spec for k, v in sharded["layers"].items()}
+    assert "tensor" in specs["q"] and "tensor" not in specs["k"][:3]  # heads split, kv heads not
+    if rules is SPLIT_MORE:
+        assert specs["q"][0] == "data" and specs["k"][3] == "tensor"  # layers, and within kv heads
+    logits = models.forward(config, sharded, jnp.asarray(TOKENS))
+    want = _hf_logits(hf, hf_model, TOKENS, MASK)
+    tolerance = 1e-4 if param_dtype == "float32" else 0.15
+    np.testing.assert_allclose(np.asarray(logits), want, atol=tolerance, rtol=tolerance)
+
+
+def test_a_sharded_param_is_read_one_shard_at_a_time(tmp_path, hf, monkeypatch):
+    """Counting the elements of every read from the safetensors files: a param split over the mesh
+    reads, per HF tensor, each distinct shard once and only that shard's elements (never the whole
+    tensor); a replicated param reads the whole tensor once, not once per device."""
+    from grpo_jax.models import hf as hf_io
+
+    hf_model = _hf_model(hf, "qwen2", dict(SHARDED_MODEL, tie_word_embeddings=False))
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    reads = collections.defaultdict(list)  # HF tensor name -> elements of each read, in order
+    open_slice = hf_io._SafetensorsReader.slice
+
+    class CountingSlice:
+        def __init__(self, name, lazy):
+            self.name, self.lazy = name, lazy
+
+        def __getitem__(self, index):
+            block = self.lazy[index]
+            reads[self.name].append(block.size)
+            return block
+
+        def get_shape(self):
+            return self.lazy.get_shape()
+
+    monkeypatch.setattr(
+        hf_io._SafetensorsReader, "slice", lambda self, name: CountingSlice(name, open_slice(self, name))
+    )
+    mesh = mesh_2x2x2()
+    config, _ = models.load_pretrained(str(tmp_path), mesh=mesh)
+    shardings = models.model_param_shardings(mesh, config)
+    shapes = param_shapes(config)
+
+    def distinct_shards(sharding, shape):
+        indices = sharding.devices_indices_map(shape).values()
+        return {tuple(s.indices(n) for s, n in zip(i, shape)) for i in indices}
+
+    expected = {}  # HF name -> elements of each read
+    top = {
+        "embed": "model.embed_tokens.weight",
+        "final_norm": "model.norm.weight",
+        "lm_head": "lm_head.weight",
+    }
+    for ours, name in top.items():
+        shape, sharding = shapes[ours], shardings[ours]
+        expected[name] = [math.prod(sharding.shard_shape(shape))] * len(distinct_shards(sharding, shape))
+    for ours, (hf_name, _, _) in hf_io._layer_mapping(config).items():
+        shape, sharding = shapes["layers"][ours], shardings["layers"][ours]
+        per_layer = math.prod(sharding.shard_shape(shape)[1:])
+        for layer in range(config.num_layers):
+            expected[f"model.layers.{layer}.{hf_name}"] = [per_layer] * len(distinct_shards(sharding, shape))
+    assert dict(reads) == expected
+
+    split = [name for name, sizes in expected.items() if len(sizes) > 1]
+    assert len(split) >= 10, split  # embed, lm_head, q, o, gate, up, down, q_bias (per layer) ...
+    for name in split:
+        full = math.prod(hf_io._SafetensorsReader(str(tmp_path)).shape(name))
+        assert max(reads[name]) < full and sum(reads[name]) == full, name  # each element read once
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path, safetensors):

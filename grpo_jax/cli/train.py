@@ -7,6 +7,10 @@ local ones): the same command in each, plus --coordinator_address=HOST:PORT --nu
 newest checkpoint that reads cleanly (a damaged one gets one warning line and is moved aside).
 A bad config key or value, a malformed data file, or a workdir whose checkpoints are all damaged exits
 non-zero with one line naming the problem (the last line of stderr, and the only error line).
+SIGTERM (a preemption notice on TPU VMs and SLURM) finishes the current step, saves its checkpoint and
+exits with code 75 (`trainer.PREEMPTED_EXIT_CODE`) and one `preempted: ...` line; rerun to resume.
+--config.compilation_cache_dir=DIR keeps compiled programs in DIR (JAX's persistent compilation cache), so
+the next run or resume with the same DIR loads them instead of compiling.
 """
 
 import os
@@ -102,12 +106,17 @@ def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
     reports = _start_processes()
-    from grpo_jax.training.trainer import TrainingError, train
+    from grpo_jax.training.trainer import PREEMPTED_EXIT_CODE, Preempted, TrainingError, train
 
     try:
         summary = train(_CONFIG.value, os.path.abspath(_WORKDIR.value))
-    except (ValueError, FileNotFoundError, TrainingError) as error:
-        _fail(error)  # one line: not also logged, which would print it twice
+    except Preempted as stop:  # every process saved its checkpoint shards; each says so
+        print(f"preempted: {stop}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except (ValueError, FileNotFoundError, ImportError, TrainingError) as error:
+        # One line, not also logged (which would print it twice). ImportError: an optional dependency
+        # the config needs is missing (pyarrow for a Parquet task file).
+        _fail(error)
     if not reports:
         return
     for stage, result in summary["stages"].items():

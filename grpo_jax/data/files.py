@@ -1,8 +1,12 @@
-"""Tasks from JSONL files: GSM8K style, MATH style, and prompt/completion SFT files.
+"""Tasks from JSONL or Parquet files: GSM8K style, MATH style, and prompt/completion SFT files.
 
-Each line is one JSON object. Every malformed line (bad JSON, a missing field, an answer that cannot be
-extracted) raises one `ValueError` naming the file and the 1-based line number, so a bad data file stops a run
-before anything is trained or checkpointed. Blank lines are skipped.
+JSONL: each line is one JSON object; blank lines are skipped. Parquet (how GSM8K, MATH and most Hugging
+Face datasets are published): each row is one record, its columns the fields; it needs `pyarrow` (the
+`[parquet]` extra) and is read one record batch at a time. The format follows the file's extension.
+Every malformed record (bad JSON, a missing field or column, a null or non-string value, an answer that
+cannot be extracted) raises one `ValueError` naming the file and the 1-based line number (JSONL) or the
+0-based row index (Parquet, as `datasets` and pandas count rows), so a bad data file stops a run before
+anything is trained or checkpointed.
 
 Examples are the same dicts as the synthetic tasks: `{"prompt", "answer", "completion", "task", ...}` where
 `completion` is the R1 format demonstration `<think> reasoning </think> <answer> answer </answer>` (for
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 Example = dict[str, Any]
@@ -62,6 +67,80 @@ def _gsm8k_answer(solution: str) -> tuple[str, str] | None:
     return answer, _CALCULATOR_ANNOTATION.sub("", reasoning).strip()
 
 
+PARQUET_EXTENSIONS = (".parquet", ".pq")
+
+
+def _jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
+    """(`path:line`, parsed JSON value) per non-blank line; bad JSON raises naming the line."""
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _parquet_records(path: str, columns: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
+    """(`path: row i`, the row as a dict of every column) per row, one record batch in memory at a
+    time; a file without one of `columns` raises naming it before any row is read."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(
+            f"{path}: reading a Parquet task file needs pyarrow (pip install 'grpo_jax[parquet]')"
+        ) from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's ArrowInvalid etc.: not a Parquet file, or a damaged one
+        raise ValueError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())})") from None
+    present = parquet.schema_arrow.names
+    for column in columns:
+        if column not in present:
+            raise ValueError(f"{path}: missing column {column!r} (columns present: {sorted(present)})")
+    row = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            yield f"{path}: row {row}", record
+            row += 1
+
+
+def _example(record: Any, kind: str, question_field: str, answer_field: str, task_name: str) -> Example:
+    """One record -> an example; raises `ValueError(problem)` (without the location) if malformed."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    for field in (question_field, answer_field):
+        if field not in record:
+            raise ValueError(f"missing field {field!r} (fields present: {sorted(record)})")
+        if not isinstance(record[field], str):
+            raise ValueError(f"field {field!r} must be a string, got {type(record[field]).__name__}")
+    question, target = record[question_field], record[answer_field]
+
+    if kind == "gsm8k":
+        parsed = _gsm8k_answer(target)
+        if parsed is None:
+            raise ValueError(f"field {answer_field!r} has no final answer after '####'")
+        answer, reasoning = parsed
+        completion = f"<think> {reasoning} </think> <answer> {answer} </answer>"
+    elif kind == "math":
+        answer = last_boxed(target)
+        if answer is None:
+            raise ValueError(f"field {answer_field!r} has no \\boxed{{...}} answer")
+        completion = f"<think> {target.strip()} </think> <answer> {answer} </answer>"
+    else:
+        completion = target
+        answer = record.get("answer")
+        if answer is None:
+            tagged = re.findall(r"<answer>(.*?)</answer>", completion, flags=re.DOTALL)
+            answer = tagged[-1].strip() if tagged else ""
+        answer = str(answer)
+
+    extra = {k: v for k, v in record.items() if k not in (question_field, answer_field)}
+    return {**extra, "prompt": question, "answer": answer, "completion": completion, "task": task_name}
+
+
 def load_jsonl_task(
     path: str | os.PathLike,
     *,
@@ -70,9 +149,9 @@ def load_jsonl_task(
     answer_field: str | None = None,
     task_name: str | None = None,
 ) -> list[Example]:
-    """Reads a JSONL task file into examples.
+    """Reads a task file, JSONL or Parquet (`.parquet`/`.pq`, by extension), into examples.
 
-    Kinds (default field names in parentheses):
+    Kinds (default field names in parentheses; in a Parquet file, column names):
       gsm8k (`question`, `answer`): the answer field ends with `#### N`; answer = N (commas removed),
         reasoning = the text before it without `<<...>>` calculator annotations.
       math (`problem`, `solution`): answer = content of the last `\\boxed{}`; reasoning = the solution.
@@ -81,7 +160,10 @@ def load_jsonl_task(
 
     Raises:
       FileNotFoundError: no file at `path`.
-      ValueError: `path:line: problem` for the first malformed line, or the file has no records.
+      ImportError: a Parquet file without pyarrow installed.
+      ValueError: `path:line: problem` (JSONL) or `path: row i: problem` (Parquet, 0-based) for the first
+        malformed record, `path: missing column ...` for a Parquet file without a field, or the file has
+        no records.
     """
     path = os.fspath(path)
     if kind not in KINDS:
@@ -93,51 +175,16 @@ def load_jsonl_task(
     answer_field = answer_field or default_answer
     task_name = task_name or kind
 
+    if path.lower().endswith(PARQUET_EXTENSIONS):
+        records = _parquet_records(path, (question_field, answer_field))
+    else:
+        records = _jsonl_records(path)
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-
-            def fail(problem: str, line_number: int = line_number) -> ValueError:
-                return ValueError(f"{path}:{line_number}: {problem}")
-
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise fail(f"invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise fail(f"expected a JSON object, got {type(record).__name__}")
-            for field in (question_field, answer_field):
-                if field not in record:
-                    raise fail(f"missing field {field!r} (fields present: {sorted(record)})")
-                if not isinstance(record[field], str):
-                    raise fail(f"field {field!r} must be a string, got {type(record[field]).__name__}")
-            question, target = record[question_field], record[answer_field]
-
-            if kind == "gsm8k":
-                parsed = _gsm8k_answer(target)
-                if parsed is None:
-                    raise fail(f"field {answer_field!r} has no final answer after '####'")
-                answer, reasoning = parsed
-                completion = f"<think> {reasoning} </think> <answer> {answer} </answer>"
-            elif kind == "math":
-                answer = last_boxed(target)
-                if answer is None:
-                    raise fail(f"field {answer_field!r} has no \\boxed{{...}} answer")
-                completion = f"<think> {target.strip()} </think> <answer> {answer} </answer>"
-            else:
-                completion = target
-                answer = record.get("answer")
-                if answer is None:
-                    tagged = re.findall(r"<answer>(.*?)</answer>", completion, flags=re.DOTALL)
-                    answer = tagged[-1].strip() if tagged else ""
-                answer = str(answer)
-
-            extra = {k: v for k, v in record.items() if k not in (question_field, answer_field)}
-            examples.append(
-                {**extra, "prompt": question, "answer": answer, "completion": completion, "task": task_name}
-            )
+    for where, record in records:
+        try:
+            examples.append(_example(record, kind, question_field, answer_field, task_name))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     if not examples:
-        raise ValueError(f"{path}: task file is empty (no JSON records).")
+        raise ValueError(f"{path}: task file is empty (no records).")
     return examples

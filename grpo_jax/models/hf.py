@@ -2,9 +2,11 @@
 
 `load_pretrained(path)` reads `config.json` (transformers 4.x top-level `rope_theta`/`rope_scaling`,
 or 5.x nested `rope_parameters`) and `*.safetensors` (one file, or sharded with
-`model.safetensors.index.json`). Tensors are read one at a time through safetensors' lazy reader, stacked
-per parameter on the host and placed straight into their target sharding, so at most one stacked
-parameter is ever held in host memory besides the memory-mapped files.
+`model.safetensors.index.json`). Each parameter is built with `jax.make_array_from_callback` in its target
+sharding: the callback reads through safetensors' lazy slices only the elements of the shard it is asked
+for (per layer for the stacked layer params, transposed and reshaped from HF's [out, in] layout on the
+slice) and converts only those, so a host holds its own shards of one parameter at a time, never a full
+tensor of a sharded parameter (each distinct shard is read once, however many devices hold a copy).
 `save_pretrained(config, params, path)` writes the same format back.
 """
 
@@ -137,28 +139,60 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _layer_mapping(config: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
-    """our layer param -> (HF name template, HF->ours transform, ours->HF transform), per layer slice."""
+# How our per-layer block sits in the HF tensor; `_read_block` reads a slice of ours from a slice of theirs.
+SAME = "same"  # ours == HF
+TRANSPOSED = "transposed"  # ours [a, b] = HF [b, a].T (HF stores projections as [out, in])
+HEADS_IN = "heads_in"  # ours [D, N, Dh] = HF [N*Dh, D].T (q, k, v projections)
+HEADS_OUT = "heads_out"  # ours [N, Dh, D] = HF [D, N*Dh].T (the output projection)
+HEADS_BIAS = "heads_bias"  # ours [N, Dh] = HF [N*Dh]
+
+
+def _layer_mapping(config: ModelConfig) -> dict[str, tuple[str, str, Callable]]:
+    """our layer param -> (HF name template, layout of ours in HF's tensor, ours->HF transform)."""
     D, H, K, Dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.resolved_head_dim
     t = lambda w: w.T
     m = {
-        "attn_norm": ("input_layernorm.weight", lambda w: w, lambda w: w),
-        "mlp_norm": ("post_attention_layernorm.weight", lambda w: w, lambda w: w),
-        "q": ("self_attn.q_proj.weight", lambda w: w.T.reshape(D, H, Dh), lambda w: w.reshape(D, H * Dh).T),
-        "k": ("self_attn.k_proj.weight", lambda w: w.T.reshape(D, K, Dh), lambda w: w.reshape(D, K * Dh).T),
-        "v": ("self_attn.v_proj.weight", lambda w: w.T.reshape(D, K, Dh), lambda w: w.reshape(D, K * Dh).T),
-        "o": ("self_attn.o_proj.weight", lambda w: w.T.reshape(H, Dh, D), lambda w: w.reshape(H * Dh, D).T),
-        "gate": ("mlp.gate_proj.weight", t, t),
-        "up": ("mlp.up_proj.weight", t, t),
-        "down": ("mlp.down_proj.weight", t, t),
+        "attn_norm": ("input_layernorm.weight", SAME, lambda w: w),
+        "mlp_norm": ("post_attention_layernorm.weight", SAME, lambda w: w),
+        "q": ("self_attn.q_proj.weight", HEADS_IN, lambda w: w.reshape(D, H * Dh).T),
+        "k": ("self_attn.k_proj.weight", HEADS_IN, lambda w: w.reshape(D, K * Dh).T),
+        "v": ("self_attn.v_proj.weight", HEADS_IN, lambda w: w.reshape(D, K * Dh).T),
+        "o": ("self_attn.o_proj.weight", HEADS_OUT, lambda w: w.reshape(H * Dh, D).T),
+        "gate": ("mlp.gate_proj.weight", TRANSPOSED, t),
+        "up": ("mlp.up_proj.weight", TRANSPOSED, t),
+        "down": ("mlp.down_proj.weight", TRANSPOSED, t),
     }
     if config.qkv_bias:
-        m["q_bias"] = ("self_attn.q_proj.bias", lambda b: b.reshape(H, Dh), lambda b: b.reshape(H * Dh))
-        m["k_bias"] = ("self_attn.k_proj.bias", lambda b: b.reshape(K, Dh), lambda b: b.reshape(K * Dh))
-        m["v_bias"] = ("self_attn.v_proj.bias", lambda b: b.reshape(K, Dh), lambda b: b.reshape(K * Dh))
+        m["q_bias"] = ("self_attn.q_proj.bias", HEADS_BIAS, lambda b: b.reshape(H * Dh))
+        m["k_bias"] = ("self_attn.k_proj.bias", HEADS_BIAS, lambda b: b.reshape(K * Dh))
+        m["v_bias"] = ("self_attn.v_proj.bias", HEADS_BIAS, lambda b: b.reshape(K * Dh))
     if config.o_bias:
-        m["o_bias"] = ("self_attn.o_proj.bias", lambda b: b, lambda b: b)
+        m["o_bias"] = ("self_attn.o_proj.bias", SAME, lambda b: b)
     return m
+
+
+def _read_block(tensor, layout: str, index: tuple[slice, ...], head_dim: int) -> np.ndarray:
+    """Block `index` (one slice per axis of ours, steps of 1) of our per-layer array, read from the HF
+    tensor `tensor` (anything indexable like safetensors' lazy `get_slice`) as the one rectangle of HF
+    elements it holds. A head-dim slice short of the whole head reads the whole heads (no rule shards
+    `head_dim`)."""
+    if layout == SAME:
+        return tensor[index]
+    if layout == TRANSPOSED:
+        return tensor[index[1], index[0]].T
+    Dh = head_dim
+    heads = index[1] if layout == HEADS_IN else index[0]
+    flat = slice(heads.start * Dh, heads.stop * Dh)  # HF's rows (or columns) of these heads
+    n = heads.stop - heads.start
+    if layout == HEADS_IN:
+        block = tensor[flat, index[0]]  # [n*Dh, d]
+        return block.reshape(n, Dh, block.shape[1])[:, index[2]].transpose(2, 0, 1)
+    if layout == HEADS_OUT:
+        block = tensor[index[2], flat]  # [d, n*Dh]
+        return block.reshape(block.shape[0], n, Dh)[:, :, index[1]].transpose(1, 2, 0)
+    if layout == HEADS_BIAS:
+        return tensor[flat].reshape(n, Dh)[:, index[1]]
+    raise ValueError(f"unknown layout {layout!r}")
 
 
 class _SafetensorsReader:
@@ -186,18 +220,69 @@ class _SafetensorsReader:
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
-    def get(self, name: str) -> np.ndarray:
+    def slice(self, name: str):
+        """safetensors' lazy view of tensor `name`: `[...]` reads only the indexed elements."""
         if name not in self.weight_map:
             raise KeyError(f"{self.path}: checkpoint has no tensor {name!r}")
-        return self._handles[self.weight_map[name]].get_tensor(name)
+        return self._handles[self.weight_map[name]].get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.slice(name).get_shape())
 
 
-def _checked(name: str, array: np.ndarray, expected: tuple[int, ...], where: str) -> np.ndarray:
-    if tuple(array.shape) != tuple(expected):
-        raise ValueError(
-            f"{where}: tensor {name!r} has shape {tuple(array.shape)}, expected {tuple(expected)}"
-        )
-    return array
+def _check_tensor(reader: _SafetensorsReader, name: str, expected: tuple[int, ...], why: str = "") -> None:
+    """A missing tensor or one of the wrong shape raises naming it, before any parameter is built."""
+    if not reader.has(name):
+        raise ValueError(f"{reader.path}: missing tensor {name!r}{why}")
+    shape = reader.shape(name)
+    if shape != tuple(expected):
+        raise ValueError(f"{reader.path}: tensor {name!r} has shape {shape}, expected {tuple(expected)}")
+
+
+def _hf_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor's shape holding our per-layer array of `shape` in `layout`."""
+    if layout == SAME:
+        return shape
+    if layout == TRANSPOSED:
+        return shape[::-1]
+    if layout == HEADS_IN:
+        return (shape[1] * shape[2], shape[0])
+    if layout == HEADS_OUT:
+        return (shape[2], shape[0] * shape[1])
+    return (shape[0] * shape[1],)  # HEADS_BIAS
+
+
+def _load_param(
+    reader: _SafetensorsReader,
+    names: str | list[str],
+    layout: str,
+    shape: tuple[int, ...],
+    sharding,
+    dtype: np.dtype,
+    head_dim: int,
+):
+    """One parameter of our `shape` from HF tensor `names` (a list: one per layer, stacked on a leading
+    axis), each shard read and converted to `dtype` on its own by `jax.make_array_from_callback`.
+    Without a sharding: the whole array, read the same way, on the default device (uncommitted)."""
+    blocks = {}  # a shard held by several devices (a replicated axis) is read once
+
+    def read(index) -> np.ndarray:
+        index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape, strict=True))
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in blocks:
+            if isinstance(names, str):
+                block = np.asarray(_read_block(reader.slice(names), layout, index, head_dim), dtype)
+            else:
+                layers, rest = index[0], index[1:]
+                block = np.empty([s.stop - s.start for s in index], dtype)
+                for j, layer in enumerate(range(layers.start, layers.stop)):
+                    block[j] = _read_block(reader.slice(names[layer]), layout, rest, head_dim)
+            blocks[key] = np.ascontiguousarray(block)
+        return blocks[key]
+
+    if sharding is None:
+        return jax.device_put(read((slice(None),) * len(shape)))
+    return jax.make_array_from_callback(shape, sharding, read)
 
 
 def load_pretrained(
@@ -211,7 +296,8 @@ def load_pretrained(
 ) -> tuple[ModelConfig, Params]:
     """Load an HF Llama/Qwen2 directory -> (ModelConfig, params) (docs/CONTRACTS.md).
 
-    With `mesh`, every parameter is placed directly into its sharding from the logical-axis rules.
+    With `mesh`, every parameter is built directly in its sharding from the logical-axis rules, each
+    process reading only its devices' shards (module docstring).
     `param_dtype` overrides the stored weight dtype (default: config.json's `torch_dtype`), `dtype` the
     compute dtype (default: `param_dtype`); each takes a name ("bfloat16", "bf16") or a dtype
     (`jnp.bfloat16`).
@@ -237,47 +323,34 @@ def load_pretrained(
     )
     reader = _SafetensorsReader(path)
     shapes = param_shapes(config)
-    target_dtype = np.dtype(config.weight_dtype)
-
     shardings = None if mesh is None else model_param_shardings(mesh, config, rules)
 
-    def place(array: np.ndarray, key_path: tuple[str, ...]):
-        array = np.asarray(array).astype(target_dtype)
-        if shardings is None:
-            return jax.device_put(array)
-        sharding = shardings
-        for k in key_path:
-            sharding = sharding[k]
-        return jax.device_put(array, sharding)
-
-    params: dict[str, Any] = {}
-    params["embed"] = place(
-        _checked("model.embed_tokens.weight", reader.get("model.embed_tokens.weight"), shapes["embed"], path),
-        ("embed",),
-    )
-    params["final_norm"] = place(
-        _checked("model.norm.weight", reader.get("model.norm.weight"), shapes["final_norm"], path),
-        ("final_norm",),
-    )
+    # (our key path, HF name(s), layout): every tensor is checked before any parameter is built.
+    plan = [(("embed",), "model.embed_tokens.weight", SAME), (("final_norm",), "model.norm.weight", SAME)]
     if not config.tie_embeddings:
-        name = "lm_head.weight"
-        if not reader.has(name):
-            raise ValueError(f"{path}: missing tensor {name!r} (tie_word_embeddings is false)")
-        params["lm_head"] = place(
-            _checked(name, reader.get(name), shapes["lm_head"][::-1], path).T, ("lm_head",)
+        plan.append((("lm_head",), "lm_head.weight", TRANSPOSED))
+    for ours, (hf_name, layout, _) in _layer_mapping(config).items():
+        plan.append(
+            (("layers", ours), [f"model.layers.{i}.{hf_name}" for i in range(config.num_layers)], layout)
         )
-    layers = {}
-    for ours, (hf_name, to_ours, to_hf) in _layer_mapping(config).items():
-        hf_shape = to_hf(np.empty(shapes["layers"][ours][1:], np.int8)).shape
-        stacked = np.empty(shapes["layers"][ours], dtype=target_dtype)
-        for i in range(config.num_layers):
-            full = f"model.layers.{i}.{hf_name}"
-            if not reader.has(full):
-                raise ValueError(f"{path}: missing tensor {full!r}")
-            stacked[i] = to_ours(_checked(full, reader.get(full), hf_shape, path))
-        layers[ours] = place(stacked, ("layers", ours))
-        del stacked
-    params["layers"] = layers
+    for key_path, names, layout in plan:
+        shape = shapes[key_path[0]] if len(key_path) == 1 else shapes["layers"][key_path[1]]
+        per_layer = shape if isinstance(names, str) else shape[1:]
+        why = " (tie_word_embeddings is false)" if key_path == ("lm_head",) else ""
+        for name in [names] if isinstance(names, str) else names:
+            _check_tensor(reader, name, _hf_shape(layout, per_layer), why)
+
+    params: dict[str, Any] = {"layers": {}}
+    for key_path, names, layout in plan:
+        shape, sharding, target = shapes, shardings, params
+        for k in key_path:
+            shape = shape[k]
+            sharding = None if sharding is None else sharding[k]
+        for k in key_path[:-1]:
+            target = target[k]
+        target[key_path[-1]] = _load_param(
+            reader, names, layout, shape, sharding, np.dtype(config.weight_dtype), config.resolved_head_dim
+        )
     return config, params
 
 

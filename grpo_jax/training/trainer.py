@@ -18,20 +18,33 @@ missing or truncated) is named in one warning line, moved to `<step>.damaged`, a
 used; when none is left, the run stops with one error line naming the folder (it never starts over
 on top of the old metrics).
 
+Preemption (TPU VMs and SLURM send SIGTERM first): while `train` runs, SIGTERM only sets a flag; the loop
+finishes the current step, every process agrees to stop at that same step (a one-value all-gather per step
+when there are several processes, so no process saves alone), saves that step's checkpoint, waits for it
+and raises `Preempted`; `scripts/train.py` then exits with `PREEMPTED_EXIT_CODE` and one line. The same
+command resumes from that checkpoint. The handler is installed by `train` and the previous one restored
+when it returns (`stop_on_sigterm`), never at import.
+
 Every training line of metrics.jsonl also carries `compiles`: the XLA compilations this process has
-done so far (jax's backend-compile monitoring event), so a program that recompiles every step shows as
-a growing count. It restarts in a resumed process, unlike every other value of the line.
+done so far (`compilation.compile_count`; programs loaded from the persistent compilation cache are not
+compilations), so a program that recompiles every step shows as a growing count. It restarts in a
+resumed process, unlike every other value of the line. `config.compilation_cache_dir` (top level, ""
+= off) turns on JAX's persistent compilation cache there, for every program, before anything compiles.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -44,6 +57,7 @@ from grpo_jax.checkpointing import (
 )
 from grpo_jax.metrics import MetricsWriter, ProgressBar, plot_curves, write_summary
 from grpo_jax.training import setup
+from grpo_jax.training.compilation import compile_count, enable_persistent_cache
 from grpo_jax.training.evaluator import Evaluator
 from grpo_jax.training.stages import INIT_BASE, INIT_PREVIOUS, STAGE_KINDS, stage_kind
 from grpo_jax.training.stages.base import stage_dir
@@ -53,26 +67,55 @@ class TrainingError(RuntimeError):
     """A run that cannot continue (e.g. too many non-finite updates in a row); the message says why."""
 
 
+# os.EX_TEMPFAIL: "temporary failure, retry"; distinct from success (0), an error (1) and a process killed
+# by a signal, so a job script can requeue the same command on it.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+    """SIGTERM stopped the run after a step whose checkpoint is saved; the same command resumes it.
+
+    `checkpoint_step` is the resume point (None if no checkpoint could be saved yet)."""
+
+    def __init__(self, message: str, checkpoint_step: int | None):
+        super().__init__(message)
+        self.checkpoint_step = checkpoint_step
+
+
 # ------------------------------------------------------------------------------------------------
-# Compile counting
+# Preemption
 # ------------------------------------------------------------------------------------------------
 
-_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch's name
-_compiles = {"count": 0, "lock": threading.Lock()}
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[threading.Event]:
+    """While inside, SIGTERM sets the yielded event instead of killing the process; the previous
+    handler is restored on exit. Outside the main thread (where Python cannot install handlers) the
+    event is never set and SIGTERM keeps its old meaning."""
+    request = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    # Only sets a flag: the loop checks it between steps, where stopping leaves a consistent state.
+    signal.signal(signal.SIGTERM, lambda signum, frame: request.set())
+    try:
+        yield request
+    finally:  # None: a handler installed outside Python, which Python cannot reinstall
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def _on_duration_event(event: str, duration: float, **kwargs) -> None:
-    if event == _BACKEND_COMPILE_EVENT:  # recorded once per XLA compilation (or persistent-cache load)
-        with _compiles["lock"]:
-            _compiles["count"] += 1
+def stop_agreed(request: threading.Event | None) -> bool:
+    """True on every process once any process's `request` is set, False on every process otherwise.
 
+    Every process must call it at the same points (it is a collective when process_count() > 1): the
+    signal may reach the hosts of a pod at different steps, and a checkpoint is a collective save."""
+    local = request is not None and request.is_set()
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
 
-jax.monitoring.register_event_duration_secs_listener(_on_duration_event)
-
-
-def compile_count() -> int:
-    """XLA compilations in this process so far (every jit/pjit program and eager op jax compiled)."""
-    return _compiles["count"]
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(local))).any())
 
 
 @dataclasses.dataclass
@@ -94,6 +137,7 @@ class Run:
     stage_summaries: dict = dataclasses.field(default_factory=dict)  # stage name -> its finish() entries
     base_params: Any = None
     previous: tuple | None = None  # (stage name, result) of the last stage run in this process
+    stop_requested: threading.Event | None = None  # set by SIGTERM (see `stop_on_sigterm`)
 
     def stage(self, name: str):
         return STAGE_KINDS[stage_kind(name)](self, list(self.config.stages).index(name))
@@ -193,8 +237,16 @@ def validate_stages(config) -> list[str]:
 
 
 def train(config, workdir: str) -> dict:
-    """Run (or resume) every stage of `config` in `workdir`; returns the summary written to summary.json."""
+    """Run (or resume) every stage of `config` in `workdir`; returns the summary written to summary.json.
+
+    Raises `Preempted` after saving a checkpoint when SIGTERM arrives (module docstring)."""
+    with stop_on_sigterm() as stop_requested:
+        return _train(config, workdir, stop_requested)
+
+
+def _train(config, workdir: str, stop_requested: threading.Event) -> dict:
     start_time = time.time()
+    enable_persistent_cache(config.get("compilation_cache_dir", ""))
     stages = validate_stages(config)
     sharding.initialize_distributed()
     task = setup.build_task(config)
@@ -234,6 +286,7 @@ def train(config, workdir: str) -> dict:
             fingerprint,
             offsets,
             {name: [] for name in stages},
+            stop_requested=stop_requested,
         )
         os.makedirs(workdir, exist_ok=True)
         tokenizer_path = os.path.join(workdir, setup.TOKENIZER_FILE)
@@ -272,6 +325,8 @@ def train(config, workdir: str) -> dict:
                     stage_resume = resume if resume is not None and index == resume["stage_index"] else None
                     run_stage(run, index, stage_resume)
                     resume = None
+                    if index + 1 < len(stages) and stop_agreed(run.stop_requested):
+                        _stop_preempted(run, stages[index], config[stages[index]].steps)
                 break
             except DamagedCheckpointError as error:  # the resumed stage's restore of its arrays
                 if resume is None or (error.directory, error.step) != (
@@ -409,6 +464,23 @@ def _check_nonfinite(run: Run, name: str, step_metrics: dict, count: int, stage_
     return 0
 
 
+def _stop_preempted(run: Run, name: str, stage_step: int) -> None:
+    """Wait for the checkpoint of stage `name`'s step `stage_step` (just saved) and raise `Preempted`
+    naming the resume point: the newest checkpoint (an older one if this step's was refused)."""
+    run.checkpointer.wait()
+    step = run.checkpointer.latest_step()
+    point = (
+        f"checkpoint {step} in {run.checkpointer.directory} is the resume point"
+        if step is not None
+        else f"no checkpoint in {run.checkpointer.directory} yet, so a rerun starts over"
+    )
+    raise Preempted(
+        f"SIGTERM received; stopped after step {stage_step} of stage {name} (global step "
+        f"{run.offsets[name] + stage_step}); {point}; rerun the same command to continue",
+        step,
+    )
+
+
 def run_stage(run: Run, index: int, resume: dict | None) -> None:
     """Build stage `index`, restore it on resume, step it to `config.<stage>.steps` with metrics, evals
     and checkpoints on schedule, then finish it: final eval, its result saved, the stage-done checkpoint."""
@@ -465,6 +537,11 @@ def run_stage(run: Run, index: int, resume: dict | None) -> None:
                 bar.update(1, **postfix)
                 if stage_step % sc.checkpoint_every == 0 and stage_step < sc.steps:
                     run.save(stage, state, stage_step, eval_metrics=eval_metrics, nonfinite=nonfinite)
+                # After the last step the stage finishes first (its final checkpoint is the done one).
+                if stage_step < sc.steps and stop_agreed(run.stop_requested):
+                    # A no-op when the schedule just saved this step.
+                    run.save(stage, state, stage_step, eval_metrics=eval_metrics, nonfinite=nonfinite)
+                    _stop_preempted(run, name, stage_step)
         eval_metrics = last_eval[1]
         if last_eval[0] != stage_step:
             eval_metrics = (
