@@ -24,6 +24,7 @@ def dpo_section(**overrides) -> ml_collections.ConfigDict:
         beta=0.1,
         label_smoothing=0.0,
         init_from="previous",
+        reference_dtype="",  # π_ref's storage dtype; "" = the params', "bfloat16" halves it
         learning_rate=1e-4,
         warmup_steps=10,
         schedule="constant",

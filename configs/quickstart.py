@@ -87,6 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             shared_prefix=True,  # each prompt's forward once per group in the update (exact; speed)
             top_p=1.0,
             top_k=0,
+            reference_dtype="",  # π_ref's storage dtype; "" = the params', "bfloat16" halves it
             rewards=(("format", 0.2), ("accuracy", 1.0)),
             host_rewards=(),
             host_reward_timeout_s=5.0,

@@ -77,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             max_grad_norm=1.0,
             top_p=1.0,
             top_k=0,
+            reference_dtype="",  # π_ref's storage dtype; "" = the params', "bfloat16" halves it
             rewards=(("format", 0.5),),
             host_rewards=(("countdown", 1.0),),
             host_reward_timeout_s=5.0,

@@ -41,6 +41,8 @@ from test_train_script import (
     without_timing,
 )
 
+from grpo_jax.checkpointing import Checkpointer, checkpoint_directory
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -168,6 +170,12 @@ def test_killed_twice_in_a_row_then_rerun_reproduces_the_run(tmp_path, baseline)
     run_and_kill(workdir, tmp_path / "killed2.log", after(4, 3), HANG_AFTER="grpo:4")
     assert "resuming from" in (log := (tmp_path / "killed2.log").read_text()) and "at stage sft step 2" in log
     assert metric_lines(workdir)[-1]["step"] == 4 and checkpoint_steps(workdir)[-1] == 3
+    # GRPO's reference still equals sft's saved result: checkpoint 3 does not store it a second time (the
+    # resume below rebuilds it from stages/sft/result); the SFT checkpoint has none to store.
+    with Checkpointer(checkpoint_directory(workdir), read_only=True) as checkpointer:
+        assert checkpointer.read_extra(3)["reference_from"] == "sft"
+        assert not [k for k in checkpointer.read_meta(3)["leaves"] if k.startswith("ref_params")]
+        assert [k for k in checkpointer.read_meta(3)["leaves"] if k.startswith("params/")]
 
     result = train(workdir, *BASELINE)
     assert_ok(result)

@@ -22,7 +22,7 @@ import pytest
 from grpo_jax.rewards import TokenSpec, make_reward_fns
 from grpo_jax.testing import tiny_tokenizer
 from grpo_jax.training.stages import STAGE_KINDS, stage_kind
-from grpo_jax.training.stages.grpo import route_examples
+from grpo_jax.training.stages.rollout import route_examples
 from grpo_jax.training.stages.rejection_sampling import first_failed_rule, preference_pairs_from_candidates
 from grpo_jax.training.state import reset_reference
 
@@ -379,8 +379,44 @@ def test_after_a_reference_reset_the_reference_equals_the_params():
 
     stage = GRPOStage.__new__(GRPOStage)  # only after_update's schedule is exercised
     stage.grpo, stage.retrainer = type("Algo", (), {"reference_reset_every": 2})(), None
-    assert equal(stage.after_update(state)[0].ref_params, moved)  # step 2: reset
+    stage.reference_from = "sft"  # the reference equals sft's saved result: checkpoints leave it out
     assert equal(stage.after_update(state.replace(step=jnp.asarray(3)))[0].ref_params, params)  # step 3: kept
+    assert stage.reference_from == "sft"
+    assert equal(stage.after_update(state)[0].ref_params, moved)  # step 2: reset
+    assert stage.reference_from is None  # from now on every checkpoint stores the reference
+
+    bf16 = state.replace(ref_params=jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params))
+    reset = reset_reference(bf16).ref_params  # a bf16 reference stays bf16 (no recompile)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(reset))
+    assert equal(reset, jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), moved))
+
+
+def test_the_initial_model_is_held_only_while_a_later_stage_starts_from_it():
+    """The R1 pipeline's sft2 starts from the base (`init_from="base"`): the initial model is loaded for
+    stage 0, kept through grpo, rejection_sampling and rm, and dropped once sft2 is built; the previous
+    stage's result is dropped after every build (later stages read it from disk)."""
+    import types
+
+    from grpo_jax.config_utils import sibling_config
+    from grpo_jax.training.trainer import Run
+
+    config = sibling_config(str(REPO / "configs" / "r1_pipeline.py"), "r1_pipeline.py", "runlocal")
+    stages = list(config.stages)
+    assert stages == ["sft", "grpo", "rejection_sampling", "rm", "sft2", "grpo_final"]
+    loads = []
+    run = Run(config, "", None, None, None, None, None, None, None, {}, {}, {})
+    run.load_base = lambda: loads.append(1) or types.SimpleNamespace(name="base")
+    assert [run.start_source(i) for i in range(len(stages))] == [None, "sft", "grpo", "sft", None, "sft2"]
+    held = []
+    for index in range(len(stages)):
+        if run.start_source(index) is None:
+            assert run.init_params(index).name == "base"
+        run.previous = ("x", object())
+        run.release_start_params(index)
+        held.append(run.base is not None)
+        assert run.previous is None
+    assert held == [True, True, True, True, False, False]
+    assert len(loads) == 1  # loaded for stage 0 and still held when sft2 starts from it
 
 
 def test_a_stage_reads_its_own_task_or_file(tmp_path):

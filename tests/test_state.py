@@ -93,6 +93,34 @@ def test_adam_moments_are_sharded_like_their_params():
         assert shard_shape(moments["embed"]) == (64, 16)
 
 
+def test_reference_dtype_stores_the_frozen_copy_in_bfloat16():
+    """`reference_dtype="bf16"`: π_ref is the policy cast to bfloat16 (half its bytes), sharded like it;
+    the policy and its optimizer moments stay float32; a bad name fails in one line."""
+    config = tiny_model_config()
+    mesh = mesh_2x2x2()
+    param_shardings = models.model_param_shardings(mesh, config)
+    params = jax.device_put(tiny_params(config), param_shardings)
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=PEAK))
+    full, _ = create_train_state(params, optimizer, mesh, param_shardings, rng=jax.random.key(0))
+    half, _ = create_train_state(
+        params, optimizer, mesh, param_shardings, rng=jax.random.key(0), reference_dtype="bf16"
+    )
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
+    assert nbytes(half.ref_params) * 2 == nbytes(full.ref_params)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(half.ref_params)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree_util.tree_leaves(half.params)} == {jnp.dtype(jnp.float32)}
+    jax.tree_util.tree_map(
+        lambda r, p: np.testing.assert_array_equal(np.asarray(r), np.asarray(p.astype(jnp.bfloat16))),
+        half.ref_params,
+        params,
+    )
+    assert half.ref_params["layers"]["q"].sharding.is_equivalent_to(params["layers"]["q"].sharding, 4)
+    with pytest.raises(ValueError, match="reference_dtype must be one of"):
+        create_train_state(
+            params, optimizer, mesh, param_shardings, rng=jax.random.key(0), reference_dtype="fp8"
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # The SFT step's non-finite guard
 # ------------------------------------------------------------------------------------------------

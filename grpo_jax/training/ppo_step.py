@@ -141,6 +141,7 @@ def create_ppo_state(
     reward_params=None,
     reward_param_shardings=None,
     rules=None,
+    reference_dtype=None,
 ) -> tuple[TrainState, TrainState]:
     """`create_train_state` with the critic in `aux`; returns (state, state_shardings)."""
     return create_train_state(
@@ -150,6 +151,7 @@ def create_ppo_state(
         models.model_param_shardings(mesh, model_config, rules),
         rng=rng,
         with_reference=with_reference,
+        reference_dtype=reference_dtype,
         reward_params=reward_params,
         reward_param_shardings=reward_param_shardings,
         aux=make_value_aux(model_config, value_optimizer, rng),

@@ -19,6 +19,7 @@ from grpo_jax.algorithms import GRPOConfig
 from grpo_jax.data.files import load_jsonl_task
 from grpo_jax.data.tasks import TASKS
 from grpo_jax.data.templates import format_prompt
+from grpo_jax.inputs import canonical_dtype
 from grpo_jax.tokenizers import load_tokenizer, train_sentencepiece
 from grpo_jax.training.state import OptimizerConfig
 
@@ -150,6 +151,13 @@ def initial_params(config, model_config, mesh):
 
 def build_mesh(config):
     return sharding.make_mesh(tuple(config.mesh))
+
+
+def check_reference_dtype(config, name: str) -> None:
+    """`config.<name>.reference_dtype`: "" (the params' dtype) or a dtype name such as "bfloat16"."""
+    value = config[name].get("reference_dtype", "")
+    if value:
+        canonical_dtype(value, f"config.{name}.reference_dtype")
 
 
 def grpo_config(stage_config) -> GRPOConfig:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from grpo_jax import sharding as shd
+from grpo_jax.inputs import canonical_dtype
 from grpo_jax.train_state import TrainState
 
 # Debug batch keys (0-d bool) that the SFT and GRPO steps read to exercise their non-finite guard
@@ -206,11 +207,14 @@ def create_train_state(
     reward_param_shardings=None,
     aux=None,
     aux_shardings=None,
+    reference_dtype=None,
 ) -> tuple[TrainState, TrainState]:
     """Build the train state directly in its shardings; returns (state, state_shardings).
 
     The reference starts as a copy of the policy (DeepSeekMath: π_ref ← π_θ at the start of each
-    iteration). The optimizer state is created inside a jit with `out_shardings`, never unsharded.
+    iteration); `reference_dtype` (e.g. "bfloat16") stores it in that dtype instead of the params', half
+    the frozen copy's memory for an fp32 policy (its forward computes in the model's compute dtype
+    either way). The optimizer state is created inside a jit with `out_shardings`, never unsharded.
     `aux` is a pytree (or a function `params -> pytree`, traced inside the same jit, e.g. to build a
     critic's optimizer state) placed with `aux_shardings` (default: replicated).
     """
@@ -222,7 +226,7 @@ def create_train_state(
             step=jnp.asarray(0, jnp.int32),
             params=p,
             opt_state=optimizer.init(p),
-            ref_params=jax.tree_util.tree_map(jnp.copy, p) if with_reference else None,
+            ref_params=reference_copy(p, reference_dtype) if with_reference else None,
             reward_params=rp,
             rng=key,
             aux=aux(p) if callable(aux) else ax,
@@ -241,8 +245,22 @@ def create_train_state(
     return state, shardings
 
 
+def reference_copy(params, dtype=None):
+    """A frozen copy of `params` for π_ref, cast to `dtype` (a name or dtype; None keeps each leaf's)."""
+    if dtype is not None:
+        dtype = jnp.dtype(canonical_dtype(dtype, "reference_dtype"))
+    return jax.tree_util.tree_map(lambda x: _copy_as(x, x.dtype if dtype is None else dtype), params)
+
+
+def _copy_as(x, dtype):
+    """A new buffer (never an alias of `x`, which may be donated with the policy) in `dtype`."""
+    return jnp.copy(x) if x.dtype == dtype else x.astype(dtype)
+
+
 def reset_reference(state: TrainState) -> TrainState:
-    """Iterative GRPO (DeepSeekMath §4.1.4): π_ref ← π_θ. Same shapes and shardings: no recompile."""
+    """Iterative GRPO (DeepSeekMath §4.1.4): π_ref ← π_θ, in the reference's own dtype. Same shapes,
+    dtypes and shardings: no recompile."""
     if state.ref_params is None:
         return state
-    return state.replace(ref_params=jax.tree_util.tree_map(jnp.copy, state.params))
+    ref = jax.tree_util.tree_map(lambda p, r: _copy_as(p, r.dtype), state.params, state.ref_params)
+    return state.replace(ref_params=ref)

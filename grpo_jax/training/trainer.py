@@ -135,7 +135,8 @@ class Run:
     offsets: dict  # stage name -> global step at its start
     history: dict  # stage name -> list of eval metric dicts (for summary.json)
     stage_summaries: dict = dataclasses.field(default_factory=dict)  # stage name -> its finish() entries
-    base_params: Any = None
+    load_base: Any = None  # () -> the run's initial model (pretrained weights or the seeded init)
+    base: Any = None  # that model while a stage may still start from it (see `base_params`)
     previous: tuple | None = None  # (stage name, result) of the last stage run in this process
     stop_requested: threading.Event | None = None  # set by SIGTERM (see `stop_on_sigterm`)
 
@@ -169,19 +170,45 @@ class Run:
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(path, target), shardings
 
-    def init_params(self, index: int):
-        """The policy params stage `index` starts from (`config.<stage>.init_from`)."""
+    def start_source(self, index: int) -> str | None:
+        """The stage whose result stage `index` starts from (`config.<stage>.init_from`); None: the run's
+        initial model."""
         name = self.config.stages[index]
         source = self.config[name].get("init_from", INIT_PREVIOUS)
         if source == INIT_BASE or (source == INIT_PREVIOUS and index == 0):
-            return self.base_params
-        if source == INIT_PREVIOUS:
-            source = self.config.stages[index - 1]
+            return None
+        return self.config.stages[index - 1] if source == INIT_PREVIOUS else source
+
+    def init_params(self, index: int):
+        """The policy params stage `index` starts from (`config.<stage>.init_from`)."""
+        source = self.start_source(index)
+        if source is None:
+            return self.base_params()
         return self.load_result(source)[0]  # a policy stage: validate_stages checked it
+
+    def base_params(self):
+        """The run's initial model, loaded on first use."""
+        if self.base is None:
+            self.base = self.load_base()
+        return self.base
+
+    def release_start_params(self, built_index: int) -> None:
+        """Once stage `built_index` is built, drop what only a stage's start needed: the initial model when
+        no later stage starts from it, and the previous stage's result (a later stage reads it from disk).
+        Each is a whole model's worth of device memory the rest of the run would otherwise hold."""
+        if all(self.start_source(i) is not None for i in range(built_index + 1, len(self.config.stages))):
+            self.base = None
+        self.previous = None
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
     def save(self, stage, state, stage_step: int, *, done=False, eval_metrics=None, nonfinite=0):
+        """Checkpoint the stage at `stage_step`. While the reference still equals the result the stage
+        started from (`stage.reference_from`: no reference reset yet), it is not stored again: the
+        checkpoint's extra names that stage and a resume rebuilds the reference from its saved result."""
+        reference_from = stage.reference_from if state.ref_params is not None else None
+        if reference_from is not None:
+            state = state.replace(ref_params=None)
         extra = dict(
             stage_index=stage.index,
             stage=stage.name,
@@ -194,6 +221,7 @@ class Run:
             stage_state=stage.extra_state(),
             stage_done=done,
             nonfinite_in_a_row=nonfinite,
+            reference_from=reference_from,
         )
         self.checkpointer.save(
             self.offsets[stage.name] + stage_step, state, extra=extra, metrics=eval_metrics, force=done
@@ -315,7 +343,7 @@ def _train(config, workdir: str, stop_requested: threading.Event) -> dict:
             correct_fn=task.correctness,
             mesh=mesh,
         )
-        run.base_params = setup.initial_params(config, model_config, mesh)
+        run.load_base = lambda: setup.initial_params(config, model_config, mesh)
         while True:
             _start_from(run, resume)
             try:
@@ -501,12 +529,23 @@ def run_stage(run: Run, index: int, resume: dict | None) -> None:
         )
     evaluates = stage.produces_policy
     try:
-        params = run.base_params if resume is not None else run.init_params(index)
-        state, shardings = stage.build(params)
+        state, shardings = stage.build(run.init_params(index))
+        run.release_start_params(index)
+        stage.reference_from = run.start_source(index) if state.ref_params is not None else None
         stage_step, nonfinite = 0, 0
         if resume is not None:
-            state, extra = run.checkpointer.restore(
-                state, shardings, resume["checkpoint_step"], fingerprint=run.fingerprint
+            # A reference the checkpoint did not store (see `Run.save`) is the one just built from the
+            # stage's start; anything else comes from the checkpoint.
+            stage.reference_from = resume.get("reference_from")
+            stored = state if stage.reference_from is None else state.replace(ref_params=None)
+            restored, extra = run.checkpointer.restore(
+                stored,
+                shardings if stage.reference_from is None else shardings.replace(ref_params=None),
+                resume["checkpoint_step"],
+                fingerprint=run.fingerprint,
+            )
+            state = (
+                restored if stage.reference_from is None else restored.replace(ref_params=state.ref_params)
             )
             if stage.data_iter is not None and extra.get("data_state") is not None:
                 stage.data_iter.set_state(extra["data_state"])

@@ -87,6 +87,9 @@ class Stage:
         self.name = run.config.stages[index]
         self.config = run.config[self.name]
         self.data_iter = None
+        # The stage whose saved result the state's reference still equals (None: it must be stored);
+        # set by the loop, cleared by a reference reset (see `grpo_jax.training.trainer.Run.save`).
+        self.reference_from: str | None = None
 
     # -- validation before anything is written ------------------------------------------------------
 

@@ -68,6 +68,7 @@ class GRPOStage(RolloutStage):
             models.model_param_shardings(run.mesh, run.model_config),
             rng=self.state_rng(),
             with_reference=grpo.kl_coef > 0,
+            reference_dtype=sc.get("reference_dtype") or None,
             reward_params=reward_params,
             reward_param_shardings=reward_shardings,
             aux=aux,
@@ -182,6 +183,7 @@ class GRPOStage(RolloutStage):
         every = self.grpo.reference_reset_every
         if every and step % every == 0:
             state = reset_reference(state)
+            self.reference_from = None  # π_ref is now this step's policy: checkpoints store it
         if self.retrainer is not None:
             state, more = self.retrainer.maybe_retrain(state, step)
         return state, more

@@ -41,6 +41,7 @@ class PPOStage(RolloutStage):
             run.model_config,
             rng=self.state_rng(),
             with_reference=ppo.kl_coef > 0,
+            reference_dtype=sc.get("reference_dtype") or None,
             reward_params=reward_params,
             reward_param_shardings=reward_shardings,
         )

@@ -48,6 +48,7 @@ class PreferenceStage(Stage):
     @classmethod
     def validate(cls, config, name):
         setup.check_data_spec(config, name)
+        setup.check_reference_dtype(config, name)
 
     def pairs(self) -> list[dict]:
         run, sc = self.run, self.config
@@ -183,6 +184,7 @@ class DPOStage(PreferenceStage):
             models.model_param_shardings(run.mesh, run.model_config),
             rng=self.state_rng(),
             with_reference=True,
+            reference_dtype=sc.get("reference_dtype") or None,
         )
         chunk = run.config.logprob_chunk_size
         self.step_fn = make_dpo_step(

@@ -43,6 +43,7 @@ class RolloutStage(Stage):
     @classmethod
     def validate(cls, config, name):
         sc = config[name]
+        setup.check_reference_dtype(config, name)
         source = sc.get("reward_model_from", "")
         if source:
             stages = list(config.stages)
