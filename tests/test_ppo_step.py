@@ -259,3 +259,23 @@ def test_critic_learns_the_returns_of_a_fixed_batch():
         state, metrics = step(state, batch)
         losses.append(float(metrics["vf_loss"]))
     assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_reference_and_critic_forwards_run_one_minibatch_at_a_time():
+    """`ppo_targets` runs the reference and the critic over the M minibatches one at a time (lax.map): the
+    same targets as the whole-batch forward, with the compiled program's temporaries about 1/M of it."""
+    whole, split = PPOConfig(num_generations=4), PPOConfig(num_generations=4, num_minibatches=4)
+    state, _, _ = _setup(whole)
+    state = state.replace(ref_params=jax.tree_util.tree_map(lambda x: x * 1.01, state.ref_params))
+    batch = _batch(state.params, whole, num_prompts=16)
+    targets = {}
+    temp = {}
+    for name, ppo in (("whole", whole), ("split", split)):
+        fn = jax.jit(lambda s, b, ppo=ppo: ppo_targets(ppo, CONFIG, s, b))
+        compiled = fn.lower(state, batch).compile()
+        temp[name] = compiled.memory_analysis().temp_size_in_bytes
+        targets[name] = _host(compiled(state, batch))
+    for key in ("kl", "old_values", "advantages", "returns"):
+        np.testing.assert_allclose(targets["split"][key], targets["whole"][key], rtol=1e-5, atol=1e-6)
+    assert np.abs(targets["whole"]["kl"]).max() > 0
+    assert temp["split"] < 0.5 * temp["whole"], temp
