@@ -106,6 +106,29 @@ def test_load_preference_jsonl(tmp_path):
         load_preference_jsonl(tmp_path / "missing.jsonl")
 
 
+def test_load_preference_pairs_from_parquet(tmp_path):
+    """The same pairs from a Parquet file (one row per pair), with the same one-line errors by row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {"prompt": ["p", "q"], "chosen": ["a", "c"], "rejected": ["b", "d"], "source": ["x", "y"]}
+    good = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table(rows), good)
+    pairs = load_preference_jsonl(good)
+    assert [(p["prompt"], p["chosen"], p["rejected"], p["source"]) for p in pairs] == [
+        ("p", "a", "b", "x"),
+        ("q", "c", "d", "y"),
+    ]
+    no_column = tmp_path / "no_rejected.parquet"
+    pq.write_table(pa.table({k: v for k, v in rows.items() if k != "rejected"}), no_column)
+    with pytest.raises(ValueError, match=re.escape(f"{no_column}: missing column 'rejected'")):
+        load_preference_jsonl(no_column)
+    null = tmp_path / "null.parquet"
+    pq.write_table(pa.table(dict(rows, chosen=["a", None])), null)
+    with pytest.raises(ValueError, match=re.escape(f"{null}: row 1: field 'chosen' must be a string")):
+        load_preference_jsonl(null)
+
+
 def test_preference_batches_shapes_masks_and_resume():
     tokenizer = tiny_tokenizer()
     pairs = synthetic_preference_pairs(_examples(24), seed=0)

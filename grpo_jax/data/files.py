@@ -107,6 +107,15 @@ def _parquet_records(path: str, columns: tuple[str, ...]) -> Iterator[tuple[str,
             row += 1
 
 
+def read_records(path: str, columns: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
+    """(where, record) per record of a JSONL or Parquet file (by extension); `where` is `path:line`
+    (JSONL, 1-based) or `path: row i` (Parquet, 0-based), for one-line errors. A Parquet file without one
+    of `columns` raises naming it before any row is read."""
+    if path.lower().endswith(PARQUET_EXTENSIONS):
+        return _parquet_records(path, columns)
+    return _jsonl_records(path)
+
+
 def _example(record: Any, kind: str, question_field: str, answer_field: str, task_name: str) -> Example:
     """One record -> an example; raises `ValueError(problem)` (without the location) if malformed."""
     if not isinstance(record, dict):
@@ -175,12 +184,8 @@ def load_jsonl_task(
     answer_field = answer_field or default_answer
     task_name = task_name or kind
 
-    if path.lower().endswith(PARQUET_EXTENSIONS):
-        records = _parquet_records(path, (question_field, answer_field))
-    else:
-        records = _jsonl_records(path)
     examples = []
-    for where, record in records:
+    for where, record in read_records(path, (question_field, answer_field)):
         try:
             examples.append(_example(record, kind, question_field, answer_field, task_name))
         except ValueError as e:

@@ -12,7 +12,6 @@ SFT example (`tokenize_sft_example`), so the DPO step reads its masks the way th
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from grpo_jax.data.files import read_records
 from grpo_jax.data.pipeline import _encode_prompt_text, _index_stream, _to_iter, tokenize_sft_example
 
 Pair = dict[str, Any]
@@ -152,38 +152,32 @@ def synthetic_preference_pairs(
 
 
 def load_preference_jsonl(path: str | os.PathLike) -> list[Pair]:
-    """Reads `{"prompt", "chosen", "rejected", ...}` lines (other fields kept); blank lines skipped.
+    """Reads `{"prompt", "chosen", "rejected", ...}` records (other fields kept) from a JSONL file (blank
+    lines skipped) or a Parquet file (`.parquet`/`.pq`: one row per pair; `data.files.read_records`).
 
     Raises:
       FileNotFoundError: no file at `path`.
-      ValueError: `path:line: problem` (1-based line) for the first malformed line (bad JSON, not an object,
-        a missing or non-string field), or the file holds no records.
+      ValueError: `path:line: problem` (JSONL, 1-based) or `path: row i: problem` (Parquet, 0-based) for
+        the first malformed record (bad JSON, not an object, a missing or non-string field), a Parquet file
+        without one of the columns, or a file that holds no records.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Preference file not found: {path}")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for field in PAIR_FIELDS:
-                if field not in record:
-                    raise ValueError(f"{where}: missing field {field!r} (fields present: {sorted(record)})")
-                if not isinstance(record[field], str):
-                    raise ValueError(
-                        f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}"
-                    )
-            pairs.append(record)
+    for where, record in read_records(path, PAIR_FIELDS):
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for field in PAIR_FIELDS:
+            if field not in record:
+                raise ValueError(f"{where}: missing field {field!r} (fields present: {sorted(record)})")
+            if not isinstance(record[field], str):
+                raise ValueError(
+                    f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}"
+                )
+        pairs.append(record)
     if not pairs:
-        raise ValueError(f"{path}: preference file is empty (no JSON records).")
+        raise ValueError(f"{path}: preference file is empty (no records).")
     return pairs
 
 
