@@ -13,11 +13,14 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# Chips whose physical axes jax.make_mesh lets a logical axis split (it does the same for one slice).
+_SPLITTABLE_KINDS = ("TPU v5 lite", "TPU v5e")
 
 # logical axis name -> mesh axis (or tuple of mesh axes, or None for replicated)
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -34,19 +37,40 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1), devices=None) -> Mesh:
-    """Build a ("data", "fsdp", "tensor") mesh; one entry may be -1 and is filled from the device count.
-
-    Raises ValueError naming the shape and the device count when they do not fit.
-    """
+def _axis_sizes(shape: Sequence[int] | Mapping[str, int], what: str) -> list[int]:
+    """A ("data", "fsdp", "tensor") shape as a list of ints: a sequence of 3, or a mapping by axis name."""
     if isinstance(shape, Mapping):
         unknown = sorted(set(shape) - set(MESH_AXES))
         if unknown:
-            raise ValueError(f"mesh shape: unknown axis name(s) {unknown}; axes are {MESH_AXES}")
+            raise ValueError(f"{what}: unknown axis name(s) {unknown}; axes are {MESH_AXES}")
         shape = [shape.get(axis, 1) for axis in MESH_AXES]
     shape = [int(s) for s in shape]
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+        raise ValueError(f"{what} {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+    return shape
+
+
+def make_mesh(
+    shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1),
+    devices=None,
+    dcn_shape: Sequence[int] | Mapping[str, int] | None = None,
+) -> Mesh:
+    """Build a ("data", "fsdp", "tensor") mesh; one entry of `shape` may be -1 and is filled from the
+    device count.
+
+    `shape` is the WHOLE mesh. One slice (`dcn_shape` None or all ones): `jax.make_mesh` lays the axes
+    onto the physical topology (on TPU the later, busier axes get the torus rings; on CPU the devices
+    keep their order, so tests can pass a permuted `devices`). Several slices: `dcn_shape` says how many
+    slices each axis spans (e.g. (2, 1, 1): data parallel over 2 slices, each slice holding a
+    (data/2, fsdp, tensor) block laid out by its own topology, `mesh_utils.create_hybrid_device_mesh`),
+    so only that axis's collectives cross the data-centre network. A slice is the devices sharing a
+    `slice_index` (multislice TPU); devices all in one slice or without one (GPU, CPU) are grouped by
+    host (`process_index`).
+    `devices` defaults to `jax.devices()` (AOT compiles pass a topology's devices).
+
+    Raises ValueError naming the shape and the device or slice count when they do not fit.
+    """
+    shape = _axis_sizes(shape, "mesh shape")
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
@@ -60,8 +84,56 @@ def make_mesh(shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1), devices=Non
         raise ValueError(
             f"mesh shape {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but {n} are available"
         )
-    device_array = np.asarray(devices).reshape(shape)
-    return Mesh(device_array, MESH_AXES)
+    dcn = [1] * len(MESH_AXES) if dcn_shape is None else _axis_sizes(dcn_shape, "dcn mesh shape")
+    if math.prod(dcn) == 1:
+        slices = {getattr(d, "slice_index", 0) for d in devices}
+        if len(slices) > 1:
+            raise ValueError(
+                f"the {n} devices span {len(slices)} slices: give a dcn mesh shape (config.dcn_mesh) whose "
+                f"product is {len(slices)}, e.g. {(len(slices), 1, 1)} for data parallelism over slices"
+            )
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    return Mesh(hybrid_device_array(shape, dcn, devices), MESH_AXES)
+
+
+def device_granules(devices) -> tuple[str, list[list]]:
+    """(attribute, groups): the devices grouped into slices by `slice_index` when they span several
+    (multislice TPU), else by host (`process_index`: GPU and CPU devices carry no slice index or all
+    the same); groups in key order, devices in their order."""
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    attribute = "slice_index" if len(slices) > 1 and None not in slices else "process_index"
+    groups: dict[int, list] = {}
+    for d in devices:
+        groups.setdefault(getattr(d, attribute), []).append(d)
+    return attribute, [groups[key] for key in sorted(groups)]
+
+
+def hybrid_device_array(shape: Sequence[int], dcn_shape: Sequence[int], devices) -> np.ndarray:
+    """The devices of a multi-slice mesh as an array of `shape`: axis i is `dcn_shape[i]` slices of
+    `shape[i] / dcn_shape[i]` devices (see `make_mesh`). Any objects with `id`, `platform`,
+    `device_kind` and `slice_index` or `process_index` will do (tests fake the slices)."""
+    shape, dcn_shape = [int(s) for s in shape], [int(s) for s in dcn_shape]
+    if any(d < 1 or s % d for s, d in zip(shape, dcn_shape)):
+        raise ValueError(
+            f"dcn mesh shape {dict(zip(MESH_AXES, dcn_shape))} must divide the mesh shape "
+            f"{dict(zip(MESH_AXES, shape))} axis by axis"
+        )
+    attribute, granules = device_granules(devices)
+    if len(granules) != math.prod(dcn_shape):
+        raise ValueError(
+            f"dcn mesh shape {dict(zip(MESH_AXES, dcn_shape))} needs {math.prod(dcn_shape)} slices but the "
+            f"{len(devices)} devices form {len(granules)} (grouped by {attribute})"
+        )
+    if len({len(g) for g in granules}) != 1:
+        raise ValueError(f"the slices (grouped by {attribute}) hold different numbers of devices")
+    per_slice = [s // d for s, d in zip(shape, dcn_shape)]
+    return mesh_utils.create_hybrid_device_mesh(
+        per_slice,
+        dcn_shape,
+        [d for g in granules for d in g],
+        process_is_granule=attribute == "process_index",
+        allow_split_physical_axes=devices[0].device_kind in _SPLITTABLE_KINDS,
+    )
 
 
 def logical_to_spec(
