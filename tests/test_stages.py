@@ -22,8 +22,8 @@ import pytest
 from grpo_jax.rewards import TokenSpec, make_reward_fns
 from grpo_jax.testing import tiny_tokenizer
 from grpo_jax.training.stages import STAGE_KINDS, stage_kind
-from grpo_jax.training.stages.grpo import route_examples
 from grpo_jax.training.stages.rejection_sampling import first_failed_rule, preference_pairs_from_candidates
+from grpo_jax.training.stages.rollout import route_examples
 from grpo_jax.training.state import reset_reference
 
 REPO = Path(__file__).resolve().parents[1]
