@@ -8,6 +8,7 @@ the table changes the parallelism, not the model code. Batches are sharded over 
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -197,7 +198,8 @@ def shard_batch(batch, mesh: Mesh):
     """Place a host batch (pytree of numpy arrays holding THIS process's rows) on the mesh.
 
     Single process: the arrays are the global batch. Multi-host: each process passes its slice and
-    `jax.make_array_from_process_local_data` assembles the global array. Scalars are replicated.
+    `jax.make_array_from_process_local_data` assembles the global array, the slice filling this process's
+    rows in order (`process_rows`: not necessarily one contiguous block). Scalars are replicated.
     """
 
     def place(x):
@@ -220,9 +222,10 @@ def shard_batch(batch, mesh: Mesh):
 
 
 def to_host(tree):
-    """Fetch a pytree of arrays to host numpy. An array split over devices of other processes (a
-    multi-process run's batch) is gathered first (`process_allgather`, a collective: every process must
-    call this together); addressable and replicated arrays are read directly."""
+    """Fetch a pytree of arrays to host numpy, whole: every process gets every row, in the global
+    order. An array split over devices of other processes is gathered first (`process_allgather`, a
+    collective: every process must call this together); addressable and replicated arrays are read
+    directly. Per-row host work should read only this process's rows instead (`local_rows`)."""
 
     def fetch(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
@@ -235,9 +238,9 @@ def to_host(tree):
 
 
 def place_global(tree, mesh: Mesh):
-    """Place host arrays that hold the GLOBAL batch (the same values on every process, e.g. rewards
-    computed from a gathered rollout) on the mesh, rows split over the batch axes; each process keeps
-    only its devices' rows. Arrays whose rows do not split evenly are replicated."""
+    """Place host arrays that hold the GLOBAL batch (the same values on every process, e.g. a batch
+    every process built from the same seed) on the mesh, rows split over the batch axes; each process
+    keeps only its devices' rows. Arrays whose rows do not split evenly are replicated."""
 
     def place(x):
         x = np.asarray(x)
@@ -246,6 +249,105 @@ def place_global(tree, mesh: Mesh):
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree_util.tree_map(place, tree)
+
+
+# ---------------------------------------------------------------------------------------------------
+# This process's rows. Under the batch layout a process's devices hold several row blocks, which are one
+# contiguous run of the global batch only when the mesh happens to list the devices process by process
+# (a topology-aware or multislice mesh need not). Host-side work per row (decoding, host rewards, step
+# rewards) reads those rows with their global row numbers, and writes its results back the same way.
+# ---------------------------------------------------------------------------------------------------
+
+
+def process_rows(mesh: Mesh, num_rows: int, devices=None) -> np.ndarray:
+    """Global row numbers int64 [n] (ascending) that `devices` hold of a [num_rows, ...] array in the
+    batch layout. `devices` defaults to this process's devices of the mesh; a test passes a subset to
+    stand in for one process of a pod."""
+    devices = mesh.local_devices if devices is None else list(devices)
+    index_map = batch_sharding(mesh, 1).devices_indices_map((num_rows,))
+    blocks = {}
+    for device in devices:
+        start, stop, _ = index_map[device][0].indices(num_rows)
+        blocks[start] = stop
+    return np.concatenate([np.arange(start, blocks[start]) for start in sorted(blocks)]).astype(np.int64)
+
+
+def local_rows(tree, mesh: Mesh, devices=None):
+    """(rows, values): this process's rows of a pytree of [N, ...] arrays and their global row numbers.
+
+    rows: int64 [n], ascending (`process_rows`); values: the tree with numpy [n, ...] leaves, row i of
+    each being global row rows[i]. The rows are read from the addressable shards, without
+    communication, once the arrays are in the batch layout (one laid out otherwise is resharded first,
+    which is a collective). `devices` as in `process_rows`."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if not leaves:
+        raise ValueError("local_rows: no arrays")
+    num_rows = leaves[0].shape[0]
+    devices = mesh.local_devices if devices is None else list(devices)
+    rows = process_rows(mesh, num_rows, devices)
+
+    def read(x):
+        if x.shape[0] != num_rows:
+            raise ValueError(f"local_rows: arrays with {x.shape[0]} and {num_rows} rows")
+        target = batch_sharding(mesh, x.ndim)
+        if not isinstance(x, jax.Array) or not x.sharding.is_equivalent_to(target, x.ndim):
+            x = jax.device_put(x, target)
+        wanted = set(devices)
+        blocks = {}
+        for shard in x.addressable_shards:
+            if shard.device in wanted:
+                start = shard.index[0].indices(num_rows)[0]
+                if start not in blocks:
+                    blocks[start] = np.asarray(shard.data)
+        return np.concatenate([blocks[start] for start in sorted(blocks)])
+
+    return rows, jax.tree_util.tree_unflatten(treedef, [read(x) for x in leaves])
+
+
+def from_local_rows(tree, rows: np.ndarray, mesh: Mesh, num_rows: int):
+    """Global [num_rows, ...] arrays in the batch layout from this process's rows of them: `rows` and the
+    tree's [n, ...] leaves as `local_rows` returns them (every process passes its own rows)."""
+    expected = process_rows(mesh, num_rows)
+    if not np.array_equal(np.asarray(rows), expected):
+        raise ValueError(
+            f"from_local_rows: got rows {np.asarray(rows)[:8].tolist()}..., this process holds "
+            f"{expected[:8].tolist()}... of {num_rows}"
+        )
+
+    def place(x):
+        x = np.asarray(x)
+        if x.shape[0] != len(expected):
+            raise ValueError(f"from_local_rows: {x.shape[0]} values for {len(expected)} rows")
+        shape = (num_rows, *x.shape[1:])
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, shape)
+
+    return jax.tree_util.tree_map(place, tree)
+
+
+def allgather_objects(obj) -> list:
+    """Every process's `obj` (picklable), in process order: [obj] in a single process. A collective:
+    every process must call it together. For small host results (a few numbers or strings per row)
+    that every process needs, where the rows themselves stay put."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(obj), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: len(data)] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [pickle.loads(gathered[p, : sizes[p]].tobytes()) for p in range(len(sizes))]
+
+
+def sum_over_processes(values: Mapping[str, float]) -> dict[str, float]:
+    """Each entry summed over the processes (float64; the entries themselves in a single process), e.g.
+    sums and row counts of host-computed values, for means over the global batch. A collective."""
+    totals = {k: 0.0 for k in values}
+    for part in allgather_objects({k: float(v) for k, v in values.items()}):
+        for k, v in part.items():
+            totals[k] = totals.get(k, 0.0) + v
+    return totals
 
 
 def initialize_distributed(**kwargs) -> None:
