@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.mesh = (1, -1, 1)  # (data, fsdp, tensor)
+    c.dcn_mesh = (1, 1, 1)  # slices each mesh axis spans (multislice: e.g. (2, 1, 1), data over 2)
     c.template = "r1_zero"
     c.max_prompt_len = 320
     c.max_new_tokens = 768

@@ -18,6 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+    c.dcn_mesh = (1, 1, 1)  # slices each mesh axis spans (multislice: e.g. (2, 1, 1), data over 2)
     c.template = "plain"
     c.max_prompt_len = 16
     c.max_new_tokens = 40

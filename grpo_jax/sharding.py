@@ -8,16 +8,20 @@ the table changes the parallelism, not the model code. Batches are sharded over 
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# Chips whose physical axes jax.make_mesh lets a logical axis split (it does the same for one slice).
+_SPLITTABLE_KINDS = ("TPU v5 lite", "TPU v5e")
 
 # logical axis name -> mesh axis (or tuple of mesh axes, or None for replicated)
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -34,19 +38,40 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1), devices=None) -> Mesh:
-    """Build a ("data", "fsdp", "tensor") mesh; one entry may be -1 and is filled from the device count.
-
-    Raises ValueError naming the shape and the device count when they do not fit.
-    """
+def _axis_sizes(shape: Sequence[int] | Mapping[str, int], what: str) -> list[int]:
+    """A ("data", "fsdp", "tensor") shape as a list of ints: a sequence of 3, or a mapping by axis name."""
     if isinstance(shape, Mapping):
         unknown = sorted(set(shape) - set(MESH_AXES))
         if unknown:
-            raise ValueError(f"mesh shape: unknown axis name(s) {unknown}; axes are {MESH_AXES}")
+            raise ValueError(f"{what}: unknown axis name(s) {unknown}; axes are {MESH_AXES}")
         shape = [shape.get(axis, 1) for axis in MESH_AXES]
     shape = [int(s) for s in shape]
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+        raise ValueError(f"{what} {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+    return shape
+
+
+def make_mesh(
+    shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1),
+    devices=None,
+    dcn_shape: Sequence[int] | Mapping[str, int] | None = None,
+) -> Mesh:
+    """Build a ("data", "fsdp", "tensor") mesh; one entry of `shape` may be -1 and is filled from the
+    device count.
+
+    `shape` is the WHOLE mesh. One slice (`dcn_shape` None or all ones): `jax.make_mesh` lays the axes
+    onto the physical topology (on TPU the later, busier axes get the torus rings; on CPU the devices
+    keep their order, so tests can pass a permuted `devices`). Several slices: `dcn_shape` says how many
+    slices each axis spans (e.g. (2, 1, 1): data parallel over 2 slices, each slice holding a
+    (data/2, fsdp, tensor) block laid out by its own topology, `mesh_utils.create_hybrid_device_mesh`),
+    so only that axis's collectives cross the data-centre network. A slice is the devices sharing a
+    `slice_index` (multislice TPU); devices all in one slice or without one (GPU, CPU) are grouped by
+    host (`process_index`).
+    `devices` defaults to `jax.devices()` (AOT compiles pass a topology's devices).
+
+    Raises ValueError naming the shape and the device or slice count when they do not fit.
+    """
+    shape = _axis_sizes(shape, "mesh shape")
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
@@ -60,8 +85,56 @@ def make_mesh(shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1), devices=Non
         raise ValueError(
             f"mesh shape {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but {n} are available"
         )
-    device_array = np.asarray(devices).reshape(shape)
-    return Mesh(device_array, MESH_AXES)
+    dcn = [1] * len(MESH_AXES) if dcn_shape is None else _axis_sizes(dcn_shape, "dcn mesh shape")
+    if math.prod(dcn) == 1:
+        slices = {getattr(d, "slice_index", 0) for d in devices}
+        if len(slices) > 1:
+            raise ValueError(
+                f"the {n} devices span {len(slices)} slices: give a dcn mesh shape (config.dcn_mesh) whose "
+                f"product is {len(slices)}, e.g. {(len(slices), 1, 1)} for data parallelism over slices"
+            )
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    return Mesh(hybrid_device_array(shape, dcn, devices), MESH_AXES)
+
+
+def device_granules(devices) -> tuple[str, list[list]]:
+    """(attribute, groups): the devices grouped into slices by `slice_index` when they span several
+    (multislice TPU), else by host (`process_index`: GPU and CPU devices carry no slice index or all
+    the same); groups in key order, devices in their order."""
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    attribute = "slice_index" if len(slices) > 1 and None not in slices else "process_index"
+    groups: dict[int, list] = {}
+    for d in devices:
+        groups.setdefault(getattr(d, attribute), []).append(d)
+    return attribute, [groups[key] for key in sorted(groups)]
+
+
+def hybrid_device_array(shape: Sequence[int], dcn_shape: Sequence[int], devices) -> np.ndarray:
+    """The devices of a multi-slice mesh as an array of `shape`: axis i is `dcn_shape[i]` slices of
+    `shape[i] / dcn_shape[i]` devices (see `make_mesh`). Any objects with `id`, `platform`,
+    `device_kind` and `slice_index` or `process_index` will do (tests fake the slices)."""
+    shape, dcn_shape = [int(s) for s in shape], [int(s) for s in dcn_shape]
+    if any(d < 1 or s % d for s, d in zip(shape, dcn_shape)):
+        raise ValueError(
+            f"dcn mesh shape {dict(zip(MESH_AXES, dcn_shape))} must divide the mesh shape "
+            f"{dict(zip(MESH_AXES, shape))} axis by axis"
+        )
+    attribute, granules = device_granules(devices)
+    if len(granules) != math.prod(dcn_shape):
+        raise ValueError(
+            f"dcn mesh shape {dict(zip(MESH_AXES, dcn_shape))} needs {math.prod(dcn_shape)} slices but the "
+            f"{len(devices)} devices form {len(granules)} (grouped by {attribute})"
+        )
+    if len({len(g) for g in granules}) != 1:
+        raise ValueError(f"the slices (grouped by {attribute}) hold different numbers of devices")
+    per_slice = [s // d for s, d in zip(shape, dcn_shape)]
+    return mesh_utils.create_hybrid_device_mesh(
+        per_slice,
+        dcn_shape,
+        [d for g in granules for d in g],
+        process_is_granule=attribute == "process_index",
+        allow_split_physical_axes=devices[0].device_kind in _SPLITTABLE_KINDS,
+    )
 
 
 def logical_to_spec(
@@ -125,7 +198,8 @@ def shard_batch(batch, mesh: Mesh):
     """Place a host batch (pytree of numpy arrays holding THIS process's rows) on the mesh.
 
     Single process: the arrays are the global batch. Multi-host: each process passes its slice and
-    `jax.make_array_from_process_local_data` assembles the global array. Scalars are replicated.
+    `jax.make_array_from_process_local_data` assembles the global array, the slice filling this process's
+    rows in order (`process_rows`: not necessarily one contiguous block). Scalars are replicated.
     """
 
     def place(x):
@@ -148,9 +222,10 @@ def shard_batch(batch, mesh: Mesh):
 
 
 def to_host(tree):
-    """Fetch a pytree of arrays to host numpy. An array split over devices of other processes (a
-    multi-process run's batch) is gathered first (`process_allgather`, a collective: every process must
-    call this together); addressable and replicated arrays are read directly."""
+    """Fetch a pytree of arrays to host numpy, whole: every process gets every row, in the global
+    order. An array split over devices of other processes is gathered first (`process_allgather`, a
+    collective: every process must call this together); addressable and replicated arrays are read
+    directly. Per-row host work should read only this process's rows instead (`local_rows`)."""
 
     def fetch(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
@@ -163,9 +238,9 @@ def to_host(tree):
 
 
 def place_global(tree, mesh: Mesh):
-    """Place host arrays that hold the GLOBAL batch (the same values on every process, e.g. rewards
-    computed from a gathered rollout) on the mesh, rows split over the batch axes; each process keeps
-    only its devices' rows. Arrays whose rows do not split evenly are replicated."""
+    """Place host arrays that hold the GLOBAL batch (the same values on every process, e.g. a batch
+    every process built from the same seed) on the mesh, rows split over the batch axes; each process
+    keeps only its devices' rows. Arrays whose rows do not split evenly are replicated."""
 
     def place(x):
         x = np.asarray(x)
@@ -174,6 +249,105 @@ def place_global(tree, mesh: Mesh):
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree_util.tree_map(place, tree)
+
+
+# ---------------------------------------------------------------------------------------------------
+# This process's rows. Under the batch layout a process's devices hold several row blocks, which are one
+# contiguous run of the global batch only when the mesh happens to list the devices process by process
+# (a topology-aware or multislice mesh need not). Host-side work per row (decoding, host rewards, step
+# rewards) reads those rows with their global row numbers, and writes its results back the same way.
+# ---------------------------------------------------------------------------------------------------
+
+
+def process_rows(mesh: Mesh, num_rows: int, devices=None) -> np.ndarray:
+    """Global row numbers int64 [n] (ascending) that `devices` hold of a [num_rows, ...] array in the
+    batch layout. `devices` defaults to this process's devices of the mesh; a test passes a subset to
+    stand in for one process of a pod."""
+    devices = mesh.local_devices if devices is None else list(devices)
+    index_map = batch_sharding(mesh, 1).devices_indices_map((num_rows,))
+    blocks = {}
+    for device in devices:
+        start, stop, _ = index_map[device][0].indices(num_rows)
+        blocks[start] = stop
+    return np.concatenate([np.arange(start, blocks[start]) for start in sorted(blocks)]).astype(np.int64)
+
+
+def local_rows(tree, mesh: Mesh, devices=None):
+    """(rows, values): this process's rows of a pytree of [N, ...] arrays and their global row numbers.
+
+    rows: int64 [n], ascending (`process_rows`); values: the tree with numpy [n, ...] leaves, row i of
+    each being global row rows[i]. The rows are read from the addressable shards, without
+    communication, once the arrays are in the batch layout (one laid out otherwise is resharded first,
+    which is a collective). `devices` as in `process_rows`."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if not leaves:
+        raise ValueError("local_rows: no arrays")
+    num_rows = leaves[0].shape[0]
+    devices = mesh.local_devices if devices is None else list(devices)
+    rows = process_rows(mesh, num_rows, devices)
+
+    def read(x):
+        if x.shape[0] != num_rows:
+            raise ValueError(f"local_rows: arrays with {x.shape[0]} and {num_rows} rows")
+        target = batch_sharding(mesh, x.ndim)
+        if not isinstance(x, jax.Array) or not x.sharding.is_equivalent_to(target, x.ndim):
+            x = jax.device_put(x, target)
+        wanted = set(devices)
+        blocks = {}
+        for shard in x.addressable_shards:
+            if shard.device in wanted:
+                start = shard.index[0].indices(num_rows)[0]
+                if start not in blocks:
+                    blocks[start] = np.asarray(shard.data)
+        return np.concatenate([blocks[start] for start in sorted(blocks)])
+
+    return rows, jax.tree_util.tree_unflatten(treedef, [read(x) for x in leaves])
+
+
+def from_local_rows(tree, rows: np.ndarray, mesh: Mesh, num_rows: int):
+    """Global [num_rows, ...] arrays in the batch layout from this process's rows of them: `rows` and the
+    tree's [n, ...] leaves as `local_rows` returns them (every process passes its own rows)."""
+    expected = process_rows(mesh, num_rows)
+    if not np.array_equal(np.asarray(rows), expected):
+        raise ValueError(
+            f"from_local_rows: got rows {np.asarray(rows)[:8].tolist()}..., this process holds "
+            f"{expected[:8].tolist()}... of {num_rows}"
+        )
+
+    def place(x):
+        x = np.asarray(x)
+        if x.shape[0] != len(expected):
+            raise ValueError(f"from_local_rows: {x.shape[0]} values for {len(expected)} rows")
+        shape = (num_rows, *x.shape[1:])
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, shape)
+
+    return jax.tree_util.tree_map(place, tree)
+
+
+def allgather_objects(obj) -> list:
+    """Every process's `obj` (picklable), in process order: [obj] in a single process. A collective:
+    every process must call it together. For small host results (a few numbers or strings per row)
+    that every process needs, where the rows themselves stay put."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(obj), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: len(data)] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [pickle.loads(gathered[p, : sizes[p]].tobytes()) for p in range(len(sizes))]
+
+
+def sum_over_processes(values: Mapping[str, float]) -> dict[str, float]:
+    """Each entry summed over the processes (float64; the entries themselves in a single process), e.g.
+    sums and row counts of host-computed values, for means over the global batch. A collective."""
+    totals = {k: 0.0 for k in values}
+    for part in allgather_objects({k: float(v) for k, v in values.items()}):
+        for k, v in part.items():
+            totals[k] = totals.get(k, 0.0) + v
+    return totals
 
 
 def initialize_distributed(**kwargs) -> None:

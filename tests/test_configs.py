@@ -32,6 +32,7 @@ CONFIG_FILES = sorted(CONFIG_DIR.glob("*.py"))
 TOP_LEVEL_KEYS = {
     "seed",
     "mesh",
+    "dcn_mesh",
     "template",
     "max_prompt_len",
     "max_new_tokens",
@@ -123,6 +124,7 @@ def test_config_parses_and_its_typed_pieces_validate(path, variant, token_spec):
         lacking = keys - set(config[section].keys())
         assert not lacking, f"{path.name}: config.{section} lacks {sorted(lacking)}"
     assert len(tuple(config.mesh)) == 3 and all(isinstance(n, int) for n in config.mesh)
+    assert len(tuple(config.dcn_mesh)) == 3 and all(isinstance(n, int) and n >= 1 for n in config.dcn_mesh)
     assert config.template in TEMPLATES
 
     # Task: a known name; a synthetic task builds its splits, a JSONL task names its files.

@@ -1,19 +1,34 @@
 """Two processes, one run: scripts/train.py started as TWO local processes with 4 fake CPU
 devices each (JAX's multi-controller runtime over gloo CPU collectives, the path a TPU pod takes) on a
-(data, fsdp, tensor) = (2, 2, 2) mesh that spans both, must write the metrics.jsonl of the one-process
-baseline run of tests/test_train_script.py (SFT, evals, and GRPO with its NaN step), from process 0 only,
-and leave checkpoints a one-process rerun resumes from.
+(data, fsdp, tensor) = (2, 2, 2) mesh that spans both, must write the metrics.jsonl of the same run in one
+process (SFT, evals, and GRPO with a NaN step and a host reward), from process 0 only, and leave
+checkpoints a one-process rerun resumes from.
 
-Each process reads its own slice of the data (`shard_index=process_index`); rollouts are gathered for
-eval decoding; group statistics are computed on the global batch inside the step.
+The run is tests/test_train_script.py's baseline on a GSM8K-style JSONL task (one-digit sums, `#### N`
+answers) whose accuracy is scored on the host (`math_accuracy`, the math verifier); a 40-step SFT
+teaches the answer format, so the host reward is 1 on some rows and 0 on others. The mesh puts the fsdp
+axis across the two processes (`config.dcn_mesh=(1, 2, 1)`, each host a "slice"), so each process holds
+row blocks 0 and 2, or 1 and 3, of every batch, not one contiguous half: each process scores its own
+rows, and a reward landing on another row would change the advantages and every metric after it. Each
+process reads its own slice of the data (`shard_index=process_index`); group statistics are computed on
+the global batch inside the step.
+
+Forty SFT steps at this learning rate amplify float rounding (sharded reductions sum in another order)
+past the comparison's 1e-5, so the two processes start from the one-process run's checkpoint two SFT
+steps before its end (a one-process checkpoint resumed by two processes) and run SFT's last two steps,
+its eval and GRPO's first two steps, the NaN one included.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
+from test_sharding import FakeHostDevice
 from test_train_script import (
     BASELINE,
     _command,
@@ -22,9 +37,57 @@ from test_train_script import (
     assert_same_run,
     checkpoint_steps,
     metric_lines,
-    reference_run,
     train,
 )
+
+from grpo_jax import sharding
+
+SFT_STEPS = 40
+
+
+def gsm8k_task(directory: Path) -> tuple[str, ...]:
+    """Write train.jsonl (64 lines) and test.jsonl (8) of GSM8K-style sums a+b <= 9 with bare `#### N`
+    answers (the demonstration is `<think>  </think> <answer> N </answer>`); return the overrides that
+    run the baseline on them with the answer checked on the host instead of in the graph."""
+    sums = [(a, b) for a in range(1, 9) for b in range(1, 10 - a)]
+    problems = [sums[(7 * i) % len(sums)] for i in range(72)]
+    for split, part in (("train", problems[:64]), ("test", problems[64:])):
+        lines = [json.dumps({"question": f"{a}+{b}", "answer": f"#### {a + b}"}) for a, b in part]
+        (directory / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    replaced = ("--config.grpo.rewards=", "--config.debug.poison_step=")
+    return (
+        *(o for o in BASELINE if not o.startswith(replaced)),
+        '--config.grpo.rewards=(("format", 0.2), ("length_penalty", 1.0, {"max_len": 12}))',
+        '--config.grpo.host_rewards=(("math_accuracy", 1.0),)',
+        "--config.task.name=gsm8k",
+        "--config.task.kwargs={}",
+        f"--config.task.train_file={directory / 'train.jsonl'}",
+        f"--config.task.test_file={directory / 'test.jsonl'}",
+        f"--config.sft.steps={SFT_STEPS}",
+        "--config.sft.learning_rate=1e-2",
+        "--config.sft.warmup_steps=0",
+        "--config.sft.schedule=constant",
+        "--config.sft.eval_every=1000",  # evaluated at its end only
+        f"--config.sft.checkpoint_every={SFT_STEPS - 2}",  # and at its end: where the two processes start
+        "--config.checkpoint.keep_last=8",  # keeps it to the end
+        f"--config.debug.poison_step={SFT_STEPS + 2}",  # GRPO's second update is NaN and skipped
+    )
+
+
+# Values that are rounding noise in this run rather than results, compared to absolute bounds (the rest as
+# tests/test_train_script.py compares runs): GRPO's first loss is -mean(advantage) = 0 up to rounding
+# (every completion has the same length), and after SFT at 1e-2 the policy's KL to its reference
+# (~5e-4) moves by ~2e-8 with the rounding of the first Adam steps, whose size barely depends on the
+# gradient's (sign(g) for tiny g).
+ROUNDING_NOISE = {"loss": 1e-6, "pg_loss": 1e-6, "kl": 1e-7}
+
+
+def assert_same(got: dict, want: dict) -> None:
+    for key, bound in ROUNDING_NOISE.items():
+        if isinstance(want.get(key), float):
+            assert abs(got[key] - want[key]) <= bound, (want["stage"], want["step"], key, got[key], want[key])
+    drop = lambda line: {k: v for k, v in line.items() if k not in ROUNDING_NOISE or not isinstance(v, float)}
+    assert_same_run(drop(got), drop(want))
 
 
 def _free_port() -> int:
@@ -64,25 +127,45 @@ def train_two_processes(workdir, *overrides: str, timeout: float = 400) -> list[
 
 
 @pytest.mark.slow
-def test_two_processes_write_the_one_process_run(tmp_path_factory, tmp_path):
-    baseline = reference_run(tmp_path_factory)
+def test_two_processes_write_the_one_process_run(tmp_path):
+    run = gsm8k_task(tmp_path)
+    reference = tmp_path / "reference"
+    assert_ok(train(reference, *run))
+    want = metric_lines(reference)
+    stages = ["sft"] * SFT_STEPS + ["eval", "grpo", "grpo", "eval"]
+    assert [x["stage"] for x in want] == stages + ["grpo", "grpo", "eval"]
+    grpo = [x for x in want if x["stage"] == "grpo"]
+    assert all(0 <= x["host_reward/math_accuracy"] <= 1 for x in grpo)
+    assert any(0 < x["host_reward/math_accuracy"] < 1 for x in grpo), "the host reward should vary by row"
+    assert grpo[1]["nonfinite_updates"] == 1.0
+
+    # The two-process mesh: process p's devices are the fsdp = p column, so its rows are not one block.
+    hosts = [FakeHostDevice(id=i, process_index=i // 4) for i in range(8)]
+    layout = sharding.hybrid_device_array((2, 2, 2), (1, 2, 1), hosts)
+    assert [{d.process_index for d in block.flat} for block in layout.reshape(4, 2)] == [{0}, {1}, {0}, {1}]
+
     workdir = tmp_path / "run"
-    results = train_two_processes(workdir, *BASELINE, "--config.mesh=2,2,2", "--config.grpo.steps=2")
+    start = SFT_STEPS - 2
+    shutil.copytree(reference, workdir)
+    for step in checkpoint_steps(workdir):
+        if step > start:
+            shutil.rmtree(workdir / "checkpoints" / str(step))
+    two_process = ("--config.mesh=2,2,2", "--config.dcn_mesh=1,2,1", "--config.grpo.steps=2")
+    results = train_two_processes(workdir, *run, *two_process)
     for result in results:
         assert_ok(result)
+    assert f"at stage sft step {start}" in results[0].stderr
     assert "wall time" in results[0].stdout and "wall time" not in results[1].stdout  # process 0 reports
-    lines, one_process = metric_lines(workdir), metric_lines(baseline)[:6]
-    assert [x["stage"] for x in lines] == ["sft", "sft", "eval", "grpo", "grpo", "eval"]
-    for got, want in zip(lines, one_process, strict=True):
-        assert_same_run(got, want)
-
-    # The checkpoints both processes wrote resume in ONE process on one device: GRPO steps 5-6 equal
-    # the baseline's (the stage is extended from 2 to its 4 steps).
-    assert checkpoint_steps(workdir)[-1] == 4
-    assert_ok(train(workdir, *BASELINE))
     lines = metric_lines(workdir)
-    assert [(x["stage"], x["step"]) for x in lines] == [
-        (x["stage"], x["step"]) for x in metric_lines(baseline)
-    ]
-    for got, want in zip(lines[6:], metric_lines(baseline)[6:], strict=True):
-        assert_same_run(got, want)
+    assert [x["stage"] for x in lines] == stages
+    for got, expected in zip(lines[start:], want[start : len(stages)], strict=True):
+        assert_same(got, expected)
+
+    # The checkpoints both processes wrote resume in ONE process on one device: GRPO's steps 3-4 equal
+    # the reference's (the stage is extended from 2 to its 4 steps).
+    assert checkpoint_steps(workdir)[-1] == SFT_STEPS + 2
+    assert_ok(train(workdir, *run))
+    lines = metric_lines(workdir)
+    assert [(x["stage"], x["step"]) for x in lines] == [(x["stage"], x["step"]) for x in want]
+    for got, expected in zip(lines[len(stages) :], want[len(stages) :], strict=True):
+        assert_same(got, expected)

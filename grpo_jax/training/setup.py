@@ -149,8 +149,12 @@ def initial_params(config, model_config, mesh):
     return models.init_sharded_params(model_config, jax.random.key(config.seed), mesh)
 
 
-def build_mesh(config):
-    return sharding.make_mesh(tuple(config.mesh))
+def build_mesh(config, devices=None):
+    """The run's mesh: `config.mesh` (the whole (data, fsdp, tensor) shape) over `devices` (default: all),
+    split over slices by `config.dcn_mesh` (how many slices each axis spans; absent or all ones: one
+    slice), see `sharding.make_mesh`."""
+    dcn = config.get("dcn_mesh")
+    return sharding.make_mesh(tuple(config.mesh), devices, dcn_shape=None if dcn is None else tuple(dcn))
 
 
 def check_reference_dtype(config, name: str) -> None:

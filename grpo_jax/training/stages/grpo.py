@@ -24,7 +24,7 @@ from grpo_jax.training import refill, setup
 from grpo_jax.training.grpo_step import make_grpo_step, outcome_rewards
 from grpo_jax.training.stages.base import register_stage
 from grpo_jax.training.stages.rm_retrain import RewardModelRetrainer
-from grpo_jax.training.stages.rollout import RolloutStage
+from grpo_jax.training.stages.rollout import RolloutStage, global_mean
 from grpo_jax.training.state import (
     create_train_state,
     learning_rate_schedule,
@@ -140,7 +140,7 @@ class GRPOStage(RolloutStage):
         return refill.merge_rounds(self.refill_merge, batches, selection, G), dict(
             logged,  # host rewards: of the last round
             sample_time_s=sample_time,
-            prompt_truncated_frac=float(np.mean(np.concatenate(truncated))),
+            prompt_truncated_frac=global_mean(np.concatenate(truncated)),
             **{
                 "refill/rounds": float(len(batches)),
                 "refill/groups_sampled": float(sum(len(f) for f in flags)),
@@ -151,31 +151,32 @@ class GRPOStage(RolloutStage):
             },
         )
 
-    def host_batch_extras(self, rollout, prompts, num_samples):
-        """Host rewards, the reward-model retrainer's new pairs and process step rewards, with the
-        rollout decoded (and its examples looked up) once for all of them."""
+    def host_batch_extras(self, rollout, placed, num_samples):
+        """Host rewards, the reward-model retrainer's new pairs and process step rewards, with this
+        process's rows decoded (and their examples looked up) once for all of them."""
         if self.host_rewards is None and self.retrainer is None and self.step_verifier is None:
             return {}, {}
-        examples = self.row_examples(prompts, num_samples)
-        texts = self.decode(rollout) if self.host_rewards is not None or self.retrainer is not None else None
+        local = self.local_rollout(rollout, placed, num_samples)
+        examples = self.examples_of(local)
+        texts = self.decode(local) if self.host_rewards is not None or self.retrainer is not None else None
         extras, logged = {}, {}
         if self.host_rewards is not None:
-            extras["host_rewards"], logged = self.host_rewards(texts, examples)
+            values, logged = self.host_rewards(texts, examples)
+            extras["host_rewards"] = self.to_batch(values, local)
         if self.retrainer is not None:
-            self.retrainer.observe(texts, examples, num_samples)
+            self.retrainer.observe(local.rows, texts, examples, num_samples)
         if self.step_verifier is not None:
             from grpo_jax.rewards.process import process_step_rewards
 
-            tokens, mask = sharding.to_host((rollout.tokens, rollout.mask))
             steps = process_step_rewards(
                 self.run.tokenizer,
-                np.asarray(tokens),
-                np.asarray(mask),
+                local.tokens,
+                local.mask,
                 examples,
                 max_steps=self.config.get("max_steps", 8),
                 verifier=self.step_verifier,
             )
-            extras.update(steps)
+            extras.update(self.to_batch(steps, local))
         return extras, logged
 
     def after_update(self, state):

@@ -12,6 +12,11 @@ truncates the file back and nothing is duplicated. At the end the candidates are
   - duplicates (same prompt and completion) are dropped, then at most `max_per_prompt` per prompt;
 and `sft.jsonl` (see `grpo_jax.data.rejection.write_rejection_sft`) plus `pairs.jsonl` (for `dpo`/`rm`
 stages: per prompt, a kept completion preferred over a dropped one) are written atomically.
+
+Several processes: each scores its own rows of the rollout; the candidate records (a line of JSON per
+row) are gathered and process 0 writes them in global row order, then alone reads them back and writes
+the two sets; the others wait for it (the counts it sends back are the barrier), and later stages read
+the files from the workdir, which every process must see (as the checkpoints already require).
 """
 
 from __future__ import annotations
@@ -118,10 +123,10 @@ class RejectionSamplingStage(RolloutStage):
         self.num_rows = int(extra.get("num_rows", 0))
 
     def _candidates(self):
+        """Process 0's append handle on candidates.jsonl, cut back to the rows the checkpoint counted."""
         if self._file is None:
             path = os.path.join(self.directory, CANDIDATES_FILE)
-            if jax.process_index() == 0:
-                _truncate_lines(path, self.num_rows)
+            _truncate_lines(path, self.num_rows)
             self._file = open(path, "a", encoding="utf-8")
         return self._file
 
@@ -131,41 +136,47 @@ class RejectionSamplingStage(RolloutStage):
         K = self.num_samples
         rng = jax.random.fold_in(state.rng, global_step)
         placed, rollout = self.rollout(state, prompts, K, self.temperature, rng=rng)
-        texts = self.decode(rollout)
+        local = self.local_rollout(rollout, placed, K)
+        texts = self.decode(local)
+        examples = self.examples_of(local)
         scores: dict[str, np.ndarray] = {}
         if self.score is not None:
-            scores.update(sharding.to_host(self.score(rollout_to_batch(rollout, placed, K))))
-        examples = self.row_examples(prompts, K)
+            _, in_graph = sharding.local_rows(self.score(rollout_to_batch(rollout, placed, K)), self.run.mesh)
+            scores.update(in_graph)
         if self.host_runner is not None:
             values, _ = self.host_runner(texts, examples)
             scores.update(values)
         keep = [tuple(rule) for rule in self.config.keep]
-        truncated = sharding.to_host(rollout.truncated)
-        failed = []
-        out = self._candidates()
-        for row, (text, example) in enumerate(zip(texts, examples, strict=True)):
-            row_scores = {name: float(np.asarray(v)[row]) for name, v in scores.items()}
-            cut = truncated[row] and self.config.get("drop_truncated", True)
-            reason = "truncated" if cut else first_failed_rule(row_scores, keep)
-            failed.append(reason)
+        drop_truncated = self.config.get("drop_truncated", True)
+        mine = []
+        for i, (text, example) in enumerate(zip(texts, examples, strict=True)):
+            row_scores = {name: float(np.asarray(v)[i]) for name, v in scores.items()}
+            reason = (
+                "truncated" if local.truncated[i] and drop_truncated else first_failed_rule(row_scores, keep)
+            )
             record = {
                 "prompt": example["prompt"],
                 "completion": text,
                 "scores": row_scores,
                 "dropped_by": reason,
             }
-            out.write(json.dumps(record) + "\n")
-        out.flush()
-        self.num_rows += len(texts)
+            mine.append((int(local.rows[i]), record))
+        records = [record for _, record in sorted(sum(sharding.allgather_objects(mine), []))]
+        if jax.process_index() == 0:
+            out = self._candidates()
+            out.writelines(json.dumps(record) + "\n" for record in records)
+            out.flush()
+        self.num_rows += len(records)
+        failed = [record["dropped_by"] for record in records]
         m = {
-            "rs/sampled": float(len(texts)),
+            "rs/sampled": float(len(records)),
             "rs/passed": float(sum(r is None for r in failed)),
             "sample_time_s": time.time() - t0,
         }
         for name in ["truncated", *(rule[0] for rule in keep)]:
             m[f"rs/dropped/{name}"] = float(sum(r == name for r in failed))
-        for name, values in scores.items():
-            m[f"reward/{name}"] = float(np.mean(values))
+        for name in scores:
+            m[f"reward/{name}"] = float(np.mean([record["scores"][name] for record in records]))
         m["step_time_s"] = time.time() - t0
         return state, m
 
@@ -188,42 +199,51 @@ class RejectionSamplingStage(RolloutStage):
         if self._file is not None:
             self._file.close()
             self._file = None
+        counts, problem = {}, None
+        if jax.process_index() == 0:
+            counts, problem = self._write_sets()
+        # Process 0's counts, to every process: the others wait here until the files are written.
+        counts, problem = sharding.allgather_objects((counts, problem))[0]
+        if problem:
+            raise ValueError(problem)
+        return {"rejection_sampling": counts, "files": {"sft": SFT_FILE, "pairs": PAIRS_FILE}}
+
+    def _write_sets(self) -> tuple[dict, str | None]:
+        """Read candidates.jsonl, write sft.jsonl and pairs.jsonl: (counts, why the set is empty or None)."""
         with open(os.path.join(self.directory, CANDIDATES_FILE), encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
         for row in rows:
             row["kept"] = row["dropped_by"] is None
-        counts = {}
-        if jax.process_index() == 0:
-            counts = write_rejection_sft(
-                os.path.join(self.directory, SFT_FILE),
-                [r["prompt"] for r in rows],
-                [r["completion"] for r in rows],
-                [1.0 if r["kept"] else 0.0 for r in rows],
-                threshold=1.0,
-                max_per_prompt=self.config.max_per_prompt or None,
-                non_reasoning=self.non_reasoning_rows(),
-                ratio=self.config.non_reasoning_ratio,
-                seed=self.run.config.seed,
-            )
-            pairs = preference_pairs_from_candidates(rows, seed=self.run.config.seed)
-            with open(os.path.join(self.directory, PAIRS_FILE + ".tmp"), "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(p) + "\n" for p in pairs)
-            os.replace(
-                os.path.join(self.directory, PAIRS_FILE + ".tmp"), os.path.join(self.directory, PAIRS_FILE)
-            )
-            counts["num_pairs"] = len(pairs)
-            dropped = {}
-            for row in rows:
-                if row["dropped_by"] is not None:
-                    dropped[row["dropped_by"]] = dropped.get(row["dropped_by"], 0) + 1
-            counts["dropped_by"] = dropped
-            logging.info("[%s] rejection sampling: %s", self.name, counts)
-            if not counts["num_written"]:
-                raise ValueError(
-                    f"stage {self.name!r} kept none of its {len(rows)} samples (dropped by {dropped}); "
-                    f"loosen config.{self.name}.keep or train the policy longer"
-                )
-        return {"rejection_sampling": counts, "files": {"sft": SFT_FILE, "pairs": PAIRS_FILE}}
+        counts = write_rejection_sft(
+            os.path.join(self.directory, SFT_FILE),
+            [r["prompt"] for r in rows],
+            [r["completion"] for r in rows],
+            [1.0 if r["kept"] else 0.0 for r in rows],
+            threshold=1.0,
+            max_per_prompt=self.config.max_per_prompt or None,
+            non_reasoning=self.non_reasoning_rows(),
+            ratio=self.config.non_reasoning_ratio,
+            seed=self.run.config.seed,
+        )
+        pairs = preference_pairs_from_candidates(rows, seed=self.run.config.seed)
+        with open(os.path.join(self.directory, PAIRS_FILE + ".tmp"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p) + "\n" for p in pairs)
+        os.replace(
+            os.path.join(self.directory, PAIRS_FILE + ".tmp"), os.path.join(self.directory, PAIRS_FILE)
+        )
+        counts["num_pairs"] = len(pairs)
+        dropped = {}
+        for row in rows:
+            if row["dropped_by"] is not None:
+                dropped[row["dropped_by"]] = dropped.get(row["dropped_by"], 0) + 1
+        counts["dropped_by"] = dropped
+        logging.info("[%s] rejection sampling: %s", self.name, counts)
+        if counts["num_written"]:
+            return counts, None
+        return counts, (
+            f"stage {self.name!r} kept none of its {len(rows)} samples (dropped by {dropped}); "
+            f"loosen config.{self.name}.keep or train the policy longer"
+        )
 
     def close(self):
         if getattr(self, "_file", None) is not None:

@@ -10,6 +10,12 @@ pairs: a `rm_replay_fraction` share (default 10 %) drawn from the historical pai
 trained on, the rest from the buffer (historical pairs fill in while the buffer is short). The reward
 model lives in `TrainState.reward_params["reward_model"]`, its AdamW state in `TrainState.aux`, the
 buffer in the checkpoint's stage state, and every draw is seeded by the step: a resume is exact.
+
+Several processes: each judges its own rollout rows, but a group may span processes and every process
+builds the same retraining batches from the buffer, so every process needs the same pairs. They get
+them with two small gathers (`sharding.allgather_objects`): each row's (correct, verifiable) flags,
+from which every process picks the same rows, then the texts of just the picked rows (two per
+pair), not every row's text.
 """
 
 from __future__ import annotations
@@ -31,22 +37,30 @@ PAIR_KEYS = tuple(
 )
 
 
-def pairs_from_groups(
-    texts: list[str], examples: list[dict], correct: list[bool], group_size: int
-) -> list[dict]:
-    """One (first correct ≻ first incorrect) pair per group of verifiable rows that has both."""
+def pair_rows(correct: list[bool], verifiable: list[bool], group_size: int) -> list[tuple[int, int]]:
+    """(chosen, rejected) rows: the first correct and first incorrect row of every verifiable group of
+    `group_size` consecutive rows that has both, in group order."""
     pairs = []
-    for start in range(0, len(texts), group_size):
+    for start in range(0, len(correct), group_size):
         rows = range(start, start + group_size)
-        if examples[start].get("route", "verifiable") != "verifiable":
+        if not verifiable[start]:
             continue
         good = [i for i in rows if correct[i]]
         bad = [i for i in rows if not correct[i]]
         if good and bad:
-            pairs.append(
-                {"prompt": examples[start]["prompt"], "chosen": texts[good[0]], "rejected": texts[bad[0]]}
-            )
+            pairs.append((good[0], bad[0]))
     return pairs
+
+
+def pairs_from_groups(
+    texts: list[str], examples: list[dict], correct: list[bool], group_size: int
+) -> list[dict]:
+    """One (first correct ≻ first incorrect) pair per group of verifiable rows that has both."""
+    verifiable = [e.get("route", "verifiable") == "verifiable" for e in examples]
+    return [
+        {"prompt": examples[good]["prompt"], "chosen": texts[good], "rejected": texts[bad]}
+        for good, bad in pair_rows(correct, verifiable, group_size)
+    ]
 
 
 class RewardModelRetrainer:
@@ -92,9 +106,27 @@ class RewardModelRetrainer:
         )
         return {"rm_opt_state": opt_state}, {"rm_opt_state": opt_shardings}
 
-    def observe(self, texts: list[str], examples: list[dict], group_size: int) -> None:
-        correct = [bool(self.correct(t, e)) for t, e in zip(texts, examples, strict=True)]
-        self.buffer.extend(pairs_from_groups(texts, examples, correct, group_size))
+    def observe(self, rows, texts: list[str], examples: list[dict], group_size: int) -> None:
+        """Add the pairs of a rollout's groups to the buffer. rows: this process's global row numbers,
+        texts and examples: those rows' (see the module docstring; a collective with several processes)."""
+        rows = [int(r) for r in rows]
+        judged = {
+            r: (bool(self.correct(t, e)), e.get("route", "verifiable") == "verifiable")
+            for r, t, e in zip(rows, texts, examples, strict=True)
+        }
+        for part in sharding.allgather_objects(judged):
+            judged.update(part)
+        order = range(len(judged))
+        pairs = pair_rows([judged[r][0] for r in order], [judged[r][1] for r in order], group_size)
+        wanted = {r for pair in pairs for r in pair}
+        mine = {r: (t, e["prompt"]) for r, t, e in zip(rows, texts, examples) if r in wanted}
+        found = {}
+        for part in sharding.allgather_objects(mine):
+            found.update(part)
+        self.buffer.extend(
+            {"prompt": found[good][1], "chosen": found[good][0], "rejected": found[bad][0]}
+            for good, bad in pairs
+        )
 
     def extra_state(self) -> dict:
         return {"rm_buffer": list(self.buffer)}
@@ -118,7 +150,8 @@ class RewardModelRetrainer:
             for p in new + old
         ]
         batch = {k: np.stack([r[k] for r in rows]) for k in PAIR_KEYS}
-        return sharding.shard_batch(batch, self.run.mesh), num_new
+        # Every process drew the same pairs: the batch is global, each process places its rows of it.
+        return sharding.place_global(batch, self.run.mesh), num_new
 
     def maybe_retrain(self, state, step: int) -> tuple[TrainState, dict]:
         """After RL step `step`: every `every` steps, update the reward model; returns (state, metrics)."""

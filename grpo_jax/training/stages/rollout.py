@@ -1,10 +1,17 @@
 """What the RL stages share (`grpo`, `ppo`, `rejection_sampling`): prompt data, the sampler, host rewards
 and a reward model's params. A subclass adds its algorithm's state and step (`build`, `algo`) and may
 override `collect` (e.g. dynamic sampling with refill) or `host_batch_extras`.
+
+Host-side work on a rollout (decoding, host rewards, step rewards) runs on every process over ITS OWN
+rows only (`LocalRollout`: the rows its devices hold, with their global row numbers; on a pod these need
+not be one contiguous block), each row's example found through the prompt batch's `example_index`,
+placed on the mesh with the prompts; the per-row results go back into the batch layout
+(`sharding.from_local_rows`) and logged means are taken over the global batch (`global_mean`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 
@@ -19,7 +26,46 @@ from grpo_jax.training import setup
 from grpo_jax.training.grpo_step import rollout_to_batch
 from grpo_jax.training.stages.base import Stage, host_metrics, stage_kind
 
-PROMPT_KEYS = ("prompt_tokens", "prompt_mask", "answer_tokens", "answer_mask", "route")
+PROMPT_KEYS = ("prompt_tokens", "prompt_mask", "answer_tokens", "answer_mask", "route", "example_index")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalRollout:
+    """This process's rows of a rollout of `num_rows` rows (N = B * G, prompt-major).
+
+    rows int64 [n]: their global row numbers, ascending; tokens, mask [n, L]; truncated bool [n];
+    example_index int [n]: each row's example (an index into the stage's `examples`).
+    """
+
+    rows: np.ndarray
+    tokens: np.ndarray
+    mask: np.ndarray
+    truncated: np.ndarray
+    example_index: np.ndarray
+    num_rows: int
+
+
+def local_rollout(rollout, placed: dict, num_samples: int, mesh, devices=None) -> LocalRollout:
+    """Read this process's rows of `rollout` (see `sharding.local_rows`; `devices` stands in for a
+    process in tests) and look up their examples: row r is sample r % G of prompt r // G, whose
+    `example_index` is read from the placed prompt batch `placed` in the same batch layout (a device
+    holding rollout rows [kN/D, (k+1)N/D) holds prompts [kB/D, (k+1)B/D), so no row is missing)."""
+    rows, (tokens, mask, truncated) = sharding.local_rows(
+        (rollout.tokens, rollout.mask, rollout.truncated), mesh, devices
+    )
+    prompt_rows, example_index = sharding.local_rows(placed["example_index"], mesh, devices)
+    prompt_of_row = rows // num_samples
+    at = np.minimum(np.searchsorted(prompt_rows, prompt_of_row), len(prompt_rows) - 1)
+    if not np.array_equal(prompt_rows[at], prompt_of_row):
+        raise RuntimeError("the rollout's rows and its prompts are not laid out alike on this process")
+    return LocalRollout(rows, tokens, mask, truncated, example_index[at], int(rollout.tokens.shape[0]))
+
+
+def global_mean(values) -> float:
+    """The mean of per-row (or per-prompt) values over every process's rows: the global batch's."""
+    values = np.asarray(values, np.float64)
+    totals = sharding.sum_over_processes({"sum": float(values.sum()), "count": float(values.size)})
+    return totals["sum"] / totals["count"]
 
 
 def route_examples(examples: list[dict], open_fraction: float) -> list[dict]:
@@ -124,24 +170,44 @@ class RolloutStage(Stage):
         weights = {s[0]: float(s[1]) for s in specs}
 
         def compute(texts, examples):
+            """(weighted total float32 [n] of these rows, logged metrics of the GLOBAL batch: each
+            reward's mean and the error / time-out counts summed over processes). Collective."""
             rewards, stats = self.host_runner(texts, examples)
             total = sum(weights[k] * v for k, v in rewards.items())
-            logged = {f"host_reward/{k}": float(np.mean(v)) for k, v in rewards.items()}
-            logged.update(host_reward_errors=stats["num_errors"], host_reward_timeouts=stats["num_timeouts"])
+            totals = sharding.sum_over_processes(
+                {
+                    **{f"host_reward/{k}": float(np.sum(v, dtype=np.float64)) for k, v in rewards.items()},
+                    "host_reward_errors": stats["num_errors"],
+                    "host_reward_timeouts": stats["num_timeouts"],
+                    "rows": len(texts),
+                }
+            )
+            rows = totals.pop("rows")
+            logged = {k: v / rows if k.startswith("host_reward/") else v for k, v in totals.items()}
             return np.asarray(total, np.float32), logged
 
         self.host_rewards = compute
 
-    def decode(self, rollout) -> list[str]:
-        tokens, mask = sharding.to_host((rollout.tokens, rollout.mask))
+    def local_rollout(self, rollout, placed, num_samples: int) -> LocalRollout:
+        """This process's rows of `rollout` and their examples (`local_rollout`)."""
+        return local_rollout(rollout, placed, num_samples, self.run.mesh)
+
+    def decode(self, local: LocalRollout) -> list[str]:
+        """The completion text of each of these rows (EOS dropped)."""
         eos = self.run.tokenizer.eos_id
         return [
             self.run.tokenizer.decode([i for i in t[m > 0].tolist() if i != eos])
-            for t, m in zip(tokens, mask)
+            for t, m in zip(local.tokens, local.mask)
         ]
 
+    def examples_of(self, local: LocalRollout) -> list[dict]:
+        """The example of each of these rows."""
+        return [self.examples[int(i)] for i in local.example_index]
+
     def rollout(self, state, prompts, num_samples: int, temperature: float, rng=None):
-        """(prompt batch placed on the mesh, sampler Rollout); rng defaults to fold_in(state.rng, step)."""
+        """(prompt batch placed on the mesh, sampler Rollout); rng defaults to fold_in(state.rng, step).
+        The placed batch carries `example_index`, so each rollout row's example is read from the same
+        global layout as its tokens (`local_rollout`)."""
         placed = sharding.shard_batch({k: prompts[k] for k in PROMPT_KEYS}, self.run.mesh)
         rollout = sampling.generate(
             self.run.model_config,
@@ -161,21 +227,18 @@ class RolloutStage(Stage):
         )
         return placed, rollout
 
-    def row_examples(self, prompts, num_samples: int) -> list[dict]:
-        """The example of every rollout row (prompt-major: each prompt's example `num_samples` times)."""
-        indices = np.asarray(prompts["example_index"])
-        if jax.process_count() > 1:  # the rollout rows are global: every process's prompts, in order
-            from jax.experimental import multihost_utils
-
-            indices = np.asarray(multihost_utils.process_allgather(indices, tiled=True))
-        return [self.examples[int(i)] for i in np.repeat(indices, num_samples)]
-
-    def host_batch_extras(self, rollout, prompts, num_samples: int) -> tuple[dict, dict]:
-        """Host-computed batch entries (host rewards, step rewards) and their logged metrics."""
+    def host_batch_extras(self, rollout, placed, num_samples: int) -> tuple[dict, dict]:
+        """Host-computed batch entries (host rewards), global arrays in the batch layout, and their logged
+        metrics; every process scores its own rows (see the module docstring)."""
         if self.host_rewards is None:
             return {}, {}
-        values, logged = self.host_rewards(self.decode(rollout), self.row_examples(prompts, num_samples))
-        return {"host_rewards": values}, logged
+        local = self.local_rollout(rollout, placed, num_samples)
+        values, logged = self.host_rewards(self.decode(local), self.examples_of(local))
+        return {"host_rewards": self.to_batch(values, local)}, logged
+
+    def to_batch(self, tree, local: LocalRollout):
+        """Per-row host values of `local`'s rows ([n, ...] leaves) as global arrays in the batch layout."""
+        return sharding.from_local_rows(tree, local.rows, self.run.mesh, local.num_rows)
 
     def sample_batch(self, state, prompts, rng=None) -> tuple[dict, dict, float]:
         """(the step's batch for these prompts, host-logged metrics, seconds the sampler took)."""
@@ -184,9 +247,7 @@ class RolloutStage(Stage):
         placed, rollout = self.rollout(state, prompts, G, self.temperature, rng)
         jax.block_until_ready(rollout.tokens)
         sample_time = time.time() - t0
-        extras, logged = self.host_batch_extras(rollout, prompts, G)
-        if extras and jax.process_count() > 1:  # host values of the global batch: onto the mesh
-            extras = sharding.place_global(extras, self.run.mesh)
+        extras, logged = self.host_batch_extras(rollout, placed, G)
         batch = rollout_to_batch(rollout, placed, G, extras.pop("host_rewards", None))
         batch.update(extras)
         return batch, logged, sample_time
@@ -199,7 +260,7 @@ class RolloutStage(Stage):
         return batch, dict(
             logged,
             sample_time_s=sample_time,
-            prompt_truncated_frac=float(np.mean(prompts["prompt_truncated"])),
+            prompt_truncated_frac=global_mean(prompts["prompt_truncated"]),
         )
 
     def train_step(self, state, global_step):
