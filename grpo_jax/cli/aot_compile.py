@@ -6,8 +6,8 @@
 
 Nothing runs and no weights are read: parameters, optimizer state and batches are
 `jax.ShapeDtypeStruct`s carrying the shardings the trainer would give them on the config's mesh
-(`config.mesh`, built by `grpo_jax.sharding.make_mesh` over the topology's devices). The programs are
-the ones `scripts/train.py` compiles for the config's GRPO stage:
+(`config.mesh` and `config.dcn_mesh`, built by `grpo_jax.training.setup.build_mesh` over the topology's
+devices). The programs are the ones `scripts/train.py` compiles for the config's GRPO stage:
 
 - `sampler`: `grpo_jax.sampling.generate` for `prompts_per_step` prompts × `num_generations` samples of
   `max_new_tokens` tokens after `max_prompt_len`-token prompts (the rollout of one RL step);
@@ -412,8 +412,8 @@ def run(
     activation_sharding: str = "none",
 ) -> dict:
     """Resolve the config, model, topology and mesh, compile `programs`, print and return the report."""
-    from grpo_jax import sharding
     from grpo_jax.flops import TPU_CHIPS
+    from grpo_jax.training import setup
 
     unknown = sorted(set(programs) - {"sampler", "grpo_step"})
     if unknown:
@@ -428,7 +428,7 @@ def run(
         raise AotError(f"unknown HBM size for {kind!r}: pass --hbm_gib")
     hbm_bytes = int(hbm * GIB)
     try:
-        mesh = sharding.make_mesh(tuple(config.mesh), devices=devices)
+        mesh = setup.build_mesh(config, devices)  # config.mesh, split over slices by config.dcn_mesh
     except ValueError as error:
         raise AotError(f"config.mesh: {error}") from error
     with contextlib.ExitStack() as stack:
