@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from grpo_jax.inputs import DTYPES, canonical_dtype
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-__all__ = ["DTYPES", "REMAT_POLICIES", "ModelConfig"]
+ATTENTION_IMPLS = ("xla", "chunked", "splash", "cudnn")
+__all__ = ["ATTENTION_IMPLS", "DTYPES", "REMAT_POLICIES", "ModelConfig"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -26,6 +27,10 @@ class ModelConfig:
     low_freq_factor, high_freq_factor, original_max_position_embeddings; or rope_type="linear", factor).
     `param_dtype` (weights) and `dtype` (activations) take a name ("bfloat16", "bf16") or a dtype
     (`jnp.bfloat16`) and are stored as the canonical name, so equal configs hash equal and serialise.
+    `attention_impl` picks the attention backend (`grpo_jax.models.attention`: "xla", the reference;
+    "chunked", blockwise with an online softmax; "splash", the Pallas TPU kernel; "cudnn"), with
+    `attention_block_size` the chunked backend's block of queries and keys, and `attention_interpret`
+    running the Pallas kernel in interpret mode (any platform, slow: for tests).
     """
 
     vocab_size: int
@@ -46,6 +51,9 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = True
+    attention_impl: str = "xla"
+    attention_block_size: int = 512
+    attention_interpret: bool = False
     architecture: str = "llama"
 
     def __post_init__(self):
@@ -72,6 +80,14 @@ class ModelConfig:
             )
         if self.resolved_head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.resolved_head_dim}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
+            )
+        if not isinstance(self.attention_block_size, int) or self.attention_block_size < 1:
+            raise ValueError(
+                f"ModelConfig.attention_block_size must be a positive int, got {self.attention_block_size!r}"
+            )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         for name in ("param_dtype", "dtype"):

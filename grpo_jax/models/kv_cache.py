@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from grpo_jax.inputs import canonical_dtype
+from grpo_jax.models.attention import causal_mask
 from grpo_jax.models.config import ModelConfig
 from grpo_jax.models.transformer import (
     KVCache,
@@ -47,13 +48,9 @@ def forward_with_cache(
     logits of the last position only ([B, 1, V]: a prefill needs no more, and a [B, P, V] float32 block
     would be the prefill's largest tensor).
     """
-    t = tokens.shape[1]
-    s = cache["k"].shape[2]
-    query_slots = cache_index + jnp.arange(t)
-    causal = jnp.arange(s)[None, :] <= query_slots[:, None]  # [T, S]
-    allowed = causal[None] & (key_mask[:, None, :] > 0)
     x = embed_tokens(config, params, tokens)
-    x, cache = _run_layers(config, params["layers"], x, positions, allowed, cache, cache_index)
+    mask = causal_mask(key_mask, cache_index)  # a query at slot s sees the real slots <= s
+    x, cache = _run_layers(config, params["layers"], x, positions, mask, cache, cache_index)
     if last_only:
         x = x[:, -1:]
     x = rms_norm(x, params["final_norm"].astype(config.compute_dtype), config.rms_norm_eps)

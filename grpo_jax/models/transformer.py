@@ -29,6 +29,15 @@ import jax
 import jax.numpy as jnp
 
 from grpo_jax.inputs import as_key
+from grpo_jax.models.attention import (
+    AttentionMask,
+    attend,
+    attend_with_lse,
+    causal_mask,
+    full_mask,
+    merge_partials,
+    xla_attention,
+)
 from grpo_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -172,23 +181,6 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """Grouped-query attention.
-
-    q [B, T, H, Dh], k/v [B, S, K, Dh], allowed [B, T, S] bool -> [B, T, H, Dh].
-    Fully masked query rows (padding) produce zeros, never NaN.
-    """
-    b, t, h, dh = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
-    scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(allowed[:, None, None, :, :], probs, 0.0).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, dh)
-
-
 def dense(x: jax.Array, w: jax.Array, contract: int = 1, preferred_element_type=None) -> jax.Array:
     """x [..., *in] · w [*in, *out] -> [..., *out], `in` being x's last `contract` dims, as ONE 2-D matmul
     over the flattened leading dims. Written as a 3-D einsum ("btd,df->btf"), the weight gradient on
@@ -237,10 +229,24 @@ def _attention_output_and_mlp(config, w, x, attn):
     return x + dense(gated, w["down"])
 
 
+def self_attention(config, q, k, v, mask: AttentionMask) -> jax.Array:
+    """q [B, T, H, Dh] over k/v [B, S, K, Dh] with the config's backend (`config.attention_impl`). A single
+    query (a decode step: [B, H, 1, S] scores, linear in S) and a causal offset only known at run time
+    (a prefill into the KV cache) are not splash's case and go through "xla" and "chunked"."""
+    impl = config.attention_impl
+    if q.shape[1] == 1:
+        impl = "xla"
+    elif impl == "splash" and not isinstance(mask.q_offset, int | None):
+        impl = "chunked"
+    return attend(
+        q, k, v, mask, impl=impl, block_size=config.attention_block_size, interpret=config.attention_interpret
+    )
+
+
 def _decoder_layer(
-    config, layer, x, positions, inv_freq, allowed, cache=None, layer_index=None, cache_index=None
+    config, layer, x, positions, inv_freq, mask, cache=None, layer_index=None, cache_index=None
 ):
-    """One pre-norm decoder block. x [B, T, D] -> (x, cache).
+    """One pre-norm decoder block. x [B, T, D], mask an `AttentionMask` over the keys -> (x, cache).
 
     With `cache` (the whole stack, {"k", "v"}: [L, B, S, K, Dh]) this block's new keys/values are written
     in place at (layer_index, :, cache_index) and attention reads that layer's slots; without it,
@@ -258,10 +264,10 @@ def _decoder_layer(
             cache["k"][layer_index].astype(config.compute_dtype),
             cache["v"][layer_index].astype(config.compute_dtype),
         )
-    return _attention_output_and_mlp(config, w, x, attention(q, k, v, allowed)), cache
+    return _attention_output_and_mlp(config, w, x, self_attention(config, q, k, v, mask)), cache
 
 
-def _run_layers(config, layers, x, positions, allowed, cache=None, cache_index=None):
+def _run_layers(config, layers, x, positions, mask, cache=None, cache_index=None):
     """Apply the layer stack (scanned or unrolled); returns (x, updated cache or None).
 
     The KV cache rides in the scan carry and each layer updates its slice in place, so a decode step
@@ -273,7 +279,7 @@ def _run_layers(config, layers, x, positions, allowed, cache=None, cache_index=N
     def body(carry, layer_and_index):
         x, cache = carry
         layer, index = layer_and_index
-        return _decoder_layer(config, layer, x, positions, inv_freq, allowed, cache, index, cache_index), None
+        return _decoder_layer(config, layer, x, positions, inv_freq, mask, cache, index, cache_index), None
 
     if config.remat != "none":
         body = jax.checkpoint(body, policy=_remat_policy(config.remat))
@@ -292,6 +298,13 @@ def _run_layers(config, layers, x, positions, allowed, cache=None, cache_index=N
 
 
 _ACTIVATION_MESH: contextvars.ContextVar = contextvars.ContextVar("activation_mesh", default=None)
+
+
+def current_activation_mesh():
+    """The mesh of the enclosing `activation_sharding` block (None outside one)."""
+    return _ACTIVATION_MESH.get()
+
+
 _BATCH_AXES = ("data", "fsdp")  # grpo_jax.sharding.BATCH_AXES (not imported: sharding imports models)
 
 
@@ -358,11 +371,8 @@ def forward_hidden(
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
     if positions is None:
         positions = positions_from_mask(attention_mask)
-    t = tokens.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    allowed = causal[None] & (attention_mask[:, None, :] > 0)
     x = embed_tokens(config, params, tokens)
-    x, _ = _run_layers(config, params["layers"], x, positions, allowed)
+    x, _ = _run_layers(config, params["layers"], x, positions, causal_mask(attention_mask))
     return rms_norm(x, params["final_norm"].astype(config.compute_dtype), config.rms_norm_eps)
 
 
@@ -460,6 +470,45 @@ def _prefix_attention(q, k_prefix, v_prefix, prefix_allowed, k, v, allowed):
     return out.reshape(b, g, t, h, dh)
 
 
+def _shared_prefix_attention(config, q, k_prefix, v_prefix, prefix_mask, k, v, own_mask, own_allowed):
+    """Each row's completion queries q [N, T, H, Dh] over its group's prompt keys k/v_prefix [N/G, P, K, Dh]
+    (prefix_mask [N/G, P]) and its own keys k/v [N, T, K, Dh] (causal, own_mask [N, T]), without copying
+    the prompt's keys per row where the backend allows it:
+
+    - "xla": one softmax over the concatenated scores (`_prefix_attention`, own_allowed [N/G, G, T, T]);
+    - "chunked": two partial attentions (the prompt part is not causal: it all precedes the completion)
+      merged exactly by their log-sum-exp (`attention.merge_partials`);
+    - "splash", "cudnn": their kernels return no differentiable log-sum-exp, so the prompt's keys are
+      broadcast to the group's rows and put before the row's own: one causal attention at offset P.
+    """
+    n, t, h, dh = q.shape
+    b = k_prefix.shape[0]
+    g = n // b
+    impl = config.attention_impl
+    if impl == "xla":
+        grouped = lambda x: x.reshape(b, g, *x.shape[1:])
+        out = _prefix_attention(
+            grouped(q), k_prefix, v_prefix, prefix_mask > 0, grouped(k), grouped(v), own_allowed
+        )
+        return out.reshape(n, t, h, dh)
+    if impl == "chunked":
+        block = config.attention_block_size
+        prefix_out, prefix_lse = attend_with_lse(
+            q.reshape(b, g * t, h, dh),
+            k_prefix,
+            v_prefix,
+            full_mask(prefix_mask),
+            impl=impl,
+            block_size=block,
+        )
+        own = attend_with_lse(q, k, v, causal_mask(own_mask), impl=impl, block_size=block)
+        return merge_partials((prefix_out.reshape(n, t, h, dh), prefix_lse.reshape(n, t, h)), own)
+    keys = jnp.concatenate([jnp.repeat(k_prefix, g, axis=0), k], axis=1)
+    values = jnp.concatenate([jnp.repeat(v_prefix, g, axis=0), v], axis=1)
+    valid = jnp.concatenate([jnp.repeat(prefix_mask, g, axis=0), own_mask], axis=1)
+    return self_attention(config, q, keys, values, causal_mask(valid, k_prefix.shape[1]))
+
+
 def completion_logprobs_shared_prefix(
     config: ModelConfig,
     params: Params,
@@ -491,20 +540,25 @@ def completion_logprobs_shared_prefix(
     positions = positions_from_mask(full_mask)[:, prompt_tokens.shape[1] :]
     prompt_positions = positions_from_mask(prompt_mask)
     p = prompt_tokens.shape[1]
-    prompt_allowed = jnp.tril(jnp.ones((p, p), bool))[None] & (prompt_mask[:, None, :] > 0)
-    own_allowed = jnp.tril(jnp.ones((length, length), bool))[None] & (completion_mask[:, None, :] > 0)
-    own_allowed = own_allowed.reshape(b, g, length, length)
+    prompt_allowed = own_allowed = None  # the dense [P, P] and [L, L] masks: only "xla" reads them
+    if config.attention_impl == "xla":
+        prompt_allowed = jnp.tril(jnp.ones((p, p), bool))[None] & (prompt_mask[:, None, :] > 0)
+        own_allowed = jnp.tril(jnp.ones((length, length), bool))[None] & (completion_mask[:, None, :] > 0)
+        own_allowed = own_allowed.reshape(b, g, length, length)
     inv_freq = rope_inv_frequencies(config)
-    grouped = lambda x: x.reshape(b, g, *x.shape[1:])
 
     def body(carry, layer):
         x_prompt, x = carry
         w = _layer_weights(config, layer)
         q_p, k_p, v_p = _attention_inputs(config, w, x_prompt, prompt_positions, inv_freq)
-        x_prompt = _attention_output_and_mlp(config, w, x_prompt, attention(q_p, k_p, v_p, prompt_allowed))
+        if config.attention_impl == "xla":
+            prompt_attn = xla_attention(q_p, k_p, v_p, prompt_allowed)
+        else:
+            prompt_attn = self_attention(config, q_p, k_p, v_p, causal_mask(prompt_mask))
+        x_prompt = _attention_output_and_mlp(config, w, x_prompt, prompt_attn)
         q, k, v = _attention_inputs(config, w, x, positions, inv_freq)
-        attn = _prefix_attention(grouped(q), k_p, v_p, prompt_mask > 0, grouped(k), grouped(v), own_allowed)
-        x = _attention_output_and_mlp(config, w, x, attn.reshape(n, *attn.shape[2:]))
+        attn = _shared_prefix_attention(config, q, k_p, v_p, prompt_mask, k, v, completion_mask, own_allowed)
+        x = _attention_output_and_mlp(config, w, x, attn)
         return (x_prompt, x), None
 
     if config.remat != "none":
