@@ -55,6 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             param_dtype="float32",
             dtype="float32",
             remat="none",
+            attention_impl="xla",  # "chunked" (any platform), "splash" (TPU), "cudnn" (GPU): long sequences
+            attention_block_size=512,  # queries and keys per block of "chunked" (and "splash")
         )
     )
 

@@ -63,6 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             param_dtype="float32",  # fp32 master weights: a 3e-6 Adam step vanishes below bf16 resolution
             dtype="bfloat16",
             remat="full",
+            attention_impl="xla",  # "chunked" (any platform), "splash" (TPU), "cudnn" (GPU): long sequences
+            attention_block_size=512,  # queries and keys per block of "chunked" (and "splash")
         )
     )
 

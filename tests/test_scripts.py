@@ -395,11 +395,14 @@ def test_gsm8k_qwen2_5_runlocal_trains_from_a_tiny_hf_model(tmp_path):
             f"--config.model.pretrained={qwen}",
             f"--config.task.train_file={tmp_path / 'train.jsonl'}",
             f"--config.task.test_file={tmp_path / 'test.jsonl'}",
+            "--config.model.attention_impl=chunked",  # the config's runtime fields reach a pretrained model
+            "--config.model.attention_block_size=8",
         )
     )
     _check_two_grpo_steps(run, "host_reward/math_accuracy")
     model_config, params, loaded_tokenizer, _ = load_policy(run)  # the tokenizer comes from model.pretrained
     assert model_config.architecture == "qwen2" and loaded_tokenizer.vocab_size == tokenizer.vocab_size
+    assert (model_config.attention_impl, model_config.attention_block_size) == ("chunked", 8)
 
 
 # ------------------------------------------------------------------------------------------------

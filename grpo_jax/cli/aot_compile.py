@@ -66,7 +66,7 @@ _PROGRAMS = flags.DEFINE_list("programs", ["sampler", "grpo_step"], "Programs to
 _MODEL_PRESET = flags.DEFINE_string(
     "model_preset",
     "",
-    "Use a known architecture's shapes instead of config.model (dtype, param_dtype and remat still come "
+    "Use a known architecture's shapes instead of config.model (dtypes, remat and the attention backend come "
     "from config.model): " + ", ".join(["qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "..."]),
 )
 _ACTIVATION_SHARDING = flags.DEFINE_enum(
@@ -116,9 +116,10 @@ def model_config_for(config, preset: str = ""):
     or `config.model`'s fields (vocabulary: `model.vocab_size`, else `tokenizer.vocab_size`)."""
     from grpo_jax.models import ModelConfig
     from grpo_jax.models.presets import MODEL_PRESETS
+    from grpo_jax.training.setup import runtime_fields
 
     m = config.model
-    dtypes = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    dtypes = runtime_fields(m)
     if preset:
         if preset not in MODEL_PRESETS:
             raise AotError(f"--model_preset={preset!r}; known: {sorted(MODEL_PRESETS)}")

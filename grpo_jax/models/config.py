@@ -14,7 +14,18 @@ from grpo_jax.inputs import DTYPES, canonical_dtype
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ATTENTION_IMPLS = ("xla", "chunked", "splash", "cudnn")
-__all__ = ["ATTENTION_IMPLS", "DTYPES", "REMAT_POLICIES", "ModelConfig"]
+# How a model runs, as opposed to its shapes: what a config's `model` section sets for a pretrained
+# checkpoint or a preset as well (their shapes come from config.json or the preset table).
+RUNTIME_FIELDS = (
+    "param_dtype",
+    "dtype",
+    "remat",
+    "scan_layers",
+    "attention_impl",
+    "attention_block_size",
+    "attention_interpret",
+)
+__all__ = ["ATTENTION_IMPLS", "DTYPES", "REMAT_POLICIES", "RUNTIME_FIELDS", "ModelConfig"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,7 @@ from grpo_jax.data.files import load_jsonl_task
 from grpo_jax.data.tasks import TASKS
 from grpo_jax.data.templates import format_prompt
 from grpo_jax.inputs import canonical_dtype
+from grpo_jax.models.config import RUNTIME_FIELDS
 from grpo_jax.tokenizers import load_tokenizer, train_sentencepiece
 from grpo_jax.training.state import OptimizerConfig
 
@@ -118,13 +119,7 @@ def build_model_config(config, tokenizer) -> models.ModelConfig:
         if not os.path.exists(path):
             raise FileNotFoundError(f"config.model.pretrained: no config.json in {config.model.pretrained}")
         with open(path) as f:
-            return config_from_hf(
-                json.load(f),
-                where=path,
-                dtype=config.model.dtype,
-                param_dtype=config.model.param_dtype,
-                remat=config.model.remat,
-            )
+            return config_from_hf(json.load(f), where=path, **runtime_fields(config.model))
     fields = {k: v for k, v in _plain(config.model).items() if k not in ("pretrained",)}
     fields["vocab_size"] = fields.get("vocab_size") or tokenizer.vocab_size
     if fields["vocab_size"] < tokenizer.vocab_size:
@@ -135,15 +130,20 @@ def build_model_config(config, tokenizer) -> models.ModelConfig:
     return models.ModelConfig(**fields)
 
 
+def runtime_fields(model_section) -> dict[str, Any]:
+    """The `ModelConfig.RUNTIME_FIELDS` (dtypes, remat, attention backend, ...) a config's `model` section
+    sets: they apply to a pretrained checkpoint's or a preset's shapes too."""
+    section = _plain(model_section)
+    return {name: section[name] for name in RUNTIME_FIELDS if name in section}
+
+
 def initial_params(config, model_config, mesh):
     """Pretrained weights (placed straight into their shardings) or a sharded random init."""
     if config.model.pretrained:
         _, params = models.load_pretrained(
             config.model.pretrained,
             mesh=mesh,
-            param_dtype=model_config.param_dtype,
-            dtype=model_config.dtype,
-            remat=model_config.remat,
+            **{name: getattr(model_config, name) for name in RUNTIME_FIELDS},
         )
         return params
     return models.init_sharded_params(model_config, jax.random.key(config.seed), mesh)
