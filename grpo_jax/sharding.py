@@ -137,20 +137,40 @@ def hybrid_device_array(shape: Sequence[int], dcn_shape: Sequence[int], devices)
     )
 
 
+STRICT_SETTINGS = ("auto", "on", "off")
+
+
+def resolve_strict(setting: str, mesh: Mesh | None) -> bool:
+    """`ModelConfig.strict_sharding`: "on", "off", or "auto" = on unless the mesh is CPU devices (a CPU
+    test mesh may not divide a real model's heads; a TPU or GPU pod should never silently replicate)."""
+    if setting not in STRICT_SETTINGS:
+        raise ValueError(f"strict_sharding must be one of {STRICT_SETTINGS}, got {setting!r}")
+    if setting == "auto":
+        return mesh is not None and mesh.devices.flat[0].platform != "cpu"
+    return setting == "on"
+
+
 def logical_to_spec(
-    logical: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None, rules=None
+    logical: Sequence[str | None],
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules=None,
+    *,
+    strict: bool = False,
+    name: str = "array",
 ) -> P:
     """Map logical axis names to a PartitionSpec.
 
     With `shape` and `mesh`, a mesh axis that does not divide the dimension (or is already used by an
     earlier dimension) is dropped, so e.g. 2 kv heads on a 4-way tensor axis are replicated instead of
-    failing.
+    failing. `strict`: a rule dropped because its axis does not divide raises instead, naming `name`, the
+    logical axis and the mesh axis (a silently replicated weight or cache costs the axis's size in memory).
     """
     table = dict(DEFAULT_RULES if rules is None else rules)
     used: set[str] = set()
     spec = []
-    for dim, name in enumerate(logical):
-        target = table.get(name) if name is not None else None
+    for dim, logical_name in enumerate(logical):
+        target = table.get(logical_name) if logical_name is not None else None
         axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
         kept = []
         for axis in axes:
@@ -159,6 +179,12 @@ def logical_to_spec(
             if mesh is not None and shape is not None:
                 size = math.prod(mesh.shape[a] for a in kept + [axis])
                 if shape[dim] % size:
+                    if strict and mesh.shape[axis] > 1:
+                        raise ValueError(
+                            f"{name}: logical axis {logical_name!r} ({shape[dim]}) does not divide over "
+                            f"mesh axis {axis!r} ({dict(mesh.shape)}), so it would be replicated on every "
+                            f"{axis!r} device; change the mesh, or set config.model.strict_sharding='off'"
+                        )
                     continue
             kept.append(axis)
         used.update(kept)
@@ -166,10 +192,13 @@ def logical_to_spec(
     return P(*spec)
 
 
-def param_shardings(mesh: Mesh, axes_tree, shapes_tree, rules=None):
-    """NamedSharding for every parameter from its logical axes and shape."""
-    return jax.tree_util.tree_map(
-        lambda axes, shape: NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules)),
+def param_shardings(mesh: Mesh, axes_tree, shapes_tree, rules=None, *, strict: bool = False):
+    """NamedSharding for every parameter from its logical axes and shape (`strict`: see
+    `logical_to_spec`; the error names the parameter's path)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, axes, shape: NamedSharding(
+            mesh, logical_to_spec(axes, shape, mesh, rules, strict=strict, name=jax.tree_util.keystr(path))
+        ),
         axes_tree,
         shapes_tree,
         is_leaf=lambda x: isinstance(x, tuple),

@@ -72,3 +72,18 @@ def test_bad_topology_fails_with_one_line():
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: --topology=v5e-16:")
+
+
+def test_splash_attention_and_offloaded_remat_compile_for_a_tpu():
+    """The real Pallas splash kernel (Mosaic, no interpret mode) and a remat policy that offloads q, k, v
+    to pinned host memory lower and compile for a v5e slice (head_dim 128, as the kernel's lanes want)."""
+    report, _ = aot(
+        *SMALL,
+        "--config.model.hidden_size=512",
+        "--config.model.intermediate_size=512",
+        "--config.model.attention_impl=splash",
+        "--config.model.remat=offload_qkv_proj",
+        "--programs=grpo_step",
+    )
+    assert report["model"]["attention_impl"] == "splash" and report["model"]["remat"] == "offload_qkv_proj"
+    assert report["programs"]["grpo_step"]["fits"] is True

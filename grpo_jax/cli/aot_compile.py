@@ -487,6 +487,8 @@ def _compile_all(
                     "param_dtype",
                     "dtype",
                     "remat",
+                    "attention_impl",
+                    "attention_block_size",
                 )
             },
         },

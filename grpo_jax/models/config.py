@@ -12,7 +12,19 @@ import jax.numpy as jnp
 
 from grpo_jax.inputs import DTYPES, canonical_dtype
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+# Activation rematerialisation of the layer stack, by name (maxtext's manner): what the backward keeps
+# from the forward; the rest is recomputed. The named activations are tagged in models.transformer.
+REMAT_POLICIES = (
+    "none",  # keep everything
+    "full",  # keep nothing but the layer's input
+    "dots",  # keep every matmul output
+    "dots_with_no_batch_dims",  # keep the matmuls without a batch dimension (the projections)
+    "save_qkv_proj",  # keep the q, k, v projections
+    "save_attention",  # keep q, k, v and the attention output (recompute the MLP)
+    "offload_qkv_proj",  # move q, k, v to pinned host memory, fetch them back for the backward
+    "offload_attention",  # move q, k, v and the attention output to host memory
+)
+STRICT_SHARDING = ("auto", "on", "off")
 ATTENTION_IMPLS = ("xla", "chunked", "splash", "cudnn")
 # How a model runs, as opposed to its shapes: what a config's `model` section sets for a pretrained
 # checkpoint or a preset as well (their shapes come from config.json or the preset table).
@@ -24,6 +36,7 @@ RUNTIME_FIELDS = (
     "attention_impl",
     "attention_block_size",
     "attention_interpret",
+    "strict_sharding",
 )
 __all__ = ["ATTENTION_IMPLS", "DTYPES", "REMAT_POLICIES", "RUNTIME_FIELDS", "ModelConfig"]
 
@@ -41,7 +54,10 @@ class ModelConfig:
     `attention_impl` picks the attention backend (`grpo_jax.models.attention`: "xla", the reference;
     "chunked", blockwise with an online softmax; "splash", the Pallas TPU kernel; "cudnn"), with
     `attention_block_size` the chunked backend's block of queries and keys, and `attention_interpret`
-    running the Pallas kernel in interpret mode (any platform, slow: for tests).
+    running the Pallas kernel in interpret mode (any platform, slow: for tests). `remat` names what the
+    backward keeps (`REMAT_POLICIES`); `strict_sharding` ("auto": on except on CPU meshes) makes a
+    parameter whose dimension a sharding rule's mesh axis does not divide an error instead of a silently
+    replicated weight.
     """
 
     vocab_size: int
@@ -65,6 +81,7 @@ class ModelConfig:
     attention_impl: str = "xla"
     attention_block_size: int = 512
     attention_interpret: bool = False
+    strict_sharding: str = "auto"
     architecture: str = "llama"
 
     def __post_init__(self):
@@ -98,6 +115,10 @@ class ModelConfig:
         if not isinstance(self.attention_block_size, int) or self.attention_block_size < 1:
             raise ValueError(
                 f"ModelConfig.attention_block_size must be a positive int, got {self.attention_block_size!r}"
+            )
+        if self.strict_sharding not in STRICT_SHARDING:
+            raise ValueError(
+                f"ModelConfig.strict_sharding must be one of {STRICT_SHARDING}, got {self.strict_sharding!r}"
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")

@@ -11,12 +11,15 @@ from jax.sharding import Mesh
 
 from grpo_jax.models.config import ModelConfig
 from grpo_jax.models.transformer import init_params, logical_axes, param_shapes
-from grpo_jax.sharding import param_shardings
+from grpo_jax.sharding import param_shardings, resolve_strict
 
 
 def model_param_shardings(mesh: Mesh, model_config: ModelConfig, rules=None):
-    """NamedSharding for every param of `model_config`'s decoder, from its logical axes and shape."""
-    return param_shardings(mesh, logical_axes(model_config), param_shapes(model_config), rules)
+    """NamedSharding for every param of `model_config`'s decoder, from its logical axes and shape; with
+    `model_config.strict_sharding` on (by default off CPU), a rule that cannot apply raises naming the
+    parameter and the mesh axis instead of replicating it."""
+    strict = resolve_strict(model_config.strict_sharding, mesh)
+    return param_shardings(mesh, logical_axes(model_config), param_shapes(model_config), rules, strict=strict)
 
 
 def init_sharded_params(model_config: ModelConfig, rng: jax.Array, mesh: Mesh, rules=None):

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from grpo_jax.inputs import as_key
 from grpo_jax.models.attention import (
@@ -39,6 +40,7 @@ from grpo_jax.models.attention import (
     xla_attention,
 )
 from grpo_jax.models.config import ModelConfig
+from grpo_jax.sharding import BATCH_AXES, logical_to_spec
 
 Params = dict[str, Any]
 KVCache = dict[str, jax.Array]  # {"k": [L, B, S, K, Dh], "v": [L, B, S, K, Dh]}
@@ -195,12 +197,40 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1, preferred_element_type=
     return y.reshape(*lead, *w.shape[contract:])
 
 
+# The activations a remat policy can name (tagged with `checkpoint_name` in the layer).
+QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+ATTENTION_NAMES = (*QKV_NAMES, "attention_out")
+
+
 def _remat_policy(name: str):
+    """`ModelConfig.remat` -> a `jax.checkpoint` policy (see `config.REMAT_POLICIES`)."""
+    policies = jax.checkpoint_policies
+    offload = lambda names: policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=list(names),
+        offload_src="device",
+        offload_dst="pinned_host",
+    )
     return {
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "dots": jax.checkpoint_policies.dots_saveable,
-        "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "full": policies.nothing_saveable,
+        "dots": policies.dots_saveable,
+        "dots_with_no_batch_dims": policies.dots_with_no_batch_dims_saveable,
+        "save_qkv_proj": policies.save_only_these_names(*QKV_NAMES),
+        "save_attention": policies.save_only_these_names(*ATTENTION_NAMES),
+        "offload_qkv_proj": offload(QKV_NAMES),
+        "offload_attention": offload(ATTENTION_NAMES),
     }[name]
+
+
+def _constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
+    """Pin an activation to the layout its logical axes name (`sharding.DEFAULT_RULES`: heads and the MLP
+    hidden over "tensor", rows over the batch axes) inside an `activation_sharding` block; a rule whose
+    axis does not divide is dropped. Outside one: x unchanged."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None:
+        return x
+    spec = logical_to_spec(logical, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
 
 def _layer_weights(config, layer):
@@ -208,24 +238,30 @@ def _layer_weights(config, layer):
 
 
 def _attention_inputs(config, w, x, positions, inv_freq):
-    """Pre-norm projections of x [B, T, D]: q [B, T, H, Dh], k and v [B, T, K, Dh], RoPE applied."""
+    """Pre-norm projections of x [B, T, D]: q [B, T, H, Dh], k and v [B, T, K, Dh], RoPE applied, heads
+    over "tensor", named for the remat policies."""
     h = rms_norm(x, w["attn_norm"], config.rms_norm_eps)
     q = dense(h, w["q"])
     k = dense(h, w["k"])
     v = dense(h, w["v"])
     if config.qkv_bias:
         q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
-    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    q = checkpoint_name(_constrain(q, ("batch", "length", "heads", "head_dim")), "query_proj")
+    k = checkpoint_name(_constrain(k, ("batch", "length", "kv_heads", "head_dim")), "key_proj")
+    v = checkpoint_name(_constrain(v, ("batch", "length", "kv_heads", "head_dim")), "value_proj")
+    return q, k, v
 
 
 def _attention_output_and_mlp(config, w, x, attn):
     """The block's rest: x + o(attn), then x + mlp(norm(x)). attn [B, T, H, Dh] -> x [B, T, D]."""
+    attn = checkpoint_name(_constrain(attn, ("batch", "length", "heads", "head_dim")), "attention_out")
     out = dense(attn, w["o"], contract=2)
     if config.o_bias:
         out = out + w["o_bias"]
     x = x + out
     h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
-    gated = jax.nn.silu(dense(h, w["gate"])) * dense(h, w["up"])
+    gated = _constrain(jax.nn.silu(dense(h, w["gate"])) * dense(h, w["up"]), ("batch", "length", "mlp"))
     return x + dense(gated, w["down"])
 
 
@@ -305,9 +341,6 @@ def current_activation_mesh():
     return _ACTIVATION_MESH.get()
 
 
-_BATCH_AXES = ("data", "fsdp")  # grpo_jax.sharding.BATCH_AXES (not imported: sharding imports models)
-
-
 @contextlib.contextmanager
 def activation_sharding(mesh):
     """While tracing inside this block, the token embeddings [B, T, D] (the residual stream's start) are
@@ -340,7 +373,7 @@ def embed_tokens(config: ModelConfig, params: Params, tokens: jax.Array) -> jax.
     mesh = _ACTIVATION_MESH.get()
     if mesh is None:
         return x
-    axes = tuple(a for a in _BATCH_AXES if a in mesh.shape)
+    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
     if x.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return x
     spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
