@@ -235,6 +235,7 @@ def build_programs(config, stage: str, model_config, mesh) -> Programs:
         state_shardings,
     )
     from grpo_jax.training import setup as run_setup
+    from grpo_jax.training.state import reference_copy
 
     sc = config[stage]
     try:
@@ -295,7 +296,7 @@ def build_programs(config, stage: str, model_config, mesh) -> Programs:
             step=jnp.asarray(0, jnp.int32),
             params=p,
             opt_state=optimizer.init(p),
-            ref_params=jax.tree_util.tree_map(jnp.copy, p) if grpo.kl_coef > 0 else None,
+            ref_params=reference_copy(p, sc.get("reference_dtype") or None) if grpo.kl_coef > 0 else None,
             reward_params={},
             rng=key,
             aux={},
@@ -330,6 +331,7 @@ def build_programs(config, stage: str, model_config, mesh) -> Programs:
         lr_schedule=learning_rate_schedule(opt_config),
         logprob_chunk_size=int(config.logprob_chunk_size),
         grad_accum_steps=int(sc.get("grad_accum_steps", 1)),
+        shared_prefix=bool(sc.get("shared_prefix", False)),
     )
     return Programs(mesh, model_config, grpo, B, P, L, sampler, sampler_args, step, (state, batch))
 
