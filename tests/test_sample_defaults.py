@@ -2,12 +2,13 @@
 (temperature, top-p, top-k of its GRPO/PPO stage) unless a flag says otherwise, and print the settings
 next to every sampled number.
 
-The end-to-end tests train one quickstart runlocal workdir whose GRPO stage samples at T=0.35 with
-top_k=1. Top-k = 1 makes sampling greedy, which the outputs show exactly: with the run's defaults every
-sample of a prompt is the greedy completion; an explicit --temperature / --top_k wins and the samples
-differ. The runlocal policy answers nothing right, so evaluate.py's numbers are checked on a hand-built
-model that always gives one answer: right for a known share of problems at any moderate temperature,
-and almost never at the T=200 a config's rollout stage can ask for.
+The end-to-end tests read the session's shared quickstart runlocal workdir (tests/shared_runs.py),
+whose GRPO stage samples at T=0.35 with top_k=1. Top-k = 1 makes sampling greedy, which the outputs
+show exactly: with the run's defaults every sample of a prompt is the greedy completion; an explicit
+--temperature / --top_k wins and the samples differ. The runlocal policy answers nothing right, so
+evaluate.py's numbers are checked on a hand-built model that always gives one answer: right for a known
+share of problems at any moderate temperature, and almost never at the T=200 a config's rollout stage
+can ask for.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from shared_runs import QUICKSTART_OVERRIDES, quickstart_run
 
 from grpo_jax.workdir import SamplingSettings, checkpoint_stage, run_sampling_settings
 
@@ -121,14 +123,8 @@ def run_script(name: str, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("sample_defaults") / "run"
-    run_script(
-        "train.py",
-        f"--config={REPO / 'configs' / 'quickstart.py'}:runlocal",
-        f"--workdir={path}",
-        "--config.checkpoint.keep_last=4",
-        *RUN_OVERRIDES,
-    )
+    path = quickstart_run(tmp_path_factory)
+    assert set(RUN_OVERRIDES) <= set(QUICKSTART_OVERRIDES)  # what the tests below read back
     return path
 
 

@@ -1,10 +1,11 @@
 """scripts/sample.py, evaluate.py, convert_hf.py and grpo_jax.workdir.load_policy, plus 2-step runs of the
 R1-Zero Countdown and GSM8K/Qwen2.5 configs through scripts/train.py.
 
-One shared quickstart runlocal workdir (all four checkpoints kept: SFT steps 1-2, GRPO steps 3-4) is the
-source for the workdir tests. Exact-number checks: the restored SFT params reproduce the held-out loss the
-trainer logged, the exported HF directory gives bit-identical logits, and a hand-built bigram "model" that
-always answers the most common test answer gets exactly that answer's share as accuracy, pass@k and maj@k.
+The session's shared quickstart runlocal workdir (tests/shared_runs.py: all four checkpoints kept, SFT
+steps 1-2, GRPO steps 3-4) is the source for the workdir tests. Exact-number checks: the restored SFT
+params reproduce the held-out loss the trainer logged, the exported HF directory gives bit-identical
+logits, and a hand-built bigram "model" that always answers the most common test answer gets exactly
+that answer's share as accuracy, pass@k and maj@k.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from shared_runs import QUICKSTART_RUNLOCAL, quickstart_run
 
 from grpo_jax import models
 from grpo_jax.workdir import load_policy, select_step
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART_RUNLOCAL = f"--config={REPO / 'configs' / 'quickstart.py'}:runlocal"
 
 
 def _env() -> dict[str, str]:
@@ -67,9 +68,7 @@ def _metric_lines(workdir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("quickstart") / "run"
-    _ok(run_script("train.py", QUICKSTART_RUNLOCAL, f"--workdir={path}", "--config.checkpoint.keep_last=4"))
-    return path
+    return quickstart_run(tmp_path_factory)
 
 
 # ------------------------------------------------------------------------------------------------
