@@ -1,7 +1,10 @@
 """The stage loop end to end: the six-stage R1 pipeline, the PPO and DPO baselines, resume inside a
 non-GRPO stage, and the rejection-sampling set; plus the small pure pieces the stages are made of.
 
-The R1 `:runlocal` run (every stage 2 steps) is shared by the module; subprocesses see one CPU device.
+Two uninterrupted runs are shared by the module: the R1 `:runlocal` pipeline (every stage 2 steps) and
+one run of SFT, then PPO (the PPO baseline's stages), then DPO (the DPO config's stage) that the PPO and
+DPO tests read; the runs killed inside a non-GRPO stage must reproduce them. Subprocesses see one CPU
+device.
 """
 
 from __future__ import annotations
@@ -66,8 +69,18 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-PPO = f"--config={REPO / 'configs' / 'ppo_baseline.py'}:runlocal"
-DPO = f"--config={REPO / 'configs' / 'dpo.py'}:runlocal"
+# configs/ppo_baseline.py's stages (SFT, then PPO with its critic) followed by configs/dpo.py's DPO stage,
+# which starts from PPO's result (`init_from="previous"`) and takes it as its reference. Global steps: SFT
+# 1-2, PPO 3-4, DPO 5-8.
+_PPO_THEN_DPO = f"""
+from grpo_jax.config_utils import sibling_config
+
+def get_config(arg=None):
+    config = sibling_config(__file__, {str(REPO / "configs" / "ppo_baseline.py")!r}, arg)
+    config.stages = ("sft", "ppo", "dpo")
+    config.dpo = sibling_config(__file__, {str(REPO / "configs" / "dpo.py")!r}, arg).dpo
+    return config
+"""
 DPO_OVERRIDES = ("--config.dpo.steps=4", "--config.dpo.learning_rate=1e-3")
 
 
@@ -79,16 +92,16 @@ def r1_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ppo_run(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("ppo")
-    assert_ok(train(PPO, workdir))
-    return workdir
+def ppo_dpo_config(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("configs") / "ppo_then_dpo.py"
+    path.write_text(_PPO_THEN_DPO)
+    return f"--config={path}:runlocal"
 
 
 @pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("dpo")
-    assert_ok(train(DPO, workdir, *DPO_OVERRIDES))
+def ppo_dpo_run(tmp_path_factory, ppo_dpo_config) -> Path:
+    workdir = tmp_path_factory.mktemp("ppo_dpo")
+    assert_ok(train(ppo_dpo_config, workdir, *DPO_OVERRIDES))
     return workdir
 
 
@@ -198,17 +211,22 @@ def _checkpoint_steps(workdir: Path) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "run, kills",
-    [("r1", (("rejection_sampling", 6), ("rm", 8))), ("ppo", (("ppo", 4),)), ("dpo", (("dpo", 4),))],
-    ids=["r1-rejection_sampling-then-rm", "ppo", "dpo"],
+    [("r1", (("rejection_sampling", 6), ("rm", 8))), ("ppo_dpo", (("ppo", 4), ("dpo", 6)))],
+    ids=["r1-rejection_sampling-then-rm", "ppo-then-dpo"],
 )
 def test_sigkill_inside_a_non_grpo_stage_then_rerun_reproduces_the_run(request, tmp_path, run, kills):
     """Killed after the line of `step` (its checkpoint is `step - 1`), the rerun truncates the metrics
     (and the rejection candidates) back and reproduces every line and every file of the uninterrupted
-    run: rejection sampling, reward-model training, PPO with its critic, DPO with its reference. The R1
-    pipeline is killed twice in a row (in rejection sampling, then again in the reward model's stage
-    of the resumed process) before the final rerun."""
+    run: rejection sampling, reward-model training, PPO with its critic, DPO with its reference. Each
+    run is killed twice in a row, in its second stage to resume, then again in the next such stage of
+    the resumed process, before the final rerun: the R1 pipeline in rejection sampling, then in the
+    reward model's stage; SFT-PPO-DPO mid-PPO (its critic and optimizer state restored), then mid-DPO
+    (its reference rebuilt from PPO's result)."""
     baseline = request.getfixturevalue(f"{run}_run")
-    config, overrides = {"r1": (R1, ()), "ppo": (PPO, ()), "dpo": (DPO, DPO_OVERRIDES)}[run]
+    config, overrides = {
+        "r1": (R1, ()),
+        "ppo_dpo": (request.getfixturevalue("ppo_dpo_config"), DPO_OVERRIDES),
+    }[run]
     workdir = tmp_path / "run"
     for stage, step in kills:
         _kill_after(config, workdir, overrides, stage, step)
@@ -255,8 +273,8 @@ def _kill_after(config, workdir, overrides, stage: str, step: int) -> None:
 
 
 @pytest.mark.slow
-def test_ppo_baseline_runlocal_trains_a_critic(ppo_run):
-    ppo = [x for x in metric_lines(ppo_run) if x["stage"] == "ppo"]
+def test_ppo_baseline_runlocal_trains_a_critic(ppo_dpo_run):
+    ppo = [x for x in metric_lines(ppo_dpo_run) if x["stage"] == "ppo"]
     assert len(ppo) == 2
     assert {"reward/mean", "kl", "clip_frac", "vf_loss", "value_mean", "advantage/mean_abs"} <= set(ppo[0])
     assert all(x["nonfinite_updates"] == 0 for x in ppo)
@@ -264,8 +282,8 @@ def test_ppo_baseline_runlocal_trains_a_critic(ppo_run):
 
 
 @pytest.mark.slow
-def test_a_dpo_stage_starts_at_log2_and_raises_pair_accuracy(dpo_run):
-    dpo = [x for x in metric_lines(dpo_run) if x["stage"] == "dpo"]
+def test_a_dpo_stage_starts_at_log2_and_raises_pair_accuracy(ppo_dpo_run):
+    dpo = [x for x in metric_lines(ppo_dpo_run) if x["stage"] == "dpo"]
     assert len(dpo) == 4
     assert dpo[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)  # policy == reference at the first step
     assert dpo[0]["dpo/reward_accuracy"] == 0.0  # all margins are exactly 0
