@@ -1,9 +1,17 @@
-"""What the end-to-end tests share within one pytest session, so the suite trains each thing once:
+"""What the end-to-end tests share within one pytest session, so the suite trains and compiles each
+thing once:
 
+- `compilation_cache(...)`: a folder for JAX's persistent compilation cache that training and script
+  subprocesses opt into (`with_compilation_cache(env, folder)`). The first run of a config compiles
+  and stores its programs; a rerun, a resume or another run of the same programs loads them instead
+  of compiling (docs/ARCHITECTURE.md, compilation cache), with the same numbers
+  (tests/test_compilation_cache.py checks that). Runs whose subject is compilation itself (the
+  baseline's `compiles` counts, tests/test_compilation_cache.py) do not opt in: a program recompiled
+  every step would be a cache hit there, not a compilation.
 - `quickstart_run(...)`: one quickstart `:runlocal` workdir with every checkpoint kept, read by the
   script, sampling-settings and notebook tests (each test leaves it as it found it).
 
-It lives under the session's base temporary folder, made on first use (like test_train_script's
+Both live under the session's base temporary folder, made on first use (like test_train_script's
 `reference_run`), so every module that asks gets the same one.
 """
 
@@ -36,6 +44,24 @@ def one_device_env() -> dict[str, str]:
     return env
 
 
+def compilation_cache(tmp_path_factory) -> Path:
+    """The session's compilation cache folder (shared by every run that opts in)."""
+    return tmp_path_factory.getbasetemp() / "xla_cache"
+
+
+def with_compilation_cache(env: dict[str, str], folder: Path) -> dict[str, str]:
+    """`env` with JAX's persistent compilation cache in `folder`, keeping every program (JAX's defaults
+    skip programs that compile in under a second: all of a tiny CPU run's). Set through JAX's own
+    environment variables, so it reaches any script (train, sweep's runs, sample, evaluate) and leaves
+    the runs' config.json as it would be."""
+    return dict(
+        env,
+        JAX_COMPILATION_CACHE_DIR=str(folder),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
+
+
 def quickstart_run(tmp_path_factory) -> Path:
     """The quickstart workdir above, made once per session (summary.json, written last, marks it done)."""
     workdir = tmp_path_factory.getbasetemp() / "quickstart_run"
@@ -48,7 +74,7 @@ def quickstart_run(tmp_path_factory) -> Path:
             f"--workdir={workdir}",
             *QUICKSTART_OVERRIDES,
         ]
-        env = one_device_env()
+        env = with_compilation_cache(one_device_env(), compilation_cache(tmp_path_factory))
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
     return workdir
