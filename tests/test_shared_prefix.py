@@ -174,7 +174,9 @@ def test_shared_prefix_refuses_minibatches_that_split_a_group():
         make_grpo_step(grpo, tiny_model_config(vocab_size=32), optimizer, shared_prefix=True)
 
 
-@pytest.mark.parametrize("num_minibatches, shared", [(2, False), (4, False), (2, True), (4, True)])
+# (4, True) would be (4, False) again: with G/M = 1 row of a prompt per minibatch, completion_logprobs
+# takes the per-row forward (shared_prefix_group=1), so the shared-prefix case is M=2 (2 rows a prompt).
+@pytest.mark.parametrize("num_minibatches, shared", [(2, False), (4, False), (2, True)])
 def test_reference_logprobs_per_minibatch_equal_the_whole_batch(num_minibatches, shared):
     """The step's reference forward runs one minibatch at a time (`minibatch_logprobs`, lax.map over
     the interleaved split) and reassembles [N, L] in row order: the values of the whole-batch forward.
