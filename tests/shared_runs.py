@@ -10,8 +10,11 @@ thing once:
   every step would be a cache hit there, not a compilation.
 - `quickstart_run(...)`: one quickstart `:runlocal` workdir with every checkpoint kept, read by the
   script, sampling-settings and notebook tests (each test leaves it as it found it).
+- `quickstart_script(...)`: scripts/sample.py or evaluate.py run once on that workdir with the run's own
+  sampling settings (QUICKSTART_SAMPLE, QUICKSTART_EVALUATE), its stdout and `--out` file read by
+  test_scripts (what the scripts print and write) and test_sample_defaults (which settings they used).
 
-Both live under the session's base temporary folder, made on first use (like test_train_script's
+All live under the session's base temporary folder, made on first use (like test_train_script's
 `reference_run`), so every module that asks gets the same one.
 """
 
@@ -62,6 +65,11 @@ def with_compilation_cache(env: dict[str, str], folder: Path) -> dict[str, str]:
     )
 
 
+# The one invocation of each script on the quickstart workdir (without flags that change the sampling).
+QUICKSTART_SAMPLE = ("--prompt=12+34", "--prompt=7+8", "--num_samples=4", "--max_new_tokens=10")
+QUICKSTART_EVALUATE = ("--k=4",)
+
+
 def quickstart_run(tmp_path_factory) -> Path:
     """The quickstart workdir above, made once per session (summary.json, written last, marks it done)."""
     workdir = tmp_path_factory.getbasetemp() / "quickstart_run"
@@ -78,3 +86,22 @@ def quickstart_run(tmp_path_factory) -> Path:
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
     return workdir
+
+
+def quickstart_script(tmp_path_factory, name: str) -> tuple[str, Path]:
+    """`scripts/NAME --source=<quickstart_run> ARGS --out=OUT` (ARGS: QUICKSTART_SAMPLE for sample.py,
+    QUICKSTART_EVALUATE for evaluate.py), run once per session; returns its stdout and OUT."""
+    args = {"sample.py": QUICKSTART_SAMPLE, "evaluate.py": QUICKSTART_EVALUATE}[name]
+    folder = tmp_path_factory.getbasetemp() / f"quickstart_{Path(name).stem}"
+    out = folder / ("out.jsonl" if name == "sample.py" else "out.json")
+    if not (folder / "stdout.txt").exists():  # written last: the run finished
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        workdir = quickstart_run(tmp_path_factory)
+        command = [sys.executable, str(REPO / "scripts" / name), f"--source={workdir}", *args, f"--out={out}"]
+        result = subprocess.run(
+            command, cwd=REPO, env=one_device_env(), capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        (folder / "stdout.txt").write_text(result.stdout)
+    return (folder / "stdout.txt").read_text(), out
