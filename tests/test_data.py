@@ -620,3 +620,21 @@ def test_pad_operands_changes_only_the_prompt_text():
     for a, b in zip(plain, padded, strict=True):
         assert (a["answer"], a["completion"], a["operands"]) == (b["answer"], b["completion"], b["operands"])
         assert b["prompt"] == "+".join(f"{x:03d}" for x in a["operands"])
+
+
+def test_task_seed_fixes_the_problems_while_the_run_seed_varies():
+    """config.task.seed draws the problems; without it (or negative) the run's seed does."""
+    import ml_collections
+
+    from grpo_jax.training.setup import build_task
+
+    def problems(run_seed, **task_seed):
+        task = dict(name="arithmetic", kwargs={}, train_size=20, test_size=5, **task_seed)
+        task = build_task(ml_collections.ConfigDict(dict(seed=run_seed, task=task)))
+        return [e["prompt"] for e in task.train + task.test]
+
+    assert problems(0) != problems(1)
+    assert problems(0, seed=-1) == problems(0)
+    assert problems(1, seed=0) == problems(2, seed=0) == problems(0)
+    with pytest.raises(ValueError, match=r"config.task.seed='0': expected an int"):
+        problems(0, seed="0")

@@ -57,13 +57,23 @@ def _check_task_kwargs(name: str, factory, kwargs: dict, reserved: tuple[str, ..
         )
 
 
+def task_seed(config) -> int:
+    """The seed that draws a synthetic task's problems: `config.task.seed`, or the run's `config.seed`
+    when it is absent or negative. Fixing it keeps the problem set (and the held-out split) while the
+    run's seed still varies the initialisation, batch order and sampling."""
+    seed = config.task.get("seed", -1)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"config.task.seed={seed!r}: expected an int (negative: the run's config.seed)")
+    return config.seed if seed < 0 else seed
+
+
 def build_task(config) -> TaskData:
     """Synthetic task from `TASKS` or a JSONL file task; train and held-out splits never overlap."""
     task = config.task
     if task.name in TASKS:
         kwargs = _plain(task.kwargs)
         _check_task_kwargs(task.name, TASKS[task.name], kwargs, reserved=("seed",))
-        generator = TASKS[task.name](seed=config.seed, **kwargs)
+        generator = TASKS[task.name](seed=task_seed(config), **kwargs)
         train = generator.split("train", task.train_size)
         test = generator.split("test", task.test_size)
     elif task.name in ("gsm8k", "math"):
