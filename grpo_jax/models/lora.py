@@ -58,6 +58,7 @@ HF_MODULES = {
     "down": "mlp.down_proj",
 }
 PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+ADAPTER_INFO_FILE = "grpo_jax_adapter.json"  # beside them: what PEFT has no field for
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -367,8 +368,8 @@ def save_peft_adapter(
     `adapter_model.safetensors` with HF's layout (lora_A [r, in], lora_B [out, r] per layer and module;
     B without the α/r scale, which PEFT applies). `base_model` names the HF model it adapts (PEFT's
     `base_model_name_or_path`); `base_from`, `base_fingerprint` (`fingerprint` of the base's params)
-    and `model_config` are recorded under "grpo_jax" (which weights of a training workdir it adapts,
-    the model's shapes) and ignored by PEFT."""
+    and `model_config` (which weights of a training workdir it adapts, the model's shapes) go to
+    `grpo_jax_adapter.json` beside them, which PEFT does not read."""
     from safetensors.numpy import save_file
 
     os.makedirs(path, exist_ok=True)
@@ -396,15 +397,16 @@ def save_peft_adapter(
         "modules_to_save": None,
         "inference_mode": True,
     }
-    config["grpo_jax"] = {
+    with open(os.path.join(path, PEFT_CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2)
+    ours = {
         "lora": lora.to_dict(),
         "base_from": base_from or base_model or None,
         "base_fingerprint": base_fingerprint or None,
+        "model": None if model_config is None else model_config.to_dict(),
     }
-    if model_config is not None:
-        config["grpo_jax"]["model"] = model_config.to_dict()
-    with open(os.path.join(path, PEFT_CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2)
+    with open(os.path.join(path, ADAPTER_INFO_FILE), "w") as f:
+        json.dump(ours, f, indent=2)
 
 
 def read_peft_config(path: str) -> LoRAConfig:
