@@ -60,15 +60,17 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-def _command(workdir: Path, *overrides: str, script: tuple[str, ...] = (str(SCRIPT),)) -> list[str]:
-    return [sys.executable, *script, RUNLOCAL, f"--workdir={workdir}", *overrides]
+def _command(
+    workdir: Path, *overrides: str, script: tuple[str, ...] = (str(SCRIPT),), config: str = RUNLOCAL
+) -> list[str]:
+    return [sys.executable, *script, config, f"--workdir={workdir}", *overrides]
 
 
 def train(
-    workdir: Path, *overrides: str, devices: int = 1, timeout: float = 300
+    workdir: Path, *overrides: str, devices: int = 1, timeout: float = 300, config: str = RUNLOCAL
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        _command(workdir, *overrides),
+        _command(workdir, *overrides, config=config),
         cwd=REPO,
         env=_env(devices),
         capture_output=True,
