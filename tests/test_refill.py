@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from shared_runs import compilation_cache, with_compilation_cache
 
 from grpo_jax import sharding
 from grpo_jax.algorithms import GRPOConfig
@@ -123,9 +124,12 @@ def get_config(arg=None):
 """
 
 
-def _train(config: Path, workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _train(config: Path, workdir: Path, *overrides: str, cache: Path) -> subprocess.CompletedProcess:
+    """scripts/train.py on one CPU device; the three runs share the session's compilation cache
+    (tests/shared_runs.py): the first compiles the config's programs, the others load them."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    env = with_compilation_cache(env, cache)
     return subprocess.run(
         [
             sys.executable,
@@ -147,11 +151,12 @@ def _lines(workdir: Path) -> list[dict]:
     return [{k: v for k, v in x.items() if "time" not in k and k != "compiles"} for x in lines]
 
 
-def test_refill_stage_fixed_batch_and_exact_resume(tmp_path):
+def test_refill_stage_fixed_batch_and_exact_resume(tmp_path, tmp_path_factory):
+    cache = compilation_cache(tmp_path_factory)
     config = tmp_path / "refill.py"
     config.write_text(CONFIG.format(quickstart=str(REPO / "configs" / "quickstart.py")))
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    result = _train(config, straight)
+    result = _train(config, straight, cache=cache)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [x for x in _lines(straight) if x["stage"] == "grpo"]
     assert len(steps) == 4
@@ -166,8 +171,8 @@ def test_refill_stage_fixed_batch_and_exact_resume(tmp_path):
         assert m["zero_variance_frac"] == pytest.approx(m["refill/fill_groups"] / 2)
     assert any(m["refill/rounds"] > 1 for m in steps) and sum(m["refill/kept_groups"] for m in steps) > 0
 
-    result = _train(config, stopped, "--config.debug.poison_step=3")  # stops at step 3; checkpoint at 2
+    result = _train(config, stopped, "--config.debug.poison_step=3", cache=cache)  # stops at 3; checkpoint 2
     assert result.returncode != 0 and "non-finite" in result.stderr, result.stderr[-3000:]
-    result = _train(config, stopped)
+    result = _train(config, stopped, cache=cache)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _lines(stopped) == _lines(straight)

@@ -12,7 +12,9 @@ every step, keep-last 3. Where each test resumes from:
   checkpoint 4  right after the NaN step      JSON truncated; array files truncated)
 
 (the stop after too many non-finite updates, rerun with a lower learning rate, is in
-test_train_script.py next to the stop itself). Subprocesses see one CPU device.
+test_train_script.py next to the stop itself). Subprocesses see one CPU device. The killed and resumed
+runs share the session's compilation cache (tests/shared_runs.py): the first one compiles BASELINE's
+programs, the others load them; the baseline itself compiles its own.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
+from shared_runs import compilation_cache, with_compilation_cache
 from test_train_script import (
     BASELINE,
     SCRIPT,
@@ -49,6 +52,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> Path:
     return reference_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory) -> Path:
+    return compilation_cache(tmp_path_factory)
 
 
 def assert_reproduces(workdir: Path, baseline: Path) -> None:
@@ -104,12 +112,20 @@ def _complete_lines(workdir: Path) -> list[dict]:
 
 
 def run_and_kill(
-    workdir: Path, log: Path, ready, *, config=None, overrides=BASELINE, deadline_s=240, **hang: str
+    workdir: Path,
+    log: Path,
+    cache: Path,
+    ready,
+    *,
+    config: str | None = None,
+    overrides=BASELINE,
+    deadline_s: float = 240,
+    **hang: str,
 ) -> None:
     """Run BASELINE (or `config` with `overrides`) with the hang points `hang` (environment variables)
     and SIGKILL it once `ready()` holds; fails if the run ends first or `ready` takes over
     `deadline_s` seconds."""
-    env = dict(_env(1), **hang)
+    env = dict(with_compilation_cache(_env(1), cache), **hang)
     config = {} if config is None else {"config": config}
     with open(log, "w") as stderr:
         process = subprocess.Popen(
@@ -133,12 +149,15 @@ def run_and_kill(
 
 
 @pytest.mark.slow
-def test_killed_while_a_checkpoint_is_written_resumes_from_the_last_complete_one(tmp_path, baseline):
+def test_killed_while_a_checkpoint_is_written_resumes_from_the_last_complete_one(
+    tmp_path, baseline, xla_cache
+):
     """Killed inside orbax's save of SFT's final checkpoint 2 (every item written to the temporary
     folder, not yet committed): the rerun ignores that folder, resumes mid-SFT from checkpoint 1, and
     reproduces the run; the half-written folder is cleaned up."""
     workdir, marker = tmp_path / "run", tmp_path / "hang_marker"
-    run_and_kill(workdir, tmp_path / "killed.log", marker.exists, HANG_SAVE="2", HANG_MARKER=str(marker))
+    killed = tmp_path / "killed.log"
+    run_and_kill(workdir, killed, xla_cache, marker.exists, HANG_SAVE="2", HANG_MARKER=str(marker))
     unfinished = Path(marker.read_text())
     assert unfinished.parent == workdir / "checkpoints" and unfinished.name.startswith(
         "2.orbax-checkpoint-tmp"
@@ -147,7 +166,7 @@ def test_killed_while_a_checkpoint_is_written_resumes_from_the_last_complete_one
     assert checkpoint_steps(workdir) == [1]
     assert [x["step"] for x in metric_lines(workdir)][:3] == [1, 2, 2]  # step 2 and its eval, to be dropped
 
-    result = train(workdir, *BASELINE)
+    result = train(workdir, *BASELINE, cache=xla_cache)
     assert_ok(result)
     assert "at stage sft step 1" in result.stderr and "is damaged" not in result.stderr
     assert_reproduces(workdir, baseline)
@@ -156,7 +175,7 @@ def test_killed_while_a_checkpoint_is_written_resumes_from_the_last_complete_one
 
 
 @pytest.mark.slow
-def test_killed_twice_in_a_row_then_rerun_reproduces_the_run(tmp_path, baseline):
+def test_killed_twice_in_a_row_then_rerun_reproduces_the_run(tmp_path, baseline, xla_cache):
     """Killed in the first GRPO step (newest checkpoint: SFT's final one, so GRPO restarts from SFT's
     saved result), rerun and killed again in the second GRPO step (the NaN one; newest checkpoint: the
     first GRPO step's), rerun to the end: each resume drops the lines past its checkpoint."""
@@ -168,10 +187,10 @@ def test_killed_twice_in_a_row_then_rerun_reproduces_the_run(tmp_path, baseline)
             and any(x["stage"] == "grpo" and x["step"] == step for x in _complete_lines(workdir))
         )
 
-    run_and_kill(workdir, tmp_path / "killed1.log", after(3, 2), HANG_AFTER="grpo:3")
+    run_and_kill(workdir, tmp_path / "killed1.log", xla_cache, after(3, 2), HANG_AFTER="grpo:3")
     assert metric_lines(workdir)[-1]["step"] == 3 and checkpoint_steps(workdir)[-1] == 2
 
-    run_and_kill(workdir, tmp_path / "killed2.log", after(4, 3), HANG_AFTER="grpo:4")
+    run_and_kill(workdir, tmp_path / "killed2.log", xla_cache, after(4, 3), HANG_AFTER="grpo:4")
     assert "resuming from" in (log := (tmp_path / "killed2.log").read_text()) and "at stage sft step 2" in log
     assert metric_lines(workdir)[-1]["step"] == 4 and checkpoint_steps(workdir)[-1] == 3
     # GRPO's reference still equals sft's saved result: checkpoint 3 does not store it a second time (the
@@ -181,7 +200,7 @@ def test_killed_twice_in_a_row_then_rerun_reproduces_the_run(tmp_path, baseline)
         assert not [k for k in checkpointer.read_meta(3)["leaves"] if k.startswith("ref_params")]
         assert [k for k in checkpointer.read_meta(3)["leaves"] if k.startswith("params/")]
 
-    result = train(workdir, *BASELINE)
+    result = train(workdir, *BASELINE, cache=xla_cache)
     assert_ok(result)
     assert "at stage grpo step 1" in result.stderr
     assert_reproduces(workdir, baseline)
@@ -226,7 +245,7 @@ def _truncate_the_array_files(checkpoints: Path) -> int:
     ids=["extra-file-missing", "meta-json-truncated", "array-files-truncated"],
 )
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(
-    tmp_path, baseline, damage, problem, resumes_at
+    tmp_path, baseline, xla_cache, damage, problem, resumes_at
 ):
     """One warning line names the step and what is wrong; the damaged folder is moved to
     `<step>.damaged`, the rerun resumes from the step before and reproduces the run, saving the
@@ -237,7 +256,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(
     checkpoints = workdir / "checkpoints"
     damaged = damage(checkpoints)
 
-    result = train(workdir, *BASELINE)
+    result = train(workdir, *BASELINE, cache=xla_cache)
     assert_ok(result)
     warnings = [line for line in result.stderr.splitlines() if "is damaged" in line]
     assert len(warnings) == 1, warnings

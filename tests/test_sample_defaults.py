@@ -2,12 +2,13 @@
 (temperature, top-p, top-k of its GRPO/PPO stage) unless a flag says otherwise, and print the settings
 next to every sampled number.
 
-The end-to-end tests train one quickstart runlocal workdir whose GRPO stage samples at T=0.35 with
-top_k=1. Top-k = 1 makes sampling greedy, which the outputs show exactly: with the run's defaults every
-sample of a prompt is the greedy completion; an explicit --temperature / --top_k wins and the samples
-differ. The runlocal policy answers nothing right, so evaluate.py's numbers are checked on a hand-built
-model that always gives one answer: right for a known share of problems at any moderate temperature,
-and almost never at the T=200 a config's rollout stage can ask for.
+The end-to-end tests read the session's shared quickstart runlocal workdir (tests/shared_runs.py),
+whose GRPO stage samples at T=0.35 with top_k=1. Top-k = 1 makes sampling greedy, which the outputs
+show exactly: with the run's defaults every sample of a prompt is the greedy completion; an explicit
+--temperature / --top_k wins and the samples differ. The runlocal policy answers nothing right, so
+evaluate.py's numbers are checked on a hand-built model that always gives one answer: right for a known
+share of problems at any moderate temperature, and almost never at the T=200 a config's rollout stage
+can ask for.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from shared_runs import (
+    QUICKSTART_EVALUATE,
+    QUICKSTART_OVERRIDES,
+    QUICKSTART_SAMPLE,
+    quickstart_run,
+    quickstart_script,
+)
 
 from grpo_jax.workdir import SamplingSettings, checkpoint_stage, run_sampling_settings
 
@@ -121,14 +129,8 @@ def run_script(name: str, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("sample_defaults") / "run"
-    run_script(
-        "train.py",
-        f"--config={REPO / 'configs' / 'quickstart.py'}:runlocal",
-        f"--workdir={path}",
-        "--config.checkpoint.keep_last=4",
-        *RUN_OVERRIDES,
-    )
+    path = quickstart_run(tmp_path_factory)
+    assert set(RUN_OVERRIDES) <= set(QUICKSTART_OVERRIDES)  # what the tests below read back
     return path
 
 
@@ -144,10 +146,11 @@ def _groups(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_sample_uses_the_runs_rollout_settings_unless_flags_say_otherwise(workdir, tmp_path):
-    prompts = ("--prompt=12+34", "--prompt=7+8", "--num_samples=4", "--max_new_tokens=10")
-    out = tmp_path / "default.jsonl"
-    stdout = run_script("sample.py", f"--source={workdir}", *prompts, f"--out={out}")
+def test_sample_uses_the_runs_rollout_settings_unless_flags_say_otherwise(
+    workdir, tmp_path, tmp_path_factory
+):
+    prompts = QUICKSTART_SAMPLE  # 2 prompts, 4 samples each; the run's settings: the session's one run
+    stdout, out = quickstart_script(tmp_path_factory, "sample.py")
     assert "sampling: T=0.35, top_p=1.0, top_k=1 (from config.grpo of the run)" in stdout
     default = _groups(out)
     assert all(
@@ -171,10 +174,10 @@ def test_sample_uses_the_runs_rollout_settings_unless_flags_say_otherwise(workdi
     assert any(len({c["text"] for c in r["completions"]}) > 1 for r in _groups(hot))
 
 
-def test_evaluate_prints_the_settings_next_to_every_number(workdir, tmp_path):
-    out = tmp_path / "eval.json"
-    stdout = run_script("evaluate.py", f"--source={workdir}", "--k=4", f"--out={out}")
-    record = json.loads(out.read_text())
+def test_evaluate_prints_the_settings_next_to_every_number(workdir, tmp_path, tmp_path_factory):
+    assert QUICKSTART_EVALUATE == ("--k=4",)  # the run's settings: the session's one run
+    stdout, default_out = quickstart_script(tmp_path_factory, "evaluate.py")
+    record = json.loads(default_out.read_text())
     assert record["sampling"]["temperature"] == 0.35 and record["sampling"]["top_k"] == 1
     lines = {line.split()[0]: line for line in stdout.splitlines() if line.startswith("eval/")}
     assert lines["eval/accuracy"] == f"eval/accuracy {record['eval/accuracy']:.4f}  (greedy, T=0)"
@@ -182,6 +185,7 @@ def test_evaluate_prints_the_settings_next_to_every_number(workdir, tmp_path):
         assert lines[key] == f"{key} {record[key]:.4f}  (T=0.35, top_p=1.0, top_k=1, k=4)"
     assert "(sampling settings from config.grpo of the run)" in stdout
 
+    out = tmp_path / "eval.json"
     stdout = run_script(
         "evaluate.py", f"--source={workdir}", "--k=4", "--temperature=2", "--top_k=0", f"--out={out}"
     )

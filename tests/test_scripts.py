@@ -1,10 +1,11 @@
 """scripts/sample.py, evaluate.py, convert_hf.py and grpo_jax.workdir.load_policy, plus 2-step runs of the
 R1-Zero Countdown and GSM8K/Qwen2.5 configs through scripts/train.py.
 
-One shared quickstart runlocal workdir (all four checkpoints kept: SFT steps 1-2, GRPO steps 3-4) is the
-source for the workdir tests. Exact-number checks: the restored SFT params reproduce the held-out loss the
-trainer logged, the exported HF directory gives bit-identical logits, and a hand-built bigram "model" that
-always answers the most common test answer gets exactly that answer's share as accuracy, pass@k and maj@k.
+The session's shared quickstart runlocal workdir (tests/shared_runs.py: all four checkpoints kept, SFT
+steps 1-2, GRPO steps 3-4) is the source for the workdir tests. Exact-number checks: the restored SFT
+params reproduce the held-out loss the trainer logged, the exported HF directory gives bit-identical
+logits, and a hand-built bigram "model" that always answers the most common test answer gets exactly
+that answer's share as accuracy, pass@k and maj@k.
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from shared_runs import (
+    QUICKSTART_EVALUATE,
+    QUICKSTART_RUNLOCAL,
+    QUICKSTART_SAMPLE,
+    quickstart_run,
+    quickstart_script,
+)
 
 from grpo_jax import models
 from grpo_jax.workdir import load_policy, select_step
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART_RUNLOCAL = f"--config={REPO / 'configs' / 'quickstart.py'}:runlocal"
 
 
 def _env() -> dict[str, str]:
@@ -67,9 +74,7 @@ def _metric_lines(workdir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("quickstart") / "run"
-    _ok(run_script("train.py", QUICKSTART_RUNLOCAL, f"--workdir={path}", "--config.checkpoint.keep_last=4"))
-    return path
+    return quickstart_run(tmp_path_factory)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,25 +196,15 @@ def test_missing_sources_raise_one_clear_error(workdir, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_sample_prints_every_completion(workdir, tmp_path):
-    out = tmp_path / "samples.jsonl"
-    stdout = _ok(
-        run_script(
-            "sample.py",
-            f"--source={workdir}",
-            "--prompt=12+34",
-            "--prompt=7+8",
-            "--num_samples=3",
-            "--max_new_tokens=8",
-            f"--out={out}",
-        )
-    )
+def test_sample_prints_every_completion(tmp_path_factory):
+    stdout, out = quickstart_script(tmp_path_factory, "sample.py")  # 2 prompts, 4 samples, <= 10 tokens
+    assert QUICKSTART_SAMPLE == ("--prompt=12+34", "--prompt=7+8", "--num_samples=4", "--max_new_tokens=10")
     assert stdout.count("=== prompt: ") == 2 and "=== prompt: 7+8" in stdout
-    assert stdout.count("--- sample ") == 6
+    assert stdout.count("--- sample ") == 8
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["12+34", "7+8"]
     assert all(
-        len(r["completions"]) == 3 and 1 <= c["num_tokens"] <= 8 for r in records for c in r["completions"]
+        len(r["completions"]) == 4 and 1 <= c["num_tokens"] <= 10 for r in records for c in r["completions"]
     )
 
 
@@ -226,14 +221,14 @@ def test_malformed_prompts_file_names_file_and_line(workdir, tmp_path):
     )
 
 
-def test_evaluate_workdir_matches_the_trainers_final_eval(workdir, tmp_path):
-    out = tmp_path / "eval.json"
-    stdout = _ok(run_script("evaluate.py", f"--source={workdir}", "--k=2", f"--out={out}"))
+def test_evaluate_workdir_matches_the_trainers_final_eval(workdir, tmp_path_factory):
+    stdout, out = quickstart_script(tmp_path_factory, "evaluate.py")
+    assert QUICKSTART_EVALUATE == ("--k=4",)
     for key in ("eval/accuracy", "eval/pass@k", "eval/maj@k"):
         assert f"\n{key} " in "\n" + stdout
     record = json.loads(out.read_text())
     final_eval = [m for m in _metric_lines(workdir) if m["stage"] == "eval"][-1]
-    assert record["step"] == 4 and record["split"] == "test" and record["eval/k"] == 2
+    assert record["step"] == 4 and record["split"] == "test" and record["eval/k"] == 4
     assert record["eval/num_problems"] == final_eval["eval/num_problems"]
     assert record["eval/accuracy"] == final_eval["eval/accuracy"]  # greedy: the same decodes
 

@@ -58,23 +58,23 @@ def _logprobs(config, params, batch, shared, with_entropy=True):
 
 @pytest.mark.parametrize("remat,scan", [("none", True), ("full", False)])
 def test_shared_prefix_matches_per_row_forward_values_and_gradients(remat, scan):
+    """One program per path gives the forward's values (the loss's aux) and the gradient: the values
+    compared are the forward the gradient is taken through. (The forward alone, shared prefix and
+    per row, is compared per minibatch in test_reference_logprobs_per_minibatch_equal_the_whole_batch.)"""
     config = _config(remat=remat, scan_layers=scan)
     params = models.init_params(config, jax.random.key(0))
     batch = _batch()
     mask = batch["completion_mask"] > 0
-    logprobs = jax.jit(_logprobs, static_argnums=(0, 3))
-    (lp_ref, ent_ref), (lp, ent) = (logprobs(config, params, batch, s) for s in (False, True))
-    np.testing.assert_allclose(np.where(mask, lp, 0), np.where(mask, lp_ref, 0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.where(mask, ent, 0), np.where(mask, ent_ref, 0), rtol=1e-5, atol=1e-5)
-
     weights = jax.random.normal(jax.random.key(1), mask.shape)
 
     def loss(p, shared):
         lp, ent = _logprobs(config, p, batch, shared)
-        return jnp.sum(jnp.where(mask, weights * lp + 0.1 * ent, 0.0))
+        return jnp.sum(jnp.where(mask, weights * lp + 0.1 * ent, 0.0)), (lp, ent)
 
-    grad_fn = jax.jit(jax.grad(loss), static_argnums=1)
-    grads_ref, grads = grad_fn(params, False), grad_fn(params, True)
+    grad_fn = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+    (grads_ref, (lp_ref, ent_ref)), (grads, (lp, ent)) = grad_fn(params, False), grad_fn(params, True)
+    np.testing.assert_allclose(np.where(mask, lp, 0), np.where(mask, lp_ref, 0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.where(mask, ent, 0), np.where(mask, ent_ref, 0), rtol=1e-5, atol=1e-5)
     for (path, g_ref), g in zip(
         jax.tree_util.tree_leaves_with_path(grads_ref), jax.tree_util.tree_leaves(grads)
     ):
@@ -174,7 +174,9 @@ def test_shared_prefix_refuses_minibatches_that_split_a_group():
         make_grpo_step(grpo, tiny_model_config(vocab_size=32), optimizer, shared_prefix=True)
 
 
-@pytest.mark.parametrize("num_minibatches, shared", [(2, False), (4, False), (2, True), (4, True)])
+# (4, True) would be (4, False) again: with G/M = 1 row of a prompt per minibatch, completion_logprobs
+# takes the per-row forward (shared_prefix_group=1), so the shared-prefix case is M=2 (2 rows a prompt).
+@pytest.mark.parametrize("num_minibatches, shared", [(2, False), (4, False), (2, True)])
 def test_reference_logprobs_per_minibatch_equal_the_whole_batch(num_minibatches, shared):
     """The step's reference forward runs one minibatch at a time (`minibatch_logprobs`, lax.map over
     the interleaved split) and reassembles [N, L] in row order: the values of the whole-batch forward.

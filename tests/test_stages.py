@@ -1,7 +1,11 @@
 """The stage loop end to end: the six-stage R1 pipeline, the PPO and DPO baselines, resume inside a
 non-GRPO stage, and the rejection-sampling set; plus the small pure pieces the stages are made of.
 
-The R1 `:runlocal` run (every stage 2 steps) is shared by the module; subprocesses see one CPU device.
+Two uninterrupted runs are shared by the module: the R1 `:runlocal` pipeline (every stage 2 steps) and
+one run of SFT, then PPO (the PPO baseline's stages), then DPO (the DPO config's stage) that the PPO and
+DPO tests read; the runs killed inside a non-GRPO stage must reproduce them. Subprocesses see one CPU
+device; the training runs share the session's compilation cache (tests/shared_runs.py), so a rerun or a
+resume loads the programs its config's first run compiled.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from shared_runs import compilation_cache, with_compilation_cache
 
 from grpo_jax.rewards import TokenSpec, make_reward_fns
 from grpo_jax.testing import tiny_tokenizer
@@ -42,9 +47,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def train(config: str, workdir: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def train(
+    config: str, workdir: Path, *overrides: str, timeout: float = 600, cache: Path | None = None
+) -> subprocess.CompletedProcess:
+    """scripts/train.py; `cache`: the compilation cache to load programs from and store them in."""
     command = [sys.executable, str(SCRIPT), config, f"--workdir={workdir}", *overrides]
-    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    env = _env() if cache is None else with_compilation_cache(_env(), cache)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
@@ -66,29 +75,44 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-PPO = f"--config={REPO / 'configs' / 'ppo_baseline.py'}:runlocal"
-DPO = f"--config={REPO / 'configs' / 'dpo.py'}:runlocal"
+# configs/ppo_baseline.py's stages (SFT, then PPO with its critic) followed by configs/dpo.py's DPO stage,
+# which starts from PPO's result (`init_from="previous"`) and takes it as its reference. Global steps: SFT
+# 1-2, PPO 3-4, DPO 5-8.
+_PPO_THEN_DPO = f"""
+from grpo_jax.config_utils import sibling_config
+
+def get_config(arg=None):
+    config = sibling_config(__file__, {str(REPO / "configs" / "ppo_baseline.py")!r}, arg)
+    config.stages = ("sft", "ppo", "dpo")
+    config.dpo = sibling_config(__file__, {str(REPO / "configs" / "dpo.py")!r}, arg).dpo
+    return config
+"""
 DPO_OVERRIDES = ("--config.dpo.steps=4", "--config.dpo.learning_rate=1e-3")
 
 
 @pytest.fixture(scope="module")
-def r1_run(tmp_path_factory) -> Path:
+def xla_cache(tmp_path_factory) -> Path:
+    return compilation_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def r1_run(tmp_path_factory, xla_cache) -> Path:
     workdir = tmp_path_factory.mktemp("r1")
-    assert_ok(train(R1, workdir))
+    assert_ok(train(R1, workdir, cache=xla_cache))
     return workdir
 
 
 @pytest.fixture(scope="module")
-def ppo_run(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("ppo")
-    assert_ok(train(PPO, workdir))
-    return workdir
+def ppo_dpo_config(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("configs") / "ppo_then_dpo.py"
+    path.write_text(_PPO_THEN_DPO)
+    return f"--config={path}:runlocal"
 
 
 @pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("dpo")
-    assert_ok(train(DPO, workdir, *DPO_OVERRIDES))
+def ppo_dpo_run(tmp_path_factory, ppo_dpo_config, xla_cache) -> Path:
+    workdir = tmp_path_factory.mktemp("ppo_dpo")
+    assert_ok(train(ppo_dpo_config, workdir, *DPO_OVERRIDES, cache=xla_cache))
     return workdir
 
 
@@ -161,14 +185,14 @@ def test_rejection_set_holds_only_kept_samples_mixed_three_to_one(r1_run):
 
 
 @pytest.mark.slow
-def test_rerunning_a_finished_pipeline_changes_nothing(r1_run, tmp_path):
+def test_rerunning_a_finished_pipeline_changes_nothing(r1_run, xla_cache):
     files = (
         "metrics.jsonl",
         "stages/rejection_sampling/sft.jsonl",
         "stages/rejection_sampling/candidates.jsonl",
     )
     before = {name: (r1_run / name).read_bytes() for name in files}
-    assert_ok(train(R1, r1_run))
+    assert_ok(train(R1, r1_run, cache=xla_cache))
     assert {name: (r1_run / name).read_bytes() for name in files} == before
 
 
@@ -198,23 +222,30 @@ def _checkpoint_steps(workdir: Path) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "run, kills",
-    [("r1", (("rejection_sampling", 6), ("rm", 8))), ("ppo", (("ppo", 4),)), ("dpo", (("dpo", 4),))],
-    ids=["r1-rejection_sampling-then-rm", "ppo", "dpo"],
+    [("r1", (("rejection_sampling", 6), ("rm", 8))), ("ppo_dpo", (("ppo", 4), ("dpo", 6)))],
+    ids=["r1-rejection_sampling-then-rm", "ppo-then-dpo"],
 )
-def test_sigkill_inside_a_non_grpo_stage_then_rerun_reproduces_the_run(request, tmp_path, run, kills):
+def test_sigkill_inside_a_non_grpo_stage_then_rerun_reproduces_the_run(
+    request, tmp_path, xla_cache, run, kills
+):
     """Killed after the line of `step` (its checkpoint is `step - 1`), the rerun truncates the metrics
     (and the rejection candidates) back and reproduces every line and every file of the uninterrupted
-    run: rejection sampling, reward-model training, PPO with its critic, DPO with its reference. The R1
-    pipeline is killed twice in a row (in rejection sampling, then again in the reward model's stage
-    of the resumed process) before the final rerun."""
+    run: rejection sampling, reward-model training, PPO with its critic, DPO with its reference. Each
+    run is killed twice in a row, in its second stage to resume, then again in the next such stage of
+    the resumed process, before the final rerun: the R1 pipeline in rejection sampling, then in the
+    reward model's stage; SFT-PPO-DPO mid-PPO (its critic and optimizer state restored), then mid-DPO
+    (its reference rebuilt from PPO's result)."""
     baseline = request.getfixturevalue(f"{run}_run")
-    config, overrides = {"r1": (R1, ()), "ppo": (PPO, ()), "dpo": (DPO, DPO_OVERRIDES)}[run]
+    config, overrides = {
+        "r1": (R1, ()),
+        "ppo_dpo": (request.getfixturevalue("ppo_dpo_config"), DPO_OVERRIDES),
+    }[run]
     workdir = tmp_path / "run"
     for stage, step in kills:
-        _kill_after(config, workdir, overrides, stage, step)
+        _kill_after(config, workdir, overrides, stage, step, xla_cache)
         assert metric_lines(workdir)[-1]["step"] == step
 
-    result = train(config, workdir, *overrides)
+    result = train(config, workdir, *overrides, cache=xla_cache)
     assert_ok(result)
     assert "resuming from" in result.stderr
     resumed, expected = metric_lines(workdir), metric_lines(baseline)
@@ -225,10 +256,10 @@ def test_sigkill_inside_a_non_grpo_stage_then_rerun_reproduces_the_run(request, 
             assert (workdir / folder / name).read_bytes() == (baseline / folder / name).read_bytes(), name
 
 
-def _kill_after(config, workdir, overrides, stage: str, step: int) -> None:
+def _kill_after(config, workdir, overrides, stage: str, step: int, cache: Path) -> None:
     """Run (or resume) `config` in workdir and SIGKILL it once the line of global `step` of stage kind
     `stage` is written and the checkpoint of `step - 1` exists."""
-    env = dict(_env(), HANG_AFTER=str(step), HANG_STAGE=stage)
+    env = dict(with_compilation_cache(_env(), cache), HANG_AFTER=str(step), HANG_STAGE=stage)
     command = [sys.executable, "-c", _HANGING_TRAIN, config, f"--workdir={workdir}", *overrides]
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -255,8 +286,8 @@ def _kill_after(config, workdir, overrides, stage: str, step: int) -> None:
 
 
 @pytest.mark.slow
-def test_ppo_baseline_runlocal_trains_a_critic(ppo_run):
-    ppo = [x for x in metric_lines(ppo_run) if x["stage"] == "ppo"]
+def test_ppo_baseline_runlocal_trains_a_critic(ppo_dpo_run):
+    ppo = [x for x in metric_lines(ppo_dpo_run) if x["stage"] == "ppo"]
     assert len(ppo) == 2
     assert {"reward/mean", "kl", "clip_frac", "vf_loss", "value_mean", "advantage/mean_abs"} <= set(ppo[0])
     assert all(x["nonfinite_updates"] == 0 for x in ppo)
@@ -264,8 +295,8 @@ def test_ppo_baseline_runlocal_trains_a_critic(ppo_run):
 
 
 @pytest.mark.slow
-def test_a_dpo_stage_starts_at_log2_and_raises_pair_accuracy(dpo_run):
-    dpo = [x for x in metric_lines(dpo_run) if x["stage"] == "dpo"]
+def test_a_dpo_stage_starts_at_log2_and_raises_pair_accuracy(ppo_dpo_run):
+    dpo = [x for x in metric_lines(ppo_dpo_run) if x["stage"] == "dpo"]
     assert len(dpo) == 4
     assert dpo[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)  # policy == reference at the first step
     assert dpo[0]["dpo/reward_accuracy"] == 0.0  # all margins are exactly 0
@@ -274,8 +305,9 @@ def test_a_dpo_stage_starts_at_log2_and_raises_pair_accuracy(dpo_run):
 
 
 @pytest.mark.slow
-def test_process_supervision_runlocal_trains_on_step_rewards(tmp_path):
-    assert_ok(train(f"--config={REPO / 'configs' / 'quickstart_process.py'}:runlocal", tmp_path))
+def test_process_supervision_runlocal_trains_on_step_rewards(tmp_path, xla_cache):
+    config = f"--config={REPO / 'configs' / 'quickstart_process.py'}:runlocal"
+    assert_ok(train(config, tmp_path, cache=xla_cache))
     grpo = [x for x in metric_lines(tmp_path) if x["stage"] == "grpo"]
     assert len(grpo) == 2 and {"process/step_reward_mean", "process/steps_per_sample"} <= set(grpo[0])
     assert grpo[0]["process/steps_per_sample"] > 0
@@ -449,10 +481,10 @@ def test_a_stage_reads_its_own_task_or_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_raising_steps_on_the_command_line_extends_a_finished_stage(tmp_path):
+def test_raising_steps_on_the_command_line_extends_a_finished_stage(tmp_path, xla_cache):
     quickstart = f"--config={REPO / 'configs' / 'quickstart.py'}:runlocal"
-    assert_ok(train(quickstart, tmp_path, "--config.stages=sft", "--config.sft.steps=2"))
-    result = train(quickstart, tmp_path, "--config.stages=sft", "--config.sft.steps=4")
+    assert_ok(train(quickstart, tmp_path, "--config.stages=sft", "--config.sft.steps=2", cache=xla_cache))
+    result = train(quickstart, tmp_path, "--config.stages=sft", "--config.sft.steps=4", cache=xla_cache)
     assert_ok(result)
     assert "extending it to config.sft.steps=4" in result.stderr
     lines = metric_lines(tmp_path)

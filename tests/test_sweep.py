@@ -6,7 +6,9 @@ as subprocesses: `--point=1` runs only that point; the sweep then runs the other
 finished one without touching its metrics; results.csv has one row per run with the documented columns,
 and results.png is written. The cold-start SFT that every point shares runs once (`DIR/_shared/seed0`)
 and a point that starts from it writes the same metrics as the point run from scratch
-(`--noshare_stages`). A bad override key fails before any run with one line naming it.
+(`--noshare_stages`). A bad override key fails before any run with one line naming it. The sweep's runs
+share the session's compilation cache (tests/shared_runs.py): a program compiled by one run is loaded by
+the next that needs it.
 """
 
 import csv
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from shared_runs import compilation_cache, with_compilation_cache
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "sweep.py"
@@ -40,11 +43,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def sweep(*args: str, timeout: float = 600, cache: Path | None = None) -> subprocess.CompletedProcess:
+    """scripts/sweep.py; `cache`: the compilation cache its runs load programs from and store them in."""
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args],
         cwd=REPO,
-        env=_env(),
+        env=_env() if cache is None else with_compilation_cache(_env(), cache),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -99,11 +103,12 @@ def test_bad_key_fails_before_any_run(tmp_path):
     assert not (tmp_path / "out" / "kl_coef=0.0").exists()
 
 
-def test_two_point_sweep_end_to_end(tmp_path):
+def test_two_point_sweep_end_to_end(tmp_path, tmp_path_factory):
     config, out = f"{REPO / 'configs/ablations/kl_coef.py'}:runlocal", tmp_path / "kl"
+    cache = compilation_cache(tmp_path_factory)
     point0, point1 = out / "kl_coef=0.0" / "seed0", out / "kl_coef=0.001" / "seed0"
 
-    result = sweep(f"--config={config}", f"--workdir={out}", "--point=1")
+    result = sweep(f"--config={config}", f"--workdir={out}", "--point=1", cache=cache)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "running the shared stages ['sft']" in result.stdout, result.stdout
     assert (point1 / "summary.json").exists() and not point0.exists()
@@ -112,7 +117,7 @@ def test_two_point_sweep_end_to_end(tmp_path):
     metrics1 = (point1 / "metrics.jsonl").read_text()
     mtime1 = (point1 / "metrics.jsonl").stat().st_mtime_ns
 
-    result = sweep(f"--config={config}", f"--workdir={out}", "--point=0,1", "--seeds=0")
+    result = sweep(f"--config={config}", f"--workdir={out}", "--point=0,1", "--seeds=0", cache=cache)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "point 1 kl_coef=0.001 seed 0: skip" in result.stdout, result.stdout
     assert "point 0 kl_coef=0.0 seed 0: running in" in result.stdout, result.stdout
@@ -158,7 +163,7 @@ def test_two_point_sweep_end_to_end(tmp_path):
     assert table[2].startswith("| kl_coef=0.0 | 0 |") and table[3].startswith("| kl_coef=0.001 | 0 |")
 
     scratch = tmp_path / "scratch"
-    result = sweep(f"--config={config}", f"--workdir={scratch}", "--point=1", "--noshare_stages")
+    result = sweep(f"--config={config}", f"--workdir={scratch}", "--point=1", "--noshare_stages", cache=cache)
     assert result.returncode == 0, result.stdout + result.stderr
     assert not (scratch / "_shared").exists()
     assert _metric_values(point1) == _metric_values(scratch / "kl_coef=0.001" / "seed0")

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from shared_runs import compilation_cache, with_compilation_cache
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train.py"
@@ -67,12 +68,20 @@ def _command(
 
 
 def train(
-    workdir: Path, *overrides: str, devices: int = 1, timeout: float = 300, config: str = RUNLOCAL
+    workdir: Path,
+    *overrides: str,
+    devices: int = 1,
+    timeout: float = 300,
+    cache: Path | None = None,
+    config: str = RUNLOCAL,
 ) -> subprocess.CompletedProcess:
+    """scripts/train.py `config` (default RUNLOCAL) in workdir; `cache`: load and store programs in that
+    compilation cache (tests/shared_runs.py), for runs whose subject is not compilation."""
+    env = _env(devices) if cache is None else with_compilation_cache(_env(devices), cache)
     return subprocess.run(
         _command(workdir, *overrides, config=config),
         cwd=REPO,
-        env=_env(devices),
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -111,7 +120,8 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
 
 def reference_run(tmp_path_factory) -> Path:
     """The uninterrupted BASELINE run, made once per test session for every module that compares against
-    it (summary.json, written last, marks it finished). Read-only: tests copy it before changing it."""
+    it (summary.json, written last, marks it finished). Read-only: tests copy it before changing it.
+    It compiles every program itself (no compilation cache): its `compiles` counts are checked below."""
     workdir = tmp_path_factory.getbasetemp() / "baseline"
     if not (workdir / "summary.json").exists():
         shutil.rmtree(workdir, ignore_errors=True)
@@ -122,6 +132,11 @@ def reference_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> Path:
     return reference_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory) -> Path:
+    return compilation_cache(tmp_path_factory)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,14 +206,14 @@ def test_the_steps_do_not_recompile(baseline):
 
 
 @pytest.mark.slow
-def test_too_many_nan_updates_in_a_row_stop_the_run_and_a_rerun_continues_it(tmp_path):
+def test_too_many_nan_updates_in_a_row_stop_the_run_and_a_rerun_continues_it(tmp_path, xla_cache):
     stopped = (
         "--config.stages=grpo",
         "--config.grpo.steps=3",
         "--config.debug.poison_step=2",
         "--config.max_nonfinite_in_a_row=1",
     )
-    result = train(tmp_path, *stopped)
+    result = train(tmp_path, *stopped, cache=xla_cache)
     assert result.returncode != 0
     message = last_line(result.stderr)
     assert message.startswith("error: ") and "1 non-finite updates in a row" in message, message
@@ -211,7 +226,7 @@ def test_too_many_nan_updates_in_a_row_stop_the_run_and_a_rerun_continues_it(tmp
     # Follow the message: rerun with a lower learning rate (and, the divergence being injected, without
     # the poison). The run continues from step 1 with the new rate; nothing before the stop is lost or
     # written twice, and the stopped step's line is replaced.
-    result = train(tmp_path, *stopped[:-2], "--config.grpo.learning_rate=1e-5")
+    result = train(tmp_path, *stopped[:-2], "--config.grpo.learning_rate=1e-5", cache=xla_cache)
     assert_ok(result)
     assert "resuming from" in result.stderr and "at stage grpo step 1" in result.stderr
     assert (tmp_path / "metrics.jsonl").read_text().startswith(first)
