@@ -142,7 +142,8 @@ def test_the_fingerprint_is_exact_whatever_the_sharding():
     mesh = mesh_2x2x2()
     sharded = jax.device_put(params, models.model_param_shardings(mesh, CONFIG))
     assert lora_lib.fingerprint(sharded) == lora_lib.fingerprint(params)
-    flipped = dict(params, final_norm=params["final_norm"].at[3].set(np.nextafter(np.float32(1), np.float32(2))))
+    nudged = params["final_norm"].at[3].set(np.nextafter(params["final_norm"][3], np.float32(2)))
+    flipped = dict(params, final_norm=nudged)
     assert lora_lib.fingerprint(flipped) != lora_lib.fingerprint(params)
     half = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
     assert lora_lib.fingerprint(half) != lora_lib.fingerprint(params)
@@ -286,6 +287,23 @@ def test_a_peft_adapter_round_trips_through_peft_with_equal_logits(tmp_path, hf)
     for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(adapters)):
         np.testing.assert_array_equal(a, np.asarray(b))
 
+    # load_pretrained merges the adapter into the base: given both, or the adapter directory alone (its
+    # base_model_name_or_path); plain params either way, with peft's logits.
+    for args, kwargs in [
+        ((tmp_path / "base",), {"adapter": str(tmp_path / "adapter")}),
+        ((tmp_path / "adapter",), {}),
+    ]:
+        loaded_config, merged = models.load_pretrained(*map(str, args), **kwargs)
+        assert loaded_config == config and "lora" not in merged["layers"]
+        np.testing.assert_allclose(
+            np.asarray(models.forward(config, merged, tokens)), theirs, atol=2e-4, rtol=1e-4
+        )
+    saved["base_model_name_or_path"] = None
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(saved))
+    with pytest.raises(FileNotFoundError, match="base_model_name_or_path=None") as error:
+        models.load_pretrained(str(tmp_path / "adapter"))
+    assert "\n" not in str(error.value)
+
 
 def test_unsupported_peft_adapters_fail_in_one_line(tmp_path):
     lora_lib.save_peft_adapter(LORA, _trained_adapters(), str(tmp_path))
@@ -303,3 +321,33 @@ def test_unsupported_peft_adapters_fail_in_one_line(tmp_path):
     config_file.write_text(json.dumps(dict(saved, r=8)))
     with pytest.raises(ValueError, match="has shape"):
         lora_lib.load_peft_adapter(str(tmp_path), CONFIG)
+
+
+@pytest.mark.parametrize("sampler_weights", lora_lib.SAMPLER_WEIGHTS)
+def test_the_sampler_decodes_the_same_tokens_on_merged_weights_or_on_the_adapters(sampler_weights):
+    """`config.lora.sampler_weights`: "merged" decodes W + (α/r)·B·A made once (`Merger`, in the compute
+    dtype), "adapters" the base plus x·A·B at every token; both sample the policy the update trains."""
+    base = tiny_params(CONFIG)
+    adapters = _trained_adapters()
+    frozen = FrozenBase(base, LORA.scale)
+    params = (
+        attach(frozen, adapters) if sampler_weights == "adapters" else lora_lib.Merger()(frozen, adapters)
+    )
+    prompts = np.tile(np.arange(3, 9, dtype=np.int32), (2, 1)) + np.arange(2)[:, None]
+
+    def sample(p):
+        return sampling.generate(
+            CONFIG,
+            p,
+            prompts,
+            np.ones_like(prompts),
+            jax.random.key(7),
+            num_samples=2,
+            max_new_tokens=6,
+            eos_id=1,
+        )
+
+    ours, by_hand, without = sample(params), sample(_merged_by_hand(base, adapters, LORA.scale)), sample(base)
+    np.testing.assert_array_equal(ours.tokens, by_hand.tokens)
+    np.testing.assert_allclose(ours.logprobs, by_hand.logprobs, atol=1e-4)
+    assert not np.allclose(ours.logprobs, without.logprobs, atol=1e-3)  # the adapters are in the sample
