@@ -312,3 +312,17 @@ def reset_reference(state: TrainState) -> TrainState:
         return state
     ref = jax.tree_util.tree_map(lambda p, r: _copy_as(p, r.dtype), state.params, state.ref_params)
     return state.replace(ref_params=ref)
+
+
+STATE_PARTS = ("params", "opt_state", "ref_params", "base", "reward_params", "aux")
+
+
+def state_bytes(state: TrainState) -> dict[str, int]:
+    """Bytes of each part of a train state (`STATE_PARTS`: the trainable params, the optimizer state, the
+    reference, a LoRA stage's frozen base, reward models, stage extras such as PPO's critic) and their
+    `total`: the arrays' global sizes, whatever their sharding (a replicated array counts once)."""
+    sizes = {
+        part: sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(getattr(state, part)))
+        for part in STATE_PARTS
+    }
+    return dict(sizes, total=sum(sizes.values()))

@@ -61,6 +61,7 @@ from grpo_jax.training.compilation import compile_count, enable_persistent_cache
 from grpo_jax.training.evaluator import Evaluator
 from grpo_jax.training.stages import INIT_BASE, INIT_PREVIOUS, STAGE_KINDS, stage_kind
 from grpo_jax.training.stages.base import stage_dir
+from grpo_jax.training.state import state_bytes
 
 
 class TrainingError(RuntimeError):
@@ -597,7 +598,7 @@ def run_stage(run: Run, index: int, resume: dict | None) -> None:
                 if evaluates and sc.get("eval_at_end", True)
                 else None
             )
-        run.stage_summaries[name] = stage.finish(state)
+        run.stage_summaries[name] = dict(stage.finish(state), train_state_bytes=state_bytes(state))
         result = stage.result(state)
         run.save_result(name, result)
         stage.save_adapters(state)
