@@ -24,6 +24,7 @@ random Qwen2 directory (with a `tokenizer.model`) and tiny JSONL files that the 
 import ml_collections
 
 from grpo_jax.algorithms.config import GRPOConfig
+from grpo_jax.config_utils import add_lora
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -124,4 +125,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.progress_bar = False
     elif arg:
         raise ValueError(f"configs/gsm8k_qwen2_5.py: unknown variant {arg!r} (known: runlocal)")
-    return c
+    # LoRA off by default: `--config.grpo.lora=True --config.lora.rank=32 --config.lora.base_dtype=bfloat16`
+    # trains adapters over the frozen pretrained model instead (docs/ARCHITECTURE.md, LoRA).
+    return add_lora(c, rank=32, base_dtype="bfloat16")

@@ -4,11 +4,12 @@
     python scripts/train.py --config=configs/lora.py --workdir=workdirs/lora [--config.lora.rank=32]
 
 Everything else (task, model, SFT, rewards, rollout budget) is `configs/quickstart.py`'s; the GRPO
-learning rate is 10× the full fine-tune's, as LoRA needs ("LoRA Without Regret", Thinking Machines
-2025). Any stage of any config built with `grpo_jax.config_utils.add_lora` goes on adapters with
+learning rate is 10× the quickstart's full fine-tune's, as LoRA needs ("LoRA Without Regret", Thinking
+Machines 2025). Any stage of any config built with `grpo_jax.config_utils.add_lora` goes on adapters with
 `--config.<stage>.lora=True`. Variants: `:runlocal` (a seconds-long smoke run); `:every_stage` (every
 stage kind on adapters after the full cold-start SFT: sft2 → rm → grpo with the reward model → ppo →
-dpo, sized like `:runlocal`, what the tests run).
+dpo, sized like `:runlocal`, what the tests run). `get_sweep` compares full GRPO with rank 1, 8 and 32
+adapters (benchmarks/report_lora.py).
 """
 
 import ml_collections
@@ -17,17 +18,33 @@ from grpo_jax.config_utils import add_lora, sibling_config
 from grpo_jax.models.lora import TARGETS
 
 VARIANTS = ("runlocal", "every_stage")
-GRPO_LORA_LEARNING_RATE = 5e-4
+LORA_LEARNING_RATE_FACTOR = 10.0  # LoRA's learning rate over full fine-tuning's ("LoRA Without Regret")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in (None, *VARIANTS):
         raise ValueError(f"configs/lora.py: unknown variant {arg!r} (known: {', '.join(VARIANTS)})")
     c = sibling_config(__file__, "quickstart.py", "runlocal" if arg else None)
-    c.grpo.learning_rate = GRPO_LORA_LEARNING_RATE
+    c.grpo.learning_rate *= LORA_LEARNING_RATE_FACTOR
     if arg != "every_stage":
         return add_lora(c, on=("grpo",), rank=8, alpha=32.0, targets=TARGETS)
     return every_stage(c)
+
+
+SWEEP_RANKS = (1, 8, 32)
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+    """Full GRPO (at the quickstart's own learning rate) vs GRPO on rank 1, 8 and 32 adapters, all after
+    the same full cold-start SFT (run once per seed: scripts/sweep.py's shared stages):
+
+        python benchmarks/report_lora.py --seeds=0,1,2   # runs this sweep, writes benchmarks/lora.md
+    """
+    if arg == "every_stage":
+        raise ValueError("configs/lora.py: the sweep has no :every_stage variant (use :runlocal or none)")
+    full_lr = sibling_config(__file__, "quickstart.py", arg).grpo.learning_rate
+    full = {"_name": "full", "grpo.lora": False, "grpo.learning_rate": full_lr}
+    return [full, *({"_name": f"rank{r}", "lora.rank": r} for r in SWEEP_RANKS)]
 
 
 def every_stage(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -48,7 +65,7 @@ def every_stage(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         reference_dtype="",
     )
     c.ppo = ppo
-    c.ppo.update(learning_rate=GRPO_LORA_LEARNING_RATE, reference_dtype="")
+    c.ppo.update(learning_rate=c.grpo.learning_rate, reference_dtype="")
     c.dpo = dpo
     c.dpo.update(learning_rate=1e-3)
     for name in c.stages:
