@@ -10,9 +10,10 @@ cold-start SFT, run once per seed (the sweep's shared stages). Per point: held-o
 GRPO, its gain over the SFT start and its difference to full GRPO of the same seed, the GRPO step time
 (after the first, compiling step) and the GRPO stage's train-state bytes by part (summary.json:
 trainable params, optimizer state, reference, frozen base). The goal: rank 8 within 3 points of full.
-`tpu`: `scripts/aot_compile.py` for Qwen2.5-7B GRPO with LoRA rank 32 (base in bfloat16) on v5e-16,
-the full-parameter step on the same slice for contrast, and Qwen2.5-32B LoRA rank 32 on v5p-64:
-per-chip peak of the sampler and the step, and whether each fits.
+`tpu`: `scripts/aot_compile.py` for Qwen2.5-7B GRPO with LoRA rank 32 (base in bfloat16) on v5e-16, as
+configured and with 4 micro-batches per minibatch (`grad_accum_steps`, same math), the full-parameter
+step on the same slice for contrast, and Qwen2.5-32B LoRA rank 32 on v5p-64: per-chip peak of the
+sampler and the step, and whether each fits.
 Each mode keeps the other's entry of the JSON.
 """
 
@@ -36,15 +37,14 @@ STATE_PARTS = ("params", "opt_state", "ref_params", "base")
 QWEN = "--config=configs/gsm8k_qwen2_5.py"
 LORA32 = ("--config.grpo.lora=True", "--config.lora.rank=32", "--config.lora.base_dtype=bfloat16")
 # (name, aot_compile.py arguments): the 7B and 32B meshes of docs/SCALING.md.
+V5E16 = (QWEN, "--topology=v5e:4x4", "--model_preset=qwen2.5-7b", '--config.mesh="(1,16,1)"')
+ACCUM4 = "--config.grpo.grad_accum_steps=4"  # 4 micro-batches per minibatch: the same updates, 1/4 the rows
+# (name, aot_compile.py arguments): the 7B and 32B meshes of docs/SCALING.md.
 TPU_CASES = (
-    (
-        "qwen2.5-7b lora r32 v5e-16",
-        (QWEN, "--topology=v5e:4x4", "--model_preset=qwen2.5-7b", '--config.mesh="(1,16,1)"', *LORA32),
-    ),
-    (
-        "qwen2.5-7b full v5e-16",
-        (QWEN, "--topology=v5e:4x4", "--model_preset=qwen2.5-7b", '--config.mesh="(1,16,1)"'),
-    ),
+    ("qwen2.5-7b lora r32 v5e-16", (*V5E16, *LORA32)),
+    ("qwen2.5-7b lora r32 v5e-16 accum 4", (*V5E16, *LORA32, ACCUM4)),
+    ("qwen2.5-7b full v5e-16", (*V5E16, "--programs=grpo_step")),
+    ("qwen2.5-7b full v5e-16 accum 4", (*V5E16, ACCUM4, "--programs=grpo_step")),
     (
         "qwen2.5-32b lora r32 v5p-64",
         (QWEN, "--topology=v5p:4x4x4", "--model_preset=qwen2.5-32b", '--config.mesh="(1,16,4)"', *LORA32),
@@ -149,10 +149,16 @@ def quickstart_markdown(entry: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
-def tpu() -> list[dict]:
-    """Each case in its own process (a compile holds the CPU for minutes; one at a time)."""
-    runs = []
+def tpu(done: list[dict], save) -> list[dict]:
+    """Each case in its own process (a compile holds the CPU for minutes; one at a time). A case whose
+    command is already in `done` (an earlier, interrupted --mode=tpu) is kept, not compiled again;
+    `save(runs)` after each case."""
+    runs, kept = [], {run["command"]: run for run in done}
     for name, args in TPU_CASES:
+        shown = " ".join(["python", "scripts/aot_compile.py", *args])
+        if shown in kept:
+            runs.append(dict(kept[shown], name=name))
+            continue
         out = f"{OUT}.aot.tmp.json"
         command = [
             sys.executable,
@@ -165,9 +171,8 @@ def tpu() -> list[dict]:
         with open(out) as f:
             report = json.load(f)
         os.remove(out)
-        runs.append(
-            {"name": name, "command": " ".join(["python", "scripts/aot_compile.py", *args]), **report}
-        )
+        runs.append({"name": name, "command": shown, **report})
+        save(runs)
     return runs
 
 
@@ -235,7 +240,12 @@ def main() -> None:
     if args.mode == "quickstart":
         data["quickstart"] = quickstart(args.config, args.root, args.seeds.split(","))
     elif args.mode == "tpu":
-        data["tpu"] = tpu()
+
+        def save(runs):  # after every case, so an interrupted run keeps what it compiled
+            with open(path, "w") as f:
+                json.dump(dict(data, tpu=runs), f, indent=1)
+
+        data["tpu"] = tpu(data.get("tpu", []), save)
     if args.mode is not None:
         with open(path, "w") as f:
             json.dump(data, f, indent=1)

@@ -86,6 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             top_p=1.0,
             top_k=0,
             reference_dtype="",  # π_ref's storage dtype; "" = the params', "bfloat16" halves it
+            grad_accum_steps=1,  # micro-batches per minibatch update (memory, not math)
             rewards=(("format", 0.5),),
             host_rewards=(("math_accuracy", 1.0),),
             host_reward_timeout_s=5.0,
