@@ -82,12 +82,15 @@ def quickstart(config: str, root: str, seeds: list[str]) -> dict:
     subprocess.run(command, cwd=REPO, check=True)
     with open(os.path.join(REPO, root, "results.csv")) as f:
         rows = list(csv.DictReader(f))
-    for row in rows:  # the GRPO stage's train state by part, from the run's summary.json
-        with open(os.path.join(REPO, root, row["name"], f"seed{row['seed']}", "summary.json")) as f:
-            stages = json.load(f)["stages"]
-        row["state_bytes"] = stages[list(stages)[-1]].get("train_state_bytes")
+    for row in rows:  # the last (GRPO) stage's train state by part, from the run's summary.json
+        run_dir = os.path.join(REPO, root, row["name"], f"seed{row['seed']}")
+        with open(os.path.join(run_dir, "config.json")) as f:
+            last = json.load(f)["stages"][-1]
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            row["state_bytes"] = json.load(f)["stages"][last].get("train_state_bytes")
     return {
-        "command": " ".join(["python", *command[1:]]),
+        "command": " ".join(["python", "benchmarks/report_lora.py", *sys.argv[1:]]),
+        "sweep_command": " ".join(["python", *command[1:]]),
         "wall_s": round(time.time() - start, 1),
         **_machine(),
         "rows": rows,
@@ -105,7 +108,7 @@ def quickstart_markdown(entry: dict) -> list[str]:
     lines = [
         "## The quickstart: full GRPO vs GRPO on adapters",
         "",
-        f"`{entry['command']}` then `python benchmarks/report_lora.py --render` ({entry['machine']}, "
+        f"`{entry['command']}`, which runs `{entry['sweep_command']}` ({entry['machine']}, "
         f"{entry['cpus']} CPUs, jax {entry['jax']}; the sweep took {entry['wall_s'] / 60:.0f} min).",
         "",
         "Accuracies: held-out greedy pass@1 in %; `gain`: after GRPO minus the SFT start; `vs_full`: minus",
