@@ -301,8 +301,10 @@ def build_programs(config, stage: str, model_config, mesh) -> Programs:
             ),
             lora.scale,
         )
-        if lora.sampler_weights == "adapters":
-            sampler_params = lora_lib.attach(base, adapters)
+        if lora.sampler_weights == "adapters":  # the base's tree with the adapters under layers/lora
+            attached = jax.eval_shape(lora_lib.attach, base, adapters)
+            layers = dict(param_shardings["layers"], **adapter_shardings["layers"])
+            sampler_params = _sds(attached, dict(param_shardings, layers=layers))
         else:
             compute = model_config.compute_dtype
             merged = jax.eval_shape(
