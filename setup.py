@@ -36,7 +36,7 @@ setup(
             "pyarrow>=14",
         ],
         # torch==2.13.0 is the CPU build; a looser pin pulls several GB of CUDA packages.
-        "hf": ["safetensors>=0.4", "tokenizers>=0.19", "transformers>=4.45", "torch==2.13.0"],
+        "hf": ["safetensors>=0.4", "tokenizers>=0.19", "transformers>=4.45", "torch==2.13.0", "peft>=0.13"],
         # Parquet task files (GSM8K, MATH, DAPO-Math-17k are published as Parquet); JSONL needs nothing.
         "parquet": ["pyarrow>=14"],
         "notebooks": ["jupyter", "nbconvert", "nbclient", "ipykernel"],

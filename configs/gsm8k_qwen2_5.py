@@ -24,6 +24,7 @@ random Qwen2 directory (with a `tokenizer.model`) and tiny JSONL files that the 
 import ml_collections
 
 from grpo_jax.algorithms.config import GRPOConfig
+from grpo_jax.config_utils import add_lora
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -85,6 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             top_p=1.0,
             top_k=0,
             reference_dtype="",  # π_ref's storage dtype; "" = the params', "bfloat16" halves it
+            grad_accum_steps=1,  # micro-batches per minibatch update (memory, not math)
             rewards=(("format", 0.5),),
             host_rewards=(("math_accuracy", 1.0),),
             host_reward_timeout_s=5.0,
@@ -124,4 +126,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.progress_bar = False
     elif arg:
         raise ValueError(f"configs/gsm8k_qwen2_5.py: unknown variant {arg!r} (known: runlocal)")
-    return c
+    # LoRA off by default: `--config.grpo.lora=True --config.lora.rank=32 --config.lora.base_dtype=bfloat16`
+    # trains adapters over the frozen pretrained model instead (docs/ARCHITECTURE.md, LoRA).
+    return add_lora(c, rank=32, base_dtype="bfloat16")

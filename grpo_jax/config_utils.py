@@ -30,3 +30,22 @@ def ablation_config(this_file: str, arg: str | None = None) -> ml_collections.Co
     if arg != "runlocal":
         config.grpo.update(steps=ABLATION_RL_STEPS, eval_every=25)
     return config
+
+
+def add_lora(config: ml_collections.ConfigDict, on=(), **fields) -> ml_collections.ConfigDict:
+    """Give `config` a `lora` section (`grpo_jax.models.lora.LoRAConfig`'s fields, `fields` overriding
+    them) and every stage section that trains weights a `lora` switch, True for the stages named in `on`
+    and False for the others, so `--config.<stage>.lora=True --config.lora.rank=8` works on the command
+    line (a locked config takes no new keys)."""
+    from grpo_jax.models.lora import LoRAConfig
+
+    section = LoRAConfig(**fields).to_dict()
+    section["targets"] = tuple(section["targets"])
+    config.lora = ml_collections.ConfigDict(section)
+    unknown = [name for name in on if name not in config.stages]
+    if unknown:
+        raise ValueError(f"add_lora: {unknown} are not stages of {tuple(config.stages)}")
+    for name in config.stages:
+        if not name.startswith("rejection_sampling"):
+            config[name].lora = name in on
+    return config

@@ -35,6 +35,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("norm", None),
     ("length", None),
+    ("lora_rank", None),  # a LoRA adapter's rank: small, replicated
 )
 
 

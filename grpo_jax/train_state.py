@@ -20,6 +20,11 @@ class TrainState:
     (e.g. {"reward_model": ...}), empty otherwise; rng: the base key (each step folds in `step`);
     aux: stage-specific state that is neither the policy nor frozen, e.g. PPO's critic
     `{"value_params", "value_opt_state"}`; empty for SFT and GRPO (so their checkpoints are unchanged).
+    base: a LoRA stage's frozen base (`grpo_jax.models.lora.FrozenBase`), None otherwise. Then `params`
+    holds only the trainable adapters (so the optimizer, the gradient-norm guard and checkpoints see only
+    them), every forward reads `attach(base, params)`, and the reference is the base itself (`ref_params`
+    None, or adapters of their own after an iterative-GRPO reset). Checkpoints never store it: it is
+    rebuilt from the stage's start and checked against the fingerprint the checkpoint records.
     """
 
     step: jax.Array
@@ -29,3 +34,4 @@ class TrainState:
     reward_params: Any
     rng: jax.Array
     aux: Any = flax.struct.field(default_factory=dict)
+    base: Any = None

@@ -26,10 +26,12 @@ from typing import Any
 
 import jax
 import ml_collections
+import orbax.checkpoint as ocp
 from absl import logging
 
 from grpo_jax import models, sharding
 from grpo_jax.checkpointing import Checkpointer, DamagedCheckpointError, checkpoint_directory
+from grpo_jax.models import lora as lora_lib
 from grpo_jax.tokenizers import load_tokenizer
 from grpo_jax.training import setup
 from grpo_jax.training.stages import STAGE_KINDS, stage_kind
@@ -140,21 +142,61 @@ def _workdir_mesh(config):
 
 
 def _restore_policy(checkpointer, step, config, source, model_config, tokenizer, mesh):
-    """(stage name, policy params) of checkpoint `step` of a workdir, placed on `mesh`."""
-    stage = checkpointer.read_extra(step)["stage"]
+    """(stage name, policy params) of checkpoint `step` of a workdir, placed on `mesh`. A LoRA stage's
+    checkpoint holds only adapters: they are merged onto its base, rebuilt as the trainer built it."""
+    extra = checkpointer.read_extra(step)
+    stage = extra["stage"]
     if stage not in config:
         raise ValueError(
             f"{checkpointer.directory}: checkpoint {step} belongs to stage {stage!r}, "
             f"which {os.path.join(source, CONFIG_FILE)} does not define"
         )
-    template = jax.eval_shape(lambda: models.init_params(model_config, jax.random.key(0)))
-    params, _ = checkpointer.restore_params(
-        template,
-        models.model_param_shardings(mesh, model_config),
-        step,
-        fingerprint=setup.fingerprint(model_config, tokenizer),
+    shardings = models.model_param_shardings(mesh, model_config)
+    fingerprint = setup.fingerprint(model_config, tokenizer)
+    if extra.get("lora") is None:
+        template = jax.eval_shape(lambda: models.init_params(model_config, jax.random.key(0)))
+        params, _ = checkpointer.restore_params(template, shardings, step, fingerprint=fingerprint)
+        return stage, params
+    lora = lora_lib.LoRAConfig.from_dict(extra["lora"]["config"])
+    base = lora_base(source, config, model_config, mesh, extra["lora"], where=f"checkpoint {step}")
+    template = jax.eval_shape(lambda: lora_lib.init_adapters(model_config, lora, jax.random.key(0)))
+    adapters, _ = checkpointer.restore_params(
+        template, lora_lib.adapter_shardings(mesh, model_config, lora), step, fingerprint=fingerprint
     )
-    return stage, params
+    merger = lora_lib.Merger(model_config.weight_dtype, cast_rest=True)
+    return stage, merger(lora_lib.FrozenBase(base, lora.scale), adapters)
+
+
+def lora_base(workdir: str, config, model_config, mesh, info: dict, *, where: str):
+    """The frozen base a LoRA checkpoint's adapters were trained on, rebuilt as the trainer built it
+    (`info` = the checkpoint's `extra["lora"]`): the saved result of stage `base_from`, or the run's
+    initial model (pretrained weights or the seeded init), in `base_dtype`; a base whose fingerprint
+    differs from the recorded one is refused in one line."""
+    source = info.get("base_from")
+    if source is None:
+        params = setup.initial_params(config, model_config, mesh)
+    else:
+        path = os.path.join(workdir, "stages", source, "result")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: the base of the LoRA adapters ({where}) is missing")
+        template = jax.eval_shape(lambda: models.init_params(model_config, jax.random.key(0)))
+        target = jax.tree_util.tree_map(
+            lambda t, sh: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sh),
+            template,
+            models.model_param_shardings(mesh, model_config),
+        )
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(path, target)
+    dtype = info["config"].get("base_dtype") or ""
+    if dtype:
+        params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+    found = lora_lib.fingerprint(params)
+    if found != info["base_fingerprint"]:
+        raise ValueError(
+            f"{workdir}: the LoRA adapters of {where} were trained on a base with fingerprint "
+            f"{info['base_fingerprint']}, but {source or 'the initial model'} now gives {found}"
+        )
+    return params
 
 
 def load_policy(

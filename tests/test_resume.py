@@ -111,20 +111,32 @@ def _complete_lines(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
 
-def run_and_kill(workdir: Path, log: Path, cache: Path, ready, **hang: str) -> None:
-    """Run BASELINE with the hang points `hang` (environment variables) and SIGKILL it once
-    `ready()` holds; fails if the run ends first or `ready` takes over 4 minutes."""
+def run_and_kill(
+    workdir: Path,
+    log: Path,
+    cache: Path,
+    ready,
+    *,
+    config: str | None = None,
+    overrides=BASELINE,
+    deadline_s: float = 240,
+    **hang: str,
+) -> None:
+    """Run BASELINE (or `config` with `overrides`) with the hang points `hang` (environment variables)
+    and SIGKILL it once `ready()` holds; fails if the run ends first or `ready` takes over
+    `deadline_s` seconds."""
     env = dict(with_compilation_cache(_env(1), cache), **hang)
+    config = {} if config is None else {"config": config}
     with open(log, "w") as stderr:
         process = subprocess.Popen(
-            _command(workdir, *BASELINE, script=("-c", _HANGING_TRAIN)),
+            _command(workdir, *overrides, script=("-c", _HANGING_TRAIN), **config),
             cwd=REPO,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + deadline_s
         while time.time() < deadline and process.poll() is None and not ready():
             time.sleep(0.2)
         assert process.poll() is None, f"the run ended before it was killed:\n{log.read_text()[-3000:]}"

@@ -188,6 +188,22 @@ def test_shared_stages_are_the_untouched_leading_ones():
     assert module.shared_stages(config, [{"_name": "same"}, {"_name": "again"}]) == ["sft", "grpo"]
 
 
+def test_lora_keys_touch_only_the_stages_on_adapters():
+    """configs/lora.py's sweep (full GRPO vs ranks) shares the cold-start SFT: `lora.rank` is read only
+    by the stages with `lora=True` (grpo here), and a point that turns LoRA on for sft shares nothing."""
+    module = _sweep_module()
+    config, points = module.load_sweep(str(REPO / "configs/lora.py"))
+    assert [p["_name"] for p in points] == ["full", "rank1", "rank8", "rank32"]
+    assert module.shared_stages(config, points) == ["sft"]
+    assert module.shared_stages(config, points + [{"sft.lora": True}]) == []
+    config.grpo.lora = False  # no stage on adapters in the config: `lora.rank` alone touches none
+    assert module.shared_stages(config, [{"lora.rank": 4}, {"lora.rank": 8}]) == ["sft"]
+    # The train state's bytes (summary.json) are a column, in MiB in results.md.
+    row = {"name": "rank8", "seed": 0, **dict.fromkeys(module.COLUMNS), "train_state_bytes": 3 * 2**20}
+    header, _, line = module.results_table([row]).splitlines()
+    assert "train_state_MiB" in header and "| 3.00 |" in line
+
+
 def test_results_table_pairs_each_seed_with_point_zero():
     module = _sweep_module()
     row = lambda name, seed, start, final: {

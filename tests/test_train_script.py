@@ -61,18 +61,25 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-def _command(workdir: Path, *overrides: str, script: tuple[str, ...] = (str(SCRIPT),)) -> list[str]:
-    return [sys.executable, *script, RUNLOCAL, f"--workdir={workdir}", *overrides]
+def _command(
+    workdir: Path, *overrides: str, script: tuple[str, ...] = (str(SCRIPT),), config: str = RUNLOCAL
+) -> list[str]:
+    return [sys.executable, *script, config, f"--workdir={workdir}", *overrides]
 
 
 def train(
-    workdir: Path, *overrides: str, devices: int = 1, timeout: float = 300, cache: Path | None = None
+    workdir: Path,
+    *overrides: str,
+    devices: int = 1,
+    timeout: float = 300,
+    cache: Path | None = None,
+    config: str = RUNLOCAL,
 ) -> subprocess.CompletedProcess:
-    """scripts/train.py RUNLOCAL in workdir; `cache`: load and store programs in that compilation cache
-    (tests/shared_runs.py), for runs whose subject is not compilation."""
+    """scripts/train.py `config` (default RUNLOCAL) in workdir; `cache`: load and store programs in that
+    compilation cache (tests/shared_runs.py), for runs whose subject is not compilation."""
     env = _env(devices) if cache is None else with_compilation_cache(_env(devices), cache)
     return subprocess.run(
-        _command(workdir, *overrides),
+        _command(workdir, *overrides, config=config),
         cwd=REPO,
         env=env,
         capture_output=True,

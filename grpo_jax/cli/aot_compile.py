@@ -218,6 +218,7 @@ class Programs:
     sampler_args: tuple
     step: object
     step_args: tuple
+    lora: object = None  # the stage's LoRAConfig (None: it trains every weight)
 
 
 def build_programs(config, stage: str, model_config, mesh) -> Programs:
@@ -226,8 +227,8 @@ def build_programs(config, stage: str, model_config, mesh) -> Programs:
     import jax.numpy as jnp
 
     from grpo_jax import models, sampling, sharding
+    from grpo_jax.models import lora as lora_lib
     from grpo_jax.training import (
-        TrainState,
         learning_rate_schedule,
         make_grpo_step,
         make_optimizer,
@@ -235,7 +236,7 @@ def build_programs(config, stage: str, model_config, mesh) -> Programs:
         state_shardings,
     )
     from grpo_jax.training import setup as run_setup
-    from grpo_jax.training.state import reference_copy
+    from grpo_jax.training.state import train_state_builder
 
     sc = config[stage]
     try:
@@ -283,7 +284,39 @@ def build_programs(config, stage: str, model_config, mesh) -> Programs:
         mesh=mesh,
     )
     sampler = jax.jit(sample)
-    sampler_args = (params, prompt_batch["prompt_tokens"], prompt_batch["prompt_mask"], rng)
+    # LoRA (config.<stage>.lora): the state trains adapters over the frozen base in `base_dtype`; the
+    # sampler decodes with the weights merged in the compute dtype, or with the base + adapters.
+    lora = run_setup.stage_lora(config, stage)
+    base = adapters = adapter_shardings = None
+    if lora is not None:
+        adapter_shardings = lora_lib.adapter_shardings(mesh, model_config, lora)
+        adapters = _sds(
+            jax.eval_shape(lambda k: lora_lib.init_adapters(model_config, lora, k), jax.random.key(0)),
+            adapter_shardings,
+        )
+        base_dtype = lora.base_dtype or None
+        base = lora_lib.FrozenBase(
+            jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, base_dtype or x.dtype, sharding=x.sharding), params
+            ),
+            lora.scale,
+        )
+        if lora.sampler_weights == "adapters":  # the base's tree with the adapters under layers/lora
+            attached = jax.eval_shape(lora_lib.attach, base, adapters)
+            layers = dict(param_shardings["layers"], **adapter_shardings["layers"])
+            sampler_params = _sds(attached, dict(param_shardings, layers=layers))
+        else:
+            compute = model_config.compute_dtype
+            merged = jax.eval_shape(
+                lambda b, a: lora_lib.merge(lora_lib.attach(b, a), compute), base, adapters
+            )
+            sampler_params = _sds(merged, param_shardings)
+    sampler_args = (
+        params if lora is None else sampler_params,
+        prompt_batch["prompt_tokens"],
+        prompt_batch["prompt_mask"],
+        rng,
+    )
 
     # The step: the stage's optimizer and state layout (create_train_state), the batch rollout_to_batch
     # makes from the sampler's output, plus the host rewards and the debug switch the stage always adds.
@@ -291,19 +324,24 @@ def build_programs(config, stage: str, model_config, mesh) -> Programs:
     opt_config = run_setup.optimizer_config(sc, int(sc.steps) * updates)
     optimizer = make_optimizer(opt_config)
 
-    def new_state(p, key):
-        return TrainState(
-            step=jnp.asarray(0, jnp.int32),
-            params=p,
-            opt_state=optimizer.init(p),
-            ref_params=reference_copy(p, sc.get("reference_dtype") or None) if grpo.kl_coef > 0 else None,
-            reward_params={},
-            rng=key,
-            aux={},
-        )
-
-    state_shapes = jax.eval_shape(new_state, params, rng)
-    shardings = state_shardings(state_shapes, param_shardings, optimizer, mesh)
+    # As the stage builds it (create_train_state); with LoRA the reference is the base itself, unless
+    # an iterative-GRPO reset needs reference adapters of its own.
+    with_reference = grpo.kl_coef > 0 and (lora is None or grpo.reference_reset_every > 0)
+    build = train_state_builder(
+        optimizer,
+        with_reference=with_reference,
+        reference_dtype=sc.get("reference_dtype") or None,
+        base_dtype=lora.base_dtype if lora is not None else "",
+    )
+    trained = params if lora is None else adapters
+    state_shapes = jax.eval_shape(build, trained, rng, {}, {}, base)
+    shardings = state_shardings(
+        state_shapes,
+        param_shardings if lora is None else adapter_shardings,
+        optimizer,
+        mesh,
+        base_shardings=None if lora is None else lora_lib.FrozenBase(param_shardings, lora.scale),
+    )
     state = _sds(state_shapes, shardings)
     rollout = jax.eval_shape(sample, *sampler_args)
     batch_shapes = jax.eval_shape(
@@ -333,7 +371,7 @@ def build_programs(config, stage: str, model_config, mesh) -> Programs:
         grad_accum_steps=int(sc.get("grad_accum_steps", 1)),
         shared_prefix=bool(sc.get("shared_prefix", False)),
     )
-    return Programs(mesh, model_config, grpo, B, P, L, sampler, sampler_args, step, (state, batch))
+    return Programs(mesh, model_config, grpo, B, P, L, sampler, sampler_args, step, (state, batch), lora)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -506,6 +544,9 @@ def _compile_all(
             "logprob_chunk_size": int(config.logprob_chunk_size),
             "grad_accum_steps": int(config[stage].get("grad_accum_steps", 1)),
         },
+        "lora": None if p.lora is None else p.lora.to_dict(),
+        # The train state the step takes (params or adapters, optimizer moments, reference, LoRA base).
+        "state_bytes_per_device": _per_device_bytes(p.step_args[0]),
         "jax_version": jax.__version__,
         "programs": {},
     }
@@ -513,7 +554,8 @@ def _compile_all(
         f"{topology}: {len(devices)} x {kind}, {_gib(hbm_bytes)} HBM each; mesh {dict(mesh.shape)}; "
         f"model {model_config.num_params() / 1e9:.2f} B params ({model_config.param_dtype} weights, "
         f"{model_config.dtype} compute, remat {model_config.remat}); activation sharding "
-        f"{activation_sharding}; stage {stage!r}: "
+        f"{activation_sharding}; stage {stage!r}"
+        f"{'' if p.lora is None else f' on rank-{p.lora.rank} LoRA adapters'}: "
         f"{p.prompts} prompts x G={p.grpo.num_generations}, P={p.prompt_len}, L={p.new_tokens}",
         flush=True,
     )

@@ -1,6 +1,7 @@
 """Export a trained policy to a Hugging Face directory, or check that an HF directory loads and runs.
 
     python scripts/convert_hf.py --workdir=/tmp/quickstart --out=/tmp/quickstart_hf [--best] [--check]
+    python scripts/convert_hf.py --workdir=/tmp/lora --adapter_out=/tmp/lora_adapter [--out=...]
     python scripts/convert_hf.py --hf=/tmp/quickstart_hf --check
 
 Export writes `config.json` (with the tokenizer's bos/eos/pad ids) and `*.safetensors` in the
@@ -8,6 +9,11 @@ LlamaForCausalLM / Qwen2ForCausalLM layout (`grpo_jax.models.save_pretrained`), 
 `tokenizer.model` for a SentencePiece tokenizer trained by the run, or the HF tokenizer files the run was
 started from. `transformers` and `load_pretrained` read the result. With --check after an export, the
 directory is loaded back and its logits compared with the workdir policy's.
+A LoRA stage's checkpoint exports as the merged policy with --out, and with --adapter_out as a PEFT
+adapter directory (`adapter_config.json` + `adapter_model.safetensors`, `grpo_jax.models.lora`), which
+`peft.PeftModel.from_pretrained` loads onto the base it was trained on: the pretrained model when the
+stage started from it (its path is written as `base_model_name_or_path`), else an earlier stage's result
+(named in the file; export that stage's checkpoint with --out for an HF copy of it).
 --hf=DIR --check loads DIR, runs one forward pass on a short text and prints the shapes.
 """
 
@@ -21,6 +27,9 @@ from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export.")
 _OUT = flags.DEFINE_string("out", None, "Output Hugging Face directory (must not hold safetensors already).")
+_ADAPTER_OUT = flags.DEFINE_string(
+    "adapter_out", None, "Write a LoRA checkpoint's adapters to this PEFT adapter directory."
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BEST = flags.DEFINE_bool("best", False, "Export the best checkpoint by eval accuracy.")
 _HF = flags.DEFINE_string("hf", None, "Hugging Face directory to check.")
@@ -87,6 +96,50 @@ def export(workdir: str, out: str, *, step: int | None = None, best: bool = Fals
     return model_config, params, tokenizer, step
 
 
+def export_adapter(workdir: str, out: str, *, step: int | None = None, best: bool = False) -> int:
+    """Write the LoRA adapters of a workdir checkpoint as a PEFT adapter directory; returns the step."""
+    import jax
+
+    from grpo_jax.checkpointing import Checkpointer, checkpoint_directory
+    from grpo_jax.models import lora as lora_lib
+    from grpo_jax.training import setup
+    from grpo_jax.workdir import _workdir_tokenizer, read_config, select_step
+
+    if os.path.exists(os.path.join(out, lora_lib.PEFT_WEIGHTS_FILE)):
+        raise ValueError(f"{out} already holds {lora_lib.PEFT_WEIGHTS_FILE}; choose an empty --adapter_out")
+    step = select_step(workdir, step=step, best=best)
+    config = read_config(workdir)
+    tokenizer = _workdir_tokenizer(config, workdir)
+    model_config = setup.build_model_config(config, tokenizer)
+    with Checkpointer(checkpoint_directory(workdir), read_only=True) as checkpointer:
+        extra = checkpointer.read_extra(step)
+        info = extra.get("lora")
+        if info is None:
+            raise ValueError(
+                f"{workdir}: checkpoint {step} (stage {extra['stage']!r}) trains every weight and has no "
+                "adapters; export it with --out"
+            )
+        lora = lora_lib.LoRAConfig.from_dict(info["config"])
+        template = jax.eval_shape(lambda: lora_lib.init_adapters(model_config, lora, jax.random.key(0)))
+        adapters, _ = checkpointer.restore_params(
+            template, step=step, fingerprint=setup.fingerprint(model_config, tokenizer)
+        )
+    source = info.get("base_from")
+    pretrained = config.model.pretrained if source is None else ""
+    lora_lib.save_peft_adapter(
+        lora,
+        adapters,
+        out,
+        base_model=pretrained,
+        model_config=model_config,
+        base_from=f"stages/{source}/result" if source else (pretrained or "the run's initial model"),
+        base_fingerprint=info["base_fingerprint"],
+    )
+    base = pretrained or (f"{workdir}/stages/{source}/result" if source else "the run's seeded initial model")
+    print(f"exported the rank-{lora.rank} LoRA adapters of step {step} of {workdir} to {out}; base: {base}")
+    return step
+
+
 def check(hf_dir: str, text: str):
     """Load `hf_dir`, run one forward pass on `text`; returns (tokens [1, T], logits [1, T, V])."""
     import numpy as np
@@ -125,8 +178,12 @@ def main(argv):
                 raise ValueError("--hf=HF_DIR needs --check (there is nothing else to do with it)")
             check(_HF.value, _TEXT.value)
             return
+        if not _OUT.value and not _ADAPTER_OUT.value:
+            raise ValueError("--workdir=DIR needs --out=HF_DIR and/or --adapter_out=PEFT_DIR")
+        if _ADAPTER_OUT.value:
+            export_adapter(_WORKDIR.value, _ADAPTER_OUT.value, step=_STEP.value, best=_BEST.value)
         if not _OUT.value:
-            raise ValueError("--workdir=DIR needs --out=HF_DIR")
+            return
         model_config, params, tokenizer, _ = export(
             _WORKDIR.value, _OUT.value, step=_STEP.value, best=_BEST.value
         )

@@ -14,8 +14,10 @@ points, so a job array can run the points in parallel; every invocation then (re
 - `DIR/results.csv`: one row per finished point × seed: the overrides, the held-out eval accuracy the
   last stage started from (the previous stage's final one), the final and best held-out eval accuracy of
   the config's last stage, the mean reward over the last 10 % of that stage's steps, its mean
-  KL, completion length, share of zero-variance groups, generation rounds (refill; else empty) and step
-  time (after the first, compiling step), and the run's wall time (of its last process, when resumed);
+  KL, completion length, share of zero-variance groups, generation rounds (refill; else empty), step
+  time (after the first, compiling step), the bytes of its train state (summary.json's
+  `train_state_bytes`: params or LoRA adapters, optimizer state, reference, frozen base) and the run's
+  wall time (of its last process, when resumed);
 - `DIR/results.png`: eval accuracy and reward curves per point, mean and range over the seeds, and the
   eval accuracy minus point 0's of the same seed (paired);
 - `DIR/results.md`: one line per point, each column's mean ± standard deviation over its seeds, plus the
@@ -23,7 +25,8 @@ points, so a job array can run the points in parallel; every invocation then (re
 
 Shared stages: when every override key lies under a later stage's section (`grpo.algo.kl_coef`), the
 leading stages no point touches (the quickstart's cold-start `sft`) are the same for every point. They run
-once per seed into `DIR/_shared/seed<k>` (`--config.stages=(...)`), and each point's workdir starts as a
+once per seed into `DIR/_shared/seed<k>` (`--config.stages=(...)`; a `lora.*` key touches only the stages
+on adapters), and each point's workdir starts as a
 copy of that one, so its run resumes after them exactly as an interrupted run would (resume is exact:
 same metrics as a run from scratch). Such a point's `wall_time_s` is then that of its own stages.
 `--noshare_stages` runs every point from scratch.
@@ -70,8 +73,13 @@ COLUMNS = (
     "zero_variance_frac",
     "refill_rounds",
     "step_time_s",
+    "train_state_bytes",
     "wall_time_s",
 )
+
+
+# Columns kept in bytes in results.csv and shown in MiB in results.md, under these names.
+MIB_COLUMNS = {"train_state_bytes": "train_state_MiB"}
 
 
 class SweepError(ValueError):
@@ -159,6 +167,9 @@ def shared_stages(config, points: list[dict]) -> list[str]:
     for point in points:
         for key in overrides(point):
             head = key.split(".")[0]
+            if head == "lora" and "." in key:  # config.lora is read only by the stages on adapters
+                touched.update(lora_stages(config, points))
+                continue
             if head not in stages or "." not in key:
                 return []
             touched.add(head)
@@ -168,6 +179,15 @@ def shared_stages(config, points: list[dict]) -> list[str]:
             break
         shared.append(name)
     return shared
+
+
+def lora_stages(config, points: list[dict]) -> set[str]:
+    """The stages that train LoRA adapters in the config or in any point (`<stage>.lora` True)."""
+    stages = config.get("stages", ())
+    on = {name for name in stages if config[name].get("lora", False)}
+    return on | {
+        k.split(".")[0] for p in points for k, v in overrides(p).items() if k.endswith(".lora") and v
+    }
 
 
 def start_from_shared(shared_dir: str, run_dir: str) -> bool:
@@ -238,6 +258,7 @@ def run_report(workdir: str) -> dict:
         "zero_variance_frac": mean(train, "zero_variance_frac"),
         "refill_rounds": mean(train, "refill/rounds"),
         "step_time_s": mean(train[1:], "step_time_s"),  # the first step compiles
+        "train_state_bytes": (stage.get("train_state_bytes") or {}).get("total"),
         "wall_time_s": summary["wall_time_s"],
         "eval_curve": [(x["step"] - offset, x["eval/accuracy"]) for x in evals],
         "reward_curve": [(x["step"] - offset, x["reward/mean"]) for x in train if "reward/mean" in x],
@@ -304,13 +325,14 @@ def results_table(rows: list[dict]) -> str:
 
     derived = {"gain": gain, f"vs_{names[0] if names else 'first'}": versus_first}
     columns = [*COLUMNS[:2], *derived, *COLUMNS[2:]]
-    header = ["point", "seeds", *columns]
+    header = ["point", "seeds", *(MIB_COLUMNS.get(c, c) for c in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name in names:
         runs = [r for r in rows if r["name"] == name]
         cells = [name, ",".join(str(r["seed"]) for r in runs)]
         for column in columns:
             scale = 100.0 if column in percent or column in derived else 1.0
+            scale = 2.0**-20 if column in MIB_COLUMNS else scale
             get = derived.get(column, lambda row, column=column: number(row, column))
             values = [scale * v for v in map(get, runs) if v is not None]
             if not values:
@@ -318,6 +340,7 @@ def results_table(rows: list[dict]) -> str:
                 continue
             mean = sum(values) / len(values)
             digits = 0 if column == "wall_time_s" else (1 if scale == 100.0 else 3)
+            digits = 2 if column in MIB_COLUMNS else digits
             cell = f"{mean:.{digits}f}"
             if len(values) > 1:
                 std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5

@@ -7,7 +7,10 @@ sharding: the callback reads through safetensors' lazy slices only the elements 
 for (per layer for the stacked layer params, transposed and reshaped from HF's [out, in] layout on the
 slice) and converts only those, so a host holds its own shards of one parameter at a time, never a full
 tensor of a sharded parameter (each distinct shard is read once, however many devices hold a copy).
-`save_pretrained(config, params, path)` writes the same format back.
+`save_pretrained(config, params, path)` writes the same format back. A PEFT LoRA adapter directory
+(`adapter_config.json` + `adapter_model.safetensors`, `grpo_jax.models.lora`) loads too, merged into the
+weights it adapts: `load_pretrained(base, adapter=DIR)`, or `load_pretrained(DIR)` for the base its
+`base_model_name_or_path` names.
 """
 
 from __future__ import annotations
@@ -292,6 +295,7 @@ def load_pretrained(
     rules=None,
     param_dtype=None,
     dtype=None,
+    adapter: str | None = None,
     **config_overrides,
 ) -> tuple[ModelConfig, Params]:
     """Load an HF Llama/Qwen2 directory -> (ModelConfig, params) (docs/CONTRACTS.md).
@@ -301,7 +305,19 @@ def load_pretrained(
     `param_dtype` overrides the stored weight dtype (default: config.json's `torch_dtype`), `dtype` the
     compute dtype (default: `param_dtype`); each takes a name ("bfloat16", "bf16") or a dtype
     (`jnp.bfloat16`).
+    `adapter`: a PEFT LoRA adapter directory trained on this model; its adapters are merged into the
+    weights they adapt (W + (α/r)·B·A, in float32, stored in the weight dtype), so the params are plain
+    ones. `path` may itself be a PEFT adapter directory: its base is then `base_model_name_or_path`.
     """
+    path, adapter = _resolve_adapter(path, adapter)
+    if adapter is not None:
+        from grpo_jax.models import lora
+
+        config, params = load_pretrained(
+            path, mesh=mesh, rules=rules, param_dtype=param_dtype, dtype=dtype, **config_overrides
+        )
+        lora_config, adapters = lora.load_peft_adapter(adapter, config, mesh=mesh)
+        return config, lora.Merger()(lora.FrozenBase(params, lora_config.scale), adapters)
     if param_dtype is not None:
         param_dtype = canonical_dtype(param_dtype, "load_pretrained(param_dtype=...)")
     if dtype is not None:
@@ -352,6 +368,28 @@ def load_pretrained(
             reader, names, layout, shape, sharding, np.dtype(config.weight_dtype), config.resolved_head_dim
         )
     return config, params
+
+
+def _resolve_adapter(path: str, adapter: str | None) -> tuple[str, str | None]:
+    """(base model directory, PEFT adapter directory or None) for `load_pretrained(path, adapter=...)`:
+    a `path` holding `adapter_config.json` and no `config.json` is the adapter, over the base it names."""
+    is_adapter = os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(
+        os.path.join(path, "config.json")
+    )
+    if not is_adapter:
+        return path, adapter
+    if adapter is not None:
+        raise ValueError(
+            f"{path} is a PEFT adapter directory; pass its base model as path, not adapter={adapter!r}"
+        )
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base or not os.path.isdir(base):
+        raise FileNotFoundError(
+            f"{path}/adapter_config.json: base_model_name_or_path={base!r} is not a local model directory; "
+            "load it with load_pretrained(BASE_DIR, adapter=...)"
+        )
+    return base, path
 
 
 def save_pretrained(

@@ -10,6 +10,7 @@ Layout (D hidden, H heads, K kv heads, Dh head dim, F mlp, V vocab, L layers):
     layers/q     [L, D, H, Dh]   k, v [L, D, K, Dh]   o [L, H, Dh, D]
     layers/q_bias [L, H, Dh]  k_bias, v_bias [L, K, Dh]  o_bias [L, D]   (optional)
     layers/gate, up [L, D, F]   down [L, F, D]
+    layers/lora/<target>/a, b                 (optional) LoRA adapters, see `grpo_jax.models.lora`
     final_norm   [D]
     lm_head      [D, V]   (absent when embeddings are tied)
 
@@ -237,13 +238,24 @@ def _layer_weights(config, layer):
     return jax.tree_util.tree_map(lambda p: p.astype(config.compute_dtype), layer)
 
 
+def _project(x: jax.Array, w, name: str, contract: int = 1) -> jax.Array:
+    """x · W_name, plus x · A · B when the layer carries a LoRA adapter for it (`w["lora"][name]`, B
+    already scaled by α/r: `grpo_jax.models.lora.attach`): W + (α/r)·B·A applied without merging it
+    (Hu et al., arXiv 2106.09685). Without an adapter, exactly `dense(x, W)`."""
+    y = dense(x, w[name], contract)
+    adapter = w.get("lora", {}).get(name)
+    if adapter is not None:
+        y = y + dense(dense(x, adapter["a"], contract), adapter["b"])
+    return y
+
+
 def _attention_inputs(config, w, x, positions, inv_freq):
     """Pre-norm projections of x [B, T, D]: q [B, T, H, Dh], k and v [B, T, K, Dh], RoPE applied, heads
     over "tensor", named for the remat policies."""
     h = rms_norm(x, w["attn_norm"], config.rms_norm_eps)
-    q = dense(h, w["q"])
-    k = dense(h, w["k"])
-    v = dense(h, w["v"])
+    q = _project(h, w, "q")
+    k = _project(h, w, "k")
+    v = _project(h, w, "v")
     if config.qkv_bias:
         q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -256,13 +268,13 @@ def _attention_inputs(config, w, x, positions, inv_freq):
 def _attention_output_and_mlp(config, w, x, attn):
     """The block's rest: x + o(attn), then x + mlp(norm(x)). attn [B, T, H, Dh] -> x [B, T, D]."""
     attn = checkpoint_name(_constrain(attn, ("batch", "length", "heads", "head_dim")), "attention_out")
-    out = dense(attn, w["o"], contract=2)
+    out = _project(attn, w, "o", contract=2)
     if config.o_bias:
         out = out + w["o_bias"]
     x = x + out
     h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
-    gated = _constrain(jax.nn.silu(dense(h, w["gate"])) * dense(h, w["up"]), ("batch", "length", "mlp"))
-    return x + dense(gated, w["down"])
+    gated = _constrain(jax.nn.silu(_project(h, w, "gate")) * _project(h, w, "up"), ("batch", "length", "mlp"))
+    return x + _project(gated, w, "down")
 
 
 def self_attention(config, q, k, v, mask: AttentionMask) -> jax.Array:

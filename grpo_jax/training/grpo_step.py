@@ -2,7 +2,8 @@
 
     step(state, batch) -> (state, metrics)
 
-Inside one program: reference logprobs (frozen π_ref, skipped when β = 0), in-graph rewards plus host
+Inside one program: reference logprobs (frozen π_ref, skipped when β = 0; with LoRA the base with the
+adapters off), in-graph rewards plus host
 rewards, group advantages on the GLOBAL batch (a group may span devices), dynamic sampling as a mask,
 μ × minibatch inner updates under `lax.scan` (policy logprobs, ratio against π_old = the sampler's
 logprobs, clipped surrogate + KL, grads, optax update), and on-device metric reduction.
@@ -55,9 +56,10 @@ from grpo_jax.algorithms import (
 )
 from grpo_jax.algorithms.advantages import PROCESS_ESTIMATOR, process_zero_variance_groups
 from grpo_jax.algorithms.grpo import aggregation_normaliser, masked_quantile
+from grpo_jax.models.lora import attach
 from grpo_jax.sharding import replicated
 from grpo_jax.training.minibatches import from_minibatches, minibatch_logprobs, to_minibatches
-from grpo_jax.training.state import DEBUG_KEYS, TrainState, debug_poison, schedule_count
+from grpo_jax.training.state import DEBUG_KEYS, TrainState, debug_poison, reference_params, schedule_count
 
 RewardFn = Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -313,12 +315,14 @@ def make_grpo_step(
         old_from_trainer=old_from_trainer,
         with_logprobs=True,
     )
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    # The gradient is taken with respect to the trainable params (the adapters under LoRA) through
+    # `attach`, which returns them unchanged without a base.
+    grad_fn = jax.value_and_grad(lambda params, base, mb: loss_fn(attach(base, params), mb), has_aux=True)
 
-    def accumulated_grads(params, mb):
+    def accumulated_grads(params, base, mb):
         """((loss, (metrics, logprobs [N/M, L])), grads) of one minibatch, over its micro-batches."""
         if grad_accum_steps == 1:
-            return grad_fn(params, mb)
+            return grad_fn(params, base, mb)
         mb = dict(mb)
         mb["loss_normaliser"] = aggregation_normaliser(
             mb["completion_mask"], grpo.loss_agg, mb.get("sample_weight")
@@ -331,12 +335,12 @@ def make_grpo_step(
                 micro[key] = jnp.broadcast_to(mb[key], (grad_accum_steps,))
 
         def body(acc, one):
-            (loss, (metrics, logprobs)), grads = grad_fn(params, one)
+            (loss, (metrics, logprobs)), grads = grad_fn(params, base, one)
             return jax.tree_util.tree_map(jnp.add, acc, (loss, metrics, grads)), logprobs
 
         zeros = jax.tree_util.tree_map(
             jnp.zeros_like,
-            jax.eval_shape(lambda: grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], micro))),
+            jax.eval_shape(lambda: grad_fn(params, base, jax.tree_util.tree_map(lambda x: x[0], micro))),
         )
         init = (zeros[0][0], zeros[0][1][0], zeros[1])
         (loss, metrics, grads), logprobs = jax.lax.scan(body, init, micro)
@@ -359,11 +363,12 @@ def make_grpo_step(
 
         with jax.named_scope("reference_logprobs"):
             if needs_reference:
-                if state.ref_params is None:
+                reference = reference_params(state)  # with LoRA: the base, adapters off
+                if reference is None:
                     raise ValueError(
                         "kl_coef > 0 needs a reference: create the state with with_reference=True"
                     )
-                batch["ref_logprobs"] = jax.lax.stop_gradient(logprobs_of(state.ref_params, batch))
+                batch["ref_logprobs"] = jax.lax.stop_gradient(logprobs_of(reference, batch))
 
         with jax.named_scope("rewards"):
             rewards, per_reward = outcome_rewards(reward_fn, batch, state.reward_params)
@@ -398,7 +403,9 @@ def make_grpo_step(
             # π_old recomputed by the trainer at the rollout params, before any update (with μ = 1 and one
             # minibatch the loss takes them from its own forward instead).
             with jax.named_scope("old_logprobs"):
-                batch["trainer_old_logprobs"] = jax.lax.stop_gradient(logprobs_of(state.params, batch))
+                batch["trainer_old_logprobs"] = jax.lax.stop_gradient(
+                    logprobs_of(attach(state.base, state.params), batch)
+                )
 
         debug = {key: batch.pop(key) for key in DEBUG_KEYS if key in batch}
         train_keys = [k for k in batch if k not in _NOT_TRAINED]
@@ -409,7 +416,7 @@ def make_grpo_step(
             mb = jax.tree_util.tree_map(lambda x: x[index % M], minibatches)
             mb.update(debug)
             with jax.named_scope("policy_loss"):
-                (loss, (metrics, logprobs)), grads = accumulated_grads(params, mb)
+                (loss, (metrics, logprobs)), grads = accumulated_grads(params, state.base, mb)
             with jax.named_scope("mismatch_metrics"):
                 # Update 0's forward is at the rollout params: the sampler/trainer mismatch, computed once.
                 metrics.update(

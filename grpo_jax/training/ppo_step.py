@@ -50,6 +50,7 @@ from grpo_jax.algorithms import (
     ppo_token_rewards,
     value_loss,
 )
+from grpo_jax.models.lora import attach, attach_backbone
 from grpo_jax.rewards.reward_model import init_reward_head
 from grpo_jax.training.grpo_step import RewardFn, completion_logprobs, outcome_rewards
 from grpo_jax.training.minibatches import map_minibatches, to_minibatches
@@ -60,6 +61,7 @@ from grpo_jax.training.state import (
     create_train_state,
     debug_poison,
     make_optimizer,
+    reference_params,
     schedule_count,
 )
 
@@ -78,7 +80,8 @@ def _head_rng(rng: jax.Array) -> jax.Array:
 
 def create_value_params(model_config: models.ModelConfig, policy_params, rng: jax.Array) -> dict:
     """The critic V_ψ initialised from the policy: {"backbone": copy of the policy params, "head":
-    scalar head [D] + bias}. As large as the policy: the memory GRPO saves."""
+    scalar head [D] + bias}. As large as the policy: the memory GRPO saves. With LoRA the policy params
+    are its adapters, so the critic is the same frozen base with adapters of its own plus the head."""
     return {
         "backbone": jax.tree_util.tree_map(jnp.copy, policy_params),
         "head": init_reward_head(model_config.hidden_size, rng),
@@ -112,13 +115,27 @@ def make_value_aux(model_config: models.ModelConfig, value_optimizer, rng: jax.A
     return build
 
 
-def value_aux_shardings(mesh, model_config: models.ModelConfig, value_optimizer, rules=None) -> dict:
+def value_aux_shardings(
+    mesh,
+    model_config: models.ModelConfig,
+    value_optimizer,
+    rules=None,
+    *,
+    policy_shapes=None,
+    policy_shardings=None,
+) -> dict:
     """Shardings of `make_value_aux`'s output: optimizer moments sharded like the params they track,
-    optimizer scalars (counts) replicated."""
-    policy_shapes = jax.eval_shape(functools.partial(models.init_params, model_config), jax.random.key(0))
+    optimizer scalars (counts) replicated. `policy_shapes`/`policy_shardings`: the policy's trainable
+    params when they are not the model's (LoRA adapters); default the model's."""
+    if policy_shapes is None:
+        policy_shapes = jax.eval_shape(functools.partial(models.init_params, model_config), jax.random.key(0))
     build_aux = make_value_aux(model_config, value_optimizer, jax.random.key(0))
     aux_shapes = jax.eval_shape(build_aux, policy_shapes)
-    params_sh = value_shardings(mesh, model_config, rules)
+    if policy_shardings is None:
+        params_sh = value_shardings(mesh, model_config, rules)
+    else:
+        replicated = shd.replicated(mesh)
+        params_sh = {"backbone": policy_shardings, "head": {"kernel": replicated, "bias": replicated}}
     opt_sh = optax.tree_map_params(
         value_optimizer,
         lambda _, s: s,
@@ -142,20 +159,39 @@ def create_ppo_state(
     reward_param_shardings=None,
     rules=None,
     reference_dtype=None,
+    param_shardings=None,
+    base=None,
+    base_shardings=None,
+    base_dtype: str = "",
 ) -> tuple[TrainState, TrainState]:
-    """`create_train_state` with the critic in `aux`; returns (state, state_shardings)."""
+    """`create_train_state` with the critic in `aux`; returns (state, state_shardings). LoRA: the policy
+    params are the adapters (`param_shardings` theirs) over `base` (see `create_train_state`), and the
+    critic is the base with a copy of them plus its head."""
+    if param_shardings is None:
+        param_shardings = models.model_param_shardings(mesh, model_config, rules)
+    lora_shapes = None if base is None else jax.eval_shape(lambda p: p, policy_params)
     return create_train_state(
         policy_params,
         optimizer,
         mesh,
-        models.model_param_shardings(mesh, model_config, rules),
+        param_shardings,
         rng=rng,
         with_reference=with_reference,
         reference_dtype=reference_dtype,
         reward_params=reward_params,
         reward_param_shardings=reward_param_shardings,
         aux=make_value_aux(model_config, value_optimizer, rng),
-        aux_shardings=value_aux_shardings(mesh, model_config, value_optimizer, rules),
+        aux_shardings=value_aux_shardings(
+            mesh,
+            model_config,
+            value_optimizer,
+            rules,
+            policy_shapes=lora_shapes,
+            policy_shardings=None if base is None else param_shardings,
+        ),
+        base=base,
+        base_shardings=base_shardings,
+        base_dtype=base_dtype,
     )
 
 
@@ -207,7 +243,8 @@ def ppo_targets(
     mask = batch["completion_mask"]
     with jax.named_scope("reference_logprobs"):
         if ppo.kl_coef > 0:
-            if state.ref_params is None:
+            reference = reference_params(state)  # with LoRA: the base, adapters off
+            if reference is None:
                 raise ValueError("kl_coef > 0 needs a reference: create the state with with_reference=True")
             ref_logprobs = map_minibatches(
                 functools.partial(
@@ -216,7 +253,7 @@ def ppo_targets(
                     temperature=ppo.temperature,
                     chunk_size=logprob_chunk_size,
                 ),
-                state.ref_params,
+                reference,
                 batch,
                 ppo.num_minibatches,
                 mesh,
@@ -232,7 +269,7 @@ def ppo_targets(
     with jax.named_scope("old_values"):
         old_values = map_minibatches(
             functools.partial(token_values, model_config),
-            state.aux["value_params"],
+            attach_backbone(state.base, state.aux["value_params"]),
             batch,
             ppo.num_minibatches,
             mesh,
@@ -308,12 +345,15 @@ def make_ppo_step(
     is the policy's loss; the critic's is `vf_loss`. Pass `state_shardings` to pin the output layout.
     """
     M = ppo.num_minibatches
-    policy_grad = jax.value_and_grad(
-        functools.partial(ppo_policy_loss, ppo=ppo, model_config=model_config, chunk_size=logprob_chunk_size),
-        has_aux=True,
+    policy_loss_fn = functools.partial(
+        ppo_policy_loss, ppo=ppo, model_config=model_config, chunk_size=logprob_chunk_size
     )
+    value_loss_fn = functools.partial(critic_loss, ppo=ppo, model_config=model_config)
+    # Gradients of the trainable params (with LoRA: the adapters, and the critic's adapters and head)
+    # through `attach`, which leaves them unchanged without a base.
+    policy_grad = jax.value_and_grad(lambda p, base, mb: policy_loss_fn(attach(base, p), mb), has_aux=True)
     value_grad = jax.value_and_grad(
-        functools.partial(critic_loss, ppo=ppo, model_config=model_config), has_aux=True
+        lambda vp, base, mb: value_loss_fn(attach_backbone(base, vp), mb), has_aux=True
     )
 
     def step(state: TrainState, batch: dict):
@@ -342,9 +382,9 @@ def make_ppo_step(
             mb = jax.tree_util.tree_map(lambda x: x[index % M], minibatches)
             mb.update(debug)
             with jax.named_scope("policy_loss"):
-                (loss, metrics), grads = policy_grad(params, mb)
+                (loss, metrics), grads = policy_grad(params, state.base, mb)
             with jax.named_scope("value_loss"):
-                (vf_loss, vf_metrics), value_grads = value_grad(value_params, mb)
+                (vf_loss, vf_metrics), value_grads = value_grad(value_params, state.base, mb)
             with jax.named_scope("optimizer"):
                 grad_norm = optax.tree.norm(grads)
                 value_grad_norm = optax.tree.norm(value_grads)

@@ -3,6 +3,9 @@
     rm_step(state, batch) -> (state, metrics)     state.params = {"backbone", "head"} (a reward model)
     dpo_step(state, batch) -> (state, metrics)    state.params = π_θ, state.ref_params = frozen π_ref
 
+With LoRA (`state.base` set): the RM's params are {"backbone": adapters, "head"} over the frozen base, and
+DPO's are the policy's adapters, π_ref being the base itself (`state.reference_params`).
+
 The batch (from `grpo_jax.data.make_preference_dataset`; B pairs, T = max_len, right-padded):
     chosen_tokens, chosen_attention_mask, chosen_loss_mask        int32 [B, T]
     rejected_tokens, rejected_attention_mask, rejected_loss_mask  int32 [B, T]
@@ -27,8 +30,9 @@ import jax.numpy as jnp
 from grpo_jax import models
 from grpo_jax import sharding as shd
 from grpo_jax.algorithms import dpo_loss
+from grpo_jax.models.lora import attach, attach_backbone
 from grpo_jax.rewards.reward_model import init_reward_head, reward_model_loss, reward_model_scores
-from grpo_jax.training.state import TrainState, debug_poison, guarded_update
+from grpo_jax.training.state import TrainState, debug_poison, guarded_update, reference_params
 
 
 def _interleave(chosen: jax.Array, rejected: jax.Array) -> jax.Array:
@@ -94,10 +98,13 @@ def make_rm_step(
     rm/chosen, rm/rejected (mean scores), grad_norm, nonfinite_updates, learning_rate (with lr_schedule).
     """
 
+    def objective(params, base, batch):
+        return rm_objective(attach_backbone(base, params), batch, model_config=model_config)
+
     def step(state: TrainState, batch):
         with jax.named_scope("rm_loss"):
-            (loss, metrics), grads = jax.value_and_grad(rm_objective, has_aux=True)(
-                state.params, batch, model_config=model_config
+            (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+                state.params, state.base, batch
             )
         return guarded_update(state, grads, loss, optimizer, lr_schedule, metrics)
 
@@ -192,21 +199,26 @@ def make_dpo_step(
     """
     _check_dpo_args(beta, label_smoothing)
 
+    def objective(params, base, ref_chosen, ref_rejected, batch):
+        return dpo_objective(
+            attach(base, params),
+            ref_chosen,
+            ref_rejected,
+            batch,
+            model_config=model_config,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            chunk_size=chunk_size,
+        )
+
     def step(state: TrainState, batch):
         with jax.named_scope("reference_logprobs"):
             ref_chosen, ref_rejected = reference_logprobs(
-                model_config, state.ref_params, batch, chunk_size=chunk_size
+                model_config, reference_params(state), batch, chunk_size=chunk_size
             )
         with jax.named_scope("dpo_loss"):
-            (loss, metrics), grads = jax.value_and_grad(dpo_objective, has_aux=True)(
-                state.params,
-                ref_chosen,
-                ref_rejected,
-                batch,
-                model_config=model_config,
-                beta=beta,
-                label_smoothing=label_smoothing,
-                chunk_size=chunk_size,
+            (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+                state.params, state.base, ref_chosen, ref_rejected, batch
             )
         return guarded_update(state, grads, loss, optimizer, lr_schedule, metrics)
 

@@ -21,6 +21,7 @@ from grpo_jax.data.tasks import TASKS
 from grpo_jax.data.templates import format_prompt
 from grpo_jax.inputs import canonical_dtype
 from grpo_jax.models.config import RUNTIME_FIELDS
+from grpo_jax.models.lora import LoRAConfig
 from grpo_jax.tokenizers import load_tokenizer, train_sentencepiece
 from grpo_jax.training.state import OptimizerConfig
 
@@ -172,6 +173,36 @@ def check_reference_dtype(config, name: str) -> None:
     value = config[name].get("reference_dtype", "")
     if value:
         canonical_dtype(value, f"config.{name}.reference_dtype")
+
+
+def stage_lora(config, name: str) -> LoRAConfig | None:
+    """The run's `config.lora` when `config.<name>.lora` is True (the stage trains LoRA adapters over a
+    frozen base), None when it trains every weight. Raises one line for a missing or bad section."""
+    if not config[name].get("lora", False):
+        return None
+    if "lora" not in config:
+        raise ValueError(
+            f"config.{name}.lora=True needs a config.lora section (rank, alpha, targets, base_dtype, "
+            "sampler_weights; see grpo_jax/config_utils.py:add_lora)"
+        )
+    return LoRAConfig.from_dict(_plain(config.lora))
+
+
+def check_stage_lora(config, name: str, trains_weights: bool) -> None:
+    """`config.<name>.lora`: only for a stage that trains weights, with a valid `config.lora`, and not
+    with a `reference_dtype` (a LoRA stage's reference is its base: `config.lora.base_dtype` sets it)."""
+    lora = stage_lora(config, name)
+    if lora is None:
+        return
+    if not trains_weights:
+        raise ValueError(
+            f"config.{name}.lora=True: a {name!r} stage trains no weights, so it has no adapters"
+        )
+    if config[name].get("reference_dtype", ""):
+        raise ValueError(
+            f"config.{name}.reference_dtype={config[name].reference_dtype!r} with lora=True: the reference "
+            "is the frozen base itself; set config.lora.base_dtype instead"
+        )
 
 
 def grpo_config(stage_config) -> GRPOConfig:

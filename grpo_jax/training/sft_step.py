@@ -12,6 +12,7 @@ import jax
 
 from grpo_jax import models
 from grpo_jax.algorithms import sft_loss
+from grpo_jax.models.lora import attach
 from grpo_jax.sharding import replicated
 from grpo_jax.training.state import TrainState, debug_poison, guarded_update
 
@@ -35,12 +36,14 @@ def make_sft_step(
     chunk_size: int = 128,
     donate: bool = True,
 ):
-    """`step(state, batch) -> (state, metrics)`; a non-finite loss or gradient skips the update (counted)."""
+    """`step(state, batch) -> (state, metrics)`; a non-finite loss or gradient skips the update (counted).
+    With LoRA (`state.base` set) the gradient is the adapters' (`state.params`)."""
+
+    def objective(params, base, batch):
+        return sft_objective(attach(base, params), batch, model_config=model_config, chunk_size=chunk_size)
 
     def step(state: TrainState, batch):
-        (loss, metrics), grads = jax.value_and_grad(sft_objective, has_aux=True)(
-            state.params, batch, model_config=model_config, chunk_size=chunk_size
-        )
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params, state.base, batch)
         return guarded_update(state, grads, loss, optimizer, lr_schedule, metrics)
 
     kwargs = {"donate_argnums": (0,) if donate else ()}

@@ -10,6 +10,7 @@ import optax
 
 from grpo_jax import sharding as shd
 from grpo_jax.inputs import canonical_dtype
+from grpo_jax.models.lora import FrozenBase, attach, cast_base
 from grpo_jax.train_state import TrainState
 
 # Debug batch keys (0-d bool) that the SFT and GRPO steps read to exercise their non-finite guard
@@ -165,9 +166,11 @@ def state_shardings(
     *,
     reward_param_shardings=None,
     aux_shardings=None,
+    base_shardings=None,
 ) -> TrainState:
     """Shardings of a TrainState: params/ref like the policy params, optimizer moments like their params,
-    reward params and aux as given (default: replicated), everything else replicated."""
+    reward params and aux as given (default: replicated), a LoRA base as given (its params' shardings),
+    everything else replicated."""
     replicated = shd.replicated(mesh)
     opt_shardings = optax.tree_map_params(
         optimizer,
@@ -192,7 +195,33 @@ def state_shardings(
             if aux_shardings is None
             else aux_shardings
         ),
+        base=None if state_shapes.base is None else base_shardings,
     )
+
+
+def train_state_builder(
+    optimizer, *, with_reference: bool = True, reference_dtype=None, aux=None, base_dtype=""
+):
+    """The pure function `(params, rng, reward_params, aux, base) -> TrainState` that `create_train_state`
+    jits (and `scripts/aot_compile.py` traces abstractly, so it compiles the state the trainer builds).
+
+    `base`: a LoRA stage's `FrozenBase` (None: full fine-tuning), stored in `base_dtype`; then `params`
+    are the adapters and `with_reference` gives the reference adapters of its own (an iterative-GRPO
+    reset needs them), not a copy of the model."""
+
+    def build(p, key, rp, ax, base):
+        return TrainState(
+            step=jnp.asarray(0, jnp.int32),
+            params=p,
+            opt_state=optimizer.init(p),
+            ref_params=reference_copy(p, reference_dtype) if with_reference else None,
+            reward_params=rp,
+            rng=key,
+            aux=aux(p) if callable(aux) else ax,
+            base=None if base is None else base.replace(params=cast_base(base.params, base_dtype)),
+        )
+
+    return build
 
 
 def create_train_state(
@@ -208,6 +237,9 @@ def create_train_state(
     aux=None,
     aux_shardings=None,
     reference_dtype=None,
+    base: FrozenBase | None = None,
+    base_shardings: FrozenBase | None = None,
+    base_dtype: str = "",
 ) -> tuple[TrainState, TrainState]:
     """Build the train state directly in its shardings; returns (state, state_shardings).
 
@@ -217,22 +249,20 @@ def create_train_state(
     either way). The optimizer state is created inside a jit with `out_shardings`, never unsharded.
     `aux` is a pytree (or a function `params -> pytree`, traced inside the same jit, e.g. to build a
     critic's optimizer state) placed with `aux_shardings` (default: replicated).
+    LoRA: `params` are the adapters (with their shardings) and `base` the frozen model (`FrozenBase`,
+    `base_shardings` the same structure of shardings), stored in `base_dtype` ("" = as given); see
+    `train_state_builder`.
     """
     reward_params = {} if reward_params is None else reward_params
     aux_tree = None if callable(aux) else ({} if aux is None else aux)
-
-    def build(p, key, rp, ax):
-        return TrainState(
-            step=jnp.asarray(0, jnp.int32),
-            params=p,
-            opt_state=optimizer.init(p),
-            ref_params=reference_copy(p, reference_dtype) if with_reference else None,
-            reward_params=rp,
-            rng=key,
-            aux=aux(p) if callable(aux) else ax,
-        )
-
-    shapes = jax.eval_shape(build, params, rng, reward_params, aux_tree)
+    build = train_state_builder(
+        optimizer,
+        with_reference=with_reference,
+        reference_dtype=reference_dtype,
+        aux=aux,
+        base_dtype=base_dtype,
+    )
+    shapes = jax.eval_shape(build, params, rng, reward_params, aux_tree, base)
     shardings = state_shardings(
         shapes,
         param_shardings,
@@ -240,9 +270,27 @@ def create_train_state(
         mesh,
         reward_param_shardings=reward_param_shardings,
         aux_shardings=aux_shardings,
+        base_shardings=base_shardings,
     )
-    state = jax.jit(build, out_shardings=shardings)(params, rng, reward_params, aux_tree)
+    state = jax.jit(build, out_shardings=shardings)(params, rng, reward_params, aux_tree, base)
     return state, shardings
+
+
+def policy_params(state: TrainState):
+    """The params the model functions take for the policy: `state.params`, or with LoRA the base with
+    the adapters attached (`grpo_jax.models.lora.attach`)."""
+    return attach(state.base, state.params)
+
+
+def reference_params(state: TrainState):
+    """π_ref's params: `state.ref_params`; with LoRA the base alone (no copy: the adapters off), or the
+    base with the reference's own adapters once an iterative-GRPO reset made them differ. None: no
+    reference."""
+    if state.base is None:
+        return state.ref_params
+    if state.ref_params is None:
+        return state.base.params
+    return attach(state.base, state.ref_params)
 
 
 def reference_copy(params, dtype=None):
@@ -264,3 +312,17 @@ def reset_reference(state: TrainState) -> TrainState:
         return state
     ref = jax.tree_util.tree_map(lambda p, r: _copy_as(p, r.dtype), state.params, state.ref_params)
     return state.replace(ref_params=ref)
+
+
+STATE_PARTS = ("params", "opt_state", "ref_params", "base", "reward_params", "aux")
+
+
+def state_bytes(state: TrainState) -> dict[str, int]:
+    """Bytes of each part of a train state (`STATE_PARTS`: the trainable params, the optimizer state, the
+    reference, a LoRA stage's frozen base, reward models, stage extras such as PPO's critic) and their
+    `total`: the arrays' global sizes, whatever their sharding (a replicated array counts once)."""
+    sizes = {
+        part: sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(getattr(state, part)))
+        for part in STATE_PARTS
+    }
+    return dict(sizes, total=sum(sizes.values()))

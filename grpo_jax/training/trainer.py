@@ -61,6 +61,7 @@ from grpo_jax.training.compilation import compile_count, enable_persistent_cache
 from grpo_jax.training.evaluator import Evaluator
 from grpo_jax.training.stages import INIT_BASE, INIT_PREVIOUS, STAGE_KINDS, stage_kind
 from grpo_jax.training.stages.base import stage_dir
+from grpo_jax.training.state import state_bytes
 
 
 class TrainingError(RuntimeError):
@@ -209,6 +210,9 @@ class Run:
         reference_from = stage.reference_from if state.ref_params is not None else None
         if reference_from is not None:
             state = state.replace(ref_params=None)
+        # A LoRA stage's base is never stored (TrainState.base is not a checkpointed field): the
+        # checkpoint names where it comes from and its fingerprint instead.
+        lora = {"lora": stage.lora_checkpoint_info()} if stage.lora is not None else {}
         extra = dict(
             stage_index=stage.index,
             stage=stage.name,
@@ -222,6 +226,7 @@ class Run:
             stage_done=done,
             nonfinite_in_a_row=nonfinite,
             reference_from=reference_from,
+            **lora,
         )
         self.checkpointer.save(
             self.offsets[stage.name] + stage_step, state, extra=extra, metrics=eval_metrics, force=done
@@ -250,6 +255,7 @@ def validate_stages(config) -> list[str]:
                 f"config.{name}.init_from={source!r}: expected 'previous', 'base' or an earlier stage "
                 f"of {stages[:index]}"
             )
+        setup.check_stage_lora(config, name, STAGE_KINDS[stage_kind(name)].trains_weights)
         if source == INIT_PREVIOUS and index > 0:
             source = stages[index - 1]
         if (
@@ -531,9 +537,13 @@ def run_stage(run: Run, index: int, resume: dict | None) -> None:
     try:
         state, shardings = stage.build(run.init_params(index))
         run.release_start_params(index)
-        stage.reference_from = run.start_source(index) if state.ref_params is not None else None
+        # With LoRA a stored reference is adapters of its own, never equal to the start's result.
+        equals_start = state.ref_params is not None and state.base is None
+        stage.reference_from = run.start_source(index) if equals_start else None
+        stage.set_base(state)
         stage_step, nonfinite = 0, 0
         if resume is not None:
+            stage.check_resume(resume)
             # A reference the checkpoint did not store (see `Run.save`) is the one just built from the
             # stage's start; anything else comes from the checkpoint.
             stage.reference_from = resume.get("reference_from")
@@ -553,7 +563,7 @@ def run_stage(run: Run, index: int, resume: dict | None) -> None:
             stage_step, nonfinite = int(extra["stage_step"]), extra.get("nonfinite_in_a_row", 0)
         last_eval = (-1, None)
         if stage_step == 0 and evaluates and sc.get("eval_at_start", False):
-            last_eval = (0, _evaluate(run, name, state.params, 0))
+            last_eval = (0, _evaluate(run, name, stage.sampler_params(state), 0))
         eval_every = sc.get("eval_every", 0)
         with ProgressBar(sc.steps, desc=name, initial=stage_step, disable=not run.config.progress_bar) as bar:
             while stage_step < sc.steps:
@@ -570,7 +580,7 @@ def run_stage(run: Run, index: int, resume: dict | None) -> None:
                 nonfinite = _check_nonfinite(run, name, m, nonfinite, stage_step)
                 eval_metrics, postfix = None, stage.progress(m)
                 if eval_now and evaluates:
-                    eval_metrics = _evaluate(run, name, state.params, stage_step)
+                    eval_metrics = _evaluate(run, name, stage.sampler_params(state), stage_step)
                     last_eval = (stage_step, eval_metrics)
                     postfix["acc"] = eval_metrics["eval/accuracy"]
                 bar.update(1, **postfix)
@@ -584,13 +594,14 @@ def run_stage(run: Run, index: int, resume: dict | None) -> None:
         eval_metrics = last_eval[1]
         if last_eval[0] != stage_step:
             eval_metrics = (
-                _evaluate(run, name, state.params, stage_step)
+                _evaluate(run, name, stage.sampler_params(state), stage_step)
                 if evaluates and sc.get("eval_at_end", True)
                 else None
             )
-        run.stage_summaries[name] = stage.finish(state)
+        run.stage_summaries[name] = dict(stage.finish(state), train_state_bytes=state_bytes(state))
         result = stage.result(state)
         run.save_result(name, result)
+        stage.save_adapters(state)
         run.save(stage, state, stage_step, done=True, eval_metrics=eval_metrics, nonfinite=nonfinite)
         run.previous = (name, result)
     finally:

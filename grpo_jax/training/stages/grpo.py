@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from grpo_jax import models, sharding
+from grpo_jax import sharding
 from grpo_jax.algorithms import zero_variance_groups
 from grpo_jax.training import refill, setup
 from grpo_jax.training.grpo_step import make_grpo_step, outcome_rewards
@@ -61,18 +61,22 @@ class GRPOStage(RolloutStage):
             history = run.stage(sc.reward_model_from).pairs()
             self.retrainer = RewardModelRetrainer(self, history, reward_shardings["reward_model"])
             aux, aux_shardings = self.retrainer.aux(reward_params["reward_model"])
+        params, param_shardings, base = self.trainable_start(params)
+        # With LoRA the reference is the base itself; only an iterative-GRPO reset needs adapters of its own.
+        with_reference = grpo.kl_coef > 0 and (self.lora is None or grpo.reference_reset_every > 0)
         state, shardings = create_train_state(
             params,
             optimizer,
             run.mesh,
-            models.model_param_shardings(run.mesh, run.model_config),
+            param_shardings,
             rng=self.state_rng(),
-            with_reference=grpo.kl_coef > 0,
+            with_reference=with_reference,
             reference_dtype=sc.get("reference_dtype") or None,
             reward_params=reward_params,
             reward_param_shardings=reward_shardings,
             aux=aux,
             aux_shardings=aux_shardings,
+            **base,
         )
         self.build_host_rewards()
         self.step_verifier = None

@@ -33,6 +33,7 @@ class PPOStage(RolloutStage):
         optimizer = make_optimizer(opt_config)
         value_optimizer = make_value_optimizer(ppo, opt_config)
         reward_params, reward_shardings = self.reward_params()
+        params, param_shardings, base = self.trainable_start(params)
         state, shardings = create_ppo_state(
             params,
             optimizer,
@@ -40,10 +41,12 @@ class PPOStage(RolloutStage):
             run.mesh,
             run.model_config,
             rng=self.state_rng(),
-            with_reference=ppo.kl_coef > 0,
+            with_reference=ppo.kl_coef > 0 and self.lora is None,  # LoRA: the reference is the base
             reference_dtype=sc.get("reference_dtype") or None,
             reward_params=reward_params,
             reward_param_shardings=reward_shardings,
+            param_shardings=param_shardings,
+            **base,
         )
         self.build_host_rewards()
         self.step_fn = make_ppo_step(

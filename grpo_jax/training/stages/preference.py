@@ -23,6 +23,8 @@ from grpo_jax.data.preferences import (
     preference_length_stats,
     synthetic_preference_pairs,
 )
+from grpo_jax.models.lora import attach_backbone
+from grpo_jax.rewards.reward_model import init_reward_head
 from grpo_jax.training import setup
 from grpo_jax.training.preference_steps import (
     init_rm_params_from,
@@ -33,7 +35,12 @@ from grpo_jax.training.preference_steps import (
     rm_param_shardings,
 )
 from grpo_jax.training.stages.base import Stage, host_metrics, register_stage
-from grpo_jax.training.state import create_train_state, learning_rate_schedule, make_optimizer
+from grpo_jax.training.state import (
+    create_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+    reference_params,
+)
 
 PAIR_KEYS = tuple(
     f"{side}_{part}" for side in ("chosen", "rejected") for part in ("tokens", "attention_mask", "loss_mask")
@@ -126,15 +133,27 @@ class RewardModelStage(PreferenceStage):
     params; its result goes into later GRPO stages' `TrainState.reward_params` (`reward_model_from`)."""
 
     produces_policy = False
+    attach_fn = staticmethod(attach_backbone)  # LoRA: the adapters are the backbone's; the head is trained
 
     def build(self, params):
         run = self.run
         self.build_data()
         opt_config, optimizer = self.optimizer()
-        shardings = rm_param_shardings(run.mesh, run.model_config)
-        rm_params = init_rm_params_from(params, run.model_config, jax.random.key(run.config.seed + 3))
+        head_rng = jax.random.key(run.config.seed + 3)
+        base = {}
+        if self.lora is None:
+            shardings = rm_param_shardings(run.mesh, run.model_config)
+            rm_params = init_rm_params_from(params, run.model_config, head_rng)
+        else:
+            adapters, adapter_shardings, base = self.trainable_start(params)
+            replicated = sharding.replicated(run.mesh)
+            shardings = {"backbone": adapter_shardings, "head": {"kernel": replicated, "bias": replicated}}
+            rm_params = {
+                "backbone": adapters,
+                "head": init_reward_head(run.model_config.hidden_size, head_rng),
+            }
         state, state_shardings = create_train_state(
-            rm_params, optimizer, run.mesh, shardings, rng=self.state_rng(), with_reference=False
+            rm_params, optimizer, run.mesh, shardings, rng=self.state_rng(), with_reference=False, **base
         )
         self.step_fn = make_rm_step(
             run.model_config,
@@ -156,7 +175,11 @@ class RewardModelStage(PreferenceStage):
         return shapes, rm_param_shardings(run.mesh, run.model_config)
 
     def heldout_metrics(self, state):
-        return {f"heldout/{k}": float(v) for k, v in self.evaluate(state.params, self.heldout).items()}
+        metrics = self.evaluate(self.policy_params(state), self.heldout)
+        return {f"heldout/{k}": float(v) for k, v in metrics.items()}
+
+    def policy_params(self, state):
+        return attach_backbone(state.base, state.params)
 
     def progress(self, metrics):
         return {"loss": metrics["loss"], "pair_acc": metrics["rm/accuracy"]}
@@ -177,14 +200,16 @@ class DPOStage(PreferenceStage):
         run, sc = self.run, self.config
         self.build_data()
         opt_config, optimizer = self.optimizer()
+        params, param_shardings, base = self.trainable_start(params)
         state, state_shardings = create_train_state(
             params,
             optimizer,
             run.mesh,
-            models.model_param_shardings(run.mesh, run.model_config),
+            param_shardings,
             rng=self.state_rng(),
-            with_reference=True,
+            with_reference=self.lora is None,  # LoRA: the reference is the base
             reference_dtype=sc.get("reference_dtype") or None,
+            **base,
         )
         chunk = run.config.logprob_chunk_size
         self.step_fn = make_dpo_step(
@@ -203,7 +228,7 @@ class DPOStage(PreferenceStage):
         return state, state_shardings
 
     def heldout_metrics(self, state):
-        metrics = self.evaluate(state.params, state.ref_params, self.heldout)
+        metrics = self.evaluate(self.policy_params(state), reference_params(state), self.heldout)
         return {f"heldout/{k}": float(v) for k, v in metrics.items()}
 
     def progress(self, metrics):

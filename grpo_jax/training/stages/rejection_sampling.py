@@ -83,6 +83,7 @@ def preference_pairs_from_candidates(rows: list[dict], *, seed: int) -> list[dic
 @register_stage("rejection_sampling")
 class RejectionSamplingStage(RolloutStage):
     batch_field = "prompts_per_step"
+    trains_weights = False  # samples a frozen policy: nothing to put on adapters
 
     @staticmethod
     def algo(stage_config):

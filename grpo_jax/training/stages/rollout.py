@@ -209,9 +209,10 @@ class RolloutStage(Stage):
         The placed batch carries `example_index`, so each rollout row's example is read from the same
         global layout as its tokens (`local_rollout`)."""
         placed = sharding.shard_batch({k: prompts[k] for k in PROMPT_KEYS}, self.run.mesh)
+        params = self.rollout_params if self.rollout_params is not None else self.sampler_params(state)
         rollout = sampling.generate(
             self.run.model_config,
-            state.params,
+            params,
             placed["prompt_tokens"],
             placed["prompt_mask"],
             jax.random.fold_in(state.rng, state.step) if rng is None else rng,
@@ -263,9 +264,17 @@ class RolloutStage(Stage):
             prompt_truncated_frac=global_mean(prompts["prompt_truncated"]),
         )
 
+    # The sampler's params for the current step's rollouts (LoRA: merged once per step, however many
+    # rounds `collect` samples), dropped before the update so a merged copy is not held through it.
+    rollout_params = None
+
     def train_step(self, state, global_step):
         t0 = time.time()
-        batch, logged = self.collect(state, global_step)
+        self.rollout_params = self.sampler_params(state)
+        try:
+            batch, logged = self.collect(state, global_step)
+        finally:
+            self.rollout_params = None
         batch.update(self.debug_switches(global_step))
         state, step_metrics = self.step_fn(state, batch)
         state, more = self.after_update(state)

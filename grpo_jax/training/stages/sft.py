@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from grpo_jax import models, sharding
+from grpo_jax import sharding
 from grpo_jax.data.pipeline import make_sft_dataset, sft_length_stats
 from grpo_jax.training import setup
 from grpo_jax.training.sft_step import make_sft_eval, make_sft_step
@@ -53,13 +53,9 @@ class SFTStage(Stage):
         )
         opt_config = setup.optimizer_config(sc, sc.steps)
         optimizer = make_optimizer(opt_config)
+        params, param_shardings, base = self.trainable_start(params)
         state, shardings = create_train_state(
-            params,
-            optimizer,
-            run.mesh,
-            models.model_param_shardings(run.mesh, run.model_config),
-            rng=self.state_rng(),
-            with_reference=False,
+            params, optimizer, run.mesh, param_shardings, rng=self.state_rng(), with_reference=False, **base
         )
         self.step_fn = make_sft_step(
             run.model_config,
@@ -100,4 +96,5 @@ class SFTStage(Stage):
         return state, m
 
     def heldout_metrics(self, state):
-        return {f"heldout/{k}": float(v) for k, v in self.heldout_loss(state.params, self.heldout).items()}
+        metrics = self.heldout_loss(self.policy_params(state), self.heldout)
+        return {f"heldout/{k}": float(v) for k, v in metrics.items()}
