@@ -16,7 +16,7 @@ quickstart's. What is measured is the step, not learning: the model starts rando
 
 import ml_collections
 
-from grpo_jax.config_utils import sibling_config
+from grpo_jax.config_utils import quickstart_first_recipe, sibling_config
 
 SETTINGS = {
     "small": dict(num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=688),
@@ -27,7 +27,7 @@ SETTINGS = {
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in (None, "large", "runlocal"):
         raise ValueError(f"configs/bench_trl_d.py: unknown variant {arg!r} (known: large, runlocal)")
-    c = sibling_config(__file__, "quickstart.py")
+    c = quickstart_first_recipe(sibling_config(__file__, "quickstart.py"))
     c.max_prompt_len = 32
     c.max_new_tokens = 64
     c.logprob_chunk_size = 96

@@ -15,13 +15,13 @@ early), so three arms and three seeds fit in about an hour on a 2-core CPU.
 
 import ml_collections
 
-from grpo_jax.config_utils import sibling_config
+from grpo_jax.config_utils import quickstart_first_recipe, sibling_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in (None, "runlocal"):
         raise ValueError(f"configs/compare_rl.py: unknown variant {arg!r} (known: runlocal)")
-    c = sibling_config(__file__, "quickstart.py", arg)
+    c = quickstart_first_recipe(sibling_config(__file__, "quickstart.py", arg), arg)
     c.ppo = sibling_config(__file__, "ppo_baseline.py", arg).ppo
     c.grpo_process = sibling_config(__file__, "quickstart_process.py", arg).grpo
     c.stages = ("sft", "grpo", "ppo", "grpo_process")

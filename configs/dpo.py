@@ -10,7 +10,7 @@ answer, wrong step, broken tags; `grpo_jax.data.preferences.synthetic_preference
 
 import ml_collections
 
-from grpo_jax.config_utils import sibling_config
+from grpo_jax.config_utils import quickstart_first_recipe, sibling_config
 
 
 def dpo_section(**overrides) -> ml_collections.ConfigDict:
@@ -41,7 +41,7 @@ def dpo_section(**overrides) -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in (None, "runlocal"):
         raise ValueError(f"configs/dpo.py: unknown variant {arg!r} (known: runlocal)")
-    c = sibling_config(__file__, "quickstart.py", arg)
+    c = quickstart_first_recipe(sibling_config(__file__, "quickstart.py", arg), arg)
     c.stages = ("sft", "dpo")
     del c["grpo"]
     c.dpo = dpo_section()

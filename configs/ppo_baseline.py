@@ -11,7 +11,7 @@ token, GAE(γ=1, λ=0.95) and a clipped value loss. `:runlocal` shrinks it to a 
 import ml_collections
 
 from grpo_jax.algorithms.ppo_config import PPOConfig
-from grpo_jax.config_utils import sibling_config
+from grpo_jax.config_utils import quickstart_first_recipe, sibling_config
 
 
 def ppo_section(grpo_section: ml_collections.ConfigDict, **algo) -> ml_collections.ConfigDict:
@@ -36,7 +36,7 @@ def ppo_section(grpo_section: ml_collections.ConfigDict, **algo) -> ml_collectio
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in (None, "runlocal"):
         raise ValueError(f"configs/ppo_baseline.py: unknown variant {arg!r} (known: runlocal)")
-    c = sibling_config(__file__, "quickstart.py", arg)
+    c = quickstart_first_recipe(sibling_config(__file__, "quickstart.py", arg), arg)
     c.stages = ("sft", "ppo")
     c.ppo = ppo_section(c.grpo)
     del c["grpo"]

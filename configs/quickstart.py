@@ -3,9 +3,17 @@
     python scripts/train.py --config=configs/quickstart.py --workdir=workdirs/quickstart
 
 A tiny Llama-style model (0.6M params) learns 1-2 digit column addition with a written-out chain of
-thought (`<think> 8+4+0=12 , 5+6+1=12 </think> <answer> 122 </answer>`) from a short SFT on a small set
-of demonstrations; GRPO with the DeepSeek-R1 rule rewards (format + exact answer) then raises its
-held-out greedy accuracy. Nothing is downloaded; the held-out split is never trained on.
+thought (`<think> 8+4+0=12 , 5+6+1=12 </think> <answer> 122 </answer>`) from a cold-start SFT on 120
+demonstrations; GRPO with the DeepSeek-R1 rule rewards (format + exact answer) then raises its held-out
+greedy accuracy. Nothing is downloaded; the held-out split is never trained on.
+
+Why this recipe (benchmarks/quickstart.md has the five seeds): the SFT runs to its plateau on a small
+set, so every seed's cold start is a confident policy (about 50-70 % held out) rather than one caught
+half-way up a steep learning curve; GRPO then samples at T = 1.0 (a confident policy's samples stay
+sensible, and a group's rewards differ more often than at low temperature) with DAPO's dynamic sampling,
+which refills each update to 16 groups whose rewards differ instead of spending it on groups that teach
+nothing. The problems are drawn by `task.seed`, so the seed changes the initialisation, data order and
+sampling but every seed is judged on the same held-out problems.
 `--config=configs/quickstart.py:runlocal` shrinks everything to a seconds-long smoke run (the tests).
 """
 
@@ -36,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             kwargs=dict(num_digits=(1, 2), operations=("+",)),
             train_size=4000,
             test_size=500,
+            seed=0,  # the problems (and held-out split) are fixed; config.seed varies init, order, sampling
             train_file="",
             test_file="",
         )
@@ -63,25 +72,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stages = ("sft", "grpo")
     c.sft = ml_collections.ConfigDict(
         dict(
-            steps=225,
+            steps=400,
             batch_size=32,
-            num_examples=1000,  # the cold-start set: a quarter of the train split
+            num_examples=120,  # the cold-start set: a few curated demonstrations, learned to a plateau
             max_len=56,
             learning_rate=3e-3,
             warmup_steps=20,
             schedule="cosine",
             weight_decay=0.0,
             max_grad_norm=1.0,
-            eval_every=225,
+            eval_every=400,
             eval_at_end=True,
-            checkpoint_every=75,
+            checkpoint_every=100,
         )
     )
     c.grpo = ml_collections.ConfigDict(
         dict(
             steps=300,
             prompts_per_step=16,
-            learning_rate=5e-5,
+            learning_rate=1e-4,
             warmup_steps=0,
             schedule="constant",
             weight_decay=0.0,
@@ -105,7 +114,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     clip_eps_low=0.2,
                     clip_eps_high=0.28,
                     loss_agg="token_mean",
-                    temperature=0.35,
+                    temperature=1.0,
+                    # DAPO's dynamic sampling: every update on 16 groups whose rewards differ
+                    dynamic_sampling=True,
+                    dynamic_sampling_refill=True,
                 )
             ),
         )

@@ -11,13 +11,13 @@ the number of step slots per completion (`process_step_rewards(max_steps=...)`);
 
 import ml_collections
 
-from grpo_jax.config_utils import sibling_config
+from grpo_jax.config_utils import quickstart_first_recipe, sibling_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in (None, "", "runlocal"):
         raise ValueError(f"configs/quickstart_process.py: unknown variant {arg!r} (known: runlocal)")
-    c = sibling_config(__file__, "quickstart.py", arg or None)
+    c = quickstart_first_recipe(sibling_config(__file__, "quickstart.py", arg or None), arg or None)
     c.grpo.algo.advantage_estimator = "process"
     c.grpo.step_verifier = "arithmetic"
     # Step slots per completion: 1-2 digit addition needs <= 2 column steps + the answer; the rest leaves

@@ -22,7 +22,7 @@ end. `:runlocal` runs every stage for a few steps on CPU (the tests run it).
 import ml_collections
 
 from grpo_jax.algorithms.config import GRPOConfig
-from grpo_jax.config_utils import sibling_config
+from grpo_jax.config_utils import quickstart_first_recipe, sibling_config
 
 LANGUAGE = ("language_consistency", 0.1, {"no_words_value": 1.0})  # a chain of digits mixes no language
 
@@ -30,7 +30,7 @@ LANGUAGE = ("language_consistency", 0.1, {"no_words_value": 1.0})  # a chain of 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in (None, "runlocal"):
         raise ValueError(f"configs/r1_pipeline.py: unknown variant {arg!r} (known: runlocal)")
-    c = sibling_config(__file__, "quickstart.py", arg)
+    c = quickstart_first_recipe(sibling_config(__file__, "quickstart.py", arg), arg)
     c.stages = ("sft", "grpo", "rejection_sampling", "rm", "sft2", "grpo_final")
     c.sft.num_examples = 500 if arg is None else c.sft.num_examples
     c.grpo.rewards = (("format", 0.2), ("accuracy", 1.0), LANGUAGE)

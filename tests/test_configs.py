@@ -181,3 +181,25 @@ def test_get_config_takes_an_optional_variant(path):
         assert parameters[0].default is None
         with pytest.raises(ValueError):  # a mistyped variant must not silently give the full config
             _load(path).get_config("no-such-variant")
+
+
+@pytest.mark.parametrize(
+    "name", ["r1_pipeline.py", "compare_rl.py", "ppo_baseline.py", "dpo.py", "quickstart_process.py"]
+)
+def test_configs_with_committed_results_keep_the_quickstarts_first_recipe(name):
+    """The quickstart's recipe moved on; the configs whose committed results were made with its first
+    recipe keep it (config_utils.QUICKSTART_FIRST_RECIPE), so their commands reproduce them."""
+    from grpo_jax.config_utils import QUICKSTART_FIRST_RECIPE, sibling_config
+
+    quickstart = sibling_config(str(CONFIG_DIR / "x"), "quickstart.py").to_dict()
+    derived = sibling_config(str(CONFIG_DIR / "x"), name).to_dict()
+
+    def at(d, key):
+        for part in key.split("."):
+            d = d.get(part, {}) if isinstance(d, dict) else {}
+        return d
+
+    pinned = dict(QUICKSTART_FIRST_RECIPE, **{"sft.steps": 225})
+    assert all(at(quickstart, k) != v for k, v in pinned.items())
+    present = {k: at(derived, k) for k in pinned if at(derived, k) != {}}
+    assert len(present) >= 2 and present == {k: pinned[k] for k in present}
