@@ -36,6 +36,7 @@ QUICKSTART_FIRST_SIZES = {
     "sft.num_examples": 1000,
     "sft.eval_every": 225,
     "sft.checkpoint_every": 75,
+    "grpo.steps": 300,
 }
 
 
