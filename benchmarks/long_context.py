@@ -213,9 +213,12 @@ def run_tpu(args) -> dict:
 def merge_tpu(old: dict | None, new: dict) -> dict:
     """`new`'s points added to `old`'s (a rerun point replaces its twin) when both ran the same setting:
     several invocations, e.g. one per topology, make one table."""
-    same = lambda a, b: {k: v for k, v in a.items() if k != "mesh"} == {  # noqa: E731
-        k: v for k, v in b.items() if k != "mesh"
-    }
+    same = lambda a, b: (
+        {k: v for k, v in a.items() if k != "mesh"}
+        == {  # noqa: E731
+            k: v for k, v in b.items() if k != "mesh"
+        }
+    )
     if not old or not same(old.get("setting", {}), new["setting"]):
         return new
     key = lambda p: (p["topology"], p["length"], p["impl"])  # noqa: E731
@@ -264,8 +267,9 @@ def render(report: dict) -> str:
         lines += [
             "## Ahead of time on TPU slices: Qwen2.5-7B, P = 1024 + L",
             "",
-            "Made by " + ", ".join(f"`{c}`" for c in tpu.get("commands", [tpu.get("command", "")]))
-            + f". Mesh {s['mesh']} (-1: the devices left over), {s['prompts']} prompts × G = {s['num_generations']}, "
+            "Made by "
+            + ", ".join(f"`{c}`" for c in tpu.get("commands", [tpu.get("command", "")]))
+            + f". {s['prompts']} prompts × G = {s['num_generations']}, "
             f"{s['num_minibatches']} minibatches, remat `{s['remat']}`, attention blocks "
             f"{s['attention_block_size']}, logprob chunks {s['logprob_chunk_size']}. Per-chip peak from the "
             "TPU compiler (a program that does not fit fails to compile and reports what it needed).",
@@ -281,7 +285,8 @@ def render(report: dict) -> str:
                 continue
             mesh = ", ".join(str(p["mesh"][a]) for a in ("data", "fsdp", "tensor"))
             lines.append(
-                f"| {p['topology']} | {mesh} | {p['length']} | {p['impl']} | {'yes' if p['fits'] else 'no'} | "
+                f"| {p['topology']} | {mesh} | {p['length']} | {p['impl']} | "
+                f"{'yes' if p['fits'] else 'no'} | "
                 f"{_gib(p['peak_bytes_per_device'])} | {_gib(p['hbm_bytes_per_device'])} |"
             )
         lines.append("")

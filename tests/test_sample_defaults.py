@@ -86,7 +86,7 @@ def test_run_sampling_settings_follow_the_checkpoints_stage(stage, expected):
 
 def test_shipped_configs_give_their_rollout_settings():
     quickstart = run_sampling_settings(_load_config("quickstart"))
-    assert (quickstart.temperature, quickstart.top_p, quickstart.top_k) == (0.35, 1.0, 0)
+    assert (quickstart.temperature, quickstart.top_p, quickstart.top_k) == (1.0, 1.0, 0)
     r1 = _load_config("r1_pipeline")
     assert run_sampling_settings(r1, "grpo_final").temperature == r1.grpo_final.algo.temperature
     assert run_sampling_settings(_load_config("ppo_baseline")).source == "config.ppo of the run"
