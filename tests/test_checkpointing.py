@@ -343,3 +343,25 @@ def test_restore_checks_fingerprint_and_missing_checkpoints(setup, tmp_path):
     with pytest.raises(ValueError, match="JSON-serialisable"):
         checkpointer.save(3, _small_state(setup), extra={"bad": object()})
     checkpointer.close()
+
+
+def test_abandoned_read_reports_are_dropped_and_nothing_else():
+    """The asyncio records abandoned reads leave behind after a damaged restore, in each form seen
+    (orbax's wrapper, TensorStore's bare read error), are dropped; other errors still get through."""
+    from grpo_jax import orbax_adapters
+
+    def record(error):
+        return logging.LogRecord(
+            "asyncio", logging.ERROR, __file__, 1, "Future exception was never retrieved", None,
+            (type(error), error, None),
+        )  # fmt: skip
+
+    noise = (
+        ValueError('OUT_OF_RANGE: Error reading "params.layers.q/0.0.0.0" in OCDBT database at x'),
+        ValueError("Encountered error while reading array index: (0,) of params"),
+        RuntimeError("Event loop is closed"),
+    )
+    kept = (ValueError("shapes (3,) and (4,) differ"), RuntimeError("Error reading: boom"))
+    drop = orbax_adapters._DropAbandonedReads()
+    assert [drop.filter(record(error)) for error in noise] == [False] * len(noise)
+    assert [drop.filter(record(error)) for error in kept] == [True] * len(kept)
