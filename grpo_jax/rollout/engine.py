@@ -60,6 +60,7 @@ class EngineStats:
     peak_pages_in_use: jax.Array  # most pages held at once (prompts + samples)
     page_errors: jax.Array  # with check_pages: Σ over iterations of pages without exactly one owner
     pool_underflows: jax.Array  # iterations that asked an empty pool for a page (0 with this sizing)
+    pages_taken: jax.Array  # pages popped from the pool over the run (> the pool's sample pages: reuse)
     iterations: jax.Array  # loop iterations = batched decode steps over the S slots
     prompt_pages: jax.Array  # B · P_pages
 
@@ -87,6 +88,7 @@ class EngineState:
     peak_in_use: jax.Array
     page_errors: jax.Array
     underflows: jax.Array
+    pages_taken: jax.Array
 
 
 def _constrain(x, mesh, axis=0):
@@ -283,6 +285,7 @@ def _engine_body(
             iterations=st.iterations + 1,
             peak_in_use=jnp.maximum(st.peak_in_use, num_pages - pool.free_count),
             underflows=st.underflows + (pool.free_count < 0),
+            pages_taken=st.pages_taken + jnp.sum(need, dtype=jnp.int32),
         )
         if check_pages:  # every page has exactly one owner: the pool, one live sample, or one live prompt
             counts = paged_cache.page_holders(new.pool, *held_pages(new))
@@ -311,6 +314,7 @@ def _engine_body(
         peak_in_use=jnp.asarray(num_prompt_pages, jnp.int32),
         page_errors=zero,
         underflows=zero,
+        pages_taken=zero,
     )
     state = jax.lax.while_loop(lambda st: (st.next_item < n) | jnp.any(st.item < n), body, state)
     rollout = sampling.Rollout(
@@ -330,6 +334,7 @@ def _engine_body(
         peak_pages_in_use=state.peak_in_use,
         page_errors=state.page_errors,
         pool_underflows=state.underflows,
+        pages_taken=state.pages_taken,
         iterations=state.iterations,
         prompt_pages=jnp.asarray(num_prompt_pages, jnp.int32),
     )
