@@ -92,12 +92,11 @@ def _assert_pages_accounted(stats, *, batch, prompt_len, slots):
 @pytest.mark.parametrize(
     "setting, num_slots",
     [
-        ("greedy_g1", None),  # S = N = 4
-        ("greedy_g1", 3),
+        ("greedy_g1", 3),  # S < N = 4
         ("sampled_g4", None),  # S = N = 16
         ("sampled_g4", 5),
         ("top_p_top_k_g4", 1),  # one slot: every item decoded after the previous one
-        ("top_p_top_k_g4", 6),
+        # top-p/top-k with S = 8 < N on a 2x2x2 mesh: test_engine_on_a_2x2x2_mesh_...
     ],
 )
 def test_engine_equals_the_static_sampler(params, static_rollouts, setting, num_slots):
@@ -132,6 +131,28 @@ def test_engine_equals_the_static_sampler(params, static_rollouts, setting, num_
         assert (stats.prompt_pages, stats.num_pages) == (4 * 2, 4 * 2 + 16 * 3)  # ceil(6/4), ceil(11/4)
     if setting == "top_p_top_k_g4" and num_slots == 1:  # pages freed by a finished row are reused
         assert stats.pages_taken > stats.num_pages - stats.prompt_pages
+
+
+def test_one_compilation_per_config(params):
+    """Another key and other prompts of the same shapes reuse the program the test above compiled."""
+    tokens, mask = _prompts()
+    before = engine._generate._cache_size()
+    out = engine.generate(
+        CONFIG,
+        params,
+        tokens[::-1].copy(),
+        mask[::-1].copy(),
+        jax.random.key(11),
+        max_new_tokens=LENGTH,
+        eos_id=EOS,
+        stop_ids=STOPS,
+        num_slots=5,
+        page_size=PAGE,
+        check_pages=True,
+        **SETTINGS["sampled_g4"],
+    )
+    assert int(out.mask.sum()) > 0
+    assert engine._generate._cache_size() == before
 
 
 def test_the_reference_exercises_early_and_late_stops(static_rollouts):
@@ -170,22 +191,25 @@ def test_engine_on_a_2x2x2_mesh_equals_the_single_device_static_sampler(params, 
 
 
 def test_page_pool_pop_push_and_the_owner_count():
+    pop, push, holders = (
+        jax.jit(f) for f in (paged_cache.pop_pages, paged_cache.push_pages, paged_cache.page_holders)
+    )
     pool = paged_cache.pool_with_free(6, 2)  # pages 0, 1 in use (say, a prompt's), 2..5 free
-    pool, pages = paged_cache.pop_pages(pool, jnp.array([True, False, True]))
+    pool, pages = pop(pool, jnp.array([True, False, True]))
     pages = np.asarray(pages)
     assert pages[1] == 6 and set(pages[[0, 2]].tolist()) <= {2, 3, 4, 5} and pages[0] != pages[2]
     assert int(pool.free_count) == 2
     held = jnp.array([0, 1, pages[0], pages[2]])
-    counts = paged_cache.page_holders(pool, held, jnp.ones(4, bool))
+    counts = holders(pool, held, jnp.ones(4, bool))
     np.testing.assert_array_equal(np.asarray(counts), np.ones(6))
     # The check can fail: a page held twice, or held and free at once, or lost.
-    twice = paged_cache.page_holders(pool, jnp.array([0, 1, pages[0], pages[0]]), jnp.ones(4, bool))
+    twice = holders(pool, jnp.array([0, 1, pages[0], pages[0]]), jnp.ones(4, bool))
     assert sorted(np.asarray(twice).tolist()) == [0, 1, 1, 1, 1, 2]
-    pool = paged_cache.push_pages(pool, jnp.array([pages[2], 0, pages[0]]), jnp.array([True, False, True]))
+    pool = push(pool, jnp.array([pages[2], 0, pages[0]]), jnp.array([True, False, True]))
     assert int(pool.free_count) == 4
-    counts = paged_cache.page_holders(pool, jnp.array([0, 1]), jnp.ones(2, bool))
+    counts = holders(pool, jnp.array([0, 1]), jnp.ones(2, bool))
     np.testing.assert_array_equal(np.asarray(counts), np.ones(6))
-    pool, _ = paged_cache.pop_pages(pool, jnp.ones(5, bool))  # one more than the pool holds
+    pool, _ = pop(pool, jnp.ones(5, bool))  # one more than the pool holds
     assert int(pool.free_count) == -1
 
 
@@ -217,13 +241,13 @@ def test_sampler_fn_reads_the_switch_and_rejects_bad_settings():
 
 def test_the_config_switch_routes_a_rollout_stage_through_the_engine(params, monkeypatch):
     """RolloutStage.rollout (grpo, ppo, rejection sampling) samples through the engine when
-    config.sampler = "engine" and through the static sampler when "static" (spies count the calls)."""
+    config.sampler = "engine" and through the static sampler when "static", with the same settings
+    (spies stand in for both; that the two give the same Rollout is tested above)."""
     calls = {"static": [], "engine": []}
-    real = engine.generate_with_stats
 
     def engine_spy(*args, **kwargs):
         calls["engine"].append(kwargs)
-        return real(*args, **kwargs)
+        return "engine rollout", None
 
     def static_spy(*args, **kwargs):
         calls["static"].append(kwargs)
@@ -255,6 +279,8 @@ def test_the_config_switch_routes_a_rollout_stage_through_the_engine(params, mon
         )
         _, rollouts[name] = RolloutStage.rollout(stage, state, prompts, 4, 1.0)
         assert len(calls[name]) == 1 and sum(map(len, calls.values())) == 1 + (name == "engine")
-    assert rollouts["static"] == "static rollout"
-    assert calls["engine"][0]["num_slots"] == 3 and calls["engine"][0]["page_size"] == PAGE
-    assert rollouts["engine"].tokens.shape == (16, LENGTH) and int(rollouts["engine"].mask.sum()) > 0
+    assert rollouts == {"static": "static rollout", "engine": "engine rollout"}
+    kwargs = calls["engine"][0]
+    assert (kwargs["num_slots"], kwargs["page_size"], kwargs["num_samples"]) == (3, PAGE, 4)
+    assert kwargs["max_new_tokens"] == LENGTH and kwargs["eos_id"] == EOS
+    assert {k: v for k, v in kwargs.items() if k not in ("num_slots", "page_size")} == calls["static"][0]

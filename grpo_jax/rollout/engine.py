@@ -58,7 +58,8 @@ class EngineStats:
     num_pages: jax.Array  # pages in the pool (prompt pages + the slots' worst case)
     free_pages: jax.Array  # pages in the pool when the loop ended
     peak_pages_in_use: jax.Array  # most pages held at once (prompts + samples)
-    page_errors: jax.Array  # with check_pages: Σ over iterations of pages without exactly one owner
+    page_errors: jax.Array  # with check_pages: Σ over iterations of pages without exactly one owner and
+    # of live samples whose prompt's pages were returned
     pool_underflows: jax.Array  # iterations that asked an empty pool for a page (0 with this sizing)
     pages_taken: jax.Array  # pages popped from the pool over the run (> the pool's sample pages: reuse)
     iterations: jax.Array  # loop iterations = batched decode steps over the S slots
@@ -287,9 +288,12 @@ def _engine_body(
             underflows=st.underflows + (pool.free_count < 0),
             pages_taken=st.pages_taken + jnp.sum(need, dtype=jnp.int32),
         )
-        if check_pages:  # every page has exactly one owner: the pool, one live sample, or one live prompt
+        if check_pages:  # every page has exactly one owner: the pool, one live sample, or one live prompt;
+            # and a live sample's prompt is live (its pages not returned while a sample reads them)
             counts = paged_cache.page_holders(new.pool, *held_pages(new))
-            new = new.replace(page_errors=new.page_errors + jnp.sum(counts != 1, dtype=jnp.int32))
+            orphans = (new.item < n) & (new.refcount[jnp.minimum(new.item, n - 1) // g] <= 0)
+            errors = jnp.sum(counts != 1, dtype=jnp.int32) + jnp.sum(orphans, dtype=jnp.int32)
+            new = new.replace(page_errors=new.page_errors + errors)
         return new
 
     zeros = jnp.zeros((n, length), jnp.float32)
