@@ -132,6 +132,13 @@ def _prompt_hash(prompt_tokens: jax.Array, prompt_mask: jax.Array) -> jax.Array:
     return jnp.sum(mixed * jnp.uint32(0x85EBCA6B), axis=-1, dtype=jnp.uint32)
 
 
+def sample_keys(rng: jax.Array, prompt_tokens: jax.Array, prompt_mask: jax.Array, num_samples: int):
+    """Every row's random stream, keys [B * G] (prompt-major): `fold_in(fold_in(rng, hash(prompt)), j)`."""
+    prompt_keys = jax.vmap(lambda h: jax.random.fold_in(rng, h))(_prompt_hash(prompt_tokens, prompt_mask))
+    row_keys = jax.vmap(lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(jnp.arange(num_samples)))
+    return row_keys(prompt_keys).reshape(-1)
+
+
 def _block_size(vocab_size: int) -> int:
     """Tokens per block of the two-level inverse CDF: the power of two nearest above sqrt(V)."""
     return 1 << max(math.ceil(math.log2(max(vocab_size, 1)) / 2), 0)
@@ -180,7 +187,8 @@ def choose_tokens(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The sampler's token choice at decode step `step` (traceable; the sampler calls it inside its loop).
 
-    logits [N, V] float32, row_keys [N] typed PRNG keys (one stream per row). Returns (token [N] int32,
+    logits [N, V] float32, row_keys [N] typed PRNG keys (one stream per row), step a scalar or [N] (each
+    row's own token index: the rollout engine's rows are at different steps). Returns (token [N] int32,
     logprob [N], sampling_logprob [N]). `temperature=0` is argmax (logprob at temperature 1,
     sampling_logprob 0); before `min_new_tokens` the `stop_ids` cannot be chosen.
 
@@ -196,9 +204,10 @@ def choose_tokens(
     """
     vocab = logits.shape[-1]
     policy_logits = logits
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), logits.shape[:1])  # [N]: one step per row
     if min_new_tokens:
         is_stop = jnp.isin(jnp.arange(vocab), jnp.asarray(stop_ids))
-        logits = jnp.where(is_stop & (step < min_new_tokens), _NEG_INF, logits)
+        logits = jnp.where(is_stop & (steps[:, None] < min_new_tokens), _NEG_INF, logits)
     if temperature == 0.0:
         token = jnp.argmax(logits, axis=-1)
         logp_all = jax.nn.log_softmax(policy_logits, axis=-1)
@@ -212,7 +221,7 @@ def choose_tokens(
             sampling_logp_all = jax.nn.log_softmax(scaled, axis=-1)
         else:
             sampling_logp_all = logp_all
-        uniforms = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (2,)))(row_keys)
+        uniforms = jax.vmap(lambda k, t: jax.random.uniform(jax.random.fold_in(k, t), (2,)))(row_keys, steps)
         token = inverse_cdf_sample(jnp.exp(sampling_logp_all), uniforms)
         sampling_logp = jnp.take_along_axis(sampling_logp_all, token[:, None], axis=-1)[:, 0]
     logp = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
@@ -293,10 +302,7 @@ def _generate_body(
     prompt_lengths = jnp.sum(prompt_mask, axis=-1)
     next_position = fan_out(prompt_lengths, 0)
 
-    prompt_keys = jax.vmap(lambda h: jax.random.fold_in(rng, h))(_prompt_hash(prompt_tokens, prompt_mask))
-    row_keys = jax.vmap(lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(jnp.arange(num_samples)))(
-        prompt_keys
-    ).reshape(n)
+    row_keys = sample_keys(rng, prompt_tokens, prompt_mask, num_samples)
 
     choose = functools.partial(
         choose_tokens,

@@ -42,6 +42,8 @@ TOP_LEVEL_KEYS = {
     "progress_bar",
     "tensorboard",
     "compilation_cache_dir",
+    "sampler",
+    "engine",
     "task",
     "tokenizer",
     "model",
@@ -126,6 +128,7 @@ def test_config_parses_and_its_typed_pieces_validate(path, variant, token_spec):
     assert len(tuple(config.mesh)) == 3 and all(isinstance(n, int) for n in config.mesh)
     assert len(tuple(config.dcn_mesh)) == 3 and all(isinstance(n, int) and n >= 1 for n in config.dcn_mesh)
     assert config.template in TEMPLATES
+    setup.sampler_fn(config)  # config.sampler and config.engine are valid
 
     # Task: a known name; a synthetic task builds its splits, a JSONL task names its files.
     task = config.task

@@ -128,6 +128,7 @@ def evaluate(
         top_p=settings.top_p,
         top_k=settings.top_k,
         correct_fn=task.correctness,
+        generate_fn=setup.sampler_fn(config),
     )
     metrics = evaluator(params, jax.random.key(seed))
     return metrics, evaluator.last_greedy_texts, examples, step, settings

@@ -54,6 +54,7 @@ class Evaluator:
         top_k: int = 0,
         correct_fn: Callable[[str, dict], bool] | str = "math",
         mesh=None,
+        generate_fn=None,
     ):
         if not examples:
             raise ValueError("evaluation needs at least one held-out example")
@@ -67,6 +68,7 @@ class Evaluator:
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.correct_fn = CORRECTNESS[correct_fn] if isinstance(correct_fn, str) else correct_fn
         self.mesh = mesh
+        self.generate_fn = generate_fn or sampling.generate  # `setup.sampler_fn(config)`: config.sampler
         rows = [tokenize_prompt(e, tokenizer, template, max_prompt_len)[:2] for e in self.examples]
         tokens = np.stack([r[0] for r in rows])
         mask = np.stack([r[1] for r in rows])
@@ -79,7 +81,7 @@ class Evaluator:
         texts: list[list[str]] = []
         for start in range(0, len(self.prompt_tokens), self.batch_size):
             chunk = slice(start, start + self.batch_size)
-            rollout = sampling.generate(
+            rollout = self.generate_fn(
                 self.model_config,
                 params,
                 self.prompt_tokens[chunk],

@@ -7,6 +7,7 @@ fails with one clear message and leaves nothing that a resume would trust.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import os
@@ -14,7 +15,7 @@ from typing import Any
 
 import jax
 
-from grpo_jax import models, sharding
+from grpo_jax import models, sampling, sharding
 from grpo_jax.algorithms import GRPOConfig
 from grpo_jax.data.files import load_jsonl_task
 from grpo_jax.data.tasks import TASKS
@@ -22,10 +23,12 @@ from grpo_jax.data.templates import format_prompt
 from grpo_jax.inputs import canonical_dtype
 from grpo_jax.models.config import RUNTIME_FIELDS
 from grpo_jax.models.lora import LoRAConfig
+from grpo_jax.rollout import engine as rollout_engine
 from grpo_jax.tokenizers import load_tokenizer, train_sentencepiece
 from grpo_jax.training.state import OptimizerConfig
 
 TOKENIZER_FILE = "tokenizer.model"
+SAMPLERS = ("static", "engine")
 
 
 def _plain(value):
@@ -298,3 +301,23 @@ def stage_task(run, name: str) -> TaskData:
 
     stage_config = ml_collections.ConfigDict({"task": section.to_dict(), "seed": run.config.seed})
     return build_task(stage_config)
+
+
+def sampler_fn(config):
+    """The rollout implementation `config.sampler` names (docs/CONTRACTS.md), a function with
+    `sampling.generate`'s signature and result: "static" (also when the key is absent, as in the configs
+    of older workdirs) is `sampling.generate`; "engine" the rollout engine (`grpo_jax.rollout`) with
+    `config.engine.num_slots` decode slots (0: one per row) and `config.engine.page_size` tokens per page.
+    A bad name or setting raises one line naming the key."""
+    name = config.get("sampler", "static")
+    if name not in SAMPLERS:
+        raise ValueError(f"config.sampler must be one of {SAMPLERS}, got {name!r}")
+    if name == "static":
+        return sampling.generate
+    section = config.get("engine") or {}
+    num_slots, page_size = section.get("num_slots", 0), section.get("page_size", 16)
+    if not isinstance(num_slots, int) or num_slots < 0:
+        raise ValueError(f"config.engine.num_slots must be an int >= 0 (0: one per row), got {num_slots!r}")
+    if not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"config.engine.page_size must be an int >= 1, got {page_size!r}")
+    return functools.partial(rollout_engine.generate, num_slots=num_slots or None, page_size=page_size)

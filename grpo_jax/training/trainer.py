@@ -282,6 +282,7 @@ def _train(config, workdir: str, stop_requested: threading.Event) -> dict:
     start_time = time.time()
     enable_persistent_cache(config.get("compilation_cache_dir", ""))
     stages = validate_stages(config)
+    setup.sampler_fn(config)  # config.sampler / config.engine checked before anything is written
     sharding.initialize_distributed()
     task = setup.build_task(config)
     tokenizer = setup.build_tokenizer(config, task, workdir)
@@ -348,6 +349,7 @@ def _train(config, workdir: str, stop_requested: threading.Event) -> dict:
             temperature=config.eval.temperature,
             correct_fn=task.correctness,
             mesh=mesh,
+            generate_fn=setup.sampler_fn(config),
         )
         run.load_base = lambda: setup.initial_params(config, model_config, mesh)
         while True:

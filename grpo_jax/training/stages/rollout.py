@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from grpo_jax import sampling, sharding
+from grpo_jax import sharding
 from grpo_jax.data.pipeline import make_prompt_dataset, prompt_length_stats
 from grpo_jax.rewards import HOST_REWARDS, HostRewardRunner, TokenSpec, make_reward_fns
 from grpo_jax.training import setup
@@ -210,7 +210,7 @@ class RolloutStage(Stage):
         global layout as its tokens (`local_rollout`)."""
         placed = sharding.shard_batch({k: prompts[k] for k in PROMPT_KEYS}, self.run.mesh)
         params = self.rollout_params if self.rollout_params is not None else self.sampler_params(state)
-        rollout = sampling.generate(
+        rollout = setup.sampler_fn(self.run.config)(  # config.sampler: "static" or "engine"
             self.run.model_config,
             params,
             placed["prompt_tokens"],
