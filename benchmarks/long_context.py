@@ -178,7 +178,13 @@ def run_tpu(args) -> dict:
                 ]
                 start = time.time()
                 result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-                point = {"topology": topology, "length": length, "impl": impl, "wall_s": time.time() - start}
+                point = {
+                    "topology": topology,
+                    "length": length,
+                    "impl": impl,
+                    "prompts": args.prompts,
+                    "wall_s": time.time() - start,
+                }
                 if result.returncode:
                     point["error"] = result.stderr.strip()[-400:]
                 else:
@@ -211,14 +217,18 @@ def run_tpu(args) -> dict:
 
 
 def merge_tpu(old: dict | None, new: dict) -> dict:
-    """`new`'s points added to `old`'s (a rerun point replaces its twin) when both ran the same setting:
+    """`new`'s points added to `old`'s (a rerun point replaces its twin) when both ran the same setting
+    apart from the mesh and the prompts per step (a larger slice needs more rows for one per chip):
     several invocations, e.g. one per topology, make one table."""
+    per_point = ("mesh", "prompts")
     same = lambda a, b: (
-        {k: v for k, v in a.items() if k != "mesh"}
+        {k: v for k, v in a.items() if k not in per_point}
         == {  # noqa: E731
-            k: v for k, v in b.items() if k != "mesh"
+            k: v for k, v in b.items() if k not in per_point
         }
     )
+    for p in (old or {}).get("points", []):  # points from before prompts were recorded per point
+        p.setdefault("prompts", old["setting"].get("prompts"))
     if not old or not same(old.get("setting", {}), new["setting"]):
         return new
     key = lambda p: (p["topology"], p["length"], p["impl"])  # noqa: E731
@@ -269,23 +279,26 @@ def render(report: dict) -> str:
             "",
             "Made by "
             + ", ".join(f"`{c}`" for c in tpu.get("commands", [tpu.get("command", "")]))
-            + f". {s['prompts']} prompts × G = {s['num_generations']}, "
+            + f". G = {s['num_generations']} samples per prompt, "
             f"{s['num_minibatches']} minibatches, remat `{s['remat']}`, attention blocks "
             f"{s['attention_block_size']}, logprob chunks {s['logprob_chunk_size']}. Per-chip peak from the "
             "TPU compiler (a program that does not fit fails to compile and reports what it needed).",
             "",
-            "| topology | mesh (data, fsdp, tensor) | L | backend | fits | peak GiB per chip | HBM GiB |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| topology | mesh (data, fsdp, tensor) | prompts | L | backend | fits | peak GiB per chip "
+            "| HBM GiB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for p in tpu["points"]:
             if "error" in p:
                 lines.append(
-                    f"| {p['topology']} | | {p['length']} | {p['impl']} | error | | {p['error'][-60:]} |"
+                    f"| {p['topology']} | | {p.get('prompts', s['prompts'])} | {p['length']} | {p['impl']} "
+                    f"| error | | {p['error'][-60:]} |"
                 )
                 continue
             mesh = ", ".join(str(p["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+            prompts = p.get("prompts", s["prompts"])
             lines.append(
-                f"| {p['topology']} | {mesh} | {p['length']} | {p['impl']} | "
+                f"| {p['topology']} | {mesh} | {prompts} | {p['length']} | {p['impl']} | "
                 f"{'yes' if p['fits'] else 'no'} | "
                 f"{_gib(p['peak_bytes_per_device'])} | {_gib(p['hbm_bytes_per_device'])} |"
             )
