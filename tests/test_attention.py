@@ -128,13 +128,10 @@ def test_model_forward_and_logprob_gradients_with_the_chunked_backend():
             logp = models.completion_logprobs(*args, chunk_size=4)
         return jnp.sum(jnp.where(completion_mask > 0, logp, 0.0)), logp
 
+    grad = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True), static_argnums=(0, 2))
     for shared in (False, True):
-        (want, want_logp), want_grads = jax.value_and_grad(loss, argnums=1, has_aux=True)(
-            CONFIG, params, shared
-        )
-        (got, got_logp), got_grads = jax.value_and_grad(loss, argnums=1, has_aux=True)(
-            chunked, params, shared
-        )
+        (want, want_logp), want_grads = grad(CONFIG, params, shared)
+        (got, got_logp), got_grads = grad(chunked, params, shared)
         valid = np.asarray(completion_mask, bool)
         np.testing.assert_allclose(np.asarray(got_logp)[valid], np.asarray(want_logp)[valid], **TOL)
         jax.tree_util.tree_map(
@@ -159,8 +156,8 @@ def test_splash_in_interpret_mode_equals_xla_in_the_model():
             logp = models.completion_logprobs(*args, chunk_size=4)
         return jnp.sum(jnp.where(completion_mask > 0, logp, 0.0)), logp
 
+    grad = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True), static_argnums=(0, 2))
     for shared in (False, True):
-        grad = jax.value_and_grad(loss, argnums=1, has_aux=True)
         (_, want_logp), want_grads = grad(CONFIG, params, shared)
         (_, got_logp), got_grads = grad(splash, params, shared)
         np.testing.assert_allclose(np.asarray(got_logp)[valid], np.asarray(want_logp)[valid], **TOL)
