@@ -238,8 +238,8 @@ def test_gradient_matches_finite_differences():
     mb["ref_logprobs"] = completion_logprobs(CONFIG, ref, mb, temperature=1.0, chunk_size=128)
     mb["advantages"] = jnp.linspace(-1.0, 1.0, batch["completion_mask"].shape[0])
     mb["sample_weight"] = jnp.ones(batch["completion_mask"].shape[0])
-    loss = lambda p: grpo_loss(p, mb, grpo=grpo, model_config=CONFIG)[0]
-    grads = jax.grad(loss)(params)
+    loss = jax.jit(lambda p: grpo_loss(p, mb, grpo=grpo, model_config=CONFIG)[0])
+    grads = jax.jit(jax.grad(loss))(params)
     leaves = jax.tree_util.tree_leaves
     unit = lambda tree: jax.tree_util.tree_map(
         lambda x: x / jnp.sqrt(sum(jnp.vdot(y, y) for y in leaves(tree))), tree
