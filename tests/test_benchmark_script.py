@@ -145,3 +145,32 @@ def test_scripts_use_only_public_names_of_grpo_jax():
         source = (SCRIPTS / f"{name}.py").read_text()
         private = re.findall(r"\b(?:sampling|models|sharding|training|grpo_jax(?:\.\w+)*)\._\w+", source)
         assert not private, (name, private)
+
+
+def test_rollout_engine_benchmark_runs_and_its_systems_agree(capsys):
+    """benchmarks/rollout_engine.py at a tiny size: the JSON line has every system's tokens/s and cache
+    bytes, and the engine's useful tokens (and tokens) equal the static sampler's."""
+    module = _load("rollout_engine")
+    try:
+        tiny = (
+            "--prompts=2 --G=2 --prompt_len=5 --max_new_tokens=12 --mean_len=4 --static_rows=2 --page_size=4"
+        )
+        model = "--hidden_size=16 --num_layers=1 --num_heads=2 --num_kv_heads=1 --intermediate_size=32"
+        report = module.main([*tiny.split(), *model.split(), "--vocab_size=32", "--repeats=1", "--no_write"])
+    finally:
+        del sys.modules[module.__name__]
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["workload"] == "long_tailed"
+    systems = ("static", "engine_all_slots", "engine_equal_memory")
+    for name in systems:
+        for key in ("useful_tokens_per_s", "kv_cache_bytes", "speedup_vs_static", "useful_tokens"):
+            assert key in line[name], (name, key)
+        assert line[name]["useful_tokens"] == line["static"]["useful_tokens"] > 0
+    assert (line["engine_all_slots"]["slots"], line["engine_equal_memory"]["slots"]) == (
+        4,
+        1,
+    )  # pools of 11 and 8 pages of 4; static 2 x 17
+    assert line["engine_equal_memory"]["kv_cache_bytes"] <= line["static"]["kv_cache_bytes"]
+    assert all(report["systems"][name]["tokens_equal_static"] for name in systems)
+    assert report["workload"]["stop_ids"] == tuple(range(1, 9))  # p = 8/32 = 1/mean_len
+    assert "| static |" in module.render({"long_tailed": report})

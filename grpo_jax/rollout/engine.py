@@ -25,6 +25,13 @@ How it runs, in one jitted program:
   (a slot's worst case), so it never runs dry; the pages in use at any time follow the tokens really
   held (`EngineStats.peak_pages_in_use`).
 
+- Data shards: on a mesh whose data-parallel size D (the ("data", "fsdp") axes) divides B, the engine is
+  D independent sub-engines, one per data shard, run as one `jax.vmap` over a leading shard axis placed
+  over those axes (`spmd_axis_name`): shard d takes prompts [d·B/D, (d+1)·B/D), ceil(S/D) slots and a
+  pool of its own (its prompts' pages plus its slots' worst case), so a device holds its shard's pages
+  only (KV heads still over `tensor`), not the whole pool. The shards step together until the last one
+  is done. Otherwise one engine runs, its pool whole on every row shard.
+
 Positions and masks are the static sampler's: prompt positions count real tokens (`positions_from_mask`),
 token t of a sample sits at position (prompt length + t), and a slot attends to its prompt's real tokens
 and its own tokens so far; the padding between the two regions is masked.
@@ -49,6 +56,9 @@ from grpo_jax.models import (
     positions_from_mask,
 )
 from grpo_jax.rollout import paged_cache
+from grpo_jax.sharding import BATCH_AXES, data_parallel_size
+
+PartitionSpec = jax.sharding.PartitionSpec
 
 
 @flax.struct.dataclass
@@ -92,31 +102,46 @@ class EngineState:
     pages_taken: jax.Array
 
 
-def _constrain(x, mesh, axis=0):
-    """Slot- or row-major arrays: that axis over the batch axes where it divides."""
-    return sampling._constrain_rows(x, mesh, axis)
-
-
-def _constrain_pages(pages, mesh):
-    """Pages [layers, pages, page_size, K, Dh]: KV heads over `tensor` where they divide, pages whole (any
-    slot may read any page)."""
+def _shards(mesh, batch: int) -> int:
+    """D, the number of independent sub-engines: the data-parallel size of the mesh where the B prompts
+    split evenly over it, else 1 (one engine, its pool replicated over the batch axes)."""
     if mesh is None:
-        return pages
-
-    def constrain(p):
-        heads = "tensor" if p.shape[3] % mesh.shape["tensor"] == 0 else None
-        spec = jax.sharding.PartitionSpec(None, None, None, heads, None)
-        return jax.lax.with_sharding_constraint(p, jax.sharding.NamedSharding(mesh, spec))
-
-    return jax.tree_util.tree_map(constrain, pages)
+        return 1
+    d = data_parallel_size(mesh)
+    return d if batch % d == 0 else 1
 
 
-def _engine_body(
+def _constraints(mesh, sharded: bool):
+    """(constrain_slots, constrain_pages) for one sub-engine's arrays.
+
+    sharded (D > 1, traced under `jax.vmap(..., spmd_axis_name=BATCH_AXES)`): the vmapped shard axis is
+    what goes over the batch axes, so inside a shard slot-major arrays are whole and pages keep only their
+    KV heads over `tensor`; vmap adds the batch axes in front. Not sharded (one engine on a mesh): slot-
+    and row-major arrays go over the batch axes where they divide and the pages are whole on every row
+    shard (any slot may read any page)."""
+    if mesh is None:
+        return (lambda x: x), (lambda pages: pages)
+
+    def pin(x, spec):
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, PartitionSpec(*spec)))
+
+    def constrain_pages(pages):  # [layers, pages, page_size, K, Dh]
+        tensor = mesh.shape["tensor"]
+        return jax.tree_util.tree_map(
+            lambda p: pin(p, (None, None, None, "tensor" if p.shape[3] % tensor == 0 else None, None)), pages
+        )
+
+    if sharded:
+        return (lambda x: pin(x, (None,) * x.ndim)), constrain_pages
+    return (lambda x: sampling._constrain_rows(x, mesh, 0)), constrain_pages
+
+
+def _shard_engine(
     model_config,
     params,
     prompt_tokens,
     prompt_mask,
-    rng,
+    row_keys,
     *,
     num_samples,
     max_new_tokens,
@@ -126,11 +151,14 @@ def _engine_body(
     stop_ids,
     min_new_tokens,
     pad_id,
-    mesh,
     num_slots,
     page_size,
     check_pages,
+    constrain_slots,
+    constrain_pages,
 ):
+    """One engine over B prompts (one data shard's, or all of them) with its own slots, queue and page
+    pool: row_keys [B·G] are its rows' streams. -> (Rollout fields of its rows, EngineStats)."""
     batch, prompt_len = prompt_tokens.shape
     g, length = num_samples, max_new_tokens
     n, s = batch * g, num_slots
@@ -169,13 +197,12 @@ def _engine_body(
         )
         for name, c in cache.items()
     }
-    pages = _constrain_pages(pages, mesh)
+    pages = constrain_pages(pages)
     prompt_page_ids = jnp.arange(num_prompt_pages, dtype=jnp.int32).reshape(batch, prompt_pages)
     prompt_table = jnp.concatenate(
         [prompt_page_ids, jnp.full((batch, max_pages - prompt_pages), scratch, jnp.int32)], axis=1
     )
     prompt_lengths = jnp.sum(prompt_mask, axis=-1)  # [B]: position of token 0
-    row_keys = sampling.sample_keys(rng, prompt_tokens, prompt_mask, g)  # [N]
 
     choose = functools.partial(
         sampling.choose_tokens,
@@ -269,18 +296,18 @@ def _engine_body(
         )
         new = st.replace(
             next_item=st.next_item + jnp.sum(admit, dtype=jnp.int32),
-            item=_constrain(item, mesh),
-            t=_constrain(t, mesh),
-            logits=_constrain(logits, mesh),
+            item=constrain_slots(item),
+            t=constrain_slots(t),
+            logits=constrain_slots(logits),
             own_pages=own_pages,
-            page_table=_constrain(page_table, mesh),
+            page_table=constrain_slots(page_table),
             refcount=refcount,
             pool=pool,
-            pages=_constrain_pages(pages, mesh),
-            tokens=_constrain(tokens, mesh),
-            logprobs=_constrain(logprobs, mesh),
-            sampling_logprobs=_constrain(sampling_logprobs, mesh),
-            mask=_constrain(mask, mesh),
+            pages=constrain_pages(pages),
+            tokens=constrain_slots(tokens),
+            logprobs=constrain_slots(logprobs),
+            sampling_logprobs=constrain_slots(sampling_logprobs),
+            mask=constrain_slots(mask),
             lengths=lengths,
             truncated=truncated,
             iterations=st.iterations + 1,
@@ -308,10 +335,10 @@ def _engine_body(
         refcount=jnp.full((batch,), g, jnp.int32),
         pool=paged_cache.pool_with_free(num_pages, num_prompt_pages),
         pages=pages,
-        tokens=_constrain(jnp.full((n, length), pad_id, jnp.int32), mesh),
-        logprobs=_constrain(zeros, mesh),
-        sampling_logprobs=_constrain(zeros, mesh),
-        mask=_constrain(jnp.zeros((n, length), jnp.int32), mesh),
+        tokens=constrain_slots(jnp.full((n, length), pad_id, jnp.int32)),
+        logprobs=constrain_slots(zeros),
+        sampling_logprobs=constrain_slots(zeros),
+        mask=constrain_slots(jnp.zeros((n, length), jnp.int32)),
         lengths=jnp.zeros((n,), jnp.int32),
         truncated=jnp.zeros((n,), bool),
         iterations=zero,
@@ -321,17 +348,10 @@ def _engine_body(
         pages_taken=zero,
     )
     state = jax.lax.while_loop(lambda st: (st.next_item < n) | jnp.any(st.item < n), body, state)
-    rollout = sampling.Rollout(
-        tokens=state.tokens,
-        logprobs=state.logprobs,
-        sampling_logprobs=state.sampling_logprobs,
-        mask=state.mask,
-        lengths=state.lengths,
-        truncated=state.truncated,
-        prompt_tokens=jnp.repeat(prompt_tokens, g, axis=0),
-        prompt_mask=jnp.repeat(prompt_mask, g, axis=0),
-        num_steps=jnp.max(state.lengths),  # the static sampler's decode steps: its longest row
-    )
+    outputs = {
+        name: getattr(state, name)
+        for name in ("tokens", "logprobs", "sampling_logprobs", "mask", "lengths", "truncated")
+    }
     stats = EngineStats(
         num_pages=jnp.asarray(num_pages, jnp.int32),
         free_pages=state.pool.free_count,
@@ -341,6 +361,57 @@ def _engine_body(
         pages_taken=state.pages_taken,
         iterations=state.iterations,
         prompt_pages=jnp.asarray(num_prompt_pages, jnp.int32),
+    )
+    return outputs, stats
+
+
+def _engine_body(model_config, params, prompt_tokens, prompt_mask, rng, *, mesh, num_slots, **static):
+    """D = `_shards(mesh, B)` sub-engines, one per data shard: shard d takes prompts [d·B/D, (d+1)·B/D)
+    (whole groups, so its rows are rows [d·N/D, (d+1)·N/D) of the output), ceil(S/D) slots and a pool of
+    its own. With D > 1 they run as one `jax.vmap` over a leading shard axis placed over the batch axes
+    (`spmd_axis_name`): each data shard holds its own slots and pages and only its rows' outputs."""
+    batch, g = prompt_tokens.shape[0], static["num_samples"]
+    n = batch * g
+    row_keys = sampling.sample_keys(rng, prompt_tokens, prompt_mask, g)  # [N]
+    d = _shards(mesh, batch)
+    slots = min(-(-num_slots // d), n // d)
+    constrain_slots, constrain_pages = _constraints(mesh, sharded=d > 1)
+    run = functools.partial(
+        _shard_engine,
+        model_config,
+        params,
+        num_slots=slots,
+        constrain_slots=constrain_slots,
+        constrain_pages=constrain_pages,
+        **static,
+    )
+    if d == 1:
+        outputs, stats = run(prompt_tokens, prompt_mask, row_keys)
+    else:
+        split = lambda x: x.reshape(d, x.shape[0] // d, *x.shape[1:])  # noqa: E731
+        with activation_sharding(None):  # the shard axis, not each shard's rows, goes over the batch axes
+            outputs, stats = jax.vmap(run, spmd_axis_name=BATCH_AXES)(
+                split(prompt_tokens), split(prompt_mask), split(row_keys)
+            )
+        outputs = {
+            k: sampling._constrain_rows(v.reshape(n, *v.shape[2:]), mesh, 0) for k, v in outputs.items()
+        }
+        total = lambda x: jnp.sum(x, dtype=jnp.int32)  # noqa: E731
+        stats = EngineStats(
+            num_pages=total(stats.num_pages),
+            free_pages=total(stats.free_pages),
+            peak_pages_in_use=total(stats.peak_pages_in_use),  # Σ of the shards' peaks (an upper bound)
+            page_errors=total(stats.page_errors),
+            pool_underflows=total(stats.pool_underflows),
+            pages_taken=total(stats.pages_taken),
+            iterations=jnp.max(stats.iterations),  # the shards step together until the last is done
+            prompt_pages=total(stats.prompt_pages),
+        )
+    rollout = sampling.Rollout(
+        **outputs,
+        prompt_tokens=jnp.repeat(prompt_tokens, g, axis=0),
+        prompt_mask=jnp.repeat(prompt_mask, g, axis=0),
+        num_steps=jnp.max(outputs["lengths"]),  # the static sampler's decode steps: its longest row
     )
     return rollout, stats
 

@@ -1,0 +1,465 @@
+"""The rollout engine against the static sampler: useful completion tokens per second and KV-cache bytes,
+alternated in one run (issue 20, "Measured").
+
+    python benchmarks/rollout_engine.py                       # long-tailed workload, the default sizes
+    python benchmarks/rollout_engine.py --workload=uniform    # configs/bench_trl_d.py's setting
+    python benchmarks/rollout_engine.py --prompt_len=256 --max_new_tokens=2048   # the issue's size
+
+Workloads:
+- `long_tailed` (default): B prompts x G samples of a random model whose completion lengths are
+  geometric with mean about L/5 (`--mean_len`), capped at L, as in a real R1 run (most samples stop far
+  before the budget, a few run into it). Method: the output head (`lm_head`, untied) is all zeros, so
+  every logit is exactly 0 and the next token is uniform over the V ids at every step whatever the random
+  layers compute; k = round(V / mean_len) ids (1 .. k) are stop tokens, so each step stops with
+  probability exactly p = k/V, independently: a length is geometric(p) capped at L. The head's matmul
+  still runs (the weights are arguments of the compiled program). The measured lengths (mean, p50, p90,
+  max) are in the report.
+- `uniform`: the peer setting of `configs/bench_trl_d.py` (its model, 8 prompts x G = 8, P = 32, exactly
+  64 completion tokens: stop tokens suppressed by `min_new_tokens`), a random model with its own head.
+
+Systems (each called on the same prompts and key, so they produce the same tokens; checked):
+- `static`: `grpo_jax.sampling.generate`. Its KV cache is `rows x (P + L)` positions for the rows it
+  decodes at once, so its memory decides how many rows it can take: `--static_rows` (a multiple of G;
+  default: all N = B·G rows in one call). With fewer, the N rows run in N / static_rows calls (whole
+  groups per call; a row's tokens do not depend on its batch, so the tokens are the same).
+- `engine_all_slots`: `grpo_jax.rollout.generate_with_stats` with S = N slots (`--slots`, default N).
+- `engine_equal_memory`: the engine with the most slots S <= N whose page pool (prompt pages + S times a
+  slot's worst case + the scratch page) takes no more bytes than the static sampler's cache. Today's
+  engine reserves a slot's worst case, so at `--static_rows=N` this is S = N again (and is not run twice).
+
+Each round calls every system once, in order (A B C A B C ...), after one untimed call each (compile).
+Useful tokens are the generated tokens inside the mask (the stop token included); tokens/s divides them
+by the median wall time of a system's calls. KV bytes: the static sampler's cache `[layers, rows, P + L,
+K, Dh]` x 2 (k, v); the engine's pool `[layers, pages + 1, page_size, K, Dh]` x 2.
+
+Ends by printing one JSON line (per system: useful tokens/s, KV-cache bytes, speedup against static);
+writes `benchmarks/rollout_engine.json` (one entry per workload) and `.md` unless `--no_write`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grpo_jax import models, rollout, sampling
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "benchmarks", "rollout_engine")
+
+# Default sizes per workload (flags override). long_tailed: about 4-5 minutes on 2 quiet CPU cores (estimated
+# from a smaller run on a loaded machine); the issue's P = 256, L = 2048 is `--prompt_len=256
+# --max_new_tokens=2048` (each decode step reads twice the positions over twice the steps: about 4x longer).
+# static_rows = 16: the static sampler's memory holds a quarter of the N = 64 rows at once.
+DEFAULTS = {
+    "long_tailed": dict(
+        prompts=8,
+        num_samples=8,
+        prompt_len=128,
+        max_new_tokens=1024,
+        mean_len=0,  # 0: L / 5
+        static_rows=16,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=688,
+        vocab_size=1024,
+        page_size=16,
+        repeats=3,
+    ),
+    "uniform": dict(page_size=16, repeats=3),  # the rest from configs/bench_trl_d.py
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Workloads
+# ------------------------------------------------------------------------------------------------
+
+
+def uniform_setting() -> dict:
+    """configs/bench_trl_d.py's sampling setting: its model, prompts, G, P, L and min_new_tokens."""
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    try:
+        import bench_trl_d
+    finally:
+        sys.path.pop(0)
+    from grpo_jax.training.setup import build_model_config
+
+    c = bench_trl_d.get_config()
+    model = build_model_config(c, types.SimpleNamespace(vocab_size=c.model.vocab_size))
+    return dict(
+        model=model,
+        prompts=c.grpo.prompts_per_step,
+        num_samples=c.grpo.algo.num_generations,
+        prompt_len=c.max_prompt_len,
+        max_new_tokens=c.max_new_tokens,
+        min_new_tokens=c.grpo.min_new_tokens,
+        temperature=c.grpo.algo.temperature,
+    )
+
+
+def build(args) -> dict:
+    """The workload: model config, params, prompts and sampling settings."""
+    if args.workload == "uniform":
+        w = uniform_setting()
+        for name in ("prompts", "num_samples", "prompt_len", "max_new_tokens"):
+            if getattr(args, name) is not None:
+                w[name] = getattr(args, name)
+        params = models.init_params(w["model"], jax.random.key(args.seed))
+        w.update(
+            stop_ids=(1,),
+            method="configs/bench_trl_d.py: a random model, stop tokens suppressed "
+            "by min_new_tokens = L (every row exactly L tokens)",
+        )
+    else:
+        model = models.ModelConfig(
+            vocab_size=args.vocab_size,
+            hidden_size=args.hidden_size,
+            intermediate_size=args.intermediate_size,
+            num_layers=args.num_layers,
+            num_heads=args.num_heads,
+            num_kv_heads=args.num_kv_heads,
+            tie_embeddings=False,
+        )
+        mean_len = args.mean_len or args.max_new_tokens / 5
+        k = max(1, round(args.vocab_size / mean_len))
+        params = models.init_params(model, jax.random.key(args.seed))
+        params["lm_head"] = jnp.zeros_like(params["lm_head"])  # every logit 0: uniform next token
+        p = k / args.vocab_size
+        w = dict(
+            model=model,
+            prompts=args.prompts,
+            num_samples=args.num_samples,
+            prompt_len=args.prompt_len,
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=0,
+            temperature=1.0,
+            stop_ids=tuple(range(1, k + 1)),
+            stop_probability=p,
+            expected_mean_len=(1 - (1 - p) ** args.max_new_tokens) / p,
+            method=f"lm_head = 0 (every logit 0, uniform over V = {args.vocab_size}); stop ids 1..{k}: "
+            f"each step stops with probability exactly p = {k}/{args.vocab_size}, lengths geometric(p) "
+            "capped at L",
+        )
+    rng = np.random.default_rng(args.seed)
+    shape = (w["prompts"], w["prompt_len"])
+    w["params"] = params
+    w["prompt_tokens"] = jnp.asarray(rng.integers(2, w["model"].vocab_size, shape), jnp.int32)
+    w["prompt_mask"] = jnp.ones(shape, jnp.int32)
+    return w
+
+
+# ------------------------------------------------------------------------------------------------
+# Systems
+# ------------------------------------------------------------------------------------------------
+
+
+def position_bytes(model: models.ModelConfig) -> int:
+    """KV-cache bytes of one position: k and v, every layer."""
+    return (
+        2 * model.num_layers * model.num_kv_heads * model.resolved_head_dim * jnp.dtype(model.dtype).itemsize
+    )
+
+
+def engine_pool_pages(w: dict, slots: int, page_size: int) -> int:
+    """The engine's pool for S slots (grpo_jax/rollout/engine.py): prompt pages + S worst cases + scratch."""
+    own = -(-(w["max_new_tokens"] - 1) // page_size)
+    return w["prompts"] * -(-w["prompt_len"] // page_size) + slots * max(own, 1) + 1
+
+
+def equal_memory_slots(w: dict, static_bytes: int, page_size: int) -> int:
+    """The most slots S <= N whose pool is no larger than `static_bytes` (at least 1)."""
+    n = w["prompts"] * w["num_samples"]
+    per_page = page_size * position_bytes(w["model"])
+    slots = n
+    while slots > 1 and engine_pool_pages(w, slots, page_size) * per_page > static_bytes:
+        slots -= 1
+    return slots
+
+
+def make_systems(w: dict, args) -> dict:
+    """name -> (call() -> (tokens, mask, lengths, iterations), description dict)."""
+    g, n = w["num_samples"], w["prompts"] * w["num_samples"]
+    static_rows = args.static_rows or n
+    if static_rows % g or n % static_rows:
+        raise ValueError(f"--static_rows={static_rows} must be a multiple of G = {g} dividing N = {n}")
+    common = dict(
+        num_samples=g,
+        max_new_tokens=w["max_new_tokens"],
+        temperature=w["temperature"],
+        eos_id=w["stop_ids"][0],
+        stop_ids=w["stop_ids"][1:],
+        min_new_tokens=w["min_new_tokens"],
+    )
+    key = jax.random.key(args.seed + 1)
+    per_call = static_rows // g
+
+    def static():
+        outs = [
+            sampling.generate(
+                w["model"],
+                w["params"],
+                w["prompt_tokens"][i : i + per_call],
+                w["prompt_mask"][i : i + per_call],
+                key,
+                **common,
+            )
+            for i in range(0, w["prompts"], per_call)
+        ]
+        cat = lambda name: jnp.concatenate([getattr(o, name) for o in outs])  # noqa: E731
+        return cat("tokens"), cat("mask"), cat("lengths"), sum(o.num_steps for o in outs)
+
+    def engine(slots):
+        def call():
+            out, stats = rollout.generate_with_stats(
+                w["model"],
+                w["params"],
+                w["prompt_tokens"],
+                w["prompt_mask"],
+                key,
+                num_slots=slots,
+                page_size=args.page_size,
+                **common,
+            )
+            return out.tokens, out.mask, out.lengths, stats.iterations
+
+        return call
+
+    pb = position_bytes(w["model"])
+    static_bytes = static_rows * (w["prompt_len"] + w["max_new_tokens"]) * pb
+    page_bytes = args.page_size * pb
+    all_slots = min(args.slots or n, n)
+    equal = equal_memory_slots(w, static_bytes, args.page_size)
+    systems = {
+        "static": (static, dict(rows_per_call=static_rows, calls=n // static_rows, kv_bytes=static_bytes)),
+        "engine_all_slots": (
+            engine(all_slots),
+            dict(slots=all_slots, kv_bytes=engine_pool_pages(w, all_slots, args.page_size) * page_bytes),
+        ),
+    }
+    equal_info = dict(slots=equal, kv_bytes=engine_pool_pages(w, equal, args.page_size) * page_bytes)
+    if equal == all_slots:
+        equal_info["same_as"] = "engine_all_slots"
+    else:
+        systems["engine_equal_memory"] = (engine(equal), equal_info)
+    return systems, equal_info
+
+
+# ------------------------------------------------------------------------------------------------
+# Run
+# ------------------------------------------------------------------------------------------------
+
+
+def percentiles(lengths: np.ndarray) -> dict:
+    return {
+        "mean": float(lengths.mean()),
+        "p50": float(np.percentile(lengths, 50)),
+        "p90": float(np.percentile(lengths, 90)),
+        "max": int(lengths.max()),
+        "min": int(lengths.min()),
+    }
+
+
+def run(args, command: str) -> dict:
+    w = build(args)
+    systems, equal_info = make_systems(w, args)
+    results, outputs = {}, {}
+    for name, (call, info) in systems.items():  # the untimed first call of each: compile + run
+        start = time.perf_counter()
+        outputs[name] = jax.device_get(jax.block_until_ready(call()))
+        results[name] = dict(info, first_call_s=time.perf_counter() - start, times_s=[])
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
+    for _ in range(args.repeats):  # alternated: A B C A B C ...
+        for name, (call, _) in systems.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            results[name]["times_s"].append(time.perf_counter() - start)
+    cpu_share = (
+        (time.process_time() - cpu_start) / max(time.perf_counter() - wall_start, 1e-9) / os.cpu_count()
+    )
+
+    ref_tokens, ref_mask, ref_lengths, _ = outputs["static"]
+    for name, r in results.items():
+        tokens, mask, lengths, steps = outputs[name]
+        r["useful_tokens"] = int(np.sum(mask))
+        r["decode_steps"] = int(steps)  # static: Σ over its calls of the longest row; engine: iterations
+        r["median_s"] = statistics.median(r["times_s"]) if r["times_s"] else r["first_call_s"]
+        r["useful_tokens_per_s"] = r["useful_tokens"] / r["median_s"]
+        r["ms_per_decode_step"] = 1e3 * r["median_s"] / max(r["decode_steps"], 1)
+        r["tokens_equal_static"] = bool(np.array_equal(tokens, ref_tokens) and np.array_equal(mask, ref_mask))
+    for r in results.values():
+        r["speedup_vs_static"] = r["useful_tokens_per_s"] / results["static"]["useful_tokens_per_s"]
+    if "same_as" in equal_info:
+        results["engine_equal_memory"] = dict(
+            equal_info,
+            **{
+                k: results["engine_all_slots"][k]
+                for k in ("useful_tokens_per_s", "speedup_vs_static", "useful_tokens", "median_s")
+            },
+        )
+
+    lengths = np.asarray(ref_lengths)
+    workload = {k: v for k, v in w.items() if k not in ("model", "params", "prompt_tokens", "prompt_mask")}
+    workload.update(
+        rows=w["prompts"] * w["num_samples"],
+        page_size=args.page_size,
+        repeats=args.repeats,
+        lengths=percentiles(lengths),
+        truncated_frac=float(np.mean(lengths >= w["max_new_tokens"])),
+        model=dict(
+            {
+                k: getattr(w["model"], k)
+                for k in (
+                    "vocab_size",
+                    "hidden_size",
+                    "intermediate_size",
+                    "num_layers",
+                    "num_heads",
+                    "num_kv_heads",
+                    "dtype",
+                )
+            },
+            num_params=w["model"].num_params(),
+        ),
+    )
+    return {
+        "command": command,
+        "workload_name": args.workload,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} CPU cores, {jax.default_backend()}, jax {jax.__version__}",
+        "load_average_start": list(os.getloadavg()),
+        "timed_cpu_share": cpu_share,
+        "workload": workload,
+        "systems": results,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def summary(report: dict) -> dict:
+    """The one JSON line: per system its useful tokens/s, KV-cache bytes and speedup against static."""
+    return {
+        "workload": report["workload_name"],
+        **{
+            name: {
+                "useful_tokens_per_s": r["useful_tokens_per_s"],
+                "kv_cache_bytes": r["kv_bytes"],
+                "speedup_vs_static": r["speedup_vs_static"],
+                "useful_tokens": r["useful_tokens"],
+                **({"slots": r["slots"]} if "slots" in r else {}),
+            }
+            for name, r in report["systems"].items()
+        },
+    }
+
+
+def render(reports: dict) -> str:
+    lines = [
+        "# Rollout engine vs static sampler: useful tokens/s at the KV-cache memory each holds",
+        "",
+        "`benchmarks/rollout_engine.py` (its docstring has the method). Useful tokens = generated tokens "
+        "inside the mask; tokens/s = useful tokens / median wall time of the timed calls, the systems "
+        "alternated in one process after one untimed call each.",
+        "",
+    ]
+    for name, r in reports.items():
+        w = r["workload"]
+        m = w["model"]
+        lines += [
+            f"## Workload `{name}`",
+            "",
+            f"Made by `{r['command']}` ({r['date_utc']}; {r['machine']}; load average at the start "
+            f"{r['load_average_start'][0]:.2f}, CPU share while timed {r['timed_cpu_share']:.2f}).",
+            "",
+            f"B = {w['prompts']} prompts × G = {w['num_samples']} = N = {w['rows']} rows, "
+            f"P = {w['prompt_len']}, L = {w['max_new_tokens']}, page size {w['page_size']}, "
+            f"{w['repeats']} timed rounds. Model: "
+            f"{m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_heads']} heads, "
+            f"{m['num_kv_heads']} KV heads, MLP {m['intermediate_size']}, vocab {m['vocab_size']}, "
+            f"{m['dtype']} "
+            f"({m['num_params'] / 1e6:.1f} M params). Lengths: {w['method']}.",
+            "",
+            "Measured completion lengths: mean {mean:.1f}, p50 {p50:.0f}, p90 {p90:.0f}, max {max}, "
+            "min {min}".format(**w["lengths"])
+            + f"; {100 * w['truncated_frac']:.1f} % reached L"
+            + (f" (expected mean {w['expected_mean_len']:.1f})." if "expected_mean_len" in w else "."),
+            "",
+            "| system | slots / rows per call | KV-cache MiB | decode steps | ms / step | median s "
+            "| useful tokens | useful tokens/s | vs static | tokens = static's |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for sname, s in r["systems"].items():
+            if "same_as" in s:
+                lines.append(
+                    f"| {sname} | S = {s['slots']} | {s['kv_bytes'] / 2**20:.1f} | (same program as "
+                    f"`{s['same_as']}`) | | | | | | |"
+                )
+                continue
+            rows = f"S = {s['slots']}" if "slots" in s else f"{s['rows_per_call']} × {s['calls']} calls"
+            lines.append(
+                f"| {sname} | {rows} | {s['kv_bytes'] / 2**20:.1f} | {s['decode_steps']} | "
+                f"{s['ms_per_decode_step']:.1f} | {s['median_s']:.2f} | "
+                f"{s['useful_tokens']} | {s['useful_tokens_per_s']:.0f} | {s['speedup_vs_static']:.2f}× | "
+                f"{'yes' if s['tokens_equal_static'] else 'NO'} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workload", choices=tuple(DEFAULTS), default="long_tailed")
+    parser.add_argument("--prompts", type=int, default=None, help="B distinct prompts")
+    parser.add_argument("--num_samples", "--G", type=int, default=None, help="G samples per prompt")
+    parser.add_argument("--prompt_len", type=int, default=None, help="P")
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="the budget L")
+    parser.add_argument("--mean_len", type=float, default=None, help="long_tailed: mean length (0: L / 5)")
+    parser.add_argument("--static_rows", type=int, default=None, help="rows per static call (0: all N)")
+    parser.add_argument("--slots", type=int, default=0, help="engine_all_slots' S (0: N)")
+    parser.add_argument("--page_size", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds")
+    for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):
+        parser.add_argument(f"--{name}", type=int, default=None, help="long_tailed model shape")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=OUT, help="OUT.json (one entry per workload) and OUT.md")
+    parser.add_argument("--no_write", action="store_true")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    for name, value in DEFAULTS[args.workload].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.static_rows = args.static_rows or 0
+    command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/rollout_engine.py", *argv])
+    report = run(args, command)
+    if not args.no_write:
+        path = args.out + ".json"
+        reports = json.load(open(path)) if os.path.exists(path) else {}
+        reports[args.workload] = report
+        with open(path, "w") as f:
+            json.dump(reports, f, indent=2)
+            f.write("\n")
+        with open(args.out + ".md", "w") as f:
+            f.write(render(reports))
+    line = summary(report)
+    print(json.dumps(line), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
