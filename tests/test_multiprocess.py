@@ -28,6 +28,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from shared_runs import compilation_cache
 from test_sharding import FakeHostDevice
 from test_train_script import (
     BASELINE,
@@ -129,10 +130,11 @@ def train_two_processes(workdir, *overrides: str, timeout: float = 400) -> list[
 
 
 @pytest.mark.slow
-def test_two_processes_write_the_one_process_run(tmp_path):
+def test_two_processes_write_the_one_process_run(tmp_path, tmp_path_factory):
     run = gsm8k_task(tmp_path)
     reference = tmp_path / "reference"
-    assert_ok(train(reference, *run))
+    cache = compilation_cache(tmp_path_factory)  # the final one-process resume loads the reference's programs
+    assert_ok(train(reference, *run, cache=cache))
     want = metric_lines(reference)
     stages = ["sft"] * SFT_STEPS + ["eval", "grpo", "grpo", "eval"]
     assert [x["stage"] for x in want] == stages + ["grpo", "grpo", "eval"]
@@ -166,7 +168,7 @@ def test_two_processes_write_the_one_process_run(tmp_path):
     # The checkpoints both processes wrote resume in ONE process on one device: GRPO's steps 3-4 equal
     # the reference's (the stage is extended from 2 to its 4 steps).
     assert checkpoint_steps(workdir)[-1] == SFT_STEPS + 2
-    assert_ok(train(workdir, *run))
+    assert_ok(train(workdir, *run, cache=cache))
     lines = metric_lines(workdir)
     assert [(x["stage"], x["step"]) for x in lines] == [(x["stage"], x["step"]) for x in want]
     for got, expected in zip(lines[len(stages) :], want[len(stages) :], strict=True):
