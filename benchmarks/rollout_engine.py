@@ -20,8 +20,9 @@ Workloads:
 Systems (each called on the same prompts and key, so they produce the same tokens; checked):
 - `static`: `grpo_jax.sampling.generate`. Its KV cache is `rows x (P + L)` positions for the rows it
   decodes at once, so its memory decides how many rows it can take: `--static_rows` (a multiple of G;
-  default: all N = B·G rows in one call). With fewer, the N rows run in N / static_rows calls (whole
-  groups per call; a row's tokens do not depend on its batch, so the tokens are the same).
+  long_tailed's default: 16 of its N = 64 rows; uniform's and 0: all N = B·G rows in one call). With
+  fewer, the N rows run in N / static_rows calls (whole groups per call; a row's tokens do not depend
+  on its batch, so the tokens are the same).
 - `engine_all_slots`: `grpo_jax.rollout.generate_with_stats` with S = N slots (`--slots`, default N).
 - `engine_equal_memory`: the engine with the most slots S <= N whose page pool (prompt pages + S times a
   slot's worst case + the scratch page) takes no more bytes than the static sampler's cache. Today's
