@@ -371,21 +371,44 @@ def _generate_body(
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "model_config",
-        "num_samples",
-        "max_new_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "stop_ids",
-        "min_new_tokens",
-        "pad_id",
-        "mesh",
-    ),
+# The compile-time arguments of a sampler's jitted program (the rollout engine adds its own to these).
+STATIC_ARGNAMES = (
+    "model_config",
+    "num_samples",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop_ids",
+    "min_new_tokens",
+    "pad_id",
+    "mesh",
 )
+
+
+def static_settings(
+    *, num_samples, max_new_tokens, temperature, top_p, top_k, eos_id, stop_ids, min_new_tokens, pad_id
+) -> dict:
+    """`generate`'s sampling arguments checked (one line naming the bad ones) and made hashable and
+    canonical (Python ints and floats, the stop ids sorted with `eos_id` among them), as the jitted
+    program's static arguments: the same settings always hit the same compiled program."""
+    if num_samples < 1 or max_new_tokens < 1:
+        raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples}, {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
+    return dict(
+        num_samples=int(num_samples),
+        max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
+        stop_ids=tuple(sorted({int(eos_id), *(int(s) for s in stop_ids)})),
+        min_new_tokens=int(min_new_tokens),
+        pad_id=int(pad_id),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=STATIC_ARGNAMES)
 def _generate(model_config, params, prompt_tokens, prompt_mask, rng, *, mesh, **static):
     """The jitted sampler: `_generate_body` traced with the activation layout pinned to the mesh."""
     with activation_sharding(mesh):
@@ -419,26 +442,25 @@ def generate(
     compilation per distinct set of static arguments and shapes.
     """
     rng = as_key(rng, "generate(rng)")
-    if num_samples < 1 or max_new_tokens < 1:
-        raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples}, {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
-    stops = tuple(sorted({int(eos_id), *(int(s) for s in stop_ids)}))
+    settings = static_settings(
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        eos_id=eos_id,
+        stop_ids=stop_ids,
+        min_new_tokens=min_new_tokens,
+        pad_id=pad_id,
+    )
     return _generate(
         model_config,
         params,
         jnp.asarray(prompt_tokens, jnp.int32),
         jnp.asarray(prompt_mask),
         rng,
-        num_samples=int(num_samples),
-        max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=int(top_k),
-        stop_ids=stops,
-        min_new_tokens=int(min_new_tokens),
-        pad_id=int(pad_id),
         mesh=mesh,
+        **settings,
     )
 
 

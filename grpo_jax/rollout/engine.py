@@ -417,22 +417,7 @@ def _engine_body(model_config, params, prompt_tokens, prompt_mask, rng, *, mesh,
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=(
-        "model_config",
-        "num_samples",
-        "max_new_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "stop_ids",
-        "min_new_tokens",
-        "pad_id",
-        "mesh",
-        "num_slots",
-        "page_size",
-        "check_pages",
-    ),
+    jax.jit, static_argnames=(*sampling.STATIC_ARGNAMES, "num_slots", "page_size", "check_pages")
 )
 def _generate(model_config, params, prompt_tokens, prompt_mask, rng, *, mesh, **static):
     """The jitted engine: `_engine_body` traced with the activation layout pinned to the mesh."""
@@ -464,30 +449,29 @@ def generate_with_stats(
     """`generate`, plus the run's `EngineStats`; `check_pages` counts page-ownership errors every iteration
     (a debugging aid: it adds a histogram over the pool to each step)."""
     rng = as_key(rng, "generate(rng)")
-    if num_samples < 1 or max_new_tokens < 1:
-        raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples}, {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
-    rows = int(jnp.shape(prompt_tokens)[0]) * int(num_samples)
+    settings = sampling.static_settings(
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        eos_id=eos_id,
+        stop_ids=stop_ids,
+        min_new_tokens=min_new_tokens,
+        pad_id=pad_id,
+    )
+    rows = int(jnp.shape(prompt_tokens)[0]) * settings["num_samples"]
     if num_slots is not None and num_slots < 1:
         raise ValueError(f"num_slots must be >= 1 (or None: one per row), got {num_slots}")
     if page_size < 1:
         raise ValueError(f"page_size must be >= 1, got {page_size}")
-    stops = tuple(sorted({int(eos_id), *(int(s) for s in stop_ids)}))
     return _generate(
         model_config,
         params,
         jnp.asarray(prompt_tokens, jnp.int32),
         jnp.asarray(prompt_mask),
         rng,
-        num_samples=int(num_samples),
-        max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=int(top_k),
-        stop_ids=stops,
-        min_new_tokens=int(min_new_tokens),
-        pad_id=int(pad_id),
+        **settings,
         mesh=mesh,
         num_slots=min(int(num_slots or rows), rows),
         page_size=int(page_size),
