@@ -94,6 +94,14 @@ class Manager(ocp.CheckpointManager):
                 )
             return None
 
+    def close(self):
+        """Also wait for the cleanup of unfinished tmp folders that orbax starts in a thread when the
+        manager opens and awaits only before a save: a run that stops before saving (every checkpoint
+        damaged, a refused resume) would otherwise exit with the thread still running, and it dies
+        logging "cannot schedule new futures after shutdown" (seen in CI)."""
+        self._maybe_await_cleanup_tmp_directory()
+        super().close()
+
 
 class _DropReadOnlyNotices(logging.logging.Filter):
     """Orbax warns once per option it turns off for a read-only manager; reading is all we want."""

@@ -216,6 +216,23 @@ def test_latest_step_ignores_unfinished_write(setup, tmp_path):
     checkpointer.close()
 
 
+def test_closing_without_a_save_waits_for_the_tmp_folder_cleanup(setup, tmp_path):
+    """Orbax cleans unfinished tmp folders in a thread it starts when the manager opens and awaits only
+    before a save; a run that stops before its first save must not exit with that thread still running
+    (it dies at interpreter exit with "cannot schedule new futures after shutdown")."""
+    import threading
+
+    stray = tmp_path / "9.orbax-checkpoint-tmp"
+    (stray / "state").mkdir(parents=True)
+    checkpointer = Checkpointer(tmp_path, async_save=False)
+    cleanup = checkpointer._manager._cleanup_tmp_directory_future
+    assert cleanup is not None
+    checkpointer.close()
+    assert checkpointer._manager._cleanup_tmp_directory_future is None
+    assert not stray.exists()
+    assert cleanup._t not in threading.enumerate()
+
+
 def _truncate(path, keep=0.5):
     path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
 
