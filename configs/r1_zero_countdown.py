@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.compilation_cache_dir = ""
     # rollouts: "static" (grpo_jax.sampling) or "engine" (grpo_jax.rollout: continuous batching over a
     # paged KV cache; the same tokens for the same rng). num_slots 0: one decode slot per row
-    c.sampler = "static"
+    c.sampler = "engine"
     c.engine = ml_collections.ConfigDict(dict(num_slots=0, page_size=16))
 
     c.task = ml_collections.ConfigDict(
