@@ -6,7 +6,8 @@
 --source is a training workdir (latest checkpoint; --step or --best to pick another) or an HF directory.
 Prompts come from --prompt (repeatable) and/or --prompts_file (JSONL, one object with a "prompt" field
 per line). Each prompt is wrapped in --template (default: the run's template, "plain" for an HF model)
-and sampled --num_samples times in one batched call of the jitted sampler.
+and sampled --num_samples times in one batched call of the jitted sampler (the run's `config.sampler`;
+the rollout engine for an HF directory).
 
 For a training workdir, temperature, top-p and top-k default to the run's rollout settings (those of the
 checkpoint's GRPO/PPO stage, or of the run's nearest one: `grpo_jax.workdir.run_sampling_settings`);
@@ -85,9 +86,10 @@ def sample(
     import jax
     import numpy as np
 
-    from grpo_jax import sampling
+    from grpo_jax import rollout as rollout_engine
     from grpo_jax.data.pipeline import tokenize_prompt
     from grpo_jax.data.templates import format_prompt
+    from grpo_jax.training import setup
     from grpo_jax.workdir import (
         SamplingSettings,
         checkpoint_stage,
@@ -110,7 +112,9 @@ def sample(
         len(tokenizer.encode(format_prompt(template, p, tokenizer), add_bos=add_bos)) for p in prompts
     )
     rows = [tokenize_prompt({"prompt": p}, tokenizer, template, prompt_len) for p in prompts]
-    rollout = sampling.generate(
+    # The run's sampler (config.sampler), the rollout engine for an HF directory: the same tokens either way.
+    generate = setup.sampler_fn(config) if config is not None else rollout_engine.generate
+    rollout = generate(
         model_config,
         params,
         np.stack([r[0] for r in rows]),
