@@ -148,46 +148,77 @@ def _constraints(mesh, sharded: bool):
 DECODE_RULES = tuple((name, None if name == "embed" else axes) for name, axes in DEFAULT_RULES)
 
 
+def decode_specs(model_config: ModelConfig, mesh) -> dict:
+    """The PartitionSpec of every model weight in the decode layout (`decode_params`' tree, without LoRA
+    adapters): `DECODE_RULES` over each weight's logical axes, the layer stack as a tuple of layers."""
+    axes, shapes = logical_axes(model_config), param_shapes(model_config)
+    spec = lambda logical, shape: logical_to_spec(logical, shape, mesh, DECODE_RULES)  # noqa: E731
+    out = {name: spec(axes[name], shapes[name]) for name in axes if name != "layers"}
+    layer = {name: spec(axes["layers"][name][1:], shape[1:]) for name, shape in shapes["layers"].items()}
+    out["layers"] = tuple(dict(layer) for _ in range(model_config.num_layers))
+    return out
+
+
 def decode_params(model_config: ModelConfig, params, mesh=None):
     """The policy in the decode layout (traceable; the engine calls it once per rollout, before its loop):
     every float leaf cast to the compute dtype; on a mesh, every model weight constrained to `DECODE_RULES`
-    (its fsdp split gathered once, `tensor` kept: the loop then reads each weight where it lies instead of
-    casting and all-gathering every layer at every token); and the layer stack unstacked into a tuple of
-    per-layer weights, so the decode step's unrolled layers read them in place (a scan copies each layer's
-    slice out of the stacked params at every step). LoRA adapters under `layers/lora` are cast, not
-    placed."""
+    (`decode_specs`: its fsdp split gathered once, `tensor` kept; the loop then reads each weight where it
+    lies instead of casting and all-gathering every layer at every token); and the layer stack unstacked
+    into a tuple of per-layer weights, so the decode step's unrolled layers read them in place (a scan
+    copies each layer's slice out of the stacked params at every step). LoRA adapters under `layers/lora`
+    are cast and unstacked, not placed."""
     dtype = model_config.compute_dtype
-    axes, shapes = logical_axes(model_config), param_shapes(model_config)
+    specs = None if mesh is None else decode_specs(model_config, mesh)
 
-    def place(x, logical, drop_layers=False):
+    def place(x, spec):
         if jnp.issubdtype(x.dtype, jnp.floating):
             x = x.astype(dtype)
-        if mesh is None or logical is None:
+        if spec is None:
             return x
-        logical = logical[1:] if drop_layers else logical
-        spec = logical_to_spec(logical, x.shape, mesh, DECODE_RULES)
         return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
-    out = {name: place(value, axes.get(name)) for name, value in params.items() if name != "layers"}
-    stacked = params["layers"]
-    layer_axes = axes["layers"]
-    out["layers"] = tuple(
-        {
-            name: (
-                place(value[i], layer_axes.get(name), drop_layers=True)
-                if name in layer_axes
-                else jax.tree_util.tree_map(lambda a, i=i: place(a[i], None), value)
-            )
-            for name, value in stacked.items()
+    top = {
+        name: jax.tree_util.tree_map(lambda a, name=name: place(a, specs and specs.get(name)), value)
+        for name, value in params.items()
+        if name != "layers"
+    }
+
+    def layer(i):
+        spec = lambda name: None if specs is None or name == "lora" else specs["layers"][i][name]  # noqa: E731
+        return {
+            name: jax.tree_util.tree_map(lambda a, name=name: place(a[i], spec(name)), value)
+            for name, value in params["layers"].items()
         }
-        for i in range(shapes["layers"]["q"][0])
-    )
-    return out
+
+    return dict(top, layers=tuple(layer(i) for i in range(model_config.num_layers)))
 
 
 # ------------------------------------------------------------------------------------------------
 # One engine
 # ------------------------------------------------------------------------------------------------
+
+
+def pool_geometry(
+    batch: int, prompt_len: int, max_new_tokens: int, *, page_size: int, slots: int, attention="xla"
+):
+    """The static sizes of one engine's pool: `prompt_pages` per prompt (ceil(P / page_size)); `own_max`,
+    a slot's worst case of pages of its own (its prompt's partly filled last page, copied, holds up to
+    page_size - 1 prompt tokens, then its L - 1 fed tokens: token L - 1 is never fed); `max_pages`, the
+    page-table width (a sequence holds P + L - 1 keys at most; for the Pallas kernel a multiple of its
+    block of pages); `num_pages` = B · prompt_pages + S · own_max (never runs dry)."""
+    ps = page_size
+    prompt_pages = -(-prompt_len // ps)
+    own_max = max(-(-(min(ps - 1, prompt_len) + max_new_tokens - 1) // ps), 1)
+    max_pages = max(-(-(prompt_len + max_new_tokens - 1) // ps), prompt_pages)
+    if attention == "pallas":  # the kernel's blocks of pages divide the table
+        block = max(1, min(max_pages, paged_cache.KERNEL_BLOCK_TOKENS // ps))
+        max_pages = -(-max_pages // block) * block
+    return dict(
+        prompt_pages=prompt_pages,
+        own_max=own_max,
+        max_pages=max_pages,
+        num_pages=batch * prompt_pages + slots * own_max,
+    )
 
 
 def _shard_engine(
@@ -226,17 +257,14 @@ def _shard_engine(
         model_config.resolved_head_dim,
     )
     prompt_mask = prompt_mask.astype(jnp.int32)
-    prompt_pages = -(-prompt_len // ps)
+    geometry = pool_geometry(batch, prompt_len, length, page_size=ps, slots=s, attention=attention)
+    prompt_pages, max_pages, num_pages = (
+        geometry["prompt_pages"],
+        geometry["max_pages"],
+        geometry["num_pages"],
+    )
     prompt_pad = prompt_pages * ps
-    # A sample's own pages: its prompt's partly filled last page (copied: up to ps - 1 prompt tokens) and
-    # its L - 1 fed tokens (token L - 1 is never fed).
-    own_max = max(-(-(min(ps - 1, prompt_len) + length - 1) // ps), 1)
-    max_pages = max(-(-(prompt_len + length - 1) // ps), prompt_pages)  # a sequence: P + L - 1 keys at most
-    if attention == "pallas":  # the kernel's blocks of pages divide the table
-        block = max(1, min(max_pages, paged_cache.KERNEL_BLOCK_TOKENS // ps))
-        max_pages = -(-max_pages // block) * block
     num_prompt_pages = batch * prompt_pages
-    num_pages = num_prompt_pages + s * own_max
     scratch = num_pages
 
     # Prefill each distinct prompt once (the static sampler's prefill), then move its real tokens to the
