@@ -223,10 +223,10 @@ def pool_geometry(
 
 def _shard_engine(
     model_config,
-    params,
     loop_params,
-    prompt_tokens,
     prompt_mask,
+    prompt_logits,
+    cache,
     row_keys,
     *,
     num_samples,
@@ -246,9 +246,10 @@ def _shard_engine(
     constrain_pages,
 ):
     """One engine over B prompts (one data shard's, or all of them) with its own slots, queue and page
-    pool: row_keys [B·G] are its rows' streams; `params` prefill, `loop_params` (the decode layout, or
-    `params`) decode. -> (Rollout fields of its rows, EngineStats)."""
-    batch, prompt_len = prompt_tokens.shape
+    pool: prompt_logits [B, V] and cache {"k", "v"} [layers, B, P, K, Dh] are its prompts' prefill, row_keys
+    [B·G] its rows' streams; `loop_params` (the decode layout, or the params as given) decode.
+    -> (Rollout fields of its rows, EngineStats)."""
+    batch, prompt_len = prompt_mask.shape
     g, length, ps = num_samples, max_new_tokens, page_size
     n, s = batch * g, num_slots
     num_layers, kv_heads, head_dim = (
@@ -267,19 +268,8 @@ def _shard_engine(
     num_prompt_pages = batch * prompt_pages
     scratch = num_pages
 
-    # Prefill each distinct prompt once (the static sampler's prefill), then move its real tokens to the
-    # front (sequence index = position: 0 .. len - 1) and cut the cache into its pages.
-    logits, cache = forward_with_cache(
-        model_config,
-        params,
-        prompt_tokens,
-        positions_from_mask(prompt_mask),
-        init_cache(model_config, batch, prompt_len),
-        0,
-        prompt_mask,
-        last_only=True,
-    )
-    prompt_logits = logits[:, -1]  # [B, V]: token 0 of each sample
+    # Move each prompt's real tokens in its prefill cache to the front (sequence index = position:
+    # 0 .. len - 1) and cut the cache into its pages.
     prompt_lengths = jnp.sum(prompt_mask, axis=-1)  # [B]
     index = jnp.arange(prompt_pad)
     source = jnp.clip(index[None, :] + (prompt_len - prompt_lengths)[:, None], 0, prompt_len - 1)
@@ -517,6 +507,18 @@ def _engine_body(
     batch, g = prompt_tokens.shape[0], static["num_samples"]
     n = batch * g
     row_keys = sampling.sample_keys(rng, prompt_tokens, prompt_mask, g)  # [N]
+    # Prefill each distinct prompt once: the static sampler's prefill, on the mesh's layout.
+    logits, cache = forward_with_cache(
+        model_config,
+        params,
+        prompt_tokens,
+        positions_from_mask(prompt_mask),
+        init_cache(model_config, batch, prompt_tokens.shape[1]),
+        0,
+        prompt_mask,
+        last_only=True,
+    )
+    prompt_logits = logits[:, -1]  # [B, V]: token 0 of each sample
     d = _shards(mesh, batch)
     slots = min(-(-num_slots // d), n // d)
     constrain_slots, constrain_pages = _constraints(mesh, sharded=d > 1)
@@ -524,7 +526,6 @@ def _engine_body(
     run = functools.partial(
         _shard_engine,
         model_config,
-        params,
         loop_params,
         num_slots=slots,
         attention=attention,
@@ -534,12 +535,13 @@ def _engine_body(
         **static,
     )
     if d == 1:
-        outputs, stats = run(prompt_tokens, prompt_mask, row_keys)
+        outputs, stats = run(prompt_mask, prompt_logits, cache, row_keys)
     else:
-        split = lambda x: x.reshape(d, x.shape[0] // d, *x.shape[1:])  # noqa: E731
+        split = lambda x, axis=0: x.reshape(*x.shape[:axis], d, x.shape[axis] // d, *x.shape[axis + 1 :])  # noqa: E731
+        cache = jax.tree_util.tree_map(lambda c: split(c, 1), cache)  # [layers, D, B/D, P, K, Dh]
         with activation_sharding(None):  # the shard axis, not each shard's rows, goes over the batch axes
-            outputs, stats = jax.vmap(run, spmd_axis_name=BATCH_AXES)(
-                split(prompt_tokens), split(prompt_mask), split(row_keys)
+            outputs, stats = jax.vmap(run, in_axes=(0, 0, 1, 0), spmd_axis_name=BATCH_AXES)(
+                split(prompt_mask), split(prompt_logits), cache, split(row_keys)
             )
         outputs = {
             k: sampling._constrain_rows(v.reshape(n, *v.shape[2:]), mesh, 0) for k, v in outputs.items()
