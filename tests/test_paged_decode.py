@@ -188,3 +188,38 @@ def test_decode_params_cast_place_and_unstack():
         np.asarray(params["layers"]["q"][1].astype(jnp.bfloat16), np.float32),
     )
     assert out["layers"][0]["gate"].sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
+
+
+def test_rows_that_stop_at_token_0_never_take_a_slot_and_free_their_prompt():
+    """Token 0 is drawn from the prefill before the loop: a row that stops there is finished at once, and
+    a prompt all of whose rows did returns its pages before the first decode step; the rest decode as the
+    static sampler does, with exact page accounting."""
+    config = tiny_model_config()
+    params = tiny_params(config, seed=3)
+    tokens, mask = _prompts()
+    common = dict(num_samples=2, max_new_tokens=6, temperature=0.0, eos_id=EOS)
+    first = np.asarray(sampling.generate(config, params, tokens, mask, jax.random.key(5), **common).tokens)[
+        :, 0
+    ]
+    stops = (int(first[0]),)  # prompt 0's greedy token 0: both of its rows stop at once
+    ref = sampling.generate(config, params, tokens, mask, jax.random.key(5), stop_ids=stops, **common)
+    out, stats = engine.generate_with_stats(
+        config,
+        params,
+        tokens,
+        mask,
+        jax.random.key(5),
+        stop_ids=stops,
+        num_slots=3,
+        page_size=4,
+        check_pages=True,
+        **common,
+    )
+    lengths = np.asarray(ref.lengths)
+    assert lengths[0] == lengths[1] == 1 and lengths.max() > 1
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_array_equal(np.asarray(out.lengths), lengths)
+    np.testing.assert_array_equal(np.asarray(out.truncated), np.asarray(ref.truncated))
+    stats = jax.tree_util.tree_map(int, stats)
+    assert stats.page_errors == 0 and stats.free_pages == stats.num_pages and stats.slots == 3
+    assert stats.iterations >= (lengths - 1).sum() / 3
