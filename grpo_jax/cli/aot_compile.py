@@ -530,6 +530,7 @@ def compile_program(fn, args, hbm_bytes: int) -> dict:
         )
         return result
     result["compile_s"] = round(time.time() - t0, 2)
+    hlo = compiled.as_text() or ""
     mem = compiled.memory_analysis()
     fields = ("argument", "output", "alias", "temp", "generated_code")
     stats = {f"{f}_bytes": int(getattr(mem, f"{f}_size_in_bytes", 0) or 0) for f in fields}
@@ -549,9 +550,31 @@ def compile_program(fn, args, hbm_bytes: int) -> dict:
         xla_flops=float((cost or {}).get("flops", 0.0)),
         xla_bytes_accessed=float((cost or {}).get("bytes accessed", 0.0)),
         # the kernels in the program (e.g. tpu_custom_call: a Pallas kernel compiled by Mosaic)
-        custom_calls=sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text() or ""))),
+        custom_calls=sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo))),
+        collectives=collective_bytes(hlo),
     )
     return result
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4, "u32": 4}
+
+
+def collective_bytes(hlo: str) -> dict:
+    """Per device, the collectives of a compiled program (`compiled.as_text()`): for each kind (all-reduce,
+    all-gather, reduce-scatter, all-to-all, collective-permute) how many there are and the bytes of their
+    results, summed over the program text (a loop body counted once, as XLA's cost analysis does). XLA's
+    "bytes accessed" leaves the interconnect out; this is its share."""
+    kinds = "all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute"
+    pattern = rf"= \(?((?:\w+\[[\d,]*\](?:\{{[^}}]*\}})?(?:, )?)+)\)? ({kinds})(?:-start)?\("
+    out: dict = {}
+    for match in re.finditer(pattern, hlo):
+        size = 0
+        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)):
+            size += math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
+        entry = out.setdefault(match.group(2), {"count": 0, "result_bytes": 0})
+        entry["count"] += 1
+        entry["result_bytes"] += size
+    return out
 
 
 def _gib(n) -> str:
@@ -722,7 +745,9 @@ def _compile_all(
                 f" (arguments {_gib(m['argument_bytes'])}, outputs {_gib(m['output_bytes'])}, aliased "
                 f"{_gib(m['alias_bytes'])}, temporaries {_gib(m['temp_bytes'])}); "
                 f"XLA cost_analysis {result['xla_flops']:.3e} FLOPs, "
-                f"{result['xla_bytes_accessed']:.3e} bytes accessed (loop bodies counted once)"
+                f"{result['xla_bytes_accessed']:.3e} bytes accessed, collectives' results "
+                f"{sum(c['result_bytes'] for c in result['collectives'].values()) / 2**20:.1f} MiB "
+                "(loop bodies counted once)"
             )
         else:
             line += f" (compiler: {result['oom'][:200]})"
