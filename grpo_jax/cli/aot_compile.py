@@ -238,7 +238,9 @@ class Programs:
     engine_info: dict = dataclasses.field(default_factory=dict)
 
 
-def build_programs(config, stage: str, model_config, mesh, *, engine_decode_layout: bool = True) -> Programs:
+def build_programs(
+    config, stage: str, model_config, mesh, *, engine_decode_layout: bool = True, with_engine: bool = True
+) -> Programs:
     """The sampler and the GRPO step as `scripts/train.py` builds them for `stage`, with abstract inputs."""
     import jax
     import jax.numpy as jnp
@@ -437,13 +439,16 @@ def add_engine_programs(p: Programs, config, sample_kwargs: dict, params, *, dec
     if decode_layout:
         specs = engine_lib.decode_specs(model, mesh)
         shapes = jax.eval_shape(lambda w: engine_lib.decode_params(model, w), params)
-        named = lambda spec: jax.sharding.NamedSharding(mesh, spec)  # noqa: E731
-        loop_params = jax.tree_util.tree_map(
-            lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=named(spec)),
-            shapes,
-            specs,
-            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
-        )
+
+        def placed(path, x):  # the decode layout's spec; LoRA adapters (cast, not placed): replicated
+            spec = specs
+            for key in path:
+                key = getattr(key, "key", getattr(key, "idx", None))
+                spec = spec.get(key) if isinstance(spec, dict) else spec[key] if spec is not None else None
+            spec = spec if isinstance(spec, jax.sharding.PartitionSpec) else jax.sharding.PartitionSpec()
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, spec))
+
+        loop_params = jax.tree_util.tree_map_with_path(placed, shapes)
     else:
         loop_params = params
     batch_axes = sharding.BATCH_AXES if d > 1 else None
@@ -651,7 +656,10 @@ def _compile_all(
 
     kind = devices[0].device_kind
     chip = TPU_CHIPS.get(kind, {})
-    p = build_programs(config, stage, model_config, mesh, engine_decode_layout=engine_decode_layout)
+    with_engine = bool({"engine", "engine_step"} & set(programs))
+    p = build_programs(
+        config, stage, model_config, mesh, engine_decode_layout=engine_decode_layout, with_engine=with_engine
+    )
 
     report = {
         "topology": topology,
@@ -701,7 +709,7 @@ def _compile_all(
         "jax_version": jax.__version__,
         "programs": {},
     }
-    if {"engine", "engine_step"} & set(programs):
+    if with_engine:
         report["engine"] = p.engine_info
     print(
         f"{topology}: {len(devices)} x {kind}, {_gib(hbm_bytes)} HBM each; mesh {dict(mesh.shape)}; "
@@ -717,14 +725,15 @@ def _compile_all(
         "sampler": grpo_sampler_flops(*shape),
         "grpo_step": grpo_step_flops(*shape),
         "engine": grpo_sampler_flops(*shape),
-        # one decode step over every slot of every shard: the matmuls and the attention over a full table
-        "engine_step": decode_step_costs(
-            p.model_config,
-            p.engine_info["shards"] * p.engine_info["slots_per_shard"],
-            p.engine_info["max_pages"] * p.engine_info["page_size"],
-            p.engine_info["max_pages"] * p.engine_info["page_size"],
-        )["flops_full_cache"],
     }
+    if with_engine:  # one decode step over every slot of every shard, the attention over a full table
+        info = p.engine_info
+        analytic["engine_step"] = decode_step_costs(
+            p.model_config,
+            info["shards"] * info["slots_per_shard"],
+            info["max_pages"] * info["page_size"],
+            info["max_pages"] * info["page_size"],
+        )["flops_full_cache"]
     inputs = {
         "sampler": (p.sampler, p.sampler_args),
         "grpo_step": (p.step, p.step_args),
