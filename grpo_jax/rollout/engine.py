@@ -6,24 +6,33 @@ the same random stream per row, so the tokens are equal and the logprobs agree t
 
 How it runs, in one jitted program:
 
-- Prefill (once per distinct prompt): the B prompts, left-padded further to a whole number of pages
-  (P_pad = ceil(P / page_size) · page_size, so a sample's own tokens start on a fresh page), go through
-  `forward_with_cache` into a dense [B, P_pad] cache that becomes pages 0 .. B·P_pages − 1 of the pool;
-  each prompt keeps its last logits (its samples' first token) and a refcount of G.
-- Work queue: items 0 .. N − 1 in row order (item r is sample r % G of prompt r // G).
+- Prefill (once per distinct prompt, the static sampler's prefill, on the mesh's layout): each prompt's
+  real tokens are then moved to the front of its cache (sequence index = position) and cut into
+  P_pages = ceil(P / page_size) pages 0 .. B·P_pages − 1 of the pool. Token 0 of every row is drawn
+  from its prompt's last logits right away (`sampling.choose_tokens` at index 0); rows that stop there
+  are done, and a prompt keeps a refcount of its other rows.
+- Work queue: the rows still to decode, in row order (row r is sample r % G of prompt r // G).
 - Continuous batching (Orca; Yu et al., OSDI 2022): S slots decode together in one `lax.while_loop`. Each
-  iteration (1) gives every idle slot the next queued item (page table = its prompt's pages, logits = the
-  prompt's last logits, t = 0); (2) draws token t of every live slot with `sampling.choose_tokens` from
-  `fold_in(row key, t)`, t being the row's own token index, and writes it to the item's output row;
-  (3) retires the slots whose sample stopped (stop token or budget): length and `truncated` written,
-  its own pages pushed back to the pool, its prompt's refcount decremented and the prompt's pages
-  pushed back when it reaches 0; (4) feeds every live slot's new token through the model
-  (`paged_cache.decode_step`), taking a page from the pool when the token starts one.
-  The loop ends when the queue is empty and every slot is idle.
-- Paged KV cache (PagedAttention; Kwon et al., SOSP 2023, arXiv 2309.06180): `grpo_jax.rollout.paged_cache`.
-  The pool holds B·P_pages prompt pages plus S·ceil((L − 1) / page_size) pages for the slots' own tokens
-  (a slot's worst case), so it never runs dry; the pages in use at any time follow the tokens really
-  held (`EngineStats.peak_pages_in_use`).
+  iteration (1) feeds every live slot's last token through the model (`paged_cache.decode_step`), taking
+  a page from the pool when the token starts one; (2) draws token t of every live slot from
+  `fold_in(row key, t)`, t being the row's own token index, and writes it to the row; (3) retires the
+  slots whose row stopped (stop token or budget): length and `truncated` written, its own pages pushed
+  back to the pool, its prompt's refcount decremented and the prompt's pages pushed back at 0; (4) gives
+  every idle slot the next queued row (page table = its prompt's full pages, its token 0 already drawn),
+  so a slot freed in an iteration decodes again in the next one. The loop ends when every slot is idle.
+- Paged KV cache (PagedAttention; Kwon et al., SOSP 2023, arXiv 2309.06180): `grpo_jax.rollout.paged_cache`,
+  pages `[kv_heads, layers · (num_pages + 1), page_size, head_dim]` as the Pallas TPU paged-attention
+  kernel reads them. A slot's valid keys are exactly the prefix [0, length) of its page table (the
+  kernel's contract): its prompt's full pages (shared by the group), then its own pages, the first of
+  which is a copy of the prompt's partly filled last page made when the row feeds its first token
+  (copy-on-write). The pool holds B·P_pages prompt pages plus S·own_max pages for the slots' own
+  (`pool_geometry`: a slot's worst case), so it never runs dry; the pages in use at any time follow the
+  tokens really held (`EngineStats.peak_pages_in_use`).
+- Decode attention: `paged_cache.paged_attention_reference` (plain XLA) or, with
+  `ModelConfig.attention_impl == "splash"`, the Pallas paged-attention kernel on TPU
+  (`paged_cache.paged_attention_kernel`; interpret mode with `attention_interpret`).
+- Decode layout (`decode_params`, on by default): before the loop the policy is cast to the compute
+  dtype, placed over `tensor` only and unstacked per layer, once per rollout; the loop reads it in place.
 
 - Data shards: on a mesh whose data-parallel size D (the ("data", "fsdp") axes) divides B, the engine is
   D independent sub-engines, one per data shard, run as one `jax.vmap` over a leading shard axis placed
@@ -32,9 +41,9 @@ How it runs, in one jitted program:
   only (KV heads still over `tensor`), not the whole pool. The shards step together until the last one
   is done. Otherwise one engine runs, its pool whole on every row shard.
 
-Positions and masks are the static sampler's: prompt positions count real tokens (`positions_from_mask`),
-token t of a sample sits at position (prompt length + t), and a slot attends to its prompt's real tokens
-and its own tokens so far; the padding between the two regions is masked.
+Positions are the static sampler's: prompt positions count real tokens (`positions_from_mask`), token t
+of a sample sits at position (prompt length + t), and a slot attends to its prompt's real tokens and its
+own tokens so far.
 """
 
 from __future__ import annotations
