@@ -33,8 +33,17 @@ Useful tokens are the generated tokens inside the mask (the stop token included)
 by the median wall time of a system's calls. KV bytes: the static sampler's cache `[layers, rows, P + L,
 K, Dh]` x 2 (k, v); the engine's pool `[layers, pages + 1, page_size, K, Dh]` x 2.
 
+Matmul bound: each system's decode step does the weight matmuls of `flops.matmul_param_count` for the
+rows it carries (the static sampler's rows per call; the engine's S slots, idle ones included: its step
+is that shape whatever the occupancy); the bound is those FLOPs at this machine's peak matmul rate, a
+jitted 2048³ float32 matmul timed in the same run, before and after the systems (the better of the two),
+as benchmarks/benchmark.py measures it. `step ÷ bound` is how far a step is from it: the fastest timed
+call (other processes only ever add time; its prefill included) over its decode steps, ÷ the bound.
+
 Ends by printing one JSON line (per system: useful tokens/s, KV-cache bytes, speedup against static);
-writes `benchmarks/rollout_engine.json` (one entry per workload) and `.md` unless `--no_write`.
+writes `benchmarks/rollout_engine.json` (one entry per workload, or per `--tag`) and `.md` unless
+`--no_write`. To measure another commit's engine with this script: `PYTHONPATH=<checkout of it> python
+benchmarks/rollout_engine.py ... --tag=NAME` (the script passes only arguments every version takes).
 """
 
 from __future__ import annotations
@@ -52,8 +61,9 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+from benchlib import measure_peak_matmul
 
-from grpo_jax import models, rollout, sampling
+from grpo_jax import flops, models, rollout, sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "benchmarks", "rollout_engine")
@@ -174,7 +184,16 @@ def position_bytes(model: models.ModelConfig) -> int:
 
 
 def engine_pool_pages(w: dict, slots: int, page_size: int) -> int:
-    """The engine's pool for S slots (grpo_jax/rollout/engine.py): prompt pages + S worst cases + scratch."""
+    """The engine's pool for S slots (`engine.pool_geometry`): prompt pages + S worst cases + scratch.
+    (An engine without `pool_geometry`, before the copy-on-write prompt tail: ceil((L - 1) / page_size)
+    pages per slot.)"""
+    from grpo_jax.rollout import engine
+
+    if hasattr(engine, "pool_geometry"):
+        geometry = engine.pool_geometry(
+            w["prompts"], w["prompt_len"], w["max_new_tokens"], page_size=page_size, slots=slots
+        )
+        return geometry["num_pages"] + 1
     own = -(-(w["max_new_tokens"] - 1) // page_size)
     return w["prompts"] * -(-w["prompt_len"] // page_size) + slots * max(own, 1) + 1
 
@@ -275,6 +294,7 @@ def percentiles(lengths: np.ndarray) -> dict:
 def run(args, command: str) -> dict:
     w = build(args)
     systems, equal_info = make_systems(w, args)
+    peaks = [measure_peak_matmul(2048, "float32", 3)["gflops"]]
     results, outputs = {}, {}
     for name, (call, info) in systems.items():  # the untimed first call of each: compile + run
         start = time.perf_counter()
@@ -289,6 +309,8 @@ def run(args, command: str) -> dict:
     cpu_share = (
         (time.process_time() - cpu_start) / max(time.perf_counter() - wall_start, 1e-9) / os.cpu_count()
     )
+    peaks.append(measure_peak_matmul(2048, "float32", 3)["gflops"])
+    peak_flops = max(peaks) * 1e9
 
     ref_tokens, ref_mask, ref_lengths, _ = outputs["static"]
     for name, r in results.items():
@@ -298,6 +320,13 @@ def run(args, command: str) -> dict:
         r["median_s"] = statistics.median(r["times_s"]) if r["times_s"] else r["first_call_s"]
         r["useful_tokens_per_s"] = r["useful_tokens"] / r["median_s"]
         r["ms_per_decode_step"] = 1e3 * r["median_s"] / max(r["decode_steps"], 1)
+        # The bound's ratio takes the fastest call (other processes only ever add time), prefill included.
+        r["min_s"] = min(r["times_s"]) if r["times_s"] else r["first_call_s"]
+        r["ms_per_decode_step_min"] = 1e3 * r["min_s"] / max(r["decode_steps"], 1)
+        step_rows = r.get("slots", r.get("rows_per_call"))
+        r["decode_step_matmul_flops"] = 2.0 * flops.matmul_param_count(w["model"]) * step_rows
+        r["matmul_bound_ms"] = 1e3 * r["decode_step_matmul_flops"] / peak_flops
+        r["step_over_matmul_bound"] = r["ms_per_decode_step_min"] / r["matmul_bound_ms"]
         r["tokens_equal_static"] = bool(np.array_equal(tokens, ref_tokens) and np.array_equal(mask, ref_mask))
     for r in results.values():
         r["speedup_vs_static"] = r["useful_tokens_per_s"] / results["static"]["useful_tokens_per_s"]
@@ -341,6 +370,8 @@ def run(args, command: str) -> dict:
         "machine": f"{os.cpu_count()} CPU cores, {jax.default_backend()}, jax {jax.__version__}",
         "load_average_start": list(os.getloadavg()),
         "timed_cpu_share": cpu_share,
+        "peak_matmul_gflops": peaks,  # before and after the systems; the bound uses the larger
+        "tag": args.tag or args.workload,
         "workload": workload,
         "systems": results,
     }
@@ -381,7 +412,7 @@ def render(reports: dict) -> str:
         w = r["workload"]
         m = w["model"]
         lines += [
-            f"## Workload `{name}`",
+            f"## Workload `{r['workload_name']}`" + (f" (`{name}`)" if name != r["workload_name"] else ""),
             "",
             f"Made by `{r['command']}` ({r['date_utc']}; {r['machine']}; load average at the start "
             f"{r['load_average_start'][0]:.2f}, CPU share while timed {r['timed_cpu_share']:.2f}).",
@@ -399,21 +430,33 @@ def render(reports: dict) -> str:
             + f"; {100 * w['truncated_frac']:.1f} % reached L"
             + (f" (expected mean {w['expected_mean_len']:.1f})." if "expected_mean_len" in w else "."),
             "",
-            "| system | slots / rows per call | KV-cache MiB | decode steps | ms / step | median s "
-            "| useful tokens | useful tokens/s | vs static | tokens = static's |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "Peak matmul rate (2048³ float32, before / after the systems): "
+            + " / ".join(f"{g:.0f}" for g in r.get("peak_matmul_gflops", []))
+            + " GFLOP/s.",
+            "",
+            "| system | slots / rows per call | KV-cache MiB | decode steps | ms / step (median; min) "
+            "| matmul bound ms | step ÷ bound (min) | median s | useful tokens | useful tokens/s | vs static "
+            "| tokens = static's |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for sname, s in r["systems"].items():
             if "same_as" in s:
                 lines.append(
                     f"| {sname} | S = {s['slots']} | {s['kv_bytes'] / 2**20:.1f} | (same program as "
-                    f"`{s['same_as']}`) | | | | | | |"
+                    f"`{s['same_as']}`) | | | | | | | | |"
                 )
                 continue
             rows = f"S = {s['slots']}" if "slots" in s else f"{s['rows_per_call']} × {s['calls']} calls"
+            bound = (
+                f"{s['matmul_bound_ms']:.2f} | {s['step_over_matmul_bound']:.2f}×"
+                if "matmul_bound_ms" in s
+                else "— | —"
+            )
             lines.append(
                 f"| {sname} | {rows} | {s['kv_bytes'] / 2**20:.1f} | {s['decode_steps']} | "
-                f"{s['ms_per_decode_step']:.1f} | {s['median_s']:.2f} | "
+                f"{s['ms_per_decode_step']:.1f}"
+                + (f"; {s['ms_per_decode_step_min']:.1f}" if "ms_per_decode_step_min" in s else "")
+                + f" | {bound} | {s['median_s']:.2f} | "
                 f"{s['useful_tokens']} | {s['useful_tokens_per_s']:.0f} | {s['speedup_vs_static']:.2f}× | "
                 f"{'yes' if s['tokens_equal_static'] else 'NO'} |"
             )
@@ -440,6 +483,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=OUT, help="OUT.json (one entry per workload) and OUT.md")
     parser.add_argument("--no_write", action="store_true")
+    parser.add_argument("--tag", default="", help="the entry's name in OUT.json (default: the workload)")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     for name, value in DEFAULTS[args.workload].items():
@@ -451,7 +495,7 @@ def main(argv=None) -> dict:
     if not args.no_write:
         path = args.out + ".json"
         reports = json.load(open(path)) if os.path.exists(path) else {}
-        reports[args.workload] = report
+        reports[args.tag or args.workload] = report
         with open(path, "w") as f:
             json.dump(reports, f, indent=2)
             f.write("\n")

@@ -108,3 +108,25 @@ def test_splash_attention_and_offloaded_remat_compile_for_a_tpu():
     )
     assert report["model"]["attention_impl"] == "splash" and report["model"]["remat"] == "offload_qkv_proj"
     assert report["programs"]["grpo_step"]["fits"] is True
+
+
+def test_the_engine_on_the_pallas_paged_kernel_compiles_for_a_tpu():
+    """attention_impl="splash": the rollout engine decodes with the Pallas paged-attention kernel (Mosaic,
+    no interpret mode; a `tpu_custom_call` in the program) inside its per-data-shard vmap, the kernel under
+    shard_map with its KV heads over tensor = 2; its memory and one decode step's bytes are reported."""
+    report, printed = aot(
+        *SMALL,
+        "--config.model.hidden_size=512",
+        "--config.model.intermediate_size=512",
+        "--config.model.attention_impl=splash",
+        "--config.model.dtype=bfloat16",
+        "--config.mesh=(2,1,2)",
+        "--programs=engine,engine_step",
+    )
+    assert report["engine"]["attention"] == "pallas" and report["engine"]["shards"] == 2
+    for name in ("engine", "engine_step"):
+        program = report["programs"][name]
+        assert program["fits"] is True and program["peak_bytes_per_device"] > 0, name
+        assert "tpu_custom_call" in program["custom_calls"], name
+        assert program["xla_bytes_accessed"] > 0, name
+    assert any("engine_step: fits" in line for line in printed)

@@ -153,7 +153,7 @@ def test_rollout_engine_benchmark_runs_and_its_systems_agree(capsys):
     module = _load("rollout_engine")
     try:
         tiny = (
-            "--prompts=2 --G=2 --prompt_len=5 --max_new_tokens=12 --mean_len=4 --static_rows=2 --page_size=4"
+            "--prompts=2 --G=2 --prompt_len=8 --max_new_tokens=12 --mean_len=4 --static_rows=2 --page_size=4"
         )
         model = "--hidden_size=16 --num_layers=1 --num_heads=2 --num_kv_heads=1 --intermediate_size=32"
         report = module.main([*tiny.split(), *model.split(), "--vocab_size=32", "--repeats=1", "--no_write"])
@@ -169,7 +169,7 @@ def test_rollout_engine_benchmark_runs_and_its_systems_agree(capsys):
     assert (line["engine_all_slots"]["slots"], line["engine_equal_memory"]["slots"]) == (
         4,
         1,
-    )  # pools of 11 and 8 pages of 4; static 2 x 17
+    )  # pools of 21 and 9 pages of 4 (a slot: 4); static 2 x 20 positions
     assert line["engine_equal_memory"]["kv_cache_bytes"] <= line["static"]["kv_cache_bytes"]
     assert all(report["systems"][name]["tokens_equal_static"] for name in systems)
     assert report["workload"]["stop_ids"] == tuple(range(1, 9))  # p = 8/32 = 1/mean_len

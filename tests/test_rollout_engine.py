@@ -77,11 +77,18 @@ def _assert_same_rollout(out, ref):
     assert int(out.num_steps) == int(ref.num_steps)
 
 
+def _own_pages_max(prompt_len):
+    """A slot's worst case: its prompt's partly filled last page (copy-on-write, up to PAGE - 1 prompt
+    tokens) plus its L - 1 fed tokens."""
+    return -(-(min(PAGE - 1, prompt_len) + LENGTH - 1) // PAGE)
+
+
 def _assert_pages_accounted(stats, *, batch, prompt_len, slots):
     stats = jax.tree_util.tree_map(int, stats)
     prompt_pages = batch * -(-prompt_len // PAGE)
     assert stats.prompt_pages == prompt_pages
-    assert stats.num_pages == prompt_pages + slots * -(-(LENGTH - 1) // PAGE)
+    assert stats.slots == slots
+    assert stats.num_pages == prompt_pages + slots * _own_pages_max(prompt_len)
     assert stats.page_errors == 0, "a page had no owner or two (pool, live sample, live prompt)"
     assert stats.pool_underflows == 0
     assert stats.free_pages == stats.num_pages, "pages leaked: the pool is not full when the loop ends"
@@ -121,14 +128,18 @@ def test_engine_equals_the_static_sampler(params, static_rollouts, setting, num_
     slots = num_slots or n
     stats = _assert_pages_accounted(stats, batch=tokens.shape[0], prompt_len=tokens.shape[1], slots=slots)
     lengths = np.asarray(ref.lengths)
-    # A row of length l fed l - 1 tokens into the cache: ceil((l - 1) / PAGE) pages of its own.
-    assert stats.pages_taken == np.sum(-(-(lengths - 1) // PAGE))
+    # A row of length l > 1 fed l - 1 tokens after its prompt's r = len % PAGE tokens on the prompt's
+    # partly filled page, which it copied: ceil((r + l - 1) / PAGE) pages of its own (none if l = 1).
+    tail = np.repeat(mask.sum(axis=1) % PAGE, SETTINGS[setting]["num_samples"])
+    assert stats.pages_taken == np.sum(np.where(lengths > 1, -(-(tail + lengths - 1) // PAGE), 0))
+    # Token 0 comes from the prefill; every later token is one decode step of its slot, and a slot freed
+    # in a step is refilled before the next one (no idle slot while rows wait).
     if slots < n:
-        assert stats.iterations >= lengths.sum() / slots
+        assert stats.iterations >= (lengths - 1).sum() / slots
     else:
-        assert stats.iterations == lengths.max()
+        assert stats.iterations == lengths.max() - 1
     if setting == "sampled_g4" and num_slots is None:  # the prompts' pages are held once, not per sample
-        assert (stats.prompt_pages, stats.num_pages) == (4 * 2, 4 * 2 + 16 * 3)  # ceil(6/4), ceil(11/4)
+        assert (stats.prompt_pages, stats.num_pages) == (4 * 2, 4 * 2 + 16 * 4)  # ceil(6/4), ceil(14/4)
     if setting == "top_p_top_k_g4" and num_slots == 1:  # pages freed by a finished row are reused
         assert stats.pages_taken > stats.num_pages - stats.prompt_pages
 

@@ -62,7 +62,19 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4, v5e:16x16, v5p:4x4x4.")
 _STAGE = flags.DEFINE_string("stage", "", "The GRPO stage to compile (default: the config's first one).")
-_PROGRAMS = flags.DEFINE_list("programs", ["sampler", "grpo_step"], "Programs to compile.")
+_PROGRAMS = flags.DEFINE_list(
+    "programs",
+    ["sampler", "grpo_step"],
+    "Programs to compile: sampler, grpo_step, engine (the rollout engine, config.engine's slots and pages), "
+    "engine_step (one of its decode steps alone: XLA's bytes accessed per step).",
+)
+_ENGINE_DECODE_LAYOUT = flags.DEFINE_bool(
+    "engine_decode_layout",
+    True,
+    "engine, engine_step: decode with the weights in the decode layout (cast and placed over tensor once "
+    "per rollout, per-layer leaves); false: the params as the trainer holds them, cast and gathered per "
+    "layer at every step (the layout before it).",
+)
 _MODEL_PRESET = flags.DEFINE_string(
     "model_preset",
     "",
@@ -83,6 +95,7 @@ _OUT = flags.DEFINE_string("out", "", "Also write the final JSON object to this 
 flags.mark_flags_as_required(["config", "topology"])
 
 GIB = 2**30
+PROGRAM_NAMES = ("sampler", "grpo_step", "engine", "engine_step")
 
 
 class AotError(Exception):
@@ -219,9 +232,15 @@ class Programs:
     step: object
     step_args: tuple
     lora: object = None  # the stage's LoRAConfig (None: it trains every weight)
+    engine: object = None  # the rollout engine (rollout.generate_with_stats) with the sampler's arguments
+    engine_step: object = None  # one decode step of the engine alone, and its abstract inputs
+    engine_step_args: tuple = ()
+    engine_info: dict = dataclasses.field(default_factory=dict)
 
 
-def build_programs(config, stage: str, model_config, mesh) -> Programs:
+def build_programs(
+    config, stage: str, model_config, mesh, *, engine_decode_layout: bool = True, with_engine: bool = True
+) -> Programs:
     """The sampler and the GRPO step as `scripts/train.py` builds them for `stage`, with abstract inputs."""
     import jax
     import jax.numpy as jnp
@@ -371,7 +390,106 @@ def build_programs(config, stage: str, model_config, mesh) -> Programs:
         grad_accum_steps=int(sc.get("grad_accum_steps", 1)),
         shared_prefix=bool(sc.get("shared_prefix", False)),
     )
-    return Programs(mesh, model_config, grpo, B, P, L, sampler, sampler_args, step, (state, batch), lora)
+    programs = Programs(mesh, model_config, grpo, B, P, L, sampler, sampler_args, step, (state, batch), lora)
+    add_engine_programs(
+        programs, config, sample.keywords, sampler_args[0], decode_layout=engine_decode_layout
+    )
+    return programs
+
+
+def add_engine_programs(p: Programs, config, sample_kwargs: dict, params, *, decode_layout: bool) -> None:
+    """The rollout engine as `config.sampler = "engine"` runs it (`config.engine`: num_slots, 0 = one per
+    row; page_size), and one of its decode steps alone with the inputs the loop gives it: the weights in
+    the decode layout (or as held, `decode_layout=False`), the shards' slots and page pools (one per data
+    shard, vmapped over the batch axes as in the engine)."""
+    import jax
+    import jax.numpy as jnp
+
+    from grpo_jax import rollout, sharding
+    from grpo_jax.models import activation_sharding
+    from grpo_jax.rollout import engine as engine_lib
+    from grpo_jax.rollout import paged_cache
+
+    section = config.get("engine") or {}
+    num_slots, page_size = int(section.get("num_slots", 0)), int(section.get("page_size", 16))
+    mesh, model = p.mesh, p.model_config
+    engine_kwargs = {k: v for k, v in sample_kwargs.items()}
+    p.engine = jax.jit(
+        functools.partial(
+            rollout.generate_with_stats,
+            model,
+            **engine_kwargs,
+            num_slots=num_slots or None,
+            page_size=page_size,
+            decode_layout=decode_layout,
+        )
+    )
+    n = p.prompts * p.grpo.num_generations
+    d = engine_lib._shards(mesh, p.prompts)
+    slots = min(-(-(num_slots or n) // d), n // d)
+    attention = "pallas" if model.attention_impl == "splash" else "xla"
+    geometry = engine_lib.pool_geometry(
+        p.prompts // d, p.prompt_len, p.new_tokens, page_size=page_size, slots=slots, attention=attention
+    )
+    p.engine_info = dict(
+        shards=d, slots_per_shard=slots, page_size=page_size, attention=attention, decode_layout=decode_layout
+    )
+    p.engine_info.update(geometry)
+    step_model = model if decode_layout else model.replace(scan_layers=False)  # count every layer's work
+    if decode_layout:
+        specs = engine_lib.decode_specs(model, mesh)
+        shapes = jax.eval_shape(lambda w: engine_lib.decode_params(model, w), params)
+
+        def placed(path, x):  # the decode layout's spec; LoRA adapters (cast, not placed): replicated
+            spec = specs
+            for key in path:
+                key = getattr(key, "key", getattr(key, "idx", None))
+                spec = spec.get(key) if isinstance(spec, dict) else spec[key] if spec is not None else None
+            spec = spec if isinstance(spec, jax.sharding.PartitionSpec) else jax.sharding.PartitionSpec()
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, spec))
+
+        loop_params = jax.tree_util.tree_map_with_path(placed, shapes)
+    else:
+        loop_params = params
+    batch_axes = sharding.BATCH_AXES if d > 1 else None
+    lead = (d,) if d > 1 else ()
+    tensor = mesh.shape["tensor"]
+    heads = "tensor" if model.num_kv_heads % tensor == 0 else None
+
+    def arg(shape, dtype, *rest):
+        spec = jax.sharding.PartitionSpec(*((batch_axes,) if d > 1 else ()), *rest)
+        return jax.ShapeDtypeStruct((*lead, *shape), dtype, sharding=jax.sharding.NamedSharding(mesh, spec))
+
+    total_pages = model.num_layers * (geometry["num_pages"] + 1)
+    page_shape = (model.num_kv_heads, total_pages, page_size, model.resolved_head_dim)
+    page = arg(page_shape, model.compute_dtype, heads)
+    per_slot = arg((slots,), jnp.int32)
+    p.engine_step_args = (
+        loop_params,
+        per_slot,  # tokens
+        per_slot,  # positions
+        {"k": page, "v": page},
+        arg((slots, geometry["max_pages"]), jnp.int32),  # page table
+        per_slot,  # lengths
+        per_slot,  # write page
+        per_slot,  # write offset
+    )
+
+    def step(loop_params, *inputs):
+        run = functools.partial(
+            paged_cache.decode_step,
+            step_model,
+            loop_params,
+            num_pages=geometry["num_pages"],
+            impl=attention,
+            mesh=mesh,
+        )
+        if d == 1:
+            with activation_sharding(mesh):
+                return run(*inputs)
+        return jax.vmap(run, spmd_axis_name=sharding.BATCH_AXES)(*inputs)
+
+    p.engine_step = jax.jit(step, donate_argnums=(3,))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,6 +535,7 @@ def compile_program(fn, args, hbm_bytes: int) -> dict:
         )
         return result
     result["compile_s"] = round(time.time() - t0, 2)
+    hlo = compiled.as_text() or ""
     mem = compiled.memory_analysis()
     fields = ("argument", "output", "alias", "temp", "generated_code")
     stats = {f"{f}_bytes": int(getattr(mem, f"{f}_size_in_bytes", 0) or 0) for f in fields}
@@ -434,8 +553,33 @@ def compile_program(fn, args, hbm_bytes: int) -> dict:
         peak_source=source,
         memory=stats,
         xla_flops=float((cost or {}).get("flops", 0.0)),
+        xla_bytes_accessed=float((cost or {}).get("bytes accessed", 0.0)),
+        # the kernels in the program (e.g. tpu_custom_call: a Pallas kernel compiled by Mosaic)
+        custom_calls=sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo))),
+        collectives=collective_bytes(hlo),
     )
     return result
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4, "u32": 4}
+
+
+def collective_bytes(hlo: str) -> dict:
+    """Per device, the collectives of a compiled program (`compiled.as_text()`): for each kind (all-reduce,
+    all-gather, reduce-scatter, all-to-all, collective-permute) how many there are and the bytes of their
+    results, summed over the program text (a loop body counted once, as XLA's cost analysis does). XLA's
+    "bytes accessed" leaves the interconnect out; this is its share."""
+    kinds = "all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute"
+    pattern = rf"= \(?((?:\w+\[[\d,]*\](?:\{{[^}}]*\}})?(?:, )?)+)\)? ({kinds})(?:-start)?\("
+    out: dict = {}
+    for match in re.finditer(pattern, hlo):
+        size = 0
+        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)):
+            size += math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
+        entry = out.setdefault(match.group(2), {"count": 0, "result_bytes": 0})
+        entry["count"] += 1
+        entry["result_bytes"] += size
+    return out
 
 
 def _gib(n) -> str:
@@ -451,14 +595,15 @@ def run(
     programs=("sampler", "grpo_step"),
     hbm_gib: float = 0.0,
     activation_sharding: str = "none",
+    engine_decode_layout: bool = True,
 ) -> dict:
     """Resolve the config, model, topology and mesh, compile `programs`, print and return the report."""
     from grpo_jax.flops import TPU_CHIPS
     from grpo_jax.training import setup
 
-    unknown = sorted(set(programs) - {"sampler", "grpo_step"})
+    unknown = sorted(set(programs) - set(PROGRAM_NAMES))
     if unknown:
-        raise AotError(f"--programs: unknown {unknown}; known: sampler, grpo_step")
+        raise AotError(f"--programs: unknown {unknown}; known: {', '.join(PROGRAM_NAMES)}")
     stage = grpo_stage_name(config, stage)
     model_config = model_config_for(config, preset)
     devices = topology_devices(topology)
@@ -488,19 +633,33 @@ def run(
             mesh,
             model_config,
             activation_sharding,
+            engine_decode_layout,
         )
 
 
 def _compile_all(
-    config, topology, stage, preset, programs, devices, hbm_bytes, mesh, model_config, activation_sharding
+    config,
+    topology,
+    stage,
+    preset,
+    programs,
+    devices,
+    hbm_bytes,
+    mesh,
+    model_config,
+    activation_sharding,
+    engine_decode_layout=True,
 ) -> dict:
     import jax
 
-    from grpo_jax.flops import TPU_CHIPS, grpo_sampler_flops, grpo_step_flops
+    from grpo_jax.flops import TPU_CHIPS, decode_step_costs, grpo_sampler_flops, grpo_step_flops
 
     kind = devices[0].device_kind
     chip = TPU_CHIPS.get(kind, {})
-    p = build_programs(config, stage, model_config, mesh)
+    with_engine = bool({"engine", "engine_step"} & set(programs))
+    p = build_programs(
+        config, stage, model_config, mesh, engine_decode_layout=engine_decode_layout, with_engine=with_engine
+    )
 
     report = {
         "topology": topology,
@@ -550,6 +709,8 @@ def _compile_all(
         "jax_version": jax.__version__,
         "programs": {},
     }
+    if with_engine:
+        report["engine"] = p.engine_info
     print(
         f"{topology}: {len(devices)} x {kind}, {_gib(hbm_bytes)} HBM each; mesh {dict(mesh.shape)}; "
         f"model {model_config.num_params() / 1e9:.2f} B params ({model_config.param_dtype} weights, "
@@ -560,9 +721,27 @@ def _compile_all(
         flush=True,
     )
     shape = (p.model_config, p.grpo, p.prompts, p.prompt_len, p.new_tokens)
-    analytic = {"sampler": grpo_sampler_flops(*shape), "grpo_step": grpo_step_flops(*shape)}
+    analytic = {
+        "sampler": grpo_sampler_flops(*shape),
+        "grpo_step": grpo_step_flops(*shape),
+        "engine": grpo_sampler_flops(*shape),
+    }
+    if with_engine:  # one decode step over every slot of every shard, the attention over a full table
+        info = p.engine_info
+        analytic["engine_step"] = decode_step_costs(
+            p.model_config,
+            info["shards"] * info["slots_per_shard"],
+            info["max_pages"] * info["page_size"],
+            info["max_pages"] * info["page_size"],
+        )["flops_full_cache"]
+    inputs = {
+        "sampler": (p.sampler, p.sampler_args),
+        "grpo_step": (p.step, p.step_args),
+        "engine": (p.engine, p.sampler_args),
+        "engine_step": (p.engine_step, p.engine_step_args),
+    }
     for name in programs:
-        fn, args = (p.sampler, p.sampler_args) if name == "sampler" else (p.step, p.step_args)
+        fn, args = inputs[name]
         result = compile_program(fn, args, hbm_bytes)
         result["analytic_flops"] = analytic[name]
         report["programs"][name] = result
@@ -574,7 +753,10 @@ def _compile_all(
             line += (
                 f" (arguments {_gib(m['argument_bytes'])}, outputs {_gib(m['output_bytes'])}, aliased "
                 f"{_gib(m['alias_bytes'])}, temporaries {_gib(m['temp_bytes'])}); "
-                f"XLA cost_analysis {result['xla_flops']:.3e} FLOPs (loop bodies counted once)"
+                f"XLA cost_analysis {result['xla_flops']:.3e} FLOPs, "
+                f"{result['xla_bytes_accessed']:.3e} bytes accessed, collectives' results "
+                f"{sum(c['result_bytes'] for c in result['collectives'].values()) / 2**20:.1f} MiB "
+                "(loop bodies counted once)"
             )
         else:
             line += f" (compiler: {result['oom'][:200]})"
@@ -594,6 +776,7 @@ def main(argv):
             programs=tuple(_PROGRAMS.value),
             hbm_gib=_HBM_GIB.value,
             activation_sharding=_ACTIVATION_SHARDING.value,
+            engine_decode_layout=_ENGINE_DECODE_LAYOUT.value,
         )
     except AotError as error:
         _fail(error)

@@ -6,24 +6,33 @@ the same random stream per row, so the tokens are equal and the logprobs agree t
 
 How it runs, in one jitted program:
 
-- Prefill (once per distinct prompt): the B prompts, left-padded further to a whole number of pages
-  (P_pad = ceil(P / page_size) · page_size, so a sample's own tokens start on a fresh page), go through
-  `forward_with_cache` into a dense [B, P_pad] cache that becomes pages 0 .. B·P_pages − 1 of the pool;
-  each prompt keeps its last logits (its samples' first token) and a refcount of G.
-- Work queue: items 0 .. N − 1 in row order (item r is sample r % G of prompt r // G).
+- Prefill (once per distinct prompt, the static sampler's prefill, on the mesh's layout): each prompt's
+  real tokens are then moved to the front of its cache (sequence index = position) and cut into
+  P_pages = ceil(P / page_size) pages 0 .. B·P_pages − 1 of the pool. Token 0 of every row is drawn
+  from its prompt's last logits right away (`sampling.choose_tokens` at index 0); rows that stop there
+  are done, and a prompt keeps a refcount of its other rows.
+- Work queue: the rows still to decode, in row order (row r is sample r % G of prompt r // G).
 - Continuous batching (Orca; Yu et al., OSDI 2022): S slots decode together in one `lax.while_loop`. Each
-  iteration (1) gives every idle slot the next queued item (page table = its prompt's pages, logits = the
-  prompt's last logits, t = 0); (2) draws token t of every live slot with `sampling.choose_tokens` from
-  `fold_in(row key, t)`, t being the row's own token index, and writes it to the item's output row;
-  (3) retires the slots whose sample stopped (stop token or budget): length and `truncated` written,
-  its own pages pushed back to the pool, its prompt's refcount decremented and the prompt's pages
-  pushed back when it reaches 0; (4) feeds every live slot's new token through the model
-  (`paged_cache.decode_step`), taking a page from the pool when the token starts one.
-  The loop ends when the queue is empty and every slot is idle.
-- Paged KV cache (PagedAttention; Kwon et al., SOSP 2023, arXiv 2309.06180): `grpo_jax.rollout.paged_cache`.
-  The pool holds B·P_pages prompt pages plus S·ceil((L − 1) / page_size) pages for the slots' own tokens
-  (a slot's worst case), so it never runs dry; the pages in use at any time follow the tokens really
-  held (`EngineStats.peak_pages_in_use`).
+  iteration (1) feeds every live slot's last token through the model (`paged_cache.decode_step`), taking
+  a page from the pool when the token starts one; (2) draws token t of every live slot from
+  `fold_in(row key, t)`, t being the row's own token index, and writes it to the row; (3) retires the
+  slots whose row stopped (stop token or budget): length and `truncated` written, its own pages pushed
+  back to the pool, its prompt's refcount decremented and the prompt's pages pushed back at 0; (4) gives
+  every idle slot the next queued row (page table = its prompt's full pages, its token 0 already drawn),
+  so a slot freed in an iteration decodes again in the next one. The loop ends when every slot is idle.
+- Paged KV cache (PagedAttention; Kwon et al., SOSP 2023, arXiv 2309.06180): `grpo_jax.rollout.paged_cache`,
+  pages `[kv_heads, layers · (num_pages + 1), page_size, head_dim]` as the Pallas TPU paged-attention
+  kernel reads them. A slot's valid keys are exactly the prefix [0, length) of its page table (the
+  kernel's contract): its prompt's full pages (shared by the group), then its own pages, the first of
+  which is a copy of the prompt's partly filled last page made when the row feeds its first token
+  (copy-on-write). The pool holds B·P_pages prompt pages plus S·own_max pages for the slots' own
+  (`pool_geometry`: a slot's worst case), so it never runs dry; the pages in use at any time follow the
+  tokens really held (`EngineStats.peak_pages_in_use`).
+- Decode attention: `paged_cache.paged_attention_reference` (plain XLA) or, with
+  `ModelConfig.attention_impl == "splash"`, the Pallas paged-attention kernel on TPU
+  (`paged_cache.paged_attention_kernel`; interpret mode with `attention_interpret`).
+- Decode layout (`decode_params`, on by default): before the loop the policy is cast to the compute
+  dtype, placed over `tensor` only and unstacked per layer, once per rollout; the loop reads it in place.
 
 - Data shards: on a mesh whose data-parallel size D (the ("data", "fsdp") axes) divides B, the engine is
   D independent sub-engines, one per data shard, run as one `jax.vmap` over a leading shard axis placed
@@ -32,9 +41,9 @@ How it runs, in one jitted program:
   only (KV heads still over `tensor`), not the whole pool. The shards step together until the last one
   is done. Otherwise one engine runs, its pool whole on every row shard.
 
-Positions and masks are the static sampler's: prompt positions count real tokens (`positions_from_mask`),
-token t of a sample sits at position (prompt length + t), and a slot attends to its prompt's real tokens
-and its own tokens so far; the padding between the two regions is masked.
+Positions are the static sampler's: prompt positions count real tokens (`positions_from_mask`), token t
+of a sample sits at position (prompt length + t), and a slot attends to its prompt's real tokens and its
+own tokens so far.
 """
 
 from __future__ import annotations
@@ -53,10 +62,13 @@ from grpo_jax.models import (
     activation_sharding,
     forward_with_cache,
     init_cache,
+    logical_axes,
+    param_shapes,
     positions_from_mask,
 )
+from grpo_jax.models.attention import check_platform
 from grpo_jax.rollout import paged_cache
-from grpo_jax.sharding import BATCH_AXES, data_parallel_size
+from grpo_jax.sharding import BATCH_AXES, DEFAULT_RULES, data_parallel_size, logical_to_spec
 
 PartitionSpec = jax.sharding.PartitionSpec
 
@@ -74,21 +86,22 @@ class EngineStats:
     pages_taken: jax.Array  # pages popped from the pool over the run (> the pool's sample pages: reuse)
     iterations: jax.Array  # loop iterations = batched decode steps over the S slots
     prompt_pages: jax.Array  # B · P_pages
+    slots: jax.Array  # decode slots really run: ceil(S / D) per data shard × D shards
 
 
 @flax.struct.dataclass
 class EngineState:
-    """The loop state. S slots, N = B·G items, L = max_new_tokens, MP pages per slot."""
+    """The loop state. S slots, N = B·G items, L = max_new_tokens, MP pages per slot's sequence."""
 
     next_item: jax.Array  # [] the queue's head
     item: jax.Array  # [S] the item a slot decodes (N: idle)
-    t: jax.Array  # [S] tokens drawn so far for it (the row's own token index)
-    logits: jax.Array  # [S, V] predict token t
-    own_pages: jax.Array  # [S] pages of its own tokens it holds
-    page_table: jax.Array  # [S, MP] its prompt's pages, then its own (scratch where unused)
+    t: jax.Array  # [S] tokens drawn so far for it (the row's own token index of the next draw)
+    token: jax.Array  # [S] its last drawn token (index t - 1), fed at the next decode step
+    own_pages: jax.Array  # [S] pages of its own it holds (its prompt tail's copy and its tokens')
+    page_table: jax.Array  # [S, MP] its prompt's full pages, then its own (scratch where unused)
     refcount: jax.Array  # [B] a prompt's samples not finished yet
     pool: paged_cache.PagePool
-    pages: dict  # {"k", "v"} [layers, num_pages + 1, page_size, K, Dh]
+    pages: dict  # {"k", "v"} [kv_heads, layers * (num_pages + 1), page_size, head_dim]
     tokens: jax.Array  # [N, L] outputs, written by row
     logprobs: jax.Array  # [N, L]
     sampling_logprobs: jax.Array  # [N, L]
@@ -125,10 +138,10 @@ def _constraints(mesh, sharded: bool):
     def pin(x, spec):
         return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, PartitionSpec(*spec)))
 
-    def constrain_pages(pages):  # [layers, pages, page_size, K, Dh]
+    def constrain_pages(pages):  # [kv_heads, layers * pages, page_size, head_dim]
         tensor = mesh.shape["tensor"]
         return jax.tree_util.tree_map(
-            lambda p: pin(p, (None, None, None, "tensor" if p.shape[3] % tensor == 0 else None, None)), pages
+            lambda p: pin(p, ("tensor" if p.shape[0] % tensor == 0 else None, None, None, None)), pages
         )
 
     if sharded:
@@ -136,11 +149,93 @@ def _constraints(mesh, sharded: bool):
     return (lambda x: sampling._constrain_rows(x, mesh, 0)), constrain_pages
 
 
+# ------------------------------------------------------------------------------------------------
+# The decode layout: weights cast and placed once per rollout
+# ------------------------------------------------------------------------------------------------
+
+# The training rules without the fsdp split: decode weights over `tensor` only, whole on every row shard.
+DECODE_RULES = tuple((name, None if name == "embed" else axes) for name, axes in DEFAULT_RULES)
+
+
+def decode_specs(model_config: ModelConfig, mesh) -> dict:
+    """The PartitionSpec of every model weight in the decode layout (`decode_params`' tree, without LoRA
+    adapters): `DECODE_RULES` over each weight's logical axes, the layer stack as a tuple of layers."""
+    axes, shapes = logical_axes(model_config), param_shapes(model_config)
+    spec = lambda logical, shape: logical_to_spec(logical, shape, mesh, DECODE_RULES)  # noqa: E731
+    out = {name: spec(axes[name], shapes[name]) for name in axes if name != "layers"}
+    layer = {name: spec(axes["layers"][name][1:], shape[1:]) for name, shape in shapes["layers"].items()}
+    out["layers"] = tuple(dict(layer) for _ in range(model_config.num_layers))
+    return out
+
+
+def decode_params(model_config: ModelConfig, params, mesh=None):
+    """The policy in the decode layout (traceable; the engine calls it once per rollout, before its loop):
+    every float leaf cast to the compute dtype; on a mesh, every model weight constrained to `DECODE_RULES`
+    (`decode_specs`: its fsdp split gathered once, `tensor` kept; the loop then reads each weight where it
+    lies instead of casting and all-gathering every layer at every token); and the layer stack unstacked
+    into a tuple of per-layer weights, so the decode step's unrolled layers read them in place (a scan
+    copies each layer's slice out of the stacked params at every step). LoRA adapters under `layers/lora`
+    are cast and unstacked, not placed."""
+    dtype = model_config.compute_dtype
+    specs = None if mesh is None else decode_specs(model_config, mesh)
+
+    def place(x, spec):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(dtype)
+        if spec is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+    top = {
+        name: jax.tree_util.tree_map(lambda a, name=name: place(a, specs and specs.get(name)), value)
+        for name, value in params.items()
+        if name != "layers"
+    }
+
+    def layer(i):
+        spec = lambda name: None if specs is None or name == "lora" else specs["layers"][i][name]  # noqa: E731
+        return {
+            name: jax.tree_util.tree_map(lambda a, name=name: place(a[i], spec(name)), value)
+            for name, value in params["layers"].items()
+        }
+
+    return dict(top, layers=tuple(layer(i) for i in range(model_config.num_layers)))
+
+
+# ------------------------------------------------------------------------------------------------
+# One engine
+# ------------------------------------------------------------------------------------------------
+
+
+def pool_geometry(
+    batch: int, prompt_len: int, max_new_tokens: int, *, page_size: int, slots: int, attention="xla"
+):
+    """The static sizes of one engine's pool: `prompt_pages` per prompt (ceil(P / page_size)); `own_max`,
+    a slot's worst case of pages of its own (its prompt's partly filled last page, copied, holds up to
+    page_size - 1 prompt tokens, then its L - 1 fed tokens: token L - 1 is never fed); `max_pages`, the
+    page-table width (a sequence holds P + L - 1 keys at most; for the Pallas kernel a multiple of its
+    block of pages); `num_pages` = B · prompt_pages + S · own_max (never runs dry)."""
+    ps = page_size
+    prompt_pages = -(-prompt_len // ps)
+    own_max = max(-(-(min(ps - 1, prompt_len) + max_new_tokens - 1) // ps), 1)
+    max_pages = max(-(-(prompt_len + max_new_tokens - 1) // ps), prompt_pages)
+    if attention == "pallas":  # the kernel's blocks of pages divide the table
+        block = max(1, min(max_pages, paged_cache.KERNEL_BLOCK_TOKENS // ps))
+        max_pages = -(-max_pages // block) * block
+    return dict(
+        prompt_pages=prompt_pages,
+        own_max=own_max,
+        max_pages=max_pages,
+        num_pages=batch * prompt_pages + slots * own_max,
+    )
+
+
 def _shard_engine(
     model_config,
-    params,
-    prompt_tokens,
+    loop_params,
     prompt_mask,
+    prompt_logits,
+    cache,
     row_keys,
     *,
     num_samples,
@@ -154,55 +249,56 @@ def _shard_engine(
     num_slots,
     page_size,
     check_pages,
+    attention,
+    kernel_mesh,
     constrain_slots,
     constrain_pages,
 ):
     """One engine over B prompts (one data shard's, or all of them) with its own slots, queue and page
-    pool: row_keys [B·G] are its rows' streams. -> (Rollout fields of its rows, EngineStats)."""
-    batch, prompt_len = prompt_tokens.shape
-    g, length = num_samples, max_new_tokens
+    pool: prompt_logits [B, V] and cache {"k", "v"} [layers, B, P, K, Dh] are its prompts' prefill, row_keys
+    [B·G] its rows' streams; `loop_params` (the decode layout, or the params as given) decode.
+    -> (Rollout fields of its rows, EngineStats)."""
+    batch, prompt_len = prompt_mask.shape
+    g, length, ps = num_samples, max_new_tokens, page_size
     n, s = batch * g, num_slots
+    num_layers, kv_heads, head_dim = (
+        model_config.num_layers,
+        model_config.num_kv_heads,
+        model_config.resolved_head_dim,
+    )
     prompt_mask = prompt_mask.astype(jnp.int32)
-    prompt_pages = -(-prompt_len // page_size)
-    prompt_pad = prompt_pages * page_size
-    own_max = -(-(length - 1) // page_size)  # token L-1 is never fed, so L-1 tokens at most in the cache
-    max_pages = prompt_pages + max(own_max, 1)
+    geometry = pool_geometry(batch, prompt_len, length, page_size=ps, slots=s, attention=attention)
+    prompt_pages, max_pages, num_pages = (
+        geometry["prompt_pages"],
+        geometry["max_pages"],
+        geometry["num_pages"],
+    )
+    prompt_pad = prompt_pages * ps
     num_prompt_pages = batch * prompt_pages
-    num_pages = num_prompt_pages + s * own_max
     scratch = num_pages
 
-    # Prefill each distinct prompt once, left-padded to whole pages; its cache becomes its pages.
-    extra = prompt_pad - prompt_len
-    padded_tokens = jnp.pad(prompt_tokens, ((0, 0), (extra, 0)), constant_values=pad_id)
-    padded_mask = jnp.pad(prompt_mask, ((0, 0), (extra, 0)))
-    logits, cache = forward_with_cache(
-        model_config,
-        params,
-        padded_tokens,
-        positions_from_mask(padded_mask),
-        init_cache(model_config, batch, prompt_pad),
-        0,
-        padded_mask,
-        last_only=True,
-    )
-    prompt_logits = logits[:, -1]  # [B, V]: token 0 of each sample
-    free_shape = (model_config.num_layers, num_pages + 1 - num_prompt_pages, page_size)
-    pages = {
-        name: jnp.concatenate(
-            [
-                c.reshape(model_config.num_layers, num_prompt_pages, page_size, *c.shape[3:]),
-                jnp.zeros(free_shape + c.shape[3:], c.dtype),
-            ],
-            axis=1,
-        )
-        for name, c in cache.items()
-    }
-    pages = constrain_pages(pages)
+    # Move each prompt's real tokens in its prefill cache to the front (sequence index = position:
+    # 0 .. len - 1) and cut the cache into its pages.
+    prompt_lengths = jnp.sum(prompt_mask, axis=-1)  # [B]
+    index = jnp.arange(prompt_pad)
+    source = jnp.clip(index[None, :] + (prompt_len - prompt_lengths)[:, None], 0, prompt_len - 1)
+    real = index[None, :] < prompt_lengths[:, None]  # [B, P_pad]
+
+    def to_pages(c):  # [layers, B, P, K, Dh] -> [K, layers * (num_pages + 1), ps, Dh]
+        c = c[:, jnp.arange(batch)[:, None], source]  # [layers, B, P_pad, K, Dh], left-justified
+        c = jnp.where(real[None, :, :, None, None], c, 0)
+        c = c.reshape(num_layers, num_prompt_pages, ps, kv_heads, head_dim).transpose(3, 0, 1, 2, 4)
+        rest = jnp.zeros((kv_heads, num_layers, num_pages + 1 - num_prompt_pages, ps, head_dim), c.dtype)
+        return jnp.concatenate([c, rest], axis=2).reshape(kv_heads, -1, ps, head_dim)
+
+    pages = constrain_pages({name: to_pages(c) for name, c in cache.items()})
     prompt_page_ids = jnp.arange(num_prompt_pages, dtype=jnp.int32).reshape(batch, prompt_pages)
-    prompt_table = jnp.concatenate(
-        [prompt_page_ids, jnp.full((batch, max_pages - prompt_pages), scratch, jnp.int32)], axis=1
-    )
-    prompt_lengths = jnp.sum(prompt_mask, axis=-1)  # [B]: position of token 0
+    full_pages = prompt_lengths // ps  # [B] pages full of prompt tokens: shared by the group
+    tail = prompt_lengths % ps  # [B] prompt tokens on its partly filled last page: copied per sample
+    tail_page = prompt_page_ids[jnp.arange(batch), jnp.minimum(full_pages, prompt_pages - 1)]
+    columns = jnp.arange(max_pages)
+    padded_ids = jnp.pad(prompt_page_ids, ((0, 0), (0, max_pages - prompt_pages)), constant_values=scratch)
+    prompt_table = jnp.where(columns[None, :] < full_pages[:, None], padded_ids, scratch)  # [B, MP]
 
     choose = functools.partial(
         sampling.choose_tokens,
@@ -214,93 +310,126 @@ def _shard_engine(
     )
     stop_ids_arr = jnp.asarray(stop_ids, jnp.int32)
     slots = jnp.arange(s)
-    own_columns = jnp.arange(max_pages - prompt_pages)
-    completion_slots = jnp.arange((max_pages - prompt_pages) * page_size)
+
+    # Token 0 of every row, from its prompt's logits (one prompt's G rows at a time): written before the
+    # loop, so a slot is admitted with its first token drawn and feeds it at its first decode step.
+    first = jax.lax.map(
+        lambda a: choose(jnp.broadcast_to(a[0], (g, a[0].shape[-1])), a[1], 0),
+        (prompt_logits, row_keys.reshape(batch, g)),
+    )
+    first_token, first_logp, first_sampling_logp = (x.reshape(n) for x in first)
+    first_stopped = jnp.isin(first_token, stop_ids_arr)
+    first_done = first_stopped | (length <= 1)
+    queue = jnp.argsort(first_done, stable=True).astype(jnp.int32)  # rows still to decode, in row order
+    queue_len = n - jnp.sum(first_done, dtype=jnp.int32)
+    refcount = g - jnp.sum(first_done.reshape(batch, g), axis=1, dtype=jnp.int32)
+
+    def own_columns(page_table_first, own_pages):
+        """[S, MP] bool: the columns of a slot's own pages (after its prompt's full pages)."""
+        return (columns[None, :] >= page_table_first[:, None]) & (
+            columns[None, :] < (page_table_first + own_pages)[:, None]
+        )
 
     def held_pages(st: EngineState):
         """Pages owned by live samples (their own) and by prompts with unfinished samples."""
         live = st.item < n
-        own = st.page_table[:, prompt_pages:]
-        own_valid = live[:, None] & (own_columns[None, :] < st.own_pages[:, None])
+        prompt = jnp.minimum(st.item, n - 1) // g
+        own_valid = own_columns(full_pages[prompt], st.own_pages) & live[:, None]
         prompt_valid = jnp.broadcast_to((st.refcount > 0)[:, None], prompt_page_ids.shape)
-        held = jnp.concatenate([own.reshape(-1), prompt_page_ids.reshape(-1)])
+        held = jnp.concatenate([st.page_table.reshape(-1), prompt_page_ids.reshape(-1)])
         return held, jnp.concatenate([own_valid.reshape(-1), prompt_valid.reshape(-1)])
 
-    def body(st: EngineState) -> EngineState:
-        # 1. Admit: idle slots take the next queued items, in row order.
+    def admit(st: EngineState) -> EngineState:
+        """Idle slots take the next queued rows (row order), their token 0 already drawn."""
         idle = st.item == n
-        candidate = st.next_item + jnp.cumsum(idle.astype(jnp.int32)) - 1
-        admit = idle & (candidate < n)
-        item = jnp.where(admit, candidate, st.item)
+        rank = st.next_item + jnp.cumsum(idle.astype(jnp.int32)) - 1
+        take = idle & (rank < queue_len)
+        item = jnp.where(take, queue[jnp.clip(rank, 0, n - 1)], st.item)
         prompt = jnp.minimum(item, n - 1) // g
-        t = jnp.where(admit, 0, st.t)
-        logits = jnp.where(admit[:, None], prompt_logits[prompt], st.logits)
-        page_table = jnp.where(admit[:, None], prompt_table[prompt], st.page_table)
-        live = item < n
+        return st.replace(
+            next_item=st.next_item + jnp.sum(take, dtype=jnp.int32),
+            item=constrain_slots(item),
+            t=jnp.where(take, 1, st.t),
+            token=jnp.where(take, first_token[jnp.minimum(item, n - 1)], st.token),
+            own_pages=jnp.where(take, 0, st.own_pages),
+            page_table=constrain_slots(jnp.where(take[:, None], prompt_table[prompt], st.page_table)),
+        )
+
+    def body(st: EngineState) -> EngineState:
+        live = st.item < n
+        item = jnp.minimum(st.item, n - 1)
+        prompt = item // g
+
+        # 1. Feed each live slot's last token (own index c = t - 1, sequence index = position = its
+        # prompt's length + c) through the model. A token that starts a page takes one from the pool; a
+        # row's first token on a partly filled prompt page takes a copy of that page (copy-on-write).
+        seq = prompt_lengths[prompt] + st.t - 1
+        copy = live & (st.t == 1) & (tail[prompt] > 0)
+        need = live & ((seq % ps == 0) | copy)
+        pool, new_page = paged_cache.pop_pages(st.pool, need)
+        column = seq // ps
+        page_table = st.page_table.at[slots, jnp.where(need, column, max_pages)].set(new_page, mode="drop")
+        copy_src, copy_dst = jnp.where(copy, tail_page[prompt], scratch), jnp.where(copy, new_page, scratch)
+        pages = jax.lax.cond(
+            jnp.any(copy),
+            lambda p: paged_cache.copy_pages(p, copy_src, copy_dst, num_pages, num_layers),
+            lambda p: p,
+            st.pages,
+        )
+        own_pages = st.own_pages + need
+        write_page = jnp.where(live, page_table[slots, jnp.clip(column, 0, max_pages - 1)], scratch)
+        logits, pages = paged_cache.decode_step(
+            model_config,
+            loop_params,
+            st.token,
+            seq,
+            pages,
+            page_table,
+            jnp.where(live, seq + 1, 1),  # idle slots: one key (the scratch page's first)
+            write_page,
+            jnp.where(live, seq % ps, 0),
+            num_pages=num_pages,
+            impl=attention,
+            mesh=kernel_mesh,
+        )
 
         # 2. Draw token t of every live slot from its row's stream at its own index t.
-        token, logp, sampling_logp = choose(logits, row_keys[jnp.minimum(item, n - 1)], t)
+        token, logp, sampling_logp = choose(logits, row_keys[item], st.t)
         token = jnp.where(live, token, pad_id)
-        row = jnp.where(live, item, n)  # n: dropped
-        put = lambda buf, value: buf.at[row, t].set(value, mode="drop")
+        row = jnp.where(live, st.item, n)  # n: dropped
+        put = lambda buf, value: buf.at[row, st.t].set(value, mode="drop")
         tokens = put(st.tokens, token)
         logprobs = put(st.logprobs, logp)
         sampling_logprobs = put(st.sampling_logprobs, sampling_logp)
         mask = put(st.mask, jnp.ones_like(token))
         stopped = live & jnp.isin(token, stop_ids_arr)
-        t = t + live
+        t = st.t + live
         done = live & (stopped | (t >= length))
 
         # 3. Retire: outputs of finished rows, their pages (and their prompt's, once all G are done) freed.
-        finished = jnp.where(done, item, n)
+        finished = jnp.where(done, st.item, n)
         lengths = st.lengths.at[finished].set(t, mode="drop")
         truncated = st.truncated.at[finished].set(~stopped, mode="drop")
         refcount = st.refcount.at[jnp.where(done, prompt, batch)].add(-1, mode="drop")
         prompt_freed = (refcount == 0) & (st.refcount > 0)
-        own = page_table[:, prompt_pages:]
-        own_freed = done[:, None] & (own_columns[None, :] < st.own_pages[:, None])
-        prompt_freed = jnp.broadcast_to(prompt_freed[:, None], prompt_page_ids.shape)
+        own_freed = own_columns(full_pages[prompt], own_pages) & done[:, None]
+        in_use = num_pages - pool.free_count  # after this step's pops, before its returns: the peak
         pool = paged_cache.push_pages(
-            st.pool,
-            jnp.concatenate([own.reshape(-1), prompt_page_ids.reshape(-1)]),
-            jnp.concatenate([own_freed.reshape(-1), prompt_freed.reshape(-1)]),
-        )
-        item = jnp.where(done, n, item)
-        own_pages = jnp.where(done, 0, st.own_pages)
-        page_table = jnp.where(done[:, None], scratch, page_table)
-        live = item < n
-
-        # 4. Feed each live slot's new token (index c = t - 1) through the model; a token that starts a
-        # page takes one from the pool.
-        c = t - 1
-        need = live & (c % page_size == 0)
-        pool, new_page = paged_cache.pop_pages(pool, need)
-        column = prompt_pages + c // page_size
-        page_table = page_table.at[slots, jnp.where(need, column, max_pages)].set(new_page, mode="drop")
-        own_pages = own_pages + need
-        write_page = jnp.where(live, page_table[slots, jnp.clip(column, 0, max_pages - 1)], scratch)
-        kv_valid = (
-            jnp.concatenate([padded_mask[prompt] > 0, completion_slots[None, :] <= c[:, None]], axis=1)
-            & live[:, None]
-        )
-        logits, pages = paged_cache.decode_step(
-            model_config,
-            params,
-            token,
-            prompt_lengths[prompt] + c,
-            st.pages,
-            page_table,
-            kv_valid,
-            write_page,
-            jnp.where(live, c % page_size, 0),
+            pool,
+            jnp.concatenate([page_table.reshape(-1), prompt_page_ids.reshape(-1)]),
+            jnp.concatenate(
+                [
+                    own_freed.reshape(-1),
+                    jnp.broadcast_to(prompt_freed[:, None], prompt_page_ids.shape).reshape(-1),
+                ]
+            ),
         )
         new = st.replace(
-            next_item=st.next_item + jnp.sum(admit, dtype=jnp.int32),
-            item=constrain_slots(item),
+            item=jnp.where(done, n, st.item),
             t=constrain_slots(t),
-            logits=constrain_slots(logits),
-            own_pages=own_pages,
-            page_table=constrain_slots(page_table),
+            token=constrain_slots(token),
+            own_pages=jnp.where(done, 0, own_pages),
+            page_table=jnp.where(done[:, None], scratch, page_table),
             refcount=refcount,
             pool=pool,
             pages=constrain_pages(pages),
@@ -311,10 +440,12 @@ def _shard_engine(
             lengths=lengths,
             truncated=truncated,
             iterations=st.iterations + 1,
-            peak_in_use=jnp.maximum(st.peak_in_use, num_pages - pool.free_count),
-            underflows=st.underflows + (pool.free_count < 0),
+            peak_in_use=jnp.maximum(st.peak_in_use, in_use),
+            underflows=st.underflows + (in_use > num_pages),
             pages_taken=st.pages_taken + jnp.sum(need, dtype=jnp.int32),
         )
+        # 4. Admit: the slots freed in 3 take the next rows now, so they decode in the next step.
+        new = admit(new)
         if check_pages:  # every page has exactly one owner: the pool, one live sample, or one live prompt;
             # and a live sample's prompt is live (its pages not returned while a sample reads them)
             counts = paged_cache.page_holders(new.pool, *held_pages(new))
@@ -325,29 +456,35 @@ def _shard_engine(
 
     zeros = jnp.zeros((n, length), jnp.float32)
     zero = jnp.asarray(0, jnp.int32)
+    pool = paged_cache.pool_with_free(num_pages, num_prompt_pages)
+    pool = paged_cache.push_pages(  # prompts all of whose rows stopped at token 0
+        pool,
+        prompt_page_ids.reshape(-1),
+        jnp.broadcast_to((refcount == 0)[:, None], prompt_page_ids.shape).reshape(-1),
+    )
     state = EngineState(
         next_item=zero,
         item=jnp.full((s,), n, jnp.int32),
         t=jnp.zeros((s,), jnp.int32),
-        logits=jnp.zeros((s, prompt_logits.shape[-1]), jnp.float32),
+        token=jnp.zeros((s,), jnp.int32),
         own_pages=jnp.zeros((s,), jnp.int32),
         page_table=jnp.full((s, max_pages), scratch, jnp.int32),
-        refcount=jnp.full((batch,), g, jnp.int32),
-        pool=paged_cache.pool_with_free(num_pages, num_prompt_pages),
+        refcount=refcount,
+        pool=pool,
         pages=pages,
-        tokens=constrain_slots(jnp.full((n, length), pad_id, jnp.int32)),
-        logprobs=constrain_slots(zeros),
-        sampling_logprobs=constrain_slots(zeros),
-        mask=constrain_slots(jnp.zeros((n, length), jnp.int32)),
-        lengths=jnp.zeros((n,), jnp.int32),
-        truncated=jnp.zeros((n,), bool),
+        tokens=constrain_slots(jnp.full((n, length), pad_id, jnp.int32).at[:, 0].set(first_token)),
+        logprobs=constrain_slots(zeros.at[:, 0].set(first_logp)),
+        sampling_logprobs=constrain_slots(zeros.at[:, 0].set(first_sampling_logp)),
+        mask=constrain_slots(jnp.zeros((n, length), jnp.int32).at[:, 0].set(1)),
+        lengths=jnp.where(first_done, 1, 0).astype(jnp.int32),
+        truncated=first_done & ~first_stopped,
         iterations=zero,
         peak_in_use=jnp.asarray(num_prompt_pages, jnp.int32),
         page_errors=zero,
         underflows=zero,
         pages_taken=zero,
     )
-    state = jax.lax.while_loop(lambda st: (st.next_item < n) | jnp.any(st.item < n), body, state)
+    state = jax.lax.while_loop(lambda st: jnp.any(st.item < n), body, admit(state))
     outputs = {
         name: getattr(state, name)
         for name in ("tokens", "logprobs", "sampling_logprobs", "mask", "lengths", "truncated")
@@ -361,37 +498,59 @@ def _shard_engine(
         pages_taken=state.pages_taken,
         iterations=state.iterations,
         prompt_pages=jnp.asarray(num_prompt_pages, jnp.int32),
+        slots=jnp.asarray(s, jnp.int32),
     )
     return outputs, stats
 
 
-def _engine_body(model_config, params, prompt_tokens, prompt_mask, rng, *, mesh, num_slots, **static):
+def _engine_body(
+    model_config, params, prompt_tokens, prompt_mask, rng, *, mesh, num_slots, decode_layout, **static
+):
     """D = `_shards(mesh, B)` sub-engines, one per data shard: shard d takes prompts [d·B/D, (d+1)·B/D)
     (whole groups, so its rows are rows [d·N/D, (d+1)·N/D) of the output), ceil(S/D) slots and a pool of
     its own. With D > 1 they run as one `jax.vmap` over a leading shard axis placed over the batch axes
     (`spmd_axis_name`): each data shard holds its own slots and pages and only its rows' outputs."""
+    attention = "pallas" if model_config.attention_impl == "splash" else "xla"
+    if attention == "pallas":
+        check_platform("splash", interpret=model_config.attention_interpret)
     batch, g = prompt_tokens.shape[0], static["num_samples"]
     n = batch * g
     row_keys = sampling.sample_keys(rng, prompt_tokens, prompt_mask, g)  # [N]
+    # Prefill each distinct prompt once: the static sampler's prefill, on the mesh's layout.
+    logits, cache = forward_with_cache(
+        model_config,
+        params,
+        prompt_tokens,
+        positions_from_mask(prompt_mask),
+        init_cache(model_config, batch, prompt_tokens.shape[1]),
+        0,
+        prompt_mask,
+        last_only=True,
+    )
+    prompt_logits = logits[:, -1]  # [B, V]: token 0 of each sample
     d = _shards(mesh, batch)
     slots = min(-(-num_slots // d), n // d)
     constrain_slots, constrain_pages = _constraints(mesh, sharded=d > 1)
+    loop_params = decode_params(model_config, params, mesh) if decode_layout else params
     run = functools.partial(
         _shard_engine,
         model_config,
-        params,
+        loop_params,
         num_slots=slots,
+        attention=attention,
+        kernel_mesh=mesh,
         constrain_slots=constrain_slots,
         constrain_pages=constrain_pages,
         **static,
     )
     if d == 1:
-        outputs, stats = run(prompt_tokens, prompt_mask, row_keys)
+        outputs, stats = run(prompt_mask, prompt_logits, cache, row_keys)
     else:
-        split = lambda x: x.reshape(d, x.shape[0] // d, *x.shape[1:])  # noqa: E731
+        split = lambda x, axis=0: x.reshape(*x.shape[:axis], d, x.shape[axis] // d, *x.shape[axis + 1 :])  # noqa: E731
+        cache = jax.tree_util.tree_map(lambda c: split(c, 1), cache)  # [layers, D, B/D, P, K, Dh]
         with activation_sharding(None):  # the shard axis, not each shard's rows, goes over the batch axes
-            outputs, stats = jax.vmap(run, spmd_axis_name=BATCH_AXES)(
-                split(prompt_tokens), split(prompt_mask), split(row_keys)
+            outputs, stats = jax.vmap(run, in_axes=(0, 0, 1, 0), spmd_axis_name=BATCH_AXES)(
+                split(prompt_mask), split(prompt_logits), cache, split(row_keys)
             )
         outputs = {
             k: sampling._constrain_rows(v.reshape(n, *v.shape[2:]), mesh, 0) for k, v in outputs.items()
@@ -406,6 +565,7 @@ def _engine_body(model_config, params, prompt_tokens, prompt_mask, rng, *, mesh,
             pages_taken=total(stats.pages_taken),
             iterations=jnp.max(stats.iterations),  # the shards step together until the last is done
             prompt_pages=total(stats.prompt_pages),
+            slots=total(stats.slots),
         )
     rollout = sampling.Rollout(
         **outputs,
@@ -417,7 +577,8 @@ def _engine_body(model_config, params, prompt_tokens, prompt_mask, rng, *, mesh,
 
 
 @functools.partial(
-    jax.jit, static_argnames=(*sampling.STATIC_ARGNAMES, "num_slots", "page_size", "check_pages")
+    jax.jit,
+    static_argnames=(*sampling.STATIC_ARGNAMES, "num_slots", "page_size", "check_pages", "decode_layout"),
 )
 def _generate(model_config, params, prompt_tokens, prompt_mask, rng, *, mesh, **static):
     """The jitted engine: `_engine_body` traced with the activation layout pinned to the mesh."""
@@ -445,9 +606,12 @@ def generate_with_stats(
     num_slots: int | None = None,
     page_size: int = 16,
     check_pages: bool = False,
+    decode_layout: bool = True,
 ) -> tuple[sampling.Rollout, EngineStats]:
     """`generate`, plus the run's `EngineStats`; `check_pages` counts page-ownership errors every iteration
-    (a debugging aid: it adds a histogram over the pool to each step)."""
+    (a debugging aid: it adds a histogram over the pool to each step); `decode_layout=False` decodes with
+    the params as given (stacked, cast and, on an fsdp mesh, gathered per layer at every step: the layout
+    before `decode_params`, kept for comparisons)."""
     rng = as_key(rng, "generate(rng)")
     settings = sampling.static_settings(
         num_samples=num_samples,
@@ -476,6 +640,7 @@ def generate_with_stats(
         num_slots=min(int(num_slots or rows), rows),
         page_size=int(page_size),
         check_pages=bool(check_pages),
+        decode_layout=bool(decode_layout),
     )
 
 

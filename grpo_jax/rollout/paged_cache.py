@@ -1,28 +1,39 @@
 """A paged KV cache: a pool of fixed-size pages, a page table per decode slot, and decode attention over it.
 
-PagedAttention (vLLM; Kwon et al., SOSP 2023, arXiv 2309.06180): the keys and values of every layer live
-in pages `[layers, num_pages + 1, page_size, kv_heads, head_dim]`; a slot's sequence is the pages its
-page table `[S, max_pages]` lists, in order, so a page can be listed by several slots (a prompt's pages by
-all G samples of its group) and a finished sample's pages go back to the pool for the next one. The last
-page (index `num_pages`) is scratch: unused page-table entries point at it and idle slots write into it;
-it is never read unmasked and never in the pool.
+PagedAttention (vLLM; Kwon et al., SOSP 2023, arXiv 2309.06180). Layout, the one the Pallas TPU kernel
+(`jax.experimental.pallas.ops.tpu.paged_attention`) reads with no copy: keys and values of every layer
+live in `[kv_heads, layers * (num_pages + 1), page_size, head_dim]`, layer l's page p at index
+`l * (num_pages + 1) + p` (`page_index`), so one array serves every layer and a layer's page table is
+the slot's table plus `l * (num_pages + 1)`. A slot's sequence is the pages its page table `[S,
+max_pages]` lists, in order, and its valid keys are exactly the prefix `[0, length)` of that sequence
+(no hole: the kernel's contract). A page can be listed by several slots (a prompt's full pages by all G
+samples of its group) and a finished sample's pages go back to the pool for the next one. Page index
+`num_pages` of each layer is scratch: unused page-table entries point at it and idle slots write into
+it; it is never read unmasked and never in the pool.
 
 The free pool is a stack `free [num_pages]` whose first `free_count` entries are the free pages; popping
 and pushing a variable number of pages per step are a cumsum and a scatter (static shapes).
 
-`decode_step` is the reference decode in plain XLA: every layer writes each slot's new key/value into its
-page, gathers the slot's pages through its page table into `[S, max_pages * page_size, K, Dh]` and runs
-the model's own grouped-query attention (`xla_attention`) masked by which of those positions are real.
-It runs on CPU, GPU and TPU; a Pallas paged-attention kernel would replace the gather on TPU.
+`decode_step` feeds one token per slot through the model: every layer writes each slot's new key/value
+into its page and attends over the slot's pages with
+
+- `paged_attention_reference` (plain XLA, CPU/GPU/TPU): one gather of the slot's pages per layer into
+  `[kv_heads, S, max_pages * page_size, head_dim]`, masked by the length; kv heads lead in the pages and
+  in the gathered keys, so the grouped-query einsums need no transpose of them; or
+- `paged_attention_kernel` (`ModelConfig.attention_impl == "splash"`: the Pallas kernels on TPU): JAX's
+  paged-attention kernel, which DMAs each slot's pages from HBM block by block and stops at its length
+  (K/V in bfloat16 inside the kernel); `attention_interpret=True` runs it in Pallas's TPU interpret
+  mode on any platform (the tests).
 """
 
 from __future__ import annotations
+
+import math
 
 import flax
 import jax
 import jax.numpy as jnp
 
-from grpo_jax.models.attention import xla_attention
 from grpo_jax.models.config import ModelConfig
 from grpo_jax.models.transformer import (
     _attention_inputs,
@@ -34,7 +45,9 @@ from grpo_jax.models.transformer import (
     rope_inv_frequencies,
 )
 
-PagedCache = dict[str, jax.Array]  # {"k", "v"}: [layers, num_pages + 1, page_size, kv_heads, head_dim]
+PagedCache = dict[str, jax.Array]  # {"k", "v"}: [kv_heads, layers * (num_pages + 1), page_size, head_dim]
+PAGED_IMPLS = ("xla", "pallas")
+KERNEL_BLOCK_TOKENS = 512  # keys per block of the Pallas kernel (its pages_per_compute_block × page_size)
 
 
 @flax.struct.dataclass
@@ -50,10 +63,15 @@ class PagePool:
 
 
 def init_pages(config: ModelConfig, num_pages: int, page_size: int, dtype=None) -> PagedCache:
-    """Zeroed pages {"k", "v"}: [layers, num_pages + 1, page_size, kv_heads, head_dim] (+1: the scratch)."""
+    """Zeroed pages {"k", "v"}: [kv_heads, layers * (num_pages + 1), page_size, head_dim] (+1: scratch)."""
     dtype = config.compute_dtype if dtype is None else dtype
-    shape = (config.num_layers, num_pages + 1, page_size, config.num_kv_heads, config.resolved_head_dim)
+    shape = (config.num_kv_heads, config.num_layers * (num_pages + 1), page_size, config.resolved_head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def page_index(layer, page, num_pages: int):
+    """Where layer `layer`'s page `page` (num_pages: scratch) sits on the pages' second axis."""
+    return layer * (num_pages + 1) + page
 
 
 def pool_with_free(num_pages: int, first_free: int) -> PagePool:
@@ -91,14 +109,85 @@ def page_holders(pool: PagePool, held: jax.Array, held_valid: jax.Array) -> jax.
     return counts[:num_pages]
 
 
-def paged_attention_reference(q, k_pages, v_pages, layer, page_table, kv_valid) -> jax.Array:
-    """One query per slot over its pages, in plain XLA: q [S, 1, H, Dh]; k_pages/v_pages [layers,
-    num_pages + 1, page_size, K, Dh] read at `layer`; page_table [S, max_pages]; kv_valid [S, max_pages *
-    page_size] bool -> [S, 1, H, Dh]. One gather per layer reads the slots' pages (no copy of the pool)."""
-    s, max_pages = page_table.shape
-    gather = lambda pages: pages[layer, page_table].reshape(s, max_pages * pages.shape[2], *pages.shape[3:])
-    k, v = gather(k_pages).astype(q.dtype), gather(v_pages).astype(q.dtype)
-    return xla_attention(q, k, v, kv_valid[:, None])
+def copy_pages(pages: PagedCache, src: jax.Array, dst: jax.Array, num_pages: int, num_layers: int):
+    """Copy page src[s] to page dst[s] in every layer (copy-on-write of a shared page; pairs with
+    src == dst == scratch copy nothing that matters)."""
+    layers = jnp.arange(num_layers)[:, None]
+    src_at = page_index(layers, src[None, :], num_pages).reshape(-1)  # [layers * S]
+    dst_at = page_index(layers, dst[None, :], num_pages).reshape(-1)
+    return {name: p.at[:, dst_at].set(p[:, src_at]) for name, p in pages.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode attention over the pages: the XLA reference and the Pallas TPU kernel
+# ------------------------------------------------------------------------------------------------
+
+
+def paged_attention_reference(q, k_pages, v_pages, lengths, page_indices) -> jax.Array:
+    """One query per slot over the prefix [0, length) of its pages, in plain XLA: q [S, H, Dh]; k_pages /
+    v_pages [K, total_pages, page_size, Dh]; lengths [S] int32; page_indices [S, max_pages] (into the
+    pages' second axis) -> [S, H, Dh]. The kernel's contract, computed with one gather per call."""
+    s, max_pages = page_indices.shape
+    kv_heads, _, page_size, dh = k_pages.shape
+    gather = lambda pages: pages[:, page_indices].reshape(kv_heads, s, max_pages * page_size, dh)
+    k, v = gather(k_pages).astype(q.dtype), gather(v_pages).astype(q.dtype)  # [K, S, T, Dh]
+    grouped = q.reshape(s, kv_heads, -1, dh).swapaxes(0, 1)  # [K, S, G, Dh]
+    scores = jnp.einsum("ksgd,kstd->ksgt", grouped, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
+    valid = (jnp.arange(max_pages * page_size)[None, :] < lengths[:, None])[None, :, None, :]
+    probs = jax.nn.softmax(jnp.where(valid, scores, -1e30), axis=-1)
+    probs = jnp.where(valid, probs, 0.0).astype(v.dtype)
+    out = jnp.einsum("ksgt,kstd->ksgd", probs, v)
+    return out.swapaxes(0, 1).reshape(q.shape)
+
+
+def pages_per_compute_block(page_size: int, max_pages: int, block_tokens: int = KERNEL_BLOCK_TOKENS) -> int:
+    """The kernel's block of pages: about `block_tokens` keys, dividing `max_pages`."""
+    block = max(1, min(max_pages, block_tokens // page_size))
+    while max_pages % block:
+        block -= 1
+    return block
+
+
+def paged_attention_kernel(
+    q,
+    k_pages,
+    v_pages,
+    lengths,
+    page_indices,
+    *,
+    mesh=None,
+    interpret=False,
+    block_tokens=KERNEL_BLOCK_TOKENS,
+) -> jax.Array:
+    """`paged_attention_reference` by JAX's Pallas TPU paged-attention kernel (q pre-scaled here: the
+    kernel does not scale). With a `mesh`, it runs under `shard_map` with the KV heads (and the query
+    heads with them) over `tensor` where they divide; `interpret`: Pallas's TPU interpret mode."""
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+
+    block = pages_per_compute_block(k_pages.shape[2], page_indices.shape[1], block_tokens)
+    q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+
+    def run(q, k_pages, v_pages, lengths, page_indices):
+        if interpret:
+            with pltpu.force_tpu_interpret_mode():
+                return paged_attention(
+                    q, k_pages, v_pages, lengths, page_indices, pages_per_compute_block=block
+                )
+        return paged_attention(q, k_pages, v_pages, lengths, page_indices, pages_per_compute_block=block)
+
+    if mesh is None:
+        return run(q, k_pages, v_pages, lengths.astype(jnp.int32), page_indices)
+    tensor = mesh.shape.get("tensor", 1)
+    heads = "tensor" if k_pages.shape[0] % tensor == 0 else None
+    P = jax.sharding.PartitionSpec
+    return jax.shard_map(
+        run,
+        mesh=mesh,
+        in_specs=(P(None, heads, None), P(heads), P(heads), P(), P()),
+        out_specs=P(None, heads, None),
+        check_vma=False,
+    )(q, k_pages, v_pages, lengths.astype(jnp.int32), page_indices)
 
 
 def decode_step(
@@ -108,41 +197,69 @@ def decode_step(
     positions: jax.Array,
     pages: PagedCache,
     page_table: jax.Array,
-    kv_valid: jax.Array,
+    lengths: jax.Array,
     write_page: jax.Array,
     write_offset: jax.Array,
+    *,
+    num_pages: int,
+    impl: str = "xla",
+    mesh=None,
 ) -> tuple[jax.Array, PagedCache]:
     """Feed one token per slot through the model over the paged cache.
 
     tokens/positions [S] int32; the new key/value of slot s goes to page `write_page[s]` at
-    `write_offset[s]` (a page its page table lists, so it attends to itself); kv_valid [S, max_pages *
-    page_size] marks the real positions of the gathered sequence, the new one included. Returns
-    (float32 logits [S, V], pages). The layer stack is the model's (`_attention_inputs`,
-    `_attention_output_and_mlp`: LoRA adapters, biases, RoPE as in training) with the pages in the
-    scan carry, written in place.
+    `write_offset[s]` (a page its page table lists, at sequence index length - 1, so it attends to itself);
+    lengths [S]: the keys the slot sees, the prefix [0, length) of its page table [S, max_pages]
+    (page ids in [0, num_pages]). `impl`: "xla" (`paged_attention_reference`) or "pallas"
+    (`paged_attention_kernel`, under `shard_map` on `mesh`). Returns (float32 logits [S, V], pages).
+
+    params: the model's, with `params["layers"]` either stacked (run under `lax.scan`, each layer's
+    weights cast to the compute dtype at every step) or a tuple of per-layer weights already cast and
+    placed (`rollout.engine.decode_params`: the decode layout, an unrolled layer loop that reads each
+    layer's weights where they lie). The layer code is the model's (`_attention_inputs`,
+    `_attention_output_and_mlp`: LoRA adapters, biases, RoPE as in training); the pages ride in the carry
+    and are written in place.
     """
+    if impl not in PAGED_IMPLS:
+        raise ValueError(f"decode_step: impl must be one of {PAGED_IMPLS}, got {impl!r}")
     x = embed_tokens(config, params, tokens[:, None])  # [S, 1, D]
     positions = positions[:, None]
     inv_freq = rope_inv_frequencies(config)
 
-    def body(carry, layer_and_index):
-        x, pages = carry
-        layer, index = layer_and_index
-        w = _layer_weights(config, layer)
-        q, k, v = _attention_inputs(config, w, x, positions, inv_freq)
-        pages = {
-            "k": pages["k"].at[index, write_page, write_offset].set(k[:, 0].astype(pages["k"].dtype)),
-            "v": pages["v"].at[index, write_page, write_offset].set(v[:, 0].astype(pages["v"].dtype)),
-        }
-        attn = paged_attention_reference(q, pages["k"], pages["v"], index, page_table, kv_valid)
-        return (_attention_output_and_mlp(config, w, x, attn), pages), None
+    def attention(q, pages, index):
+        table = page_index(index, page_table, num_pages)
+        if impl == "pallas":
+            return paged_attention_kernel(
+                q, pages["k"], pages["v"], lengths, table, mesh=mesh, interpret=config.attention_interpret
+            )
+        return paged_attention_reference(q, pages["k"], pages["v"], lengths, table)
 
-    indices = jnp.arange(config.num_layers)
-    if config.scan_layers:
-        (x, pages), _ = jax.lax.scan(body, (x, pages), (params["layers"], indices))
+    def layer_step(x, pages, w, index):
+        q, k, v = _attention_inputs(config, w, x, positions, inv_freq)
+        at = page_index(index, write_page, num_pages)
+        pages = {
+            name: pages[name].at[:, at, write_offset].set(new[:, 0].swapaxes(0, 1).astype(pages[name].dtype))
+            for name, new in (("k", k), ("v", v))
+        }
+        attn = attention(q[:, 0], pages, index)[:, None]
+        return _attention_output_and_mlp(config, w, x, attn), pages
+
+    layers = params["layers"]
+    if isinstance(layers, list | tuple):  # the decode layout: per-layer weights, cast and placed once
+        for i, w in enumerate(layers):
+            x, pages = layer_step(x, pages, w, i)
     else:
-        for i in range(config.num_layers):
-            layer = jax.tree_util.tree_map(lambda a, i=i: a[i], params["layers"])
-            (x, pages), _ = body((x, pages), (layer, indices[i]))
+
+        def body(carry, layer_and_index):
+            layer, index = layer_and_index
+            return layer_step(*carry, _layer_weights(config, layer), index), None
+
+        indices = jnp.arange(config.num_layers)
+        if config.scan_layers:
+            (x, pages), _ = jax.lax.scan(body, (x, pages), (layers, indices))
+        else:
+            for i in range(config.num_layers):
+                layer = jax.tree_util.tree_map(lambda a, i=i: a[i], layers)
+                (x, pages), _ = body((x, pages), (layer, indices[i]))
     x = rms_norm(x, params["final_norm"].astype(config.compute_dtype), config.rms_norm_eps)
     return logits_from_hidden(config, params, x)[:, 0], pages
