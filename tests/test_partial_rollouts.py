@@ -232,3 +232,64 @@ def test_the_config_is_checked_in_one_line():
     c.ppo = ml_collections.ConfigDict(dict(c.grpo.to_dict()))
     with pytest.raises(ValueError, match="partial rollouts train only 'grpo' stages.*'ppo'"):
         STAGE_KINDS["ppo"].validate(c, "ppo")
+
+
+# ------------------------------------------------------------------------------------------------
+# SIGKILL in the middle of partially rolled-out steps, rerun
+# ------------------------------------------------------------------------------------------------
+
+# quickstart:runlocal (SFT global steps 1-2, GRPO 3-6, a checkpoint after every step) with partial
+# rollouts: 4 decode iterations a step for completions of up to 12 tokens, so samples stay in flight
+# across steps and their groups complete steps later.
+PARTIAL_RUN = (
+    "--config.sampler=engine",
+    "--config.engine.rollout_token_budget=4",
+    "--config.grpo.algo.dynamic_sampling_refill=False",
+    "--config.grpo.algo.is_correction=token_tis",
+    "--config.grpo.steps=4",
+    "--config.checkpoint.keep_last=3",
+    # rewards that vary between completions of an untrained model: advantages and updates are non-zero
+    '--config.grpo.rewards=(("format", 0.2), ("accuracy", 1.0), ("length_penalty", 1.0, {"max_len": 12}))',
+)
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+    from shared_runs import compilation_cache
+
+    return compilation_cache(tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_killed_mid_run_the_rerun_reproduces_the_partial_rollout_run(tmp_path, xla_cache):
+    """SIGKILL right after GRPO's third step (global 5): the newest checkpoint (global 4) holds samples in
+    flight (slots, pages, queue in TrainState.aux["rollout"]); the rerun resumes there and every metrics
+    line equals the uninterrupted run's, the partial-rollout counters and staleness included."""
+    from test_resume import _complete_lines, assert_reproduces, run_and_kill
+    from test_train_script import assert_ok, checkpoint_steps, metric_lines, train
+
+    from grpo_jax.checkpointing import Checkpointer, checkpoint_directory
+
+    reference = tmp_path / "reference"
+    assert_ok(train(reference, *PARTIAL_RUN, cache=xla_cache))
+    grpo = {x["step"]: x for x in metric_lines(reference) if x["stage"] == "grpo"}
+    assert grpo[4]["partial/live_samples"] > 0  # checkpoint 4 carries unfinished samples
+    assert grpo[4]["partial/fill_groups"] > 0 and any(x["partial/complete_groups"] for x in grpo.values())
+    assert max(x["staleness/max"] for x in grpo.values()) > 0  # some trained tokens came from older policies
+
+    workdir = tmp_path / "run"
+
+    def ready():
+        lines = _complete_lines(workdir)
+        return 4 in checkpoint_steps(workdir) and any(x["stage"] == "grpo" and x["step"] == 5 for x in lines)
+
+    run_and_kill(
+        workdir, tmp_path / "killed.log", xla_cache, ready, overrides=PARTIAL_RUN, HANG_AFTER="grpo:5"
+    )
+    with Checkpointer(checkpoint_directory(workdir), read_only=True) as checkpointer:
+        leaves = checkpointer.read_meta(4)["leaves"]
+    assert {"aux/rollout/pages/k", "aux/rollout/item", "aux/rollout/queue"} <= set(leaves)
+    result = train(workdir, *PARTIAL_RUN, cache=xla_cache)
+    assert_ok(result)
+    assert "at stage grpo step 2" in result.stderr
+    assert_reproduces(workdir, reference)
