@@ -73,13 +73,16 @@ def _enqueue(rollouts, st, params, seed, first_example, mesh=None):
     return rollouts.enqueue(st, params, prompts, jax.random.key(seed), 0)
 
 
-def _drain(rollouts, st, params, calls=40):
+def _drain(rollouts, st, params, calls=40, shards=1):
     """Step (policy version = call number) until no group is left; -> {example: (call, its G rows)}."""
     groups, stats = {}, []
     for call in range(1, calls + 1):
         st, out = rollouts.step(st, params, call)
         host = jax.tree_util.tree_map(np.asarray, jax.device_get(out))
         stats.append({k: int(v) for k, v in host.stats.items()})
+        for shard in np.split(np.arange(len(host.fill)), shards):  # each data shard hands out its own
+            handed = host.payload["example_index"][shard][~host.fill[shard]]
+            assert (np.diff(handed) > 0).all(), "complete groups are handed out oldest (enqueued) first"
         for b, fill in enumerate(host.fill):
             rows = slice(b * G, (b + 1) * G)
             if fill:
@@ -156,7 +159,7 @@ def test_on_a_2x2x2_mesh_each_data_shard_carries_its_own_groups(params, referenc
     st = _enqueue(rollouts, rollouts.init(), sharded_params, 5, 0, mesh)
     st = _enqueue(rollouts, st, sharded_params, 6, 4, mesh)
     assert st.pages["k"].sharding.spec[0] == sharding.BATCH_AXES
-    st, groups, stats = _drain(rollouts, st, sharded_params)
+    st, groups, stats = _drain(rollouts, st, sharded_params, shards=4)
     assert sorted(groups) == list(range(8))
     for example, (_, rows) in groups.items():
         _assert_rows_equal(rows, references[5 if example < 4 else 6], example)
