@@ -10,7 +10,8 @@ the prompts routed "open": R1's all-scenario RL), `step_verifier` (for `advantag
 `task` (a task section of its own instead of the run's), `top_p`, `top_k`; iterative GRPO: the
 algorithm's `reference_reset_every`, and `rm_retrain_every` (+ `rm_retrain_steps`, `rm_batch_size`,
 `rm_replay_fraction`, `rm_learning_rate`, `rm_buffer_size`) to keep training the reward model on the
-policy's own samples with 10 % replay (see `rm_retrain.py`).
+policy's own samples with 10 % replay (see `rm_retrain.py`). With `config.engine.rollout_token_budget`
+> 0 the stage trains on partial rollouts (`collect_partial`; docs/ARCHITECTURE.md "Partial rollouts").
 """
 
 from __future__ import annotations
