@@ -14,10 +14,11 @@ Systems, each with S decode slots (`--slots`, default N = B·G: `config.engine.n
 - `whole`: `grpo_jax.rollout.generate_with_stats` on the step's B prompts: a step waits for its longest
   sample (today's `config.sampler = "engine"`).
 - `partial`: `grpo_jax.rollout.partial.PartialRollouts` with budget `--budget` (default L/4) and Q =
-  2B groups in flight (`config.engine.max_inflight_groups = 0`): per step, prompt batches are enqueued
-  while every group entry of a batch is free, then at most `budget` decode iterations run and B group
-  places are handed out (complete groups oldest first; places without one are `fill`, trained at weight
-  0), exactly what the `grpo` stage does with `config.engine.rollout_token_budget`.
+  `--max_groups` groups in flight (default 4B, as `config.engine.max_inflight_groups = 0`): per step,
+  prompt batches are enqueued while a whole batch of group entries is free, then at most `budget`
+  decode iterations run and B group places are handed out (complete groups oldest first; places
+  without one are `fill`, trained at weight 0), exactly what the `grpo` stage does with
+  `config.engine.rollout_token_budget`.
 
 `--warmup` untimed steps of each (compilation; the partial pipeline fills), then `--steps` timed steps
 alternated (whole, partial, whole, ...). Per system: median and mean seconds per step, complete groups
@@ -101,7 +102,7 @@ class Partial:
         self.rollouts = PartialRollouts(
             w["model"],
             prompts_per_step=w["prompts"],
-            max_groups=2 * w["prompts"],
+            max_groups=args.max_groups,
             num_slots=args.slots,
             budget=args.budget,
             page_size=args.page_size,
@@ -134,6 +135,7 @@ def run(args, command: str) -> dict:
     n = w["prompts"] * w["num_samples"]
     args.slots = min(args.slots or n, n)
     args.budget = args.budget or w["max_new_tokens"] // 4
+    args.max_groups = args.max_groups or 4 * w["prompts"]
     systems = {"whole": Whole(w, args), "partial": Partial(w, args)}
     log = {name: [] for name in systems}
     for name, system in systems.items():
@@ -181,7 +183,7 @@ def run(args, command: str) -> dict:
             max_new_tokens=w["max_new_tokens"],
             slots=args.slots,
             budget=args.budget,
-            max_inflight_groups=2 * w["prompts"],
+            max_inflight_groups=args.max_groups,
             page_size=args.page_size,
             method=w["method"],
         ),
@@ -231,7 +233,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--mean_len", type=float, default=0.0, help="mean length (0: L / 5)")
     parser.add_argument("--slots", type=int, default=0, help="S for both systems (0: N = B·G)")
     parser.add_argument("--budget", type=int, default=0, help="partial: decode iterations per step (0: L/4)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each system")
+    parser.add_argument("--max_groups", type=int, default=0, help="partial: groups in flight (0: 4B)")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps of each system")
     parser.add_argument("--steps", type=int, default=4, help="timed steps of each system")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=OUT)

@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sampler = "static"
     # partial rollouts (grpo stages; issue 20): rollout_token_budget > 0 caps each step's decode iterations
     # and carries unfinished samples into the next step (needs algo.is_correction, e.g. "token_tis");
-    # max_inflight_groups: groups held at once (0: 2 x prompts_per_step)
+    # max_inflight_groups: groups held at once (0: 4 x prompts_per_step)
     c.engine = ml_collections.ConfigDict(
         dict(num_slots=0, page_size=16, rollout_token_budget=0, max_inflight_groups=0)
     )

@@ -214,7 +214,7 @@ def _config(**engine):
 def test_the_config_is_checked_in_one_line():
     grpo = STAGE_KINDS["grpo"]
     grpo.validate(_config(), "grpo")  # the partial-rollout setting itself is fine
-    assert setup.max_inflight_groups(_config(), 2) == 4
+    assert setup.max_inflight_groups(_config(), 2) == 8
     cases = [
         (dict(sampler="static"), "needs config.sampler='engine'"),
         (dict(engine={"rollout_token_budget": -1}), "rollout_token_budget must be an int >= 0"),

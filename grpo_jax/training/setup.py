@@ -334,7 +334,7 @@ def rollout_token_budget(config) -> int:
         raise ValueError(f"config.engine.rollout_token_budget must be an int >= 0 (0: off), got {budget!r}")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 0:
         raise ValueError(
-            f"config.engine.max_inflight_groups must be an int >= 0 (0: 2 x prompts_per_step), got {groups!r}"
+            f"config.engine.max_inflight_groups must be an int >= 0 (0: 4 x prompts_per_step), got {groups!r}"
         )
     if budget and config.get("sampler", "static") != "engine":
         raise ValueError(
@@ -346,11 +346,14 @@ def rollout_token_budget(config) -> int:
 
 def max_inflight_groups(config, prompts_per_step: int) -> int:
     """Q, the groups the partial-rollout engine holds at once: `config.engine.max_inflight_groups`, or
-    2 x prompts_per_step when 0 (each step hands out B; up to Q − B carry over). A multiple of B."""
-    groups = (config.get("engine") or {}).get("max_inflight_groups", 0) or 2 * prompts_per_step
+    4 x prompts_per_step when 0. A multiple of B: prompts are enqueued in whole batches while there is
+    room, and each step hands out B, so Q − B groups are in flight after a hand-out; at Q = 2B a step that
+    hands out fewer than B groups admits no prompts and its slots idle once the queue drains, so the
+    default keeps a deeper queue (benchmarks/partial_rollouts.md)."""
+    groups = (config.get("engine") or {}).get("max_inflight_groups", 0) or 4 * prompts_per_step
     if groups % prompts_per_step:
         raise ValueError(
             f"config.engine.max_inflight_groups={groups} must be a multiple of prompts_per_step="
-            f"{prompts_per_step} (0: twice it)"
+            f"{prompts_per_step} (0: 4 x it)"
         )
     return groups
