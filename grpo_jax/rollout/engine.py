@@ -331,12 +331,19 @@ def advance(
     check_pages: bool = False,
     constrain_slots=lambda x: x,
     constrain_pages=lambda pages: pages,
+    vmap=None,
 ) -> EngineState:
     """Decode under `params` (policy `version`) until `target` groups are complete (those already waiting
     count), the queue is empty and every slot idle, or `budget` iterations have run, whichever comes
     first (the iterations are the module docstring's (1)-(4)). Slots still live at the end keep their
     item, logits and pages, so the next call continues them where they stopped. `choose`:
-    `token_chooser(...)`; `check_pages` counts page-ownership errors every iteration."""
+    `token_chooser(...)`; `check_pages` counts page-ownership errors every iteration.
+
+    `vmap` (e.g. `functools.partial(jax.vmap, spmd_axis_name=...)`): `st` holds one sub-engine per data
+    shard on a leading axis; each iteration runs on all of them as one vmapped step, and the loop goes on
+    while any shard has work and fewer than `target` complete groups (a shard that is done decodes on
+    while the others finish). The condition is not batched, so the loop carries no per-shard select of
+    the whole state (pages included) every iteration, as a vmapped `while_loop` would."""
     g, q, nq, s, length = geom.group, geom.entries, geom.items, geom.slots, geom.length
     page_size, prompt_pages, max_pages = geom.page_size, geom.prompt_pages, geom.max_pages
     num_pages = scratch = geom.num_pages
@@ -356,8 +363,7 @@ def advance(
         held = jnp.concatenate([own.reshape(-1), prompt.reshape(-1)])
         return held, jnp.concatenate([own_valid.reshape(-1), prompt_valid.reshape(-1)])
 
-    def body(carry):
-        st, used = carry
+    def iteration(st):
         # 1. Admit: idle slots take the next queued items, in queue order.
         idle = st.item == nq
         rank = jnp.cumsum(idle.astype(jnp.int32)) - 1
@@ -460,13 +466,23 @@ def advance(
             orphans = (new.item < nq) & (new.refcount[jnp.minimum(new.item, nq - 1) // g] <= 0)
             errors = jnp.sum(counts != 1, dtype=jnp.int32) + jnp.sum(orphans, dtype=jnp.int32)
             new = new.replace(page_errors=new.page_errors + errors)
-        return new, used + 1
+        return new
+
+    def wants_more(st):
+        work = (st.queue_len > 0) | jnp.any(st.item < nq)
+        return work & (jnp.sum(complete_groups(st), dtype=jnp.int32) < target)
+
+    if vmap is not None:
+        iteration, shard_wants_more = vmap(iteration), vmap(wants_more)
+        wants_more = lambda st: jnp.any(shard_wants_more(st))  # noqa: E731
 
     def cond(carry):
         st, used = carry
-        work = (st.queue_len > 0) | jnp.any(st.item < nq)
-        enough = jnp.sum(complete_groups(st), dtype=jnp.int32) >= target
-        return work & ~enough & (used < budget)
+        return wants_more(st) & (used < budget)
+
+    def body(carry):
+        st, used = carry
+        return iteration(st), used + 1
 
     st, _ = jax.lax.while_loop(cond, body, (st, jnp.asarray(0, jnp.int32)))
     return st
@@ -532,12 +548,16 @@ def _shard_engine(
     check_pages,
     constrain_slots,
     constrain_pages,
+    vmap=None,
 ):
     """One engine over B prompts (one data shard's, or all of them) with its own slots, queue and page
     pool: row_keys [B·G] are its rows' streams. One entry per prompt, all enqueued at once and decoded
     to the end (no budget), so entry b is prompt b and the output rows are the items in order.
-    -> (Rollout fields of its rows, EngineStats)."""
-    batch, prompt_len = prompt_tokens.shape
+    -> (Rollout fields of its rows, EngineStats). `vmap`: the inputs hold D shards' on a leading axis,
+    each an engine of its own (see `advance`), and so do the results.
+    """
+    batch, prompt_len = prompt_tokens.shape[-2:]
+    each = vmap or (lambda f: f)
     geom = Geometry(
         entries=batch,
         group=num_samples,
@@ -548,20 +568,15 @@ def _shard_engine(
         vocab=model_config.vocab_size,
         pad_id=pad_id,
     )
-    st = init_state(geom, model_config, key_template=row_keys[0])
     everything = jnp.ones((batch,), bool)
-    st = enqueue(
-        geom,
-        model_config,
-        params,
-        st,
-        prompt_tokens,
-        prompt_mask,
-        row_keys,
-        everything,
-        0,
-        constrain_pages=constrain_pages,
-    )
+
+    def start(tokens, mask, keys):
+        st = init_state(geom, model_config, key_template=keys[0])
+        return enqueue(
+            geom, model_config, params, st, tokens, mask, keys, everything, 0, constrain_pages=constrain_pages
+        )
+
+    st = each(start)(prompt_tokens, prompt_mask, row_keys)
     choose = token_chooser(
         stop_ids=stop_ids, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
     )
@@ -578,21 +593,24 @@ def _shard_engine(
         check_pages=check_pages,
         constrain_slots=constrain_slots,
         constrain_pages=constrain_pages,
+        vmap=vmap,
     )
     outputs = {
         name: getattr(st, name)
         for name in ("tokens", "logprobs", "sampling_logprobs", "mask", "lengths", "truncated")
     }
-    stats = EngineStats(
-        num_pages=jnp.asarray(geom.num_pages, jnp.int32),
-        free_pages=st.pool.free_count,
-        peak_pages_in_use=st.peak_in_use,
-        page_errors=st.page_errors,
-        pool_underflows=st.underflows,
-        pages_taken=st.pages_taken,
-        iterations=st.iterations,
-        prompt_pages=jnp.asarray(batch * geom.prompt_pages, jnp.int32),
-    )
+    stats = each(
+        lambda st: EngineStats(
+            num_pages=jnp.asarray(geom.num_pages, jnp.int32),
+            free_pages=st.pool.free_count,
+            peak_pages_in_use=st.peak_in_use,
+            page_errors=st.page_errors,
+            pool_underflows=st.underflows,
+            pages_taken=st.pages_taken,
+            iterations=st.iterations,
+            prompt_pages=jnp.asarray(batch * geom.prompt_pages, jnp.int32),
+        )
+    )(st)
     return outputs, stats
 
 
@@ -621,8 +639,11 @@ def _engine_body(model_config, params, prompt_tokens, prompt_mask, rng, *, mesh,
     else:
         split = lambda x: x.reshape(d, x.shape[0] // d, *x.shape[1:])  # noqa: E731
         with activation_sharding(None):  # the shard axis, not each shard's rows, goes over the batch axes
-            outputs, stats = jax.vmap(run, spmd_axis_name=BATCH_AXES)(
-                split(prompt_tokens), split(prompt_mask), split(row_keys)
+            outputs, stats = run(
+                split(prompt_tokens),
+                split(prompt_mask),
+                split(row_keys),
+                vmap=functools.partial(jax.vmap, spmd_axis_name=BATCH_AXES),
             )
         outputs = {
             k: sampling._constrain_rows(v.reshape(n, *v.shape[2:]), mesh, 0) for k, v in outputs.items()

@@ -10,8 +10,9 @@ one sub-engine per data shard stacked on a leading [D] axis) is a plain pytree t
         state = rollouts.enqueue(state, params, prompts, rng, version)  # prefill B prompts, queue B·G items
     state, out = rollouts.step(state, params, version)  # decode <= budget iterations, hand out B groups
 
-`step` decodes (`engine.advance`) until B groups are complete (every one of their G samples finished),
-the budget is spent, or no work is left; then it hands out exactly B group places, oldest complete
+`step` decodes (`engine.advance`) until B groups are complete (every one of their G samples finished;
+on a mesh, B/D on every data shard: a shard that is done decodes on while the others finish), the
+budget is spent, or no work is left; then it hands out exactly B group places, oldest complete
 groups first (enqueue order). A place without a complete group is `fill` (its rows empty, weight 0 in
 the update): the static batch shape never mixes a group across steps and never trains an unfinished
 sample. Unfinished samples keep their slot, their pages and their last logits; the next `step`
@@ -212,6 +213,7 @@ class PartialRollouts:
     # -- traced bodies ------------------------------------------------------------------------------
 
     def _vmap(self, fn):
+        """Over the leading shard axis (placed over the batch axes on a mesh)."""
         if self.mesh is None:
             return jax.vmap(fn)
         return jax.vmap(fn, spmd_axis_name=BATCH_AXES)
@@ -258,7 +260,7 @@ class PartialRollouts:
     def _step_body(self, st, params, version):
         geom, nq = self.geom, self.geom.items
 
-        def one(st):
+        with activation_sharding(None):
             before = st.iterations
             st = engine.advance(
                 geom,
@@ -273,13 +275,10 @@ class PartialRollouts:
                 check_pages=self.check_pages,
                 constrain_slots=self.constrain_slots,
                 constrain_pages=self.constrain_pages,
+                vmap=self._vmap,
             )
             iterations = st.iterations - before
-            st, outputs, payload, fill = hand_out(geom, st, self.target)
-            return st, outputs, payload, fill, iterations
-
-        with activation_sharding(None):
-            st, outputs, payload, fill, iterations = self._vmap(one)(st)
+            st, outputs, payload, fill = self._vmap(lambda st: hand_out(geom, st, self.target))(st)
         rows = lambda x: sampling._constrain_rows(x.reshape(-1, *x.shape[2:]), self.mesh, 0)  # noqa: E731
         outputs = {k: rows(v) for k, v in outputs.items()}
         payload = {k: rows(v) for k, v in payload.items()}
