@@ -45,7 +45,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # rollouts: "static" (grpo_jax.sampling) or "engine" (grpo_jax.rollout: continuous batching over a
     # paged KV cache; the same tokens for the same rng). num_slots 0: one decode slot per row
     c.sampler = "engine"
-    c.engine = ml_collections.ConfigDict(dict(num_slots=0, page_size=16))
+    # partial rollouts (grpo stages; issue 20): rollout_token_budget > 0 caps each step's decode iterations
+    # and carries unfinished samples into the next step (needs algo.is_correction, e.g. "token_tis");
+    # max_inflight_groups: groups held at once (0: 4 x prompts_per_step)
+    c.engine = ml_collections.ConfigDict(
+        dict(num_slots=0, page_size=16, rollout_token_budget=0, max_inflight_groups=0)
+    )
 
     c.task = ml_collections.ConfigDict(
         dict(

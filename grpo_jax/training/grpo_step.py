@@ -29,8 +29,12 @@ The batch (N = prompts × G rows, prompt-major as the sampler emits them):
                                                       the completion token where it ends (see
                                                       grpo_jax.rewards.process.process_step_rewards)
     fill [N] bool                                     rows standing in for a dynamic-sampling-with-refill
-                                                      shortfall: sample weight 0 (optional; see
-                                                      grpo_jax.training.refill)
+                                                      shortfall, or group places without a complete group
+                                                      (partial rollouts): sample weight 0 (optional; see
+                                                      grpo_jax.training.refill, grpo_jax.rollout.partial)
+    behaviour_version [N, L] int32                    partial rollouts: the policy version (state.step)
+                                                      whose forward drew each token; only logged, as
+                                                      `staleness/*` (optional)
     poison () bool                                    debug switch: make this step's loss NaN (optional)
     poison_grad () bool                               debug switch: keep the loss finite, make its gradient
                                                       NaN (optional; see training.state.debug_poison)
@@ -66,7 +70,7 @@ RewardFn = Callable[[dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
 PROCESS_KEYS = ("step_rewards", "step_mask", "step_end_index")
 # Batch keys the policy loss never reads: kept out of the minibatch split. (`truncated` reaches the loss
 # through `sample_weight`, computed on the whole batch before the split.)
-_NOT_TRAINED = ("host_rewards", "truncated", "fill", *PROCESS_KEYS)
+_NOT_TRAINED = ("host_rewards", "truncated", "fill", "behaviour_version", *PROCESS_KEYS)
 # Quantiles of the sampler/trainer ratio π_old/π_sampler logged every step.
 _MISMATCH_QUANTILES = (("p01", 0.01), ("p50", 0.5), ("p99", 0.99))
 
@@ -235,6 +239,21 @@ def rollout_mismatch_metrics(trainer_logprobs, mb: dict) -> dict[str, jax.Array]
         jnp.where(valid, jnp.abs(trainer_logprobs - mb["old_logprobs"]), 0.0)
     )
     return metrics
+
+
+def staleness_metrics(step, behaviour_version, mask, fill=None) -> dict[str, jax.Array]:
+    """How many updates old the policy that drew each trained token is (partial rollouts): its lag
+    `step − behaviour_version` over the valid tokens of the rows that are not `fill`: mean, max, and the
+    fraction of tokens with a lag (drawn before the last update)."""
+    valid = mask > 0
+    if fill is not None:
+        valid = valid & ~jnp.asarray(fill, bool)[:, None]
+    lag = (step - behaviour_version).astype(jnp.float32)
+    return {
+        "staleness/mean": _masked_mean(lag, valid),
+        "staleness/max": jnp.max(jnp.where(valid, lag, 0.0)),
+        "staleness/stale_token_frac": _masked_mean((lag > 0).astype(jnp.float32), valid),
+    }
 
 
 def sample_weights(grpo: GRPOConfig, zero_variance, truncated, fill=None) -> tuple[jax.Array, jax.Array]:
@@ -482,6 +501,10 @@ def make_grpo_step(
             for name in ("entropy_threshold", "entropy_mask_frac", "is_weight_mean", "is_zero_frac"):
                 if name in inner:
                     metrics[name] = mean_over_updates(inner[name])
+            if "behaviour_version" in batch:
+                metrics.update(
+                    staleness_metrics(state.step, batch["behaviour_version"], mask, batch.get("fill"))
+                )
             if lr_schedule is not None:
                 # The lr of this step's first update, at optax's own count (a skipped update does not
                 # advance it), not at step × updates per step.

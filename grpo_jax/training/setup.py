@@ -312,6 +312,7 @@ def sampler_fn(config):
     name = config.get("sampler", "static")
     if name not in SAMPLERS:
         raise ValueError(f"config.sampler must be one of {SAMPLERS}, got {name!r}")
+    rollout_token_budget(config)  # checked wherever the sampler is: before anything is written
     if name == "static":
         return sampling.generate
     section = config.get("engine") or {}
@@ -321,3 +322,38 @@ def sampler_fn(config):
     if not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"config.engine.page_size must be an int >= 1, got {page_size!r}")
     return functools.partial(rollout_engine.generate, num_slots=num_slots or None, page_size=page_size)
+
+
+def rollout_token_budget(config) -> int:
+    """`config.engine.rollout_token_budget`: decode iterations per training step with partial rollouts
+    (`grpo_jax.rollout.partial`), 0 (or absent) = off: every step samples whole rollouts. Only with
+    `config.sampler="engine"`; `config.engine.max_inflight_groups` is checked here too. One line each."""
+    section = config.get("engine") or {}
+    budget, groups = section.get("rollout_token_budget", 0), section.get("max_inflight_groups", 0)
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+        raise ValueError(f"config.engine.rollout_token_budget must be an int >= 0 (0: off), got {budget!r}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 0:
+        raise ValueError(
+            f"config.engine.max_inflight_groups must be an int >= 0 (0: 4 x prompts_per_step), got {groups!r}"
+        )
+    if budget and config.get("sampler", "static") != "engine":
+        raise ValueError(
+            f"config.engine.rollout_token_budget={budget} (partial rollouts) needs config.sampler='engine', "
+            f"got {config.get('sampler', 'static')!r}"
+        )
+    return budget
+
+
+def max_inflight_groups(config, prompts_per_step: int) -> int:
+    """Q, the groups the partial-rollout engine holds at once: `config.engine.max_inflight_groups`, or
+    4 x prompts_per_step when 0. A multiple of B: prompts are enqueued in whole batches while there is
+    room, and each step hands out B, so Q − B groups are in flight after a hand-out; at Q = 2B a step that
+    hands out fewer than B groups admits no prompts and its slots idle once the queue drains, so the
+    default keeps a deeper queue (benchmarks/partial_rollouts.md)."""
+    groups = (config.get("engine") or {}).get("max_inflight_groups", 0) or 4 * prompts_per_step
+    if groups % prompts_per_step:
+        raise ValueError(
+            f"config.engine.max_inflight_groups={groups} must be a multiple of prompts_per_step="
+            f"{prompts_per_step} (0: 4 x it)"
+        )
+    return groups

@@ -10,21 +10,26 @@ the prompts routed "open": R1's all-scenario RL), `step_verifier` (for `advantag
 `task` (a task section of its own instead of the run's), `top_p`, `top_k`; iterative GRPO: the
 algorithm's `reference_reset_every`, and `rm_retrain_every` (+ `rm_retrain_steps`, `rm_batch_size`,
 `rm_replay_fraction`, `rm_learning_rate`, `rm_buffer_size`) to keep training the reward model on the
-policy's own samples with 10 % replay (see `rm_retrain.py`).
+policy's own samples with 10 % replay (see `rm_retrain.py`). With `config.engine.rollout_token_budget`
+> 0 the stage trains on partial rollouts (`collect_partial`; docs/ARCHITECTURE.md "Partial rollouts").
 """
 
 from __future__ import annotations
 
+import time
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax import sharding
 from grpo_jax.algorithms import zero_variance_groups
+from grpo_jax.rollout.partial import PartialRollouts, stage_payload_shapes
 from grpo_jax.training import refill, setup
-from grpo_jax.training.grpo_step import make_grpo_step, outcome_rewards
-from grpo_jax.training.stages.base import register_stage
+from grpo_jax.training.grpo_step import make_grpo_step, outcome_rewards, rollout_to_batch
+from grpo_jax.training.stages.base import host_metrics, register_stage
 from grpo_jax.training.stages.rm_retrain import RewardModelRetrainer
-from grpo_jax.training.stages.rollout import RolloutStage, global_mean
+from grpo_jax.training.stages.rollout import PROMPT_KEYS, RolloutStage, global_mean
 from grpo_jax.training.state import (
     create_train_state,
     learning_rate_schedule,
@@ -37,6 +42,32 @@ from grpo_jax.training.state import (
 class GRPOStage(RolloutStage):
     trains_on_rollouts = True
     poisons_gradients = True
+    partial_rollouts = True
+
+    @classmethod
+    def validate(cls, config, name):
+        super().validate(config, name)
+        budget = setup.rollout_token_budget(config)
+        if not budget:
+            return
+        sc, grpo = config[name], cls.algo(config[name])
+        where = f"config.engine.rollout_token_budget={budget} (partial rollouts)"
+        if grpo.is_correction == "none":
+            raise ValueError(
+                f"{where} trains on tokens of older policies: it needs config.{name}.algo.is_correction="
+                "'token_tis' (or 'seq_tis', 'icepop'), the decoupled-PPO weight π_prox/π_behaviour"
+            )
+        if grpo.dynamic_sampling_refill:
+            raise ValueError(
+                f"{where} cannot refill a batch with extra generation rounds: set "
+                f"config.{name}.algo.dynamic_sampling_refill=False (dynamic_sampling alone still weighs "
+                "zero-variance groups 0)"
+            )
+        if sc.get("rm_retrain_every", 0):
+            raise ValueError(
+                f"{where}: config.{name}.rm_retrain_every would learn from empty fill rows; set 0"
+            )
+        setup.max_inflight_groups(config, sc.prompts_per_step)
 
     @staticmethod
     def algo(stage_config):
@@ -61,6 +92,10 @@ class GRPOStage(RolloutStage):
             history = run.stage(sc.reward_model_from).pairs()
             self.retrainer = RewardModelRetrainer(self, history, reward_shardings["reward_model"])
             aux, aux_shardings = self.retrainer.aux(reward_params["reward_model"])
+        self.partial = self.partial_engine()
+        if self.partial is not None:  # the in-flight rollouts live in the TrainState: checkpoints hold them
+            aux = dict(aux or {}, rollout=self.partial.init())
+            aux_shardings = dict(aux_shardings or {}, rollout=self.partial.shardings)
         params, param_shardings, base = self.trainable_start(params)
         # With LoRA the reference is the base itself; only an iterative-GRPO reset needs adapters of its own.
         with_reference = grpo.kl_coef > 0 and (self.lora is None or grpo.reference_reset_every > 0)
@@ -110,6 +145,77 @@ class GRPOStage(RolloutStage):
             shared_prefix=sc.get("shared_prefix", False),
         )
         return state, shardings
+
+    def partial_engine(self) -> PartialRollouts | None:
+        """The partial-rollout engine of `config.engine.rollout_token_budget` (None when 0)."""
+        run, sc = self.run, self.config
+        budget = setup.rollout_token_budget(run.config)
+        if not budget:
+            return None
+        engine = run.config.engine
+        return PartialRollouts(
+            run.model_config,
+            prompts_per_step=sc.prompts_per_step,
+            max_groups=setup.max_inflight_groups(run.config, sc.prompts_per_step),
+            num_slots=engine.get("num_slots", 0) or None,
+            budget=budget,
+            page_size=engine.get("page_size", 16),
+            prompt_len=run.config.max_prompt_len,
+            num_samples=self.num_samples,
+            max_new_tokens=run.config.max_new_tokens,
+            eos_id=run.tokenizer.eos_id,
+            temperature=self.temperature,
+            top_p=sc.top_p,
+            top_k=sc.top_k,
+            min_new_tokens=sc.get("min_new_tokens", 0),
+            pad_id=run.tokenizer.pad_id,
+            payload_shapes=stage_payload_shapes(run.config.max_prompt_len, run.config.max_answer_len),
+            mesh=run.mesh,
+        )
+
+    def collect_state(self, state, global_step):
+        if self.partial is None:
+            return super().collect_state(state, global_step)
+        return self.collect_partial(state)
+
+    def collect_partial(self, state):
+        """Partial rollouts (`grpo_jax.rollout.partial`): fill the engine's free group entries with prompt
+        batches (one `next(data_iter)` each), decode at most the budget under this step's params (policy
+        version = `state.step`) and take the B groups handed out as the batch, fill places at weight 0.
+        Prompt batch r of the step samples with fold_in(step key, r) (r = 0: the step key itself)."""
+        t0 = time.time()
+        B, G, rollouts = self.config.prompts_per_step, self.num_samples, self.partial
+        params = self.rollout_params if self.rollout_params is not None else self.sampler_params(state)
+        engine_state = state.aux["rollout"]
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        truncated = []
+        while rollouts.room(engine_state) >= B:
+            prompts = next(self.data_iter)
+            placed = sharding.shard_batch({k: prompts[k] for k in PROMPT_KEYS}, self.run.mesh)
+            rng = step_rng if not truncated else jax.random.fold_in(step_rng, len(truncated))
+            engine_state = rollouts.enqueue(engine_state, params, placed, rng, state.step)
+            truncated.append(np.asarray(prompts["prompt_truncated"]))
+        engine_state, out = rollouts.step(engine_state, params, state.step)
+        jax.block_until_ready(out.rollout.tokens)
+        sample_time = time.time() - t0
+        extras, logged = self.host_batch_extras(out.rollout, out.payload, G)
+        batch = rollout_to_batch(out.rollout, out.payload, G, extras.pop("host_rewards", None))
+        batch.update(extras)
+        batch["fill"] = jnp.repeat(out.fill, G, axis=0)
+        batch["behaviour_version"] = out.version
+        state = state.replace(aux={**state.aux, "rollout": engine_state})
+        stats = {f"partial/{k}": v for k, v in host_metrics(out.stats).items()}
+        return (
+            state,
+            batch,
+            dict(
+                logged,
+                **stats,
+                sample_time_s=sample_time,
+                prompt_truncated_frac=global_mean(np.concatenate(truncated)) if truncated else 0.0,
+                **{"partial/prompt_batches": float(len(truncated))},
+            ),
+        )
 
     def generation_batch_size(self) -> int:
         if not self.grpo.dynamic_sampling_refill:

@@ -85,6 +85,8 @@ class RolloutStage(Stage):
     """Shared by the RL stages: prompt data, sampling, host rewards, reward-model params."""
 
     batch_field = "prompts_per_step"
+    # The stage can train on partial rollouts (`config.engine.rollout_token_budget`).
+    partial_rollouts = False
 
     @classmethod
     def validate(cls, config, name):
@@ -100,6 +102,12 @@ class RolloutStage(Stage):
                 )
         if not 0.0 <= sc.get("open_fraction", 0.0) < 1.0:
             raise ValueError(f"config.{name}.open_fraction must be in [0, 1), got {sc.open_fraction}")
+        budget = setup.rollout_token_budget(config)
+        if budget and not cls.partial_rollouts:
+            raise ValueError(
+                f"config.engine.rollout_token_budget={budget}: partial rollouts train only 'grpo' stages, "
+                f"and stage {name!r} ({stage_kind(name)}) samples whole rollouts; set it to 0 or drop it"
+            )
         cls.algo(sc)
 
     @staticmethod
@@ -268,11 +276,17 @@ class RolloutStage(Stage):
     # rounds `collect` samples), dropped before the update so a merged copy is not held through it.
     rollout_params = None
 
+    def collect_state(self, state, global_step) -> tuple[object, dict, dict]:
+        """(state, the step's batch, host-logged metrics): `collect`, for stages whose sampling carries
+        state from step to step in the TrainState (partial rollouts)."""
+        batch, logged = self.collect(state, global_step)
+        return state, batch, logged
+
     def train_step(self, state, global_step):
         t0 = time.time()
         self.rollout_params = self.sampler_params(state)
         try:
-            batch, logged = self.collect(state, global_step)
+            state, batch, logged = self.collect_state(state, global_step)
         finally:
             self.rollout_params = None
         batch.update(self.debug_switches(global_step))
