@@ -44,6 +44,21 @@ def test_pallas_paged_kernel_in_interpret_mode_matches_the_xla_reference():
     np.testing.assert_allclose(np.asarray(out)[0], np.asarray(ref)[0], atol=2e-5, rtol=2e-5)
 
 
+def test_the_chunked_reference_equals_the_one_pass_reference():
+    """Over a long table the XLA reference reads chunks of pages up to the longest slot's length and
+    merges them by an online softmax: the same attention as one softmax over the whole table."""
+    q, k_pages, v_pages, table = _random_pages(1, total_pages=40, slots=4, width=9)
+    k_pages, v_pages = k_pages.astype(jnp.float32), v_pages.astype(jnp.float32)
+    for lengths in ([1, 7, 36, 20], [3, 2, 1, 4]):  # the whole table; one chunk only
+        lengths = jnp.asarray(lengths, jnp.int32)
+        one = paged_cache.paged_attention_reference(q, k_pages, v_pages, lengths, table)
+        for chunk in (1, 2, 4):
+            out = paged_cache.paged_attention_reference(
+                q, k_pages, v_pages, lengths, table, chunk_pages=chunk
+            )
+            np.testing.assert_allclose(np.asarray(out), np.asarray(one), atol=1e-5, rtol=1e-5)
+
+
 def _prompts():
     seqs = [[5, 9, 17, 33, 2], [7, 8, 100], [11, 12, 13, 14], [40]]
     tokens = np.zeros((len(seqs), 6), np.int32)

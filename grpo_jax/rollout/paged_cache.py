@@ -17,9 +17,10 @@ and pushing a variable number of pages per step are a cumsum and a scatter (stat
 `decode_step` feeds one token per slot through the model: every layer writes each slot's new key/value
 into its page and attends over the slot's pages with
 
-- `paged_attention_reference` (plain XLA, CPU/GPU/TPU): one gather of the slot's pages per layer into
-  `[kv_heads, S, max_pages * page_size, head_dim]`, masked by the length; kv heads lead in the pages and
-  in the gathered keys, so the grouped-query einsums need no transpose of them; or
+- `paged_attention_reference` (plain XLA, CPU/GPU/TPU): a gather of the slot's pages into `[kv_heads, S,
+  keys, head_dim]`, masked by the length; over a table longer than `REFERENCE_CHUNK_TOKENS` keys, chunk by
+  chunk up to the longest slot's length with an online softmax. kv heads lead in the pages and in the
+  gathered keys, so the grouped-query einsums need no transpose of them; or
 - `paged_attention_kernel` (`ModelConfig.attention_impl == "splash"`: the Pallas kernels on TPU): JAX's
   paged-attention kernel, which DMAs each slot's pages from HBM block by block and stops at its length
   (K/V in bfloat16 inside the kernel); `attention_interpret=True` runs it in Pallas's TPU interpret
@@ -48,6 +49,7 @@ from grpo_jax.models.transformer import (
 PagedCache = dict[str, jax.Array]  # {"k", "v"}: [kv_heads, layers * (num_pages + 1), page_size, head_dim]
 PAGED_IMPLS = ("xla", "pallas")
 KERNEL_BLOCK_TOKENS = 512  # keys per block of the Pallas kernel (its pages_per_compute_block × page_size)
+REFERENCE_CHUNK_TOKENS = 128  # keys per chunk of the XLA reference over a long page table
 
 
 @flax.struct.dataclass
@@ -123,20 +125,52 @@ def copy_pages(pages: PagedCache, src: jax.Array, dst: jax.Array, num_pages: int
 # ------------------------------------------------------------------------------------------------
 
 
-def paged_attention_reference(q, k_pages, v_pages, lengths, page_indices) -> jax.Array:
+def paged_attention_reference(q, k_pages, v_pages, lengths, page_indices, *, chunk_pages=None) -> jax.Array:
     """One query per slot over the prefix [0, length) of its pages, in plain XLA: q [S, H, Dh]; k_pages /
     v_pages [K, total_pages, page_size, Dh]; lengths [S] int32; page_indices [S, max_pages] (into the
-    pages' second axis) -> [S, H, Dh]. The kernel's contract, computed with one gather per call."""
+    pages' second axis) -> [S, H, Dh]. The kernel's contract.
+
+    Without `chunk_pages` (or when it covers the table): one gather of every slot's whole table and one
+    softmax. With it: the table in chunks of `chunk_pages` pages, only as many as the longest slot needs
+    (a `while` loop with that trip count), merged by an online softmax (flash-decoding), so a step reads
+    the keys in use rather than the table's worst case."""
     s, max_pages = page_indices.shape
     kv_heads, _, page_size, dh = k_pages.shape
-    gather = lambda pages: pages[:, page_indices].reshape(kv_heads, s, max_pages * page_size, dh)
-    k, v = gather(k_pages).astype(q.dtype), gather(v_pages).astype(q.dtype)  # [K, S, T, Dh]
     grouped = q.reshape(s, kv_heads, -1, dh).swapaxes(0, 1)  # [K, S, G, Dh]
-    scores = jnp.einsum("ksgd,kstd->ksgt", grouped, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
-    valid = (jnp.arange(max_pages * page_size)[None, :] < lengths[:, None])[None, :, None, :]
-    probs = jax.nn.softmax(jnp.where(valid, scores, -1e30), axis=-1)
-    probs = jnp.where(valid, probs, 0.0).astype(v.dtype)
-    out = jnp.einsum("ksgt,kstd->ksgd", probs, v)
+    if chunk_pages is None or chunk_pages >= max_pages:
+        gather = lambda pages: pages[:, page_indices].reshape(kv_heads, s, max_pages * page_size, dh)
+        k, v = gather(k_pages).astype(q.dtype), gather(v_pages).astype(q.dtype)  # [K, S, T, Dh]
+        scores = jnp.einsum("ksgd,kstd->ksgt", grouped, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
+        valid = (jnp.arange(max_pages * page_size)[None, :] < lengths[:, None])[None, :, None, :]
+        probs = jax.nn.softmax(jnp.where(valid, scores, -1e30), axis=-1)
+        probs = jnp.where(valid, probs, 0.0).astype(v.dtype)
+        out = jnp.einsum("ksgt,kstd->ksgd", probs, v)
+        return out.swapaxes(0, 1).reshape(q.shape)
+
+    width = chunk_pages * page_size
+    chunks = -(-max_pages // chunk_pages)
+    table = jnp.pad(page_indices, ((0, 0), (0, chunks * chunk_pages - max_pages)))  # past the end: masked
+    trips = (jnp.max(lengths) + width - 1) // width
+
+    def chunk(i, carry):
+        m, l, acc = carry  # running max, sum and weighted values of each query: [K, S, G], [K, S, G, Dh]
+        columns = jax.lax.dynamic_slice_in_dim(table, i * chunk_pages, chunk_pages, axis=1)
+        gather = lambda pages: pages[:, columns].reshape(kv_heads, s, width, dh).astype(q.dtype)
+        k, v = gather(k_pages), gather(v_pages)
+        scores = jnp.einsum("ksgd,kstd->ksgt", grouped, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
+        valid = ((i * width + jnp.arange(width))[None, :] < lengths[:, None])[None, :, None, :]
+        scores = jnp.where(valid, scores, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(scores - m_safe[..., None])  # 0 where not valid
+        correction = jnp.exp(m - m_safe)
+        pv = jnp.einsum("ksgt,kstd->ksgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
+
+    shape = grouped.shape[:3]
+    init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros((*shape, dh)))
+    _, l, acc = jax.lax.fori_loop(0, trips, chunk, init)
+    out = (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(q.dtype)
     return out.swapaxes(0, 1).reshape(q.shape)
 
 
@@ -224,6 +258,7 @@ def decode_step(
         raise ValueError(f"decode_step: impl must be one of {PAGED_IMPLS}, got {impl!r}")
     x = embed_tokens(config, params, tokens[:, None])  # [S, 1, D]
     positions = positions[:, None]
+    page_size = pages["k"].shape[2]
     inv_freq = rope_inv_frequencies(config)
 
     def attention(q, pages, index):
@@ -232,7 +267,9 @@ def decode_step(
             return paged_attention_kernel(
                 q, pages["k"], pages["v"], lengths, table, mesh=mesh, interpret=config.attention_interpret
             )
-        return paged_attention_reference(q, pages["k"], pages["v"], lengths, table)
+        return paged_attention_reference(
+            q, pages["k"], pages["v"], lengths, table, chunk_pages=max(1, REFERENCE_CHUNK_TOKENS // page_size)
+        )
 
     def layer_step(x, pages, w, index):
         q, k, v = _attention_inputs(config, w, x, positions, inv_freq)
