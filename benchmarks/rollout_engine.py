@@ -405,7 +405,9 @@ def render(reports: dict) -> str:
         "",
         "`benchmarks/rollout_engine.py` (its docstring has the method). Useful tokens = generated tokens "
         "inside the mask; tokens/s = useful tokens / median wall time of the timed calls, the systems "
-        "alternated in one process after one untimed call each.",
+        "alternated in one process after one untimed call each. On a shared machine compare the systems of "
+        "one entry (they alternate in one process) and ratios to the bound (the peak is measured in the same "
+        "run); entries ran under the load and CPU share each states.",
         "",
     ]
     for name, r in reports.items():
@@ -414,7 +416,14 @@ def render(reports: dict) -> str:
         lines += [
             f"## Workload `{r['workload_name']}`" + (f" (`{name}`)" if name != r["workload_name"] else ""),
             "",
-            f"Made by `{r['command']}` ({r['date_utc']}; {r['machine']}; load average at the start "
+            (
+                f"grpo_jax of commit `{name.split('@')[1].split('#')[0]}` (this script run with "
+                "`PYTHONPATH=` "
+                "a checkout of it). "
+                if "@" in name
+                else ""
+            )
+            + f"Made by `{r['command']}` ({r['date_utc']}; {r['machine']}; load average at the start "
             f"{r['load_average_start'][0]:.2f}, CPU share while timed {r['timed_cpu_share']:.2f}).",
             "",
             f"B = {w['prompts']} prompts × G = {w['num_samples']} = N = {w['rows']} rows, "
