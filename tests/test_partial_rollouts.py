@@ -6,6 +6,7 @@ off); the config is refused in one line where partial rollouts make no sense; an
 SIGKILL mid-way through partially rolled-out steps reruns to the uninterrupted run's metrics."""
 
 import importlib.util
+import json
 import types
 from pathlib import Path
 
@@ -192,6 +193,28 @@ def test_the_update_takes_its_ratio_against_the_proximal_policy_with_truncated_i
     lag = (np.arange(mask.shape[1]) % 3)[None].repeat(16, 0)
     assert metrics["on"]["staleness/mean"] == pytest.approx(lag[counted].mean(), abs=1e-6)
     assert metrics["on"]["staleness/max"] == 2
+
+
+def test_the_benchmark_runs_at_a_tiny_size(capsys):
+    """benchmarks/partial_rollouts.py: its JSON line has both systems' step times and group rates; the
+    whole system hands out every group every step, the partial one hands out carried groups too."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "partial_rollouts.py"
+    spec = importlib.util.spec_from_file_location("partial_rollouts_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tiny = "--prompts=2 --num_samples=2 --prompt_len=5 --max_new_tokens=16 --mean_len=6 --page_size=4"
+    model = "--hidden_size=16 --num_layers=1 --num_heads=2 --num_kv_heads=1 --intermediate_size=32"
+    report = module.main(
+        [*tiny.split(), *model.split(), "--vocab_size=32", "--warmup=2", "--steps=3", "--no_write"]
+    )
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for name in ("whole", "partial"):
+        for key in ("median_step_s", "groups_per_s", "fill_share", "staleness_mean", "step_time_vs_whole"):
+            assert key in line[name], (name, key)
+    assert line["whole"]["groups_per_step"] == 2 and line["whole"]["staleness_max"] == 0
+    assert report["workload"]["budget"] == 4 and report["workload"]["max_inflight_groups"] == 8
+    assert line["partial"]["decode_iterations_per_step"] <= 4
+    assert "| partial |" in module.render(report)
 
 
 # ------------------------------------------------------------------------------------------------
