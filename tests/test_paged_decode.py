@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_rollout_engine import _prompts  # left-padded prompts of lengths 5, 3, 4, 1 in width 6
 
 from grpo_jax import models, sampling, sharding
 from grpo_jax.rollout import engine, paged_cache
@@ -57,16 +58,6 @@ def test_the_chunked_reference_equals_the_one_pass_reference():
                 q, k_pages, v_pages, lengths, table, chunk_pages=chunk
             )
             np.testing.assert_allclose(np.asarray(out), np.asarray(one), atol=1e-5, rtol=1e-5)
-
-
-def _prompts():
-    seqs = [[5, 9, 17, 33, 2], [7, 8, 100], [11, 12, 13, 14], [40]]
-    tokens = np.zeros((len(seqs), 6), np.int32)
-    mask = np.zeros((len(seqs), 6), np.int32)
-    for i, s in enumerate(seqs):
-        tokens[i, 6 - len(s) :] = s
-        mask[i, 6 - len(s) :] = 1
-    return tokens, mask
 
 
 def test_the_engine_on_the_pallas_kernel_matches_the_static_sampler():
