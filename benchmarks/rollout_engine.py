@@ -39,6 +39,10 @@ is that shape whatever the occupancy); the bound is those FLOPs at this machine'
 jitted 2048³ float32 matmul timed in the same run, before and after the systems (the better of the two),
 as benchmarks/benchmark.py measures it. `step ÷ bound` is how far a step is from it: the fastest timed
 call (other processes only ever add time; its prefill included) over its decode steps, ÷ the bound.
+The 2048³ rate is out of reach for a decode step's small matmuls ([rows, hidden] by [hidden, ...]), so
+the report also times those matmuls alone (`matmul_chain_ms`: the step's q, k, v, o, MLP and head
+projections for the same rows, chained through a jitted `fori_loop` of as many steps, no attention, no
+sampling, no cache) in the same run: `step ÷ matmuls alone` is what the rest of the step costs on top.
 
 Ends by printing one JSON line (per system: useful tokens/s, KV-cache bytes, speedup against static);
 writes `benchmarks/rollout_engine.json` (one entry per workload, or per `--tag`) and `.md` unless
@@ -281,6 +285,48 @@ def make_systems(w: dict, args) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+def matmul_chain_ms(model: models.ModelConfig, rows: int, steps: int, repeats: int) -> float:
+    """Fastest ms per step of the decode step's weight matmuls alone (`flops.matmul_param_count`'s
+    projections, float32, for `rows` rows), chained through `steps` iterations of a jitted `fori_loop`:
+    what a decode step would cost if it did nothing but its matmuls at this machine's small-matmul rate."""
+    d, f, dh = model.hidden_size, model.intermediate_size, model.resolved_head_dim
+    keys = iter(jax.random.split(jax.random.key(0), 8 * model.num_layers + 2))
+    weight = lambda *shape: 0.02 * jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
+    layers = [
+        dict(
+            q=weight(d, model.num_heads * dh),
+            k=weight(d, model.num_kv_heads * dh),
+            v=weight(d, model.num_kv_heads * dh),
+            o=weight(model.num_heads * dh, d),
+            gate=weight(d, f),
+            up=weight(d, f),
+            down=weight(f, d),
+        )
+        for _ in range(model.num_layers)
+    ]
+    head = weight(d, model.vocab_size)
+
+    @jax.jit
+    def chain(x, layers, head):
+        def step(_, x):
+            for w in layers:
+                keys_and_values = jnp.sum(x @ w["k"]) + jnp.sum(x @ w["v"])
+                x = x + (x @ w["q"]) @ w["o"] + 0.0 * keys_and_values
+                x = x + (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
+            return x + 1e-6 * (x @ head)[:, :1]
+
+        return jax.lax.fori_loop(0, steps, step, x)
+
+    x = weight(rows, d)
+    jax.block_until_ready(chain(x, layers, head))
+    times = []
+    for _ in range(max(repeats, 3)):
+        start = time.perf_counter()
+        jax.block_until_ready(chain(x, layers, head))
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times) / steps
+
+
 def percentiles(lengths: np.ndarray) -> dict:
     return {
         "mean": float(lengths.mean()),
@@ -311,6 +357,7 @@ def run(args, command: str) -> dict:
     )
     peaks.append(measure_peak_matmul(2048, "float32", 3)["gflops"])
     peak_flops = max(peaks) * 1e9
+    chain_ms = {}  # rows -> ms per step of the matmuls alone
 
     ref_tokens, ref_mask, ref_lengths, _ = outputs["static"]
     for name, r in results.items():
@@ -327,6 +374,10 @@ def run(args, command: str) -> dict:
         r["decode_step_matmul_flops"] = 2.0 * flops.matmul_param_count(w["model"]) * step_rows
         r["matmul_bound_ms"] = 1e3 * r["decode_step_matmul_flops"] / peak_flops
         r["step_over_matmul_bound"] = r["ms_per_decode_step_min"] / r["matmul_bound_ms"]
+        if step_rows not in chain_ms:
+            chain_ms[step_rows] = matmul_chain_ms(w["model"], step_rows, r["decode_steps"], args.repeats)
+        r["matmuls_alone_ms"] = chain_ms[step_rows]
+        r["step_over_matmuls_alone"] = r["ms_per_decode_step_min"] / r["matmuls_alone_ms"]
         r["tokens_equal_static"] = bool(np.array_equal(tokens, ref_tokens) and np.array_equal(mask, ref_mask))
     for r in results.values():
         r["speedup_vs_static"] = r["useful_tokens_per_s"] / results["static"]["useful_tokens_per_s"]
@@ -444,15 +495,15 @@ def render(reports: dict) -> str:
             + " GFLOP/s.",
             "",
             "| system | slots / rows per call | KV-cache MiB | decode steps | ms / step (median; min) "
-            "| matmul bound ms | step ÷ bound (min) | median s | useful tokens | useful tokens/s | vs static "
-            "| tokens = static's |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| matmul bound ms | step ÷ bound (min) | matmuls alone ms | step ÷ matmuls alone | median s "
+            "| useful tokens | useful tokens/s | vs static | tokens = static's |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for sname, s in r["systems"].items():
             if "same_as" in s:
                 lines.append(
                     f"| {sname} | S = {s['slots']} | {s['kv_bytes'] / 2**20:.1f} | (same program as "
-                    f"`{s['same_as']}`) | | | | | | | | |"
+                    f"`{s['same_as']}`) | | | | | | | | | | |"
                 )
                 continue
             rows = f"S = {s['slots']}" if "slots" in s else f"{s['rows_per_call']} × {s['calls']} calls"
@@ -460,6 +511,11 @@ def render(reports: dict) -> str:
                 f"{s['matmul_bound_ms']:.2f} | {s['step_over_matmul_bound']:.2f}×"
                 if "matmul_bound_ms" in s
                 else "— | —"
+            )
+            bound += (
+                f" | {s['matmuls_alone_ms']:.2f} | {s['step_over_matmuls_alone']:.2f}×"
+                if "matmuls_alone_ms" in s
+                else " | — | —"
             )
             lines.append(
                 f"| {sname} | {rows} | {s['kv_bytes'] / 2**20:.1f} | {s['decode_steps']} | "
