@@ -45,8 +45,9 @@ projections for the same rows, chained through a jitted `fori_loop` of as many s
 sampling, no cache) in the same run: `step ÷ matmuls alone` is what the rest of the step costs on top.
 
 Ends by printing one JSON line (per system: useful tokens/s, KV-cache bytes, speedup against static);
-writes `benchmarks/rollout_engine.json` (one entry per workload, or per `--tag`) and `.md` unless
-`--no_write`. To measure another commit's engine with this script: `PYTHONPATH=<checkout of it> python
+writes `benchmarks/rollout_engine.json` (one entry per workload, or per `--tag`), `.md` and `.png` unless
+`--no_write` (`--report_only`: rewrite the `.md` and `.png` from the `.json`). To measure another
+commit's engine with this script: `PYTHONPATH=<checkout of it> python
 benchmarks/rollout_engine.py ... --tag=NAME` (the script passes only arguments every version takes).
 """
 
@@ -529,6 +530,44 @@ def render(reports: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(reports: dict, path: str) -> bool:
+    """OUT.png: per entry of this checkout (no `@commit` tags), each system's useful tokens/s (left) and
+    KV-cache bytes (right), both as multiples of the static sampler's in the same run. False (and no
+    file) without matplotlib."""
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        print("matplotlib not installed: no plot written")
+        return False
+    entries = [(name, r) for name, r in reports.items() if "@" not in name]
+    systems = ("static", "engine_all_slots", "engine_equal_memory")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 + 0.9 * len(entries)))
+    for ax, key, label in (
+        (axes[0], "speedup_vs_static", "useful completion tokens/s, x the static sampler's (higher: better)"),
+        (axes[1], "kv_bytes", "KV-cache bytes, x the static sampler's"),
+    ):
+        for j, system in enumerate(systems):
+            values = [r["systems"].get(system, {}).get(key, 0.0) for _, r in entries]
+            if key == "kv_bytes":
+                values = [v / r["systems"]["static"]["kv_bytes"] for v, (_, r) in zip(values, entries)]
+            bars = ax.barh(
+                [i + 0.27 * (j - 1) for i in range(len(entries))], values, height=0.25, label=system
+            )
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+        ax.set_yticks(range(len(entries)), [name for name, _ in entries])
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+    axes[1].legend(loc="lower right", fontsize=8)
+    fig.suptitle("Rollout engine vs static sampler (benchmarks/rollout_engine.md)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -549,12 +588,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=OUT, help="OUT.json (one entry per workload) and OUT.md")
     parser.add_argument("--no_write", action="store_true")
     parser.add_argument("--tag", default="", help="the entry's name in OUT.json (default: the workload)")
+    parser.add_argument("--report_only", action="store_true", help="rewrite OUT.md and OUT.png from OUT.json")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     for name, value in DEFAULTS[args.workload].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.static_rows = args.static_rows or 0
+    if args.report_only:
+        reports = json.load(open(args.out + ".json"))
+        with open(args.out + ".md", "w") as f:
+            f.write(render(reports))
+        plot(reports, args.out + ".png")
+        return reports
     command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/rollout_engine.py", *argv])
     report = run(args, command)
     if not args.no_write:
@@ -566,6 +612,7 @@ def main(argv=None) -> dict:
             f.write("\n")
         with open(args.out + ".md", "w") as f:
             f.write(render(reports))
+        plot(reports, args.out + ".png")
     line = summary(report)
     print(json.dumps(line), flush=True)
     return report
