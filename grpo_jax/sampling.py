@@ -54,6 +54,9 @@ class Rollout:
     mask is 0); mask [N, L] int32 (1 on generated tokens up to and including the stop token);
     lengths [N] int32; truncated [N] bool (no stop token within the budget); prompt_tokens [N, P] and
     prompt_mask [N, P] (each prompt repeated per sample); num_steps: decode steps actually run.
+    loss_mask [N, L] int32 or None: multi-turn rollouts (`grpo_jax.rollout.turns`) only, 1 on the tokens
+    the policy drew, 0 on observation tokens inside `mask` (part of the sequence, not of the loss); None:
+    `mask` is the loss mask.
     """
 
     tokens: jax.Array
@@ -65,6 +68,7 @@ class Rollout:
     prompt_tokens: jax.Array
     prompt_mask: jax.Array
     num_steps: jax.Array
+    loss_mask: jax.Array | None = None
 
 
 @flax.struct.dataclass

@@ -4,7 +4,7 @@ on the quickstart itself (configs/quickstart.py: its model, SFT and 225 GRPO ste
     python scripts/sweep.py --config=configs/ablations/partial_rollouts.py \\
         --workdir=workdirs/partial_rollouts --seeds=0,1,2
 
-off: the quickstart (whole rollouts, DAPO dynamic sampling with refill); whole: the engine with whole
+off: the quickstart as it is (the engine, whole rollouts, DAPO dynamic sampling with refill); whole: the engine with whole
 rollouts and dynamic sampling without refill (what partial rollouts can be combined with); on: the same
 with a budget of L/4 = 10 decode iterations per step, unfinished samples carried to the next step and
 decoupled PPO's truncated importance weight (`is_correction="token_tis"`, C = 2). The quickstart's
@@ -29,7 +29,7 @@ def get_sweep(arg=None):
     runlocal = arg == "runlocal"
     budget, batch, group = (3, 2, 4) if runlocal else (10, 16, 8)  # L/4 of max_new_tokens (12, 40)
     return [
-        {"_name": "off", "sampler": "static", "grpo.algo.dynamic_sampling_refill": True},  # the quickstart
+        {"_name": "off"},  # the quickstart as it is (the engine, DAPO dynamic sampling with refill)
         {"_name": "whole", **WHOLE},
         {
             "_name": "on",

@@ -25,6 +25,14 @@ state from one training step to the next):
   next one. The loop ends when the queue is empty and every slot idle, or (partial rollouts) when
   `target` groups are complete or `budget` iterations have run; slots still live then keep their item,
   last token and pages.
+- Turns (multi-turn tool use, `grpo_jax.rollout.turns`): a row that draws one of `pause_ids` (the end
+  of a tool call) is paused, not finished: its slot keeps its item, pages and last token and decodes no
+  more until the host answers. `resume` gives a paused slot the observation's tokens (at most
+  `Geometry.observation_len`), which the next iterations feed one per iteration instead of drawing
+  (teacher-forced: their keys go into the slot's pages by the same decode step, so earlier turns are
+  never recomputed); then drawing resumes from the logits after the observation. Observation tokens are
+  part of the row (`mask` 1, positions continue) but not the policy's (`generated` 0, logprobs 0: the
+  loss mask). A row whose pause would exceed `max_turns` turns ends there (truncated).
 - Every token also records the policy version whose forward made the logits it was drawn from
   (`EngineState.version`; token 0: the prefill's): the behaviour policy of decoupled PPO when params
   change between calls.
@@ -186,13 +194,19 @@ class EngineState:
     token: jax.Array  # [S] its last drawn token (index t - 1), fed at its next decode step
     own_pages: jax.Array  # [S] pages of its own it holds (its prompt tail's copy and its tokens')
     page_table: jax.Array  # [S, MP] its prompt's full pages, then its own (scratch where unused)
+    paused: jax.Array  # [S] bool: its row drew a pause token and waits for `resume`
+    forced: jax.Array  # [S, O] observation tokens to feed instead of drawing (O = max(observation_len, 1))
+    forced_len: jax.Array  # [S] how many of them
+    forced_at: jax.Array  # [S] how many of them are written so far
     pool: paged_cache.PagePool
     pages: dict  # {"k", "v"} [kv_heads, layers * (num_pages + 1), page_size, head_dim]
     # Outputs, by item.
     tokens: jax.Array  # [NQ, L]
     logprobs: jax.Array  # [NQ, L] behaviour logprobs (full softmax at the temperature)
     sampling_logprobs: jax.Array  # [NQ, L] under the distribution really sampled from
-    mask: jax.Array  # [NQ, L]
+    mask: jax.Array  # [NQ, L] 1 on the row's tokens (drawn and observation)
+    generated: jax.Array  # [NQ, L] 1 on drawn tokens only: the loss mask (observation tokens 0)
+    turns: jax.Array  # [NQ] pauses so far (tool calls answered or waiting)
     version: jax.Array  # [NQ, L] the policy version whose forward made the logits each token was drawn from
     lengths: jax.Array  # [NQ]
     truncated: jax.Array  # [NQ]
@@ -220,6 +234,7 @@ class Geometry:
     vocab: int
     pad_id: int = 0
     attention: str = "xla"
+    observation_len: int = 0  # O: the most observation tokens one `resume` feeds a slot (0: no turns)
 
     @property
     def items(self) -> int:
@@ -282,12 +297,18 @@ def init_state(
         token=jnp.zeros((s,), jnp.int32),
         own_pages=jnp.zeros((s,), jnp.int32),
         page_table=jnp.full((s, geom.max_pages), scratch, jnp.int32),
+        paused=jnp.zeros((s,), bool),
+        forced=jnp.full((s, max(geom.observation_len, 1)), geom.pad_id, jnp.int32),
+        forced_len=jnp.zeros((s,), jnp.int32),
+        forced_at=jnp.zeros((s,), jnp.int32),
         pool=paged_cache.pool_with_free(geom.num_pages, 0),
         pages=paged_cache.init_pages(model_config, geom.num_pages, geom.page_size),
         tokens=jnp.full((nq, length), geom.pad_id, jnp.int32),
         logprobs=zeros,
         sampling_logprobs=zeros,
         mask=jnp.zeros((nq, length), jnp.int32),
+        generated=jnp.zeros((nq, length), jnp.int32),
+        turns=jnp.zeros((nq,), jnp.int32),
         version=jnp.zeros((nq, length), jnp.int32),
         lengths=jnp.zeros((nq,), jnp.int32),
         truncated=jnp.zeros((nq,), bool),
@@ -330,6 +351,8 @@ def enqueue(
     *,
     choose,
     stop_ids,
+    pause_ids=(),
+    max_turns: int = 0,
     payload: dict | None = None,
     constrain_pages=lambda pages: pages,
 ) -> EngineState:
@@ -339,7 +362,8 @@ def enqueue(
     position). Token 0 of each of its G rows is drawn here from the prompt's logits (version `version`);
     rows that stop there are done, the others join the queue's tail in row order (a group all of whose
     rows stopped is complete at once and its pages go back). row_keys [Bn·G]: the new rows' streams;
-    valid [Bn] bool; payload {name: [Bn, ...]} for the entries' `payload` arrays."""
+    valid [Bn] bool; payload {name: [Bn, ...]} for the entries' `payload` arrays. A token 0 in
+    `pause_ids` pauses its row when it is admitted (or ends it, truncated, with `max_turns` = 1)."""
     bn, prompt_len = prompt_mask.shape
     g, pp, nq, ps = geom.group, geom.prompt_pages, geom.items, geom.page_size
     num_layers, kv_heads, head_dim = (
@@ -389,7 +413,8 @@ def enqueue(
     )
     first_token, first_logp, first_sampling_logp = (x.reshape(bn * g) for x in first)
     first_stopped = jnp.isin(first_token, jnp.asarray(stop_ids, jnp.int32))
-    first_done = first_stopped | (geom.length <= 1)
+    first_pause = jnp.isin(first_token, jnp.asarray(pause_ids, jnp.int32))
+    first_done = first_stopped | (geom.length <= 1) | (first_pause & (max_turns == 1))
     remaining = g - jnp.sum(first_done.reshape(bn, g), axis=1, dtype=jnp.int32)  # [Bn]
 
     # Its rows: outputs reset with token 0; those still to decode at the queue's tail, in row order.
@@ -425,6 +450,8 @@ def enqueue(
         logprobs=reset(st.logprobs, first_logp, 0.0),
         sampling_logprobs=reset(st.sampling_logprobs, first_sampling_logp, 0.0),
         mask=reset(st.mask, jnp.ones_like(first_token), 0),
+        generated=reset(st.generated, jnp.ones_like(first_token), 0),
+        turns=st.turns.at[rows].set(0, mode="drop"),
         version=reset(st.version, jnp.broadcast_to(version, first_token.shape), 0),
         lengths=st.lengths.at[rows].set(jnp.where(first_done, 1, 0), mode="drop"),
         truncated=st.truncated.at[rows].set(first_done & ~first_stopped, mode="drop"),
@@ -439,6 +466,23 @@ def complete_groups(st: EngineState) -> jax.Array:
     return st.pending & (st.refcount == 0)
 
 
+def resume(geom: Geometry, st: EngineState, observations: jax.Array, lengths: jax.Array) -> EngineState:
+    """Answer the paused slots (module docstring, "Turns"): observations [S, O] int32, lengths [S] (the
+    first lengths[s] tokens of row s are slot s's observation; clipped to O and to the room left in the
+    row, L − t; 0: drawing resumes at once). Slots not paused are unchanged."""
+    go = st.paused & (st.item < geom.items)
+    width = st.forced.shape[1]
+    observations = jnp.asarray(observations, jnp.int32).reshape(st.forced.shape[0], -1)[:, :width]
+    observations = jnp.pad(observations, ((0, 0), (0, width - observations.shape[1])))
+    n = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, jnp.minimum(width, geom.length - st.t))
+    return st.replace(
+        paused=st.paused & ~go,
+        forced=jnp.where(go[:, None], observations, st.forced),
+        forced_len=jnp.where(go, n, st.forced_len),
+        forced_at=jnp.where(go, 0, st.forced_at),
+    )
+
+
 def advance(
     geom: Geometry,
     model_config: ModelConfig,
@@ -450,6 +494,8 @@ def advance(
     version,
     choose,
     stop_ids,
+    pause_ids=(),
+    max_turns: int = 0,
     check_pages: bool = False,
     kernel_mesh=None,
     constrain_slots=lambda x: x,
@@ -462,7 +508,9 @@ def advance(
     (1)-(4); idle slots first take queued items). Slots still live at the end keep their item, last
     token and pages, so the next call continues them where they stopped. `choose`: `token_chooser(...)`;
     `check_pages` counts page-ownership errors every iteration; `kernel_mesh`: the mesh the Pallas kernel
-    runs under (`geom.attention == "pallas"`).
+    runs under (`geom.attention == "pallas"`). `pause_ids`: tokens that end a turn (module docstring,
+    "Turns"): the loop also ends when every slot with an item is paused and no idle slot can take queued
+    work; `max_turns` (0: no limit): a row's pauses, the one that would exceed it ends the row instead.
 
     `vmap` (e.g. `functools.partial(jax.vmap, spmd_axis_name=...)`): `st` holds one sub-engine per data
     shard on a leading axis; each iteration runs on all of them as one vmapped step, and the loop goes on
@@ -474,6 +522,8 @@ def advance(
     num_pages = scratch = geom.num_pages
     version = jnp.asarray(version, jnp.int32)
     stop_ids_arr = jnp.asarray(stop_ids, jnp.int32)
+    pause_ids_arr = jnp.asarray(pause_ids, jnp.int32)
+    turns_limit = max_turns if max_turns > 0 else jnp.iinfo(jnp.int32).max
     slots = jnp.arange(s)
     columns = jnp.arange(max_pages)
 
@@ -499,18 +549,22 @@ def advance(
         item = jnp.where(take, st.queue[(st.queue_head + rank) % nq], st.item)
         entry = jnp.minimum(item, nq - 1) // g
         taken = jnp.sum(take, dtype=jnp.int32)
+        first = st.tokens[jnp.minimum(item, nq - 1), 0]
+        first_pause = take & jnp.isin(first, pause_ids_arr)  # token 0 ended a turn (max_turns > 1)
         return st.replace(
             queue_head=(st.queue_head + taken) % nq,
             queue_len=st.queue_len - taken,
             item=constrain_slots(item),
             t=jnp.where(take, 1, st.t),
-            token=jnp.where(take, st.tokens[jnp.minimum(item, nq - 1), 0], st.token),
+            token=jnp.where(take, first, st.token),
+            paused=jnp.where(take, first_pause, st.paused),
+            turns=st.turns.at[jnp.where(first_pause, item, nq)].add(1, mode="drop"),
             own_pages=jnp.where(take, 0, st.own_pages),
             page_table=constrain_slots(jnp.where(take[:, None], st.prompt_table[entry], st.page_table)),
         )
 
     def iteration(st: EngineState) -> EngineState:
-        live = st.item < nq
+        live = (st.item < nq) & ~st.paused
         item = jnp.minimum(st.item, nq - 1)
         entry = item // g
 
@@ -550,8 +604,13 @@ def advance(
             mesh=kernel_mesh,
         )
 
-        # 2. Draw token t of every live slot from its row's stream at its own index t.
+        # 2. Draw token t of every live slot from its row's stream at its own index t (a slot feeding an
+        # observation writes its next observation token instead, with logprobs 0 and loss mask 0).
         token, logp, sampling_logp = choose(logits, st.row_keys[item], st.t)
+        forcing = live & (st.forced_at < st.forced_len)
+        forced_token = st.forced[slots, jnp.minimum(st.forced_at, st.forced.shape[1] - 1)]
+        token = jnp.where(forcing, forced_token, token)
+        logp, sampling_logp = jnp.where(forcing, 0.0, logp), jnp.where(forcing, 0.0, sampling_logp)
         token = jnp.where(live, token, geom.pad_id)
         row = jnp.where(live, st.item, nq)  # nq: dropped
         put = lambda buf, value: buf.at[row, st.t].set(value, mode="drop")  # noqa: E731
@@ -559,10 +618,15 @@ def advance(
         logprobs = put(st.logprobs, logp)
         sampling_logprobs = put(st.sampling_logprobs, sampling_logp)
         mask = put(st.mask, jnp.ones_like(token))
+        generated = put(st.generated, (~forcing).astype(jnp.int32))
         token_version = put(st.version, jnp.broadcast_to(version, token.shape))
-        stopped = live & jnp.isin(token, stop_ids_arr)
+        drawn = live & ~forcing
+        stopped = drawn & jnp.isin(token, stop_ids_arr)
+        pause_hit = drawn & jnp.isin(token, pause_ids_arr)
+        over_turns = pause_hit & (st.turns[item] + 1 >= turns_limit)
         t = st.t + live
-        done = live & (stopped | (t >= length))
+        done = live & (stopped | over_turns | (t >= length))
+        pause = pause_hit & ~done
 
         # 3. Retire: outputs of finished rows, their pages (and their prompt's, once all G are done) freed.
         finished = jnp.where(done, st.item, nq)
@@ -586,6 +650,10 @@ def advance(
             item=jnp.where(done, nq, st.item),
             t=constrain_slots(t),
             token=constrain_slots(token),
+            paused=st.paused | pause,
+            forced_len=jnp.where(done, 0, st.forced_len),
+            forced_at=jnp.where(done, 0, st.forced_at + forcing),
+            turns=st.turns.at[jnp.where(pause, st.item, nq)].add(1, mode="drop"),
             own_pages=jnp.where(done, 0, own_pages),
             page_table=jnp.where(done[:, None], scratch, page_table),
             refcount=refcount,
@@ -595,6 +663,7 @@ def advance(
             logprobs=constrain_slots(logprobs),
             sampling_logprobs=constrain_slots(sampling_logprobs),
             mask=constrain_slots(mask),
+            generated=constrain_slots(generated),
             version=constrain_slots(token_version),
             lengths=lengths,
             truncated=truncated,
@@ -614,7 +683,8 @@ def advance(
         return new
 
     def wants_more(st):
-        work = (st.queue_len > 0) | jnp.any(st.item < nq)
+        admissible = (st.queue_len > 0) & jnp.any(st.item == nq)
+        work = admissible | jnp.any((st.item < nq) & ~st.paused)
         return work & (jnp.sum(complete_groups(st), dtype=jnp.int32) < target)
 
     admit_all = admit

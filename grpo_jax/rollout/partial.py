@@ -81,6 +81,8 @@ def hand_out(geom: engine.Geometry, st: engine.EngineState, target: int):
         lengths=pick(st.lengths, 0),
         truncated=pick(st.truncated, False),
     )
+    if geom.observation_len:  # multi-turn: the loss mask and the turns of each row
+        outputs.update(loss_mask=pick(st.generated, 0), turns=pick(st.turns, 0))
     payload = {k: v[chosen] for k, v in st.payload.items()}
     released = st.pending.at[jnp.where(ok, chosen, q)].set(False, mode="drop")
     return st.replace(pending=released), outputs, payload, ~ok
@@ -92,7 +94,9 @@ class PartialRollouts:
     prompts_per_step: B, the groups each step hands out; max_groups: Q, the groups the engine holds at
     once (queued, decoding, complete and waiting), a multiple of B (Q − B groups carry over); num_slots:
     S decode slots (None: one per row of a step's batch, B·G); budget: decode iterations per step (each
-    live sample gains one token per iteration); page_size; prompt_len: P; payload_shapes: {name:
+    live sample gains one token per iteration); page_size; prompt_len: P; pause_ids, max_turns,
+    observation_len: multi-turn rollouts (`grpo_jax.rollout.turns`; `engine` module docstring, "Turns");
+    payload_shapes: {name:
     ShapeDtypeStruct of one group's entry} stored with each group and handed out with it; mesh: the
     engine is D sub-engines, one per data shard (D = the mesh's data-parallel size, which must divide B
     and Q); the sampling settings are `sampling.generate`'s.
@@ -117,6 +121,9 @@ class PartialRollouts:
         stop_ids=(),
         min_new_tokens: int = 0,
         pad_id: int = 0,
+        pause_ids=(),
+        max_turns: int = 0,
+        observation_len: int = 0,
         payload_shapes: dict | None = None,
         mesh=None,
         check_pages: bool = False,
@@ -147,6 +154,16 @@ class PartialRollouts:
                 f"partial rollouts: budget={budget}, page_size={page_size} and num_slots={num_slots} "
                 "must be >= 1"
             )
+        pause_ids = tuple(int(i) for i in pause_ids)
+        if pause_ids and observation_len < 1:
+            raise ValueError(
+                f"multi-turn rollouts: observation_len={observation_len} must be >= 1 with pause_ids"
+            )
+        if set(pause_ids) & set(settings["stop_ids"]):
+            raise ValueError(
+                f"multi-turn rollouts: pause_ids {pause_ids} and stop ids {settings['stop_ids']} overlap"
+            )
+        self.pause_ids, self.max_turns = pause_ids, int(max_turns)
         g = settings["num_samples"]
         entries = max_groups // d
         slots = min(-(-(num_slots or prompts_per_step * g) // d), entries * g)
@@ -168,6 +185,7 @@ class PartialRollouts:
             vocab=model_config.vocab_size,
             pad_id=settings["pad_id"],
             attention=engine.paged_attention_of(model_config),
+            observation_len=int(observation_len) if pause_ids else 0,
         )
         self.choose = engine.token_chooser(
             stop_ids=settings["stop_ids"],
@@ -184,6 +202,15 @@ class PartialRollouts:
         self._init = jax.jit(self._init_body, out_shardings=self.shardings)
         self._enqueue = jax.jit(self._enqueue_body, out_shardings=self.shardings, donate_argnums=(0,))
         self._step = jax.jit(self._step_body, out_shardings=(self.shardings, None), donate_argnums=(0,))
+        self._decode = jax.jit(self._decode_body, out_shardings=(self.shardings, None), donate_argnums=(0,))
+        self._hand_out = jax.jit(
+            self._hand_out_body, out_shardings=(self.shardings, None), donate_argnums=(0,)
+        )
+        self._resume = jax.jit(
+            lambda st, obs, n: self._vmap(lambda st, o, k: engine.resume(self.geom, st, o, k))(st, obs, n),
+            out_shardings=self.shardings,
+            donate_argnums=(0,),
+        )
         self._room = jax.jit(
             lambda st: self.d * jnp.min(self.geom.entries - jnp.sum(st.pending, axis=-1, dtype=jnp.int32))
         )
@@ -211,6 +238,21 @@ class PartialRollouts:
         """Decode at most `budget` iterations under `params` (policy `version`) and hand out B group places
         (module docstring). Donates `st`."""
         return self._step(st, params, jnp.asarray(version, jnp.int32))
+
+    def decode(self, st, params, version, budget) -> tuple[engine.EngineState, jax.Array]:
+        """`step`'s decoding alone, at most `budget` iterations (multi-turn rollouts: it also ends when
+        every row with a slot waits for an observation) -> (state, iterations run). Donates `st`."""
+        return self._decode(st, params, jnp.asarray(version, jnp.int32), jnp.asarray(budget, jnp.int32))
+
+    def hand_out(self, st, iterations=0) -> tuple[engine.EngineState, Handout]:
+        """`step`'s hand-out alone: B group places from the complete groups; `iterations`: the decode
+        iterations of the step, for its stats. Donates `st`."""
+        return self._hand_out(st, jnp.asarray(iterations, jnp.int32))
+
+    def resume(self, st, observations, lengths) -> engine.EngineState:
+        """`engine.resume` on every data shard: observations [D, S, O] int32, lengths [D, S] (`paused`
+        says which slots wait and for which rows). Donates `st`."""
+        return self._resume(st, jnp.asarray(observations, jnp.int32), jnp.asarray(lengths, jnp.int32))
 
     # -- traced bodies ------------------------------------------------------------------------------
 
@@ -248,6 +290,8 @@ class PartialRollouts:
                 version,
                 choose=self.choose,
                 stop_ids=self.stop_ids,
+                pause_ids=self.pause_ids,
+                max_turns=self.max_turns,
                 payload=payload,
                 constrain_pages=self.constrain_pages,
             )
@@ -266,29 +310,36 @@ class PartialRollouts:
             )
 
     def _step_body(self, st, params, version):
-        geom, nq = self.geom, self.geom.items
+        return self._hand_out_body(*self._decode_body(st, params, version, self.budget))
 
+    def _decode_body(self, st, params, version, budget):
         with activation_sharding(self.mesh):
             loop_params = engine.decode_params(self.model_config, params, self.mesh)
         with activation_sharding(None):
             before = st.iterations
             st = engine.advance(
-                geom,
+                self.geom,
                 self.model_config,
                 loop_params,
                 st,
-                budget=self.budget,
+                budget=budget,
                 target=self.target,
                 version=version,
                 choose=self.choose,
                 stop_ids=self.stop_ids,
+                pause_ids=self.pause_ids,
+                max_turns=self.max_turns,
                 check_pages=self.check_pages,
                 kernel_mesh=self.mesh,
                 constrain_slots=self.constrain_slots,
                 constrain_pages=self.constrain_pages,
                 vmap=self._vmap,
             )
-            iterations = st.iterations - before
+        return st, jnp.max(st.iterations - before)
+
+    def _hand_out_body(self, st, iterations):
+        geom, nq = self.geom, self.geom.items
+        with activation_sharding(None):
             st, outputs, payload, fill = self._vmap(lambda st: hand_out(geom, st, self.target))(st)
         rows = lambda x: sampling._constrain_rows(x.reshape(-1, *x.shape[2:]), self.mesh, 0)  # noqa: E731
         outputs = {k: rows(v) for k, v in outputs.items()}
@@ -306,10 +357,11 @@ class PartialRollouts:
             prompt_tokens=repeat(payload["prompt_tokens"]),
             prompt_mask=repeat(payload["prompt_mask"]),
             num_steps=jnp.max(outputs["lengths"]),
+            loss_mask=outputs.get("loss_mask"),
         )
         total = lambda x: jnp.sum(x, dtype=jnp.int32)  # noqa: E731
         stats = {
-            "decode_iterations": jnp.max(iterations),
+            "decode_iterations": iterations,
             "complete_groups": total(~fill),
             "fill_groups": total(fill),
             "inflight_groups": total(st.pending),
@@ -320,6 +372,8 @@ class PartialRollouts:
             "pool_underflows": total(st.underflows),
             "dropped_prompts": total(st.dropped),
         }
+        if "turns" in outputs:
+            stats["turns"] = outputs["turns"]  # [N] pauses per handed-out row
         return st, Handout(
             rollout=rollout, version=outputs["version"], fill=fill, payload=payload, stats=stats
         )

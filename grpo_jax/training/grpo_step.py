@@ -19,6 +19,9 @@ The batch (N = prompts × G rows, prompt-major as the sampler emits them):
     sampling_logprobs [N, L]                          the sampler's logprobs under the distribution it really
                                                       sampled from (top-p/top-k truncated; optional): the
                                                       π_sampler of `is_correction` and of the mismatch metrics
+    loss_mask [N, L]                                  multi-turn rollouts: 1 on the policy's tokens, 0 on
+                                                      observation tokens (in completion_mask: the forward
+                                                      reads them; the loss, KL and entropy do not; optional)
     truncated [N] bool                                no stop token within the budget (`mask_truncated`
                                                       gives these rows sample weight 0)
     answer_tokens [N, A], answer_mask [N, A]          per-example targets for in-graph rewards (optional)
@@ -89,6 +92,8 @@ def rollout_to_batch(rollout, prompt_batch: dict, num_generations: int, host_rew
         "old_logprobs": rollout.logprobs,
         "truncated": rollout.truncated,
     }
+    if getattr(rollout, "loss_mask", None) is not None:
+        batch["loss_mask"] = rollout.loss_mask
     if getattr(rollout, "sampling_logprobs", None) is not None:
         batch["sampling_logprobs"] = rollout.sampling_logprobs
     for key in ("answer_tokens", "answer_mask", "route"):
@@ -130,6 +135,13 @@ def completion_logprobs(
     if shared_prefix_group > 1:
         return models.completion_logprobs_shared_prefix(*args, group_size=shared_prefix_group, **kwargs)
     return models.completion_logprobs(*args, **kwargs)
+
+
+def loss_mask(batch: dict) -> jax.Array:
+    """[N, L] the tokens the loss, the KL and the entropy count: `loss_mask` where a multi-turn rollout
+    gave one (observation tokens 0: in the sequence the forward reads, not the policy's), else
+    `completion_mask`."""
+    return batch.get("loss_mask", batch["completion_mask"])
 
 
 def _masked_mean(x, mask):
@@ -185,7 +197,7 @@ def grpo_loss(
         old_logprobs,
         mb.get("ref_logprobs"),
         mb["advantages"],
-        mb["completion_mask"],
+        loss_mask(mb),
         clip_eps_low=grpo.clip_eps_low,
         clip_eps_high=grpo.clip_eps_high,
         kl_coef=grpo.loss_kl_coef,
@@ -207,7 +219,7 @@ def grpo_loss(
         normaliser=mb.get("loss_normaliser"),
     )
     loss = debug_poison(loss, mb)
-    metrics["entropy"] = _masked_mean(entropy, mb["completion_mask"] > 0)
+    metrics["entropy"] = _masked_mean(entropy, loss_mask(mb) > 0)
     if with_logprobs:
         return loss, (metrics, jax.lax.stop_gradient(logprobs))
     return loss, metrics
@@ -232,7 +244,7 @@ def rollout_mismatch_metrics(trainer_logprobs, mb: dict) -> dict[str, jax.Array]
     """What the first update's forward (at the rollout params) says about the rollout's logprobs:
     `sampler_logprob_diff` (max |π_trainer − the sampler's full-softmax logprobs|) and `mismatch/*`
     against π_sampler. Called once per step, on the rows of update 0."""
-    valid = mb["completion_mask"] > 0
+    valid = loss_mask(mb) > 0
     sampler_logprobs = mb.get("sampling_logprobs", mb["old_logprobs"])
     metrics = mismatch_metrics(trainer_logprobs, sampler_logprobs, valid)
     metrics["sampler_logprob_diff"] = jnp.max(
@@ -343,9 +355,7 @@ def make_grpo_step(
         if grad_accum_steps == 1:
             return grad_fn(params, base, mb)
         mb = dict(mb)
-        mb["loss_normaliser"] = aggregation_normaliser(
-            mb["completion_mask"], grpo.loss_agg, mb.get("sample_weight")
-        )
+        mb["loss_normaliser"] = aggregation_normaliser(loss_mask(mb), grpo.loss_agg, mb.get("sample_weight"))
         micro = to_minibatches(
             {k: v for k, v in mb.items() if k not in (*DEBUG_KEYS, "loss_normaliser")}, grad_accum_steps, None
         )
@@ -369,7 +379,7 @@ def make_grpo_step(
 
     def step(state: TrainState, batch: dict):
         batch = dict(batch)
-        mask = batch["completion_mask"]
+        mask = loss_mask(batch)
         n = mask.shape[0]
         if n % (G * M) and n % M:
             raise ValueError(f"batch of {n} rows does not split into {M} minibatches")
@@ -463,7 +473,7 @@ def make_grpo_step(
         )
 
         with jax.named_scope("metrics"):
-            lengths = jnp.sum(mask, axis=-1).astype(jnp.float32)
+            lengths = jnp.sum(batch["completion_mask"], axis=-1).astype(jnp.float32)
             mean_over_updates = lambda x: jnp.mean(x)
             metrics = {
                 "reward/mean": jnp.mean(rewards),
