@@ -349,12 +349,11 @@ print("; ".join(problems) if problems else "isolated")
 
 def _probe(backend: str) -> str | None:
     """None if `backend` runs code with the isolation it promises, else why not (one line)."""
-    tool = "bwrap" if backend == "bwrap" else "unshare"
-    missing = [
-        t for t in (tool, "setpriv", "prlimit", "chroot") if shutil.which(t, path=_LAUNCH_PATH) is None
-    ]
-    if backend == "bwrap":
-        missing = [t for t in missing if t != "chroot"]
+    required = {
+        "bwrap": ("bwrap", "setpriv", "prlimit"),
+        "unshare": ("unshare", "setpriv", "prlimit", "chroot"),
+    }
+    missing = [t for t in required.get(backend, ()) if shutil.which(t, path=_LAUNCH_PATH) is None]
     if missing:
         return f"{backend}: {', '.join(missing)} not installed"
     code = _PROBE_CODE.format(secret=_PROBE_SECRET, host_file=os.path.abspath(__file__))
