@@ -4,6 +4,7 @@ took, that nothing leaked to the host and that no process of the run is left."""
 
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -55,6 +56,12 @@ def _sandbox_launchers() -> list[int]:
             if b"grpo-sandbox-" in cmdline and int(entry) != os.getpid():
                 found.append(int(entry))
     return found
+
+
+def _run_dirs() -> list[Path]:
+    import tempfile
+
+    return list(Path(tempfile.gettempdir()).glob("grpo-sandbox-*"))
 
 
 def _run(code: str, backend: str, limits=LIMITS) -> tuple[sandbox.SandboxResult, float]:
@@ -123,11 +130,12 @@ for path in [{str(target)!r}, "/usr/escaped.txt", "/escaped.txt", "../escaped.tx
 open("inside.txt", "w").write("fine")
 print("inside ok")
 """
+    before = set(_run_dirs())
     result, _ = _run(code, backend)
     assert result.returncode == 0, result.stderr
+    assert set(_run_dirs()) == before  # the run's directory is gone
     assert "wrote" not in result.stdout and "inside ok" in result.stdout
     assert not target.exists() and not Path("/escaped.txt").exists() and not Path("/usr/escaped.txt").exists()
-    assert not [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("grpo-sandbox-*")]
 
 
 def test_project_files_and_parent_environment_are_invisible(backend, monkeypatch):
@@ -243,3 +251,39 @@ def test_allow_unsandboxed_is_the_only_way_to_run_without_isolation(monkeypatch)
         outcome.error is None and SECRET not in outcome.message and "GRPO_TEST_SECRET" not in outcome.message
     )
     EnvConfig(env="python", allow_unsandboxed=True).env_factory()()
+
+
+def test_a_killed_worker_leaves_no_sandbox_behind(backend):
+    """The pool SIGKILLs a stuck worker; the launcher dies with it (PR_SET_PDEATHSIG) and takes the pid
+    namespace along."""
+    import subprocess
+    import sys
+
+    code = NAMESPACE_LINE + "import time\ntime.sleep(60)"
+    before = set(_run_dirs())
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from grpo_jax.envs import sandbox; "
+            f"sandbox.run_python(sys.argv[1], backend={backend!r}, "
+            "limits=sandbox.SandboxLimits(wall_time_s=60))",
+            code,
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        deadline = time.monotonic() + 20.0
+        while not _sandbox_launchers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _sandbox_launchers(), "the sandbox never started"
+        time.sleep(0.3)
+    finally:
+        worker.kill()
+        worker.wait()
+    deadline = time.monotonic() + 3.0
+    while _sandbox_launchers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sandbox_launchers() == []
+    for leftover in set(_run_dirs()) - before:  # a killed worker cannot remove its run directory
+        shutil.rmtree(leftover, ignore_errors=True)
