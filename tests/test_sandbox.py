@@ -287,3 +287,29 @@ def test_a_killed_worker_leaves_no_sandbox_behind(backend):
     assert _sandbox_launchers() == []
     for leftover in set(_run_dirs()) - before:  # a killed worker cannot remove its run directory
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def test_command_lines_of_both_backends():
+    """The argv each backend runs (pure): namespaces, read-only binds, dropped privileges, rlimits."""
+    limits = sandbox.SandboxLimits(cpu_time_s=3, memory_bytes=2**28, max_processes=7)
+    rlimits = ["--cpu=3:4", f"--as={2**28}", "--nproc=7", "--core=0"]
+    as_root = sandbox.unshare_command("/tmp/grpo-sandbox-x", limits, as_root=True)
+    assert as_root[:2] == ["unshare", "--net"] and "--user" not in as_root
+    assert {"--pid", "--fork", "--kill-child", "--mount"} <= set(as_root)
+    uid = next(a for a in as_root if a.startswith("--reuid="))
+    assert (
+        int(uid.split("=")[1]) >= 2**20 and "--bounding-set=-all" in as_root and "--no-new-privs" in as_root
+    )
+    assert all(r in as_root for r in rlimits) and as_root[-3:] == ["-I", "-B", "main.py"]
+    assert as_root[as_root.index("env") + 1] == "-i"
+    user = sandbox.unshare_command("/tmp/grpo-sandbox-x", limits, as_root=False)
+    assert user[1:3] == ["--user", "--map-root-user"] and not any(a.startswith("--reuid") for a in user)
+    bwrap = sandbox.bwrap_command("/tmp/grpo-sandbox-x", limits)
+    assert bwrap[:5] == ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
+    assert bwrap[bwrap.index("--ro-bind") + 1 : bwrap.index("--ro-bind") + 3] == ["/usr", "/usr"]
+    assert bwrap[bwrap.index("--bind") + 1 : bwrap.index("--bind") + 3] == [
+        "/tmp/grpo-sandbox-x/work",
+        "/work",
+    ]
+    assert "setpriv" not in bwrap and all(r in bwrap for r in rlimits)
+    assert not any(a in ("/", "/work/main", "/root", "/home") for a in bwrap[: bwrap.index("--")])

@@ -16,11 +16,12 @@ outside its working directory:
     (and, for a root caller, switches to a random unprivileged uid so that RLIMIT_NPROC binds: the kernel
     never applies it to uid 0).
 
-In both, `prlimit` sets RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE and RLIMIT_CORE=0
-on the interpreter, the environment is empty but for PATH, HOME and LANG, the process runs in its own
-session (process group), output beyond `max_output_bytes` is cut (and the run killed), and a run past
-`wall_time_s` is killed: SIGKILL to the process group, whose pid-namespace init takes every process of the
-namespace with it (also ones that left the group with setsid). The launcher dies with its parent
+In both (bwrap drops capabilities itself), `prlimit` sets RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE,
+RLIMIT_NPROC, RLIMIT_NOFILE and RLIMIT_CORE=0 on the interpreter, the environment is empty but for PATH,
+HOME and LANG, the process runs in its own session (process group), output beyond `max_output_bytes` is cut
+(and the run killed), and a run past `wall_time_s` is killed: SIGKILL to the process group, whose
+pid-namespace init takes every process of the namespace with it (also ones that left the group with
+setsid). The launcher dies with its parent
 (PR_SET_PDEATHSIG), so a killed worker leaves nothing behind either.
 
 FAIL CLOSED: with no working isolation `run_python` raises `SandboxUnavailable` (one line, why) unless the
@@ -34,6 +35,7 @@ import ctypes
 import dataclasses
 import functools
 import os
+import resource
 import secrets
 import selectors
 import shutil
@@ -150,9 +152,14 @@ exit $?
 """
 
 
-def _inner_command(python: str, limits: SandboxLimits, *, drop_to_uid: int | None) -> list[str]:
-    """setpriv (no capabilities, no new privileges[, an unprivileged uid]) → prlimit → empty env → python."""
-    setpriv = ["setpriv", "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all"]
+def _inner_command(
+    python: str, limits: SandboxLimits, *, drop_privileges: bool, drop_to_uid: int | None
+) -> list[str]:
+    """[setpriv: no capabilities, no new privileges, an unprivileged uid] → prlimit → empty env → python.
+    bwrap drops capabilities and sets no-new-privs itself (and leaves none to drop them with)."""
+    setpriv = (
+        ["setpriv", "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all"] if drop_privileges else []
+    )
     if drop_to_uid is not None:
         setpriv += [f"--reuid={drop_to_uid}", f"--regid={drop_to_uid}", "--clear-groups"]
     env = ["env", "-i", *(f"{k}={v}" for k, v in _CHILD_ENV.items())]
@@ -167,7 +174,7 @@ def unshare_command(run_dir: str, limits: SandboxLimits, *, as_root: bool) -> li
     if not as_root:  # An unprivileged caller needs a user namespace to mount; root keeps its own uid map.
         namespaces = ["--user", "--map-root-user", *namespaces]
     drop = (1 << 20) + secrets.randbelow(1 << 16) if as_root else None  # its own RLIMIT_NPROC count
-    inner = _inner_command(python, limits, drop_to_uid=drop)
+    inner = _inner_command(python, limits, drop_privileges=True, drop_to_uid=drop)
     setup = [os.path.join(run_dir, "root"), os.path.join(run_dir, "main.py"), prefix, str(limits.disk_bytes)]
     return ["unshare", *namespaces, "--", "sh", "-c", _UNSHARE_SETUP, "sandbox", *setup, *inner]
 
@@ -183,7 +190,7 @@ def bwrap_command(run_dir: str, limits: SandboxLimits) -> list[str]:
         args += ["--ro-bind", prefix, prefix]
     args += ["--proc", "/proc", "--dev", "/dev", "--size", str(limits.disk_bytes), "--tmpfs", "/tmp"]
     args += ["--bind", os.path.join(run_dir, "work"), "/work", "--chdir", "/work", "--"]
-    return args + _inner_command(python, limits, drop_to_uid=None)
+    return args + _inner_command(python, limits, drop_privileges=False, drop_to_uid=None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -191,16 +198,16 @@ def bwrap_command(run_dir: str, limits: SandboxLimits) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the preexec_fn below runs between fork and exec
+
+
 def _die_with_parent() -> None:
     """preexec_fn: SIGKILL this process when its parent dies (a killed worker leaves no sandbox behind)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _unsandboxed_preexec(limits: SandboxLimits):
     def preexec() -> None:
-        import resource
-
         _die_with_parent()
         cpu = max(1, int(limits.cpu_time_s))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -350,7 +357,7 @@ print("; ".join(problems) if problems else "isolated")
 def _probe(backend: str) -> str | None:
     """None if `backend` runs code with the isolation it promises, else why not (one line)."""
     required = {
-        "bwrap": ("bwrap", "setpriv", "prlimit"),
+        "bwrap": ("bwrap", "prlimit"),
         "unshare": ("unshare", "setpriv", "prlimit", "chroot"),
     }
     missing = [t for t in required.get(backend, ()) if shutil.which(t, path=_LAUNCH_PATH) is None]
