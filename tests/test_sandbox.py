@@ -313,3 +313,26 @@ def test_command_lines_of_both_backends():
     ]
     assert "setpriv" not in bwrap and all(r in bwrap for r in rlimits)
     assert not any(a in ("/", "/work/main", "/root", "/home") for a in bwrap[: bwrap.index("--")])
+
+
+def test_env_runner_timeout_kills_the_sandbox_in_its_worker(backend):
+    """A python step that outlives the runner's own limit is cut by the worker's timer, which takes the
+    sandbox down with it; the trajectory ends with an error observation and the next step runs."""
+    import functools
+
+    from grpo_jax.envs import EnvRunner, make_env
+
+    tools = {"python": {"wall_time_s": 30.0, "backend": backend}}
+    factory = functools.partial(make_env, "python", tools=tools, describe_tools=False)
+    with EnvRunner(factory, timeout_s=1.0, num_workers=1, kill_grace_s=1.0) as runner:
+        runner.reset([{"prompt": "p", "answer": "1"}] * 2)
+        runner.step(["warm up"] * 2)  # both finish (no call); start the worker outside the timed part
+        runner.reset([{"prompt": "p", "answer": "1"}] * 2)
+        slow = format_call("python", {"code": "import time\ntime.sleep(30)"})
+        start = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="1 time-outs"):
+            out = runner.step([slow, format_call("python", {"code": "print(2 + 2)"})])
+        assert time.monotonic() - start < 8.0
+        assert out.dones.tolist() == [True, False] and "error (environment)" in out.observations[0]
+        assert out.observations[1] == "\n<tool_response>4</tool_response>\n"
+        assert _sandbox_launchers() == []
