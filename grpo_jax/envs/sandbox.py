@@ -26,7 +26,8 @@ setsid). The launcher dies with its parent
 
 FAIL CLOSED: with no working isolation `run_python` raises `SandboxUnavailable` (one line, why) unless the
 caller passes `allow_unsandboxed=True`; then the code runs with the same rlimits, an empty environment and
-a temporary working directory, but with the network and the file system of the caller.
+a temporary working directory, but with the network and the file system of the caller (and a child that
+calls setsid outlives the run: no pid namespace holds it).
 """
 
 from __future__ import annotations
