@@ -6,42 +6,29 @@ batch and returns one float32 array `[N]` per reward name. A call that raises, r
 or runs past `timeout_s` scores 0 and is counted in the stats (`num_errors`, `num_timeouts`), with one
 `RuntimeWarning` per batch quoting the first failure.
 
-Time-outs, two layers (sympy can hang, and a hung thread cannot be killed):
-  * `num_workers > 0`: each worker is a separate process (`spawn` by default: safe after JAX has started
-    its threads) that runs calls one at a time under a SIGALRM timer of `timeout_s`, which interrupts
-    Python code (and `time.sleep`). A worker that sends no result for `timeout_s + kill_grace_s` is stuck
-    in C code: it is killed (SIGKILL), its current call counts as a time-out, the rest of its chunk goes
-    back to the queue, and a fresh worker replaces it, so the batch finishes and the next batch runs
-    normally. A worker that dies counts its current call as an error and is replaced the same way. `fns`
-    and examples must be picklable (top-level functions, `functools.partial` of them, plain dicts).
-  * `num_workers = 0`: in-process, for tests and small batches. Calls run under the same SIGALRM timer when
-    the runner is called from the main thread with no timer already armed; otherwise without a time
-    limit.
+Time-outs (sympy can hang, and a hung thread cannot be killed) come from the shared machinery of
+`grpo_jax/guarded_pool.py`: with `num_workers > 0` each call runs in a worker process under a SIGALRM timer
+of `timeout_s`; a worker stuck in C code past `timeout_s + kill_grace_s` is killed and replaced, a worker
+that dies is replaced, and the batch finishes. `num_workers = 0` runs in-process (tests, small batches).
+`fns` and examples must be picklable (top-level functions, `functools.partial` of them, plain dicts).
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import pickle
+import functools
 import re
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from multiprocessing.connection import wait as wait_for_connections
 from typing import Any
 
 import numpy as np
 
+from grpo_jax.guarded_pool import ERROR, OK, TIMEOUT, GuardedPool
 from grpo_jax.rewards.countdown import countdown_reward
 from grpo_jax.rewards.math import extract_answer, is_equivalent
 
 HostRewardFn = Callable[[str, Mapping[str, Any]], float]
-
-_OK, _ERROR, _TIMEOUT = 0, 1, 2
-_READY = "ready"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -85,82 +72,16 @@ HOST_REWARDS: dict[str, HostRewardFn] = {
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One guarded call (shared by the in-process path and the workers).
+# One scored call: the reward-specific check around the shared guarded call (grpo_jax/guarded_pool.py).
 # ---------------------------------------------------------------------------------------------------------
 
 
-class _RewardTimeout(BaseException):
-    """Raised by SIGALRM; a BaseException so that `except Exception` inside a reward cannot swallow it."""
-
-
-def _raise_timeout(signum, frame):
-    raise _RewardTimeout()
-
-
-def _can_use_alarm() -> bool:
-    return (
-        hasattr(signal, "setitimer")
-        and threading.current_thread() is threading.main_thread()
-        and signal.getitimer(signal.ITIMER_REAL)[0] == 0
-    )
-
-
-def _guarded_call(fn: HostRewardFn, text: str, example, timeout_s: float | None) -> tuple[float, int, str]:
-    """(reward, status, message); status is _OK, _ERROR or _TIMEOUT; never raises an Exception."""
-    use_alarm = bool(timeout_s) and _can_use_alarm()
-    previous = signal.signal(signal.SIGALRM, _raise_timeout) if use_alarm else None
-    try:
-        try:
-            if use_alarm:
-                signal.setitimer(signal.ITIMER_REAL, timeout_s)
-            value = float(fn(text, example))
-        finally:
-            if use_alarm:
-                try:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-                finally:  # Restored even if the alarm fires before it is disarmed.
-                    signal.signal(signal.SIGALRM, previous)
-    except _RewardTimeout:
-        return 0.0, _TIMEOUT, f"timed out after {timeout_s} s"
-    except (Exception, SystemExit) as error:  # A reward must never crash the run.
-        return 0.0, _ERROR, f"{type(error).__name__}: {error}"
+def _scored(fn: HostRewardFn, text: str, example: Mapping[str, Any]) -> float:
+    """`float(fn(text, example))`; a non-finite reward raises, so it scores 0 and counts as an error."""
+    value = float(fn(text, example))
     if not np.isfinite(value):
-        return 0.0, _ERROR, f"non-finite reward {value}"
-    return value, _OK, ""
-
-
-def _worker_main(connection, fns: Mapping[str, HostRewardFn], timeout_s: float | None) -> None:
-    """Worker process: announce readiness, then answer each (name, text, example) call of each chunk."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    connection.send(_READY)
-    while True:
-        try:
-            chunk = connection.recv()
-        except (EOFError, OSError):
-            return
-        if chunk is None:
-            return
-        for name, text, example in chunk:
-            connection.send(_guarded_call(fns[name], text, example, timeout_s))
-
-
-class _Worker:
-    def __init__(self, context, fns, timeout_s, startup_timeout_s: float):
-        self.connection, child_connection = context.Pipe(duplex=True)
-        self.process = context.Process(
-            target=_worker_main, args=(child_connection, fns, timeout_s), daemon=True, name="host-reward"
-        )
-        self.process.start()
-        child_connection.close()
-        self.ready = False
-        self.chunk: list[int] | None = None
-        self.deadline = time.monotonic() + startup_timeout_s
-
-    def kill(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(timeout=5.0)
-        self.connection.close()
+        raise ValueError(f"non-finite reward {value}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,21 +115,16 @@ class HostRewardRunner:
             raise ValueError("HostRewardRunner needs at least one reward function")
         self.fns = dict(fns)
         self.timeout_s = timeout_s
-        self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else int(num_workers)
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.kill_grace_s = kill_grace_s
-        self.startup_timeout_s = startup_timeout_s
-        self._context = multiprocessing.get_context(mp_context)
-        self._workers: list[_Worker] = []
-        if self.num_workers:
-            try:
-                pickle.dumps(self.fns)
-            except Exception as error:
-                raise ValueError(
-                    "host reward functions must be picklable for num_workers > 0 (use top-level functions): "
-                    f"{error}"
-                ) from error
+        self._pool = GuardedPool(
+            {name: functools.partial(_scored, fn) for name, fn in self.fns.items()},
+            timeout_s=timeout_s,
+            num_workers=num_workers,
+            kill_grace_s=kill_grace_s,
+            startup_timeout_s=startup_timeout_s,
+            mp_context=mp_context,
+            label="host reward",
+        )
+        self.num_workers = self._pool.num_workers
 
     def __call__(
         self, completions: Sequence[str], examples: Sequence[Mapping[str, Any]]
@@ -218,22 +134,18 @@ class HostRewardRunner:
             raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
         start = time.monotonic()
         calls = [(name, i) for name in self.fns for i in range(len(completions))]
-        payload = [(name, completions[i], examples[i]) for name, i in calls]
-        if self.num_workers == 0:
-            results = [_guarded_call(self.fns[name], text, ex, self.timeout_s) for name, text, ex in payload]
-        else:
-            results = self._run_in_workers(payload)
+        results = self._pool.run([(name, (completions[i], examples[i])) for name, i in calls])
         rewards = {name: np.zeros(len(completions), np.float32) for name in self.fns}
         first_failure = None
         for (name, i), (value, status, message) in zip(calls, results, strict=True):
-            rewards[name][i] = value
-            if status != _OK and first_failure is None:
+            rewards[name][i] = value if status == OK else 0.0
+            if status != OK and first_failure is None:
                 first_failure = f"{name}[{i}]: {message}"
         statuses = [status for _, status, _ in results]
         stats = {
             "num_calls": len(calls),
-            "num_errors": statuses.count(_ERROR),
-            "num_timeouts": statuses.count(_TIMEOUT),
+            "num_errors": statuses.count(ERROR),
+            "num_timeouts": statuses.count(TIMEOUT),
             "time_s": time.monotonic() - start,
         }
         if first_failure is not None:
@@ -245,79 +157,9 @@ class HostRewardRunner:
             )
         return rewards, stats
 
-    # --- process pool -----------------------------------------------------------------------------------
-
-    def _start_workers(self) -> None:
-        self._workers = [w for w in self._workers if w.process.is_alive()]
-        while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self._context, self.fns, self.timeout_s, self.startup_timeout_s))
-
-    def _replace(self, worker: _Worker, *, restart: bool) -> None:
-        worker.kill()
-        self._workers.remove(worker)
-        if restart:
-            self._workers.append(_Worker(self._context, self.fns, self.timeout_s, self.startup_timeout_s))
-
-    def _run_in_workers(self, payload: list[tuple]) -> list[tuple[float, int, str]]:
-        self._start_workers()
-        results: list[tuple[float, int, str] | None] = [None] * len(payload)
-        chunk_size = max(1, -(-len(payload) // (4 * self.num_workers)))
-        pending = [
-            list(range(s, min(s + chunk_size, len(payload)))) for s in range(0, len(payload), chunk_size)
-        ]
-        call_budget = (self.timeout_s or float("inf")) + self.kill_grace_s
-
-        while pending or any(w.chunk for w in self._workers):
-            for worker in self._workers:
-                if worker.ready and not worker.chunk and pending:
-                    worker.chunk = pending.pop(0)
-                    worker.connection.send([payload[i] for i in worker.chunk])
-                    worker.deadline = time.monotonic() + call_budget
-            waiting = [w for w in self._workers if not w.ready or w.chunk]
-            if not waiting:
-                for index in (i for chunk in pending for i in chunk):
-                    results[index] = (0.0, _ERROR, "no host reward worker could start")
-                break
-            timeout = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
-            ready = wait_for_connections([w.connection for w in waiting], timeout=min(timeout, 60.0))
-            for worker in [w for w in waiting if w.connection in ready]:
-                try:
-                    while worker.connection.poll():
-                        message = worker.connection.recv()
-                        if not worker.ready:
-                            worker.ready = message == _READY
-                            continue
-                        results[worker.chunk.pop(0)] = message
-                        worker.deadline = time.monotonic() + call_budget
-                except (EOFError, OSError):
-                    if worker.chunk:
-                        results[worker.chunk.pop(0)] = (0.0, _ERROR, "host reward worker died")
-                        pending.insert(0, worker.chunk)
-                    self._replace(worker, restart=worker.ready)
-            now = time.monotonic()
-            for worker in [w for w in self._workers if (not w.ready or w.chunk) and w.deadline <= now]:
-                if worker.chunk:
-                    results[worker.chunk.pop(0)] = (
-                        0.0,
-                        _TIMEOUT,
-                        f"worker stuck {call_budget:.1f} s; killed",
-                    )
-                    if worker.chunk:
-                        pending.insert(0, worker.chunk)
-                self._replace(worker, restart=worker.ready)
-        return results
-
     def close(self) -> None:
         """Stops the worker processes."""
-        for worker in self._workers:
-            try:
-                worker.connection.send(None)
-            except (OSError, ValueError):
-                pass
-        for worker in self._workers:
-            worker.process.join(timeout=1.0)
-            worker.kill()
-        self._workers = []
+        self._pool.close()
 
     def __enter__(self) -> HostRewardRunner:
         return self
