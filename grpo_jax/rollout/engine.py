@@ -198,6 +198,7 @@ class EngineState:
     forced: jax.Array  # [S, O] observation tokens to feed instead of drawing (O = max(observation_len, 1))
     forced_len: jax.Array  # [S] how many of them
     forced_at: jax.Array  # [S] how many of them are written so far
+    forced_end: jax.Array  # [S] bool: the row ends once they are written (the host ended the trajectory)
     pool: paged_cache.PagePool
     pages: dict  # {"k", "v"} [kv_heads, layers * (num_pages + 1), page_size, head_dim]
     # Outputs, by item.
@@ -301,6 +302,7 @@ def init_state(
         forced=jnp.full((s, max(geom.observation_len, 1)), geom.pad_id, jnp.int32),
         forced_len=jnp.zeros((s,), jnp.int32),
         forced_at=jnp.zeros((s,), jnp.int32),
+        forced_end=jnp.zeros((s,), bool),
         pool=paged_cache.pool_with_free(geom.num_pages, 0),
         pages=paged_cache.init_pages(model_config, geom.num_pages, geom.page_size),
         tokens=jnp.full((nq, length), geom.pad_id, jnp.int32),
@@ -466,10 +468,14 @@ def complete_groups(st: EngineState) -> jax.Array:
     return st.pending & (st.refcount == 0)
 
 
-def resume(geom: Geometry, st: EngineState, observations: jax.Array, lengths: jax.Array) -> EngineState:
+def resume(
+    geom: Geometry, st: EngineState, observations: jax.Array, lengths: jax.Array, end=None
+) -> EngineState:
     """Answer the paused slots (module docstring, "Turns"): observations [S, O] int32, lengths [S] (the
     first lengths[s] tokens of row s are slot s's observation; clipped to O and to the room left in the
-    row, L − t; 0: drawing resumes at once). Slots not paused are unchanged."""
+    row, L − t; 0: drawing resumes at once); end [S] bool (optional): the trajectory is over, the row
+    finishes (not truncated) after its observation, with no token drawn. Slots not paused are
+    unchanged."""
     go = st.paused & (st.item < geom.items)
     width = st.forced.shape[1]
     observations = jnp.asarray(observations, jnp.int32).reshape(st.forced.shape[0], -1)[:, :width]
@@ -480,6 +486,7 @@ def resume(geom: Geometry, st: EngineState, observations: jax.Array, lengths: ja
         forced=jnp.where(go[:, None], observations, st.forced),
         forced_len=jnp.where(go, n, st.forced_len),
         forced_at=jnp.where(go, 0, st.forced_at),
+        forced_end=jnp.where(go, False if end is None else jnp.asarray(end, bool), st.forced_end),
     )
 
 
@@ -608,11 +615,12 @@ def advance(
         # observation writes its next observation token instead, with logprobs 0 and loss mask 0).
         token, logp, sampling_logp = choose(logits, st.row_keys[item], st.t)
         forcing = live & (st.forced_at < st.forced_len)
+        ending = live & st.forced_end & ~forcing  # the host ended it: nothing written, the slot retires
         forced_token = st.forced[slots, jnp.minimum(st.forced_at, st.forced.shape[1] - 1)]
         token = jnp.where(forcing, forced_token, token)
         logp, sampling_logp = jnp.where(forcing, 0.0, logp), jnp.where(forcing, 0.0, sampling_logp)
         token = jnp.where(live, token, geom.pad_id)
-        row = jnp.where(live, st.item, nq)  # nq: dropped
+        row = jnp.where(live & ~ending, st.item, nq)  # nq: dropped
         put = lambda buf, value: buf.at[row, st.t].set(value, mode="drop")  # noqa: E731
         tokens = put(st.tokens, token)
         logprobs = put(st.logprobs, logp)
@@ -620,18 +628,18 @@ def advance(
         mask = put(st.mask, jnp.ones_like(token))
         generated = put(st.generated, (~forcing).astype(jnp.int32))
         token_version = put(st.version, jnp.broadcast_to(version, token.shape))
-        drawn = live & ~forcing
+        drawn = live & ~forcing & ~ending
         stopped = drawn & jnp.isin(token, stop_ids_arr)
         pause_hit = drawn & jnp.isin(token, pause_ids_arr)
         over_turns = pause_hit & (st.turns[item] + 1 >= turns_limit)
-        t = st.t + live
-        done = live & (stopped | over_turns | (t >= length))
+        t = st.t + (live & ~ending)
+        done = live & (stopped | over_turns | ending | (t >= length))
         pause = pause_hit & ~done
 
         # 3. Retire: outputs of finished rows, their pages (and their prompt's, once all G are done) freed.
         finished = jnp.where(done, st.item, nq)
         lengths = st.lengths.at[finished].set(t, mode="drop")
-        truncated = st.truncated.at[finished].set(~stopped, mode="drop")
+        truncated = st.truncated.at[finished].set(~(stopped | ending), mode="drop")
         refcount = st.refcount.at[jnp.where(done, entry, q)].add(-1, mode="drop")
         prompt_freed = (refcount == 0) & (st.refcount > 0)
         own_freed = own_columns(st, own_pages) & done[:, None]
@@ -649,10 +657,11 @@ def advance(
         new = st.replace(
             item=jnp.where(done, nq, st.item),
             t=constrain_slots(t),
-            token=constrain_slots(token),
+            token=constrain_slots(jnp.where(live, token, st.token)),  # paused: kept
             paused=st.paused | pause,
             forced_len=jnp.where(done, 0, st.forced_len),
             forced_at=jnp.where(done, 0, st.forced_at + forcing),
+            forced_end=st.forced_end & ~done,
             turns=st.turns.at[jnp.where(pause, st.item, nq)].add(1, mode="drop"),
             own_pages=jnp.where(done, 0, own_pages),
             page_table=jnp.where(done[:, None], scratch, page_table),

@@ -207,7 +207,7 @@ class PartialRollouts:
             self._hand_out_body, out_shardings=(self.shardings, None), donate_argnums=(0,)
         )
         self._resume = jax.jit(
-            lambda st, obs, n: self._vmap(lambda st, o, k: engine.resume(self.geom, st, o, k))(st, obs, n),
+            lambda st, obs, n, end: self._vmap(lambda *a: engine.resume(self.geom, *a))(st, obs, n, end),
             out_shardings=self.shardings,
             donate_argnums=(0,),
         )
@@ -249,10 +249,12 @@ class PartialRollouts:
         iterations of the step, for its stats. Donates `st`."""
         return self._hand_out(st, jnp.asarray(iterations, jnp.int32))
 
-    def resume(self, st, observations, lengths) -> engine.EngineState:
-        """`engine.resume` on every data shard: observations [D, S, O] int32, lengths [D, S] (`paused`
-        says which slots wait and for which rows). Donates `st`."""
-        return self._resume(st, jnp.asarray(observations, jnp.int32), jnp.asarray(lengths, jnp.int32))
+    def resume(self, st, observations, lengths, end=None) -> engine.EngineState:
+        """`engine.resume` on every data shard: observations [D, S, O] int32, lengths [D, S], end [D, S]
+        bool (None: none ends) for the slots `st.paused` marks. Donates `st`."""
+        lengths = jnp.asarray(lengths, jnp.int32)
+        end = jnp.zeros(lengths.shape, bool) if end is None else jnp.asarray(end, bool)
+        return self._resume(st, jnp.asarray(observations, jnp.int32), lengths, end)
 
     # -- traced bodies ------------------------------------------------------------------------------
 

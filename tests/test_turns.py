@@ -1,0 +1,222 @@
+"""Multi-turn rollouts (grpo_jax.rollout.turns, the engine's pauses): a row is the plain engine's up to its
+tool call; the observation's tokens follow it in the row (mask 1, loss mask 0, logprobs 0); the tokens
+drawn after it have the logprobs of one full forward over the whole row; max_turns and an environment's
+end finish a row at its call; no page is leaked; the same rows on a 2x2x2 mesh; and the GRPO loss does not
+see observation tokens (its gradient with respect to their old and reference logprobs is 0, and is not
+without the loss mask)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_rollout_engine import EOS, PAGE, STOPS, _prompts
+
+from grpo_jax import models, sampling, sharding
+from grpo_jax.algorithms import GRPOConfig
+from grpo_jax.rollout import turns
+from grpo_jax.testing import mesh_2x2x2, tiny_model_config, tiny_params
+from grpo_jax.training.grpo_step import grpo_loss
+
+CONFIG = tiny_model_config()
+G = 4
+LENGTH = 24
+OBSERVATION = [50, 51, 52]
+SAMPLING = dict(num_samples=G, temperature=1.0, max_new_tokens=LENGTH, eos_id=EOS, stop_ids=STOPS)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return tiny_params(CONFIG, seed=3)
+
+
+@pytest.fixture(scope="module")
+def plain(params):
+    """The static sampler's rows for the test prompts (what the engine draws without turns)."""
+    tokens, mask = _prompts()
+    return jax.device_get(sampling.generate(CONFIG, params, tokens, mask, jax.random.key(5), **SAMPLING))
+
+
+@pytest.fixture(scope="module")
+def pause_id(plain):
+    """A token the plain rows draw early on several rows (so some rows pause, others do not)."""
+    early = [
+        int(t)
+        for row, n in zip(plain.tokens, plain.lengths)
+        for t in row[1 : min(int(n) - 1, LENGTH // 2)]
+        if t not in STOPS
+    ]
+    values, counts = np.unique(early, return_counts=True)
+    return int(values[np.argmax(counts)])
+
+
+def _run(params, pause_id, respond, mesh=None, max_turns=3, **kw):
+    tokens, mask = _prompts()
+    prompts = {"prompt_tokens": tokens, "prompt_mask": mask}
+    if mesh is not None:
+        prompts = sharding.shard_batch(prompts, mesh)
+    rollouts = turns.TurnRollouts(
+        CONFIG,
+        prompts_per_step=4,
+        prompt_len=6,
+        pause_id=pause_id,
+        max_turns=max_turns,
+        observation_len=4,
+        num_slots=5,
+        page_size=PAGE,
+        mesh=mesh,
+        check_pages=True,
+        **SAMPLING,
+        **kw,
+    )
+    rollout, row_turns, stats = rollouts.run(params, prompts, jax.random.key(5), respond)
+    return jax.device_get(rollout), np.asarray(row_turns), stats
+
+
+def _first(row, token, n):
+    hits = np.flatnonzero(row[:n] == token)
+    return int(hits[0]) if hits.size else None
+
+
+def _answer(rows, turn_tokens, calls):
+    calls.append(list(rows))
+    return [(OBSERVATION, False) for _ in rows]
+
+
+@pytest.fixture(scope="module")
+def two_turns(params, pause_id):
+    calls = []
+    return (*_run(params, pause_id, lambda r, t: _answer(r, t, calls)), calls)
+
+
+def test_a_row_is_the_plain_rows_up_to_its_call_then_the_observation(plain, pause_id, two_turns):
+    out, row_turns, _, calls = two_turns
+    paused_rows = 0
+    for i in range(len(out.tokens)):
+        p = _first(plain.tokens[i], pause_id, int(plain.lengths[i]))
+        if p is None:  # never called a tool: the plain row exactly
+            np.testing.assert_array_equal(out.tokens[i], plain.tokens[i])
+            np.testing.assert_array_equal(out.loss_mask[i], plain.mask[i])
+            assert row_turns[i] == 0
+            continue
+        paused_rows += 1
+        np.testing.assert_array_equal(out.tokens[i, : p + 1], plain.tokens[i, : p + 1])
+        n = min(len(OBSERVATION), LENGTH - p - 1)
+        np.testing.assert_array_equal(out.tokens[i, p + 1 : p + 1 + n], OBSERVATION[:n])
+        np.testing.assert_array_equal(out.mask[i, p + 1 : p + 1 + n], 1)
+        np.testing.assert_array_equal(out.loss_mask[i, p + 1 : p + 1 + n], 0)
+        np.testing.assert_array_equal(out.logprobs[i, p + 1 : p + 1 + n], 0.0)
+        assert 1 <= row_turns[i] <= 2
+    assert paused_rows >= 2 and paused_rows < len(out.tokens)
+    assert sum(len(c) for c in calls) == int(row_turns.sum())
+    assert (out.loss_mask <= out.mask).all()
+
+
+def test_tokens_drawn_after_an_observation_have_the_full_forwards_logprobs(params, two_turns):
+    out = two_turns[0]
+    full = models.completion_logprobs(
+        CONFIG, params, out.prompt_tokens, out.prompt_mask, out.tokens, out.mask, temperature=1.0
+    )
+    drawn = out.loss_mask > 0
+    after = drawn & (np.cumsum(out.mask - out.loss_mask, axis=1) > 0)  # drawn after an observation
+    assert after.sum() >= 5
+    np.testing.assert_allclose(np.asarray(full)[drawn], out.logprobs[drawn], atol=2e-5)
+
+
+def test_no_page_is_held_or_leaked_after_a_multi_turn_rollout(params, pause_id):
+    tokens, mask = _prompts()
+    rollouts = turns.TurnRollouts(
+        CONFIG,
+        prompts_per_step=4,
+        prompt_len=6,
+        pause_id=pause_id,
+        max_turns=3,
+        observation_len=4,
+        num_slots=5,
+        page_size=PAGE,
+        check_pages=True,
+        **SAMPLING,
+    )
+    engine = rollouts.engine
+    st = engine.enqueue(
+        engine.init(), params, {"prompt_tokens": tokens, "prompt_mask": mask}, jax.random.key(5), 0
+    )
+    st, _ = engine.decode(st, params, 0, 1 << 30)
+    assert bool(np.asarray(st.paused).any())
+    held = int(np.sum(st.pool.free_count))
+    n = np.asarray(st.paused).shape
+    st = engine.resume(st, np.full((*n, 4), 50, np.int32), np.full(n, 2, np.int32))
+    while True:
+        st, _ = engine.decode(st, params, 0, 1 << 30)
+        if not np.asarray(st.paused).any():
+            break
+        st = engine.resume(st, np.zeros((*n, 4), np.int32), np.zeros(n, np.int32))
+    assert int(np.sum(st.page_errors)) == 0 and int(np.sum(st.underflows)) == 0
+    st, handout = engine.hand_out(st)
+    assert int(handout.stats["pages_in_use"]) == 0
+    assert int(np.sum(st.pool.free_count)) == rollouts.geom.num_pages > held
+
+
+def test_max_turns_one_ends_a_row_at_its_call_truncated(params, plain, pause_id):
+    calls = []
+    out, row_turns, _ = _run(params, pause_id, lambda r, t: _answer(r, t, calls), max_turns=1)
+    assert calls == [] and (row_turns == 0).all()
+    for i in range(len(out.tokens)):
+        p = _first(plain.tokens[i], pause_id, int(plain.lengths[i]))
+        if p is not None:
+            assert int(out.lengths[i]) == p + 1 and bool(out.truncated[i])
+            np.testing.assert_array_equal(out.tokens[i, : p + 1], plain.tokens[i, : p + 1])
+            assert (out.mask[i, p + 1 :] == 0).all()
+
+
+def test_an_environment_that_ends_the_trajectory_ends_the_row_not_truncated(params, plain, pause_id):
+    out, row_turns, _ = _run(params, pause_id, lambda rows, t: [([], True) for _ in rows])
+    ended = 0
+    for i in range(len(out.tokens)):
+        p = _first(plain.tokens[i], pause_id, int(plain.lengths[i]))
+        if p is not None:
+            ended += 1
+            assert int(out.lengths[i]) == p + 1 and not bool(out.truncated[i])
+            assert row_turns[i] == 1 and (out.mask[i, p + 1 :] == 0).all()
+    assert ended >= 2
+
+
+def test_the_same_rows_on_a_2x2x2_mesh(params, pause_id, two_turns):
+    out = two_turns[0]
+    calls = []
+    got, got_turns, _ = _run(params, pause_id, lambda r, t: _answer(r, t, calls), mesh=mesh_2x2x2())
+    np.testing.assert_array_equal(got.tokens, out.tokens)
+    np.testing.assert_array_equal(got.loss_mask, out.loss_mask)
+    np.testing.assert_array_equal(got_turns, two_turns[1])
+    np.testing.assert_allclose(got.logprobs, out.logprobs, atol=2e-5)
+
+
+@pytest.mark.parametrize("with_loss_mask", [True, False])
+def test_the_grpo_loss_does_not_see_observation_tokens(params, two_turns, with_loss_mask):
+    """d loss / d (old and reference logprobs) is 0 on observation tokens with the loss mask; without it
+    (the switch off: the observation counted as the policy's) it is not."""
+    out = two_turns[0]
+    n = out.tokens.shape[0]
+    mb = {
+        "prompt_tokens": out.prompt_tokens,
+        "prompt_mask": out.prompt_mask,
+        "completion_tokens": out.tokens,
+        "completion_mask": out.mask,
+        "advantages": jnp.linspace(-1.0, 1.0, n),
+        "sample_weight": jnp.ones(n),
+    }
+    if with_loss_mask:
+        mb["loss_mask"] = out.loss_mask
+    grpo = GRPOConfig(num_generations=G, kl_coef=0.1)
+
+    def loss(old, ref):
+        return grpo_loss(
+            params, {**mb, "old_logprobs": old, "ref_logprobs": ref}, grpo=grpo, model_config=CONFIG
+        )[0]
+
+    perturbed = jnp.asarray(out.logprobs) - 0.1
+    d_old, d_ref = jax.jit(jax.grad(loss, argnums=(0, 1)))(perturbed, perturbed)
+    observation = (out.mask > 0) & (out.loss_mask == 0)
+    drawn = out.loss_mask > 0
+    assert float(jnp.max(jnp.abs(d_old[drawn]))) > 0 and float(jnp.max(jnp.abs(d_ref[drawn]))) > 0
+    observed = float(jnp.max(jnp.abs(d_old[observation]))) + float(jnp.max(jnp.abs(d_ref[observation])))
+    assert (observed == 0.0) == with_loss_mask
