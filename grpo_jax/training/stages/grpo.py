@@ -11,7 +11,9 @@ the prompts routed "open": R1's all-scenario RL), `step_verifier` (for `advantag
 algorithm's `reference_reset_every`, and `rm_retrain_every` (+ `rm_retrain_steps`, `rm_batch_size`,
 `rm_replay_fraction`, `rm_learning_rate`, `rm_buffer_size`) to keep training the reward model on the
 policy's own samples with 10 % replay (see `rm_retrain.py`). With `config.engine.rollout_token_budget`
-> 0 the stage trains on partial rollouts (`collect_partial`; docs/ARCHITECTURE.md "Partial rollouts").
+> 0 the stage trains on partial rollouts (`collect_partial`; docs/ARCHITECTURE.md "Partial rollouts");
+with `off_policy_steps` = k >= 1 it pipelines its rollouts up to k updates ahead (`pipelined_step`), on
+`config.sampler_mesh`'s devices when there is one (docs/ARCHITECTURE.md "Asynchronous GRPO").
 """
 
 from __future__ import annotations
