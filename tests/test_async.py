@@ -303,3 +303,17 @@ def test_a_resume_samples_the_inflight_rollout_again_from_the_same_prompts(one_s
     staleness = ("staleness/", "is_weight", "mismatch/", "sampler_logprob_diff")
     for mine, theirs in zip(lines, original):
         assert _numbers(mine, drop=staleness) == _numbers(theirs, drop=staleness)
+
+
+def test_co_located_off_policy_steps_2_lags_up_to_2_and_the_weights_see_it(tmp_path):
+    """k = 2 without a sampler mesh (the rollouts read a copy of the params while the update donates the
+    state): step 1 is on-policy, step 2 trains on a rollout of the start params (lag 1), step 3 too (lag
+    2). The params move (learning rate 1e-2), so π_prox/π_behaviour departs from 1 exactly where the
+    rollout is stale: the weights of the test above are 1 because the params stayed, not by construction."""
+    lines = _train(tmp_path, **{"grpo.off_policy_steps": 2})
+    assert [x["pipeline/lag"] for x in lines] == [0.0, 1.0, 2.0]
+    assert [x["staleness/max"] for x in lines] == [0.0, 1.0, 2.0]
+    assert lines[0]["mismatch/abs_logp_diff_max"] < 1e-5
+    for x in lines[1:]:
+        assert x["mismatch/abs_logp_diff_max"] > 1e-3
+        assert x["is_weight_mean"] != pytest.approx(1.0, abs=1e-4)
