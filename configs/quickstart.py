@@ -26,6 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+    # the sampler's own (replica, tensor) mesh over the last devices, config.mesh over the rest;
+    # None: co-located (docs/ARCHITECTURE.md, "Asynchronous GRPO")
+    c.sampler_mesh = ml_collections.config_dict.placeholder(tuple)
     c.dcn_mesh = (1, 1, 1)  # slices each mesh axis spans (multislice: e.g. (2, 1, 1), data over 2)
     c.template = "plain"
     c.max_prompt_len = 16
@@ -116,6 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             eval_at_start=False,
             eval_at_end=True,
             checkpoint_every=50,
+            # rollouts pipelined up to this many updates ahead of the params they train (needs
+            # algo.is_correction); 0: on-policy
+            off_policy_steps=0,
             algo=ml_collections.ConfigDict(
                 GRPOConfig.config_fields(
                     num_generations=8,

@@ -98,6 +98,49 @@ def make_mesh(
     return Mesh(hybrid_device_array(shape, dcn, devices), MESH_AXES)
 
 
+SAMPLER_AXES = ("replica", "tensor")
+
+
+def sampler_mesh_shape(shape, what: str = "config.sampler_mesh") -> tuple[int, int]:
+    """`config.sampler_mesh` as (replica, tensor): two positive ints (docs/CONTRACTS.md)."""
+    try:
+        sizes = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        sizes = ()
+    if len(sizes) != len(SAMPLER_AXES) or any(s < 1 for s in sizes):
+        raise ValueError(f"{what}={shape!r} must be two positive ints for the axes {SAMPLER_AXES}")
+    return sizes
+
+
+def split_devices(devices, sampler_shape, what: str = "config.sampler_mesh") -> tuple[list, list]:
+    """(trainer devices, sampler devices): the sampler takes the LAST replica × tensor devices of
+    `devices` (in their order), the trainer the rest. Raises one line when none would be left."""
+    devices = list(devices)
+    replica, tensor = sampler_mesh_shape(sampler_shape, what)
+    wanted = replica * tensor
+    if wanted >= len(devices):
+        raise ValueError(
+            f"{what}={(replica, tensor)} takes {wanted} devices and leaves none of the {len(devices)} "
+            "for the trainer's config.mesh"
+        )
+    return devices[:-wanted], devices[-wanted:]
+
+
+def make_sampler_mesh(sampler_shape, devices) -> Mesh:
+    """The sampler's mesh over `devices` (exactly replica × tensor of them, in order): ("replica",
+    "tensor") laid out as a ("data", "fsdp", "tensor") mesh of shape (replica, 1, tensor), so every
+    sampling path (the rollout engine, `sampling.generate`, the batch helpers here) runs on it unchanged:
+    rows split over the replicas (`BATCH_AXES`), weights split over `tensor` only and whole on every
+    replica (`DEFAULT_RULES`' fsdp split is a no-op at fsdp = 1)."""
+    replica, tensor = sampler_mesh_shape(sampler_shape)
+    devices = list(devices)
+    if len(devices) != replica * tensor:
+        raise ValueError(
+            f"config.sampler_mesh={(replica, tensor)} needs {replica * tensor} devices, got {len(devices)}"
+        )
+    return Mesh(np.array(devices, dtype=object).reshape(replica, 1, tensor), MESH_AXES)
+
+
 def device_granules(devices) -> tuple[str, list[list]]:
     """(attribute, groups): the devices grouped into slices by `slice_index` when they span several
     (multislice TPU), else by host (`process_index`: GPU and CPU devices carry no slice index or all

@@ -35,9 +35,9 @@ The batch (N = prompts × G rows, prompt-major as the sampler emits them):
                                                       shortfall, or group places without a complete group
                                                       (partial rollouts): sample weight 0 (optional; see
                                                       grpo_jax.training.refill, grpo_jax.rollout.partial)
-    behaviour_version [N, L] int32                    partial rollouts: the policy version (state.step)
-                                                      whose forward drew each token; only logged, as
-                                                      `staleness/*` (optional)
+    behaviour_version [N, L] int32                    partial or pipelined (off_policy_steps) rollouts:
+                                                      the policy version (state.step) whose forward drew
+                                                      each token; only logged, as `staleness/*` (optional)
     poison () bool                                    debug switch: make this step's loss NaN (optional)
     poison_grad () bool                               debug switch: keep the loss finite, make its gradient
                                                       NaN (optional; see training.state.debug_poison)

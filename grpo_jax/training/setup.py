@@ -164,11 +164,53 @@ def initial_params(config, model_config, mesh):
 
 
 def build_mesh(config, devices=None):
-    """The run's mesh: `config.mesh` (the whole (data, fsdp, tensor) shape) over `devices` (default: all),
-    split over slices by `config.dcn_mesh` (how many slices each axis spans; absent or all ones: one
-    slice), see `sharding.make_mesh`."""
+    """The run's (trainer's) mesh: `config.mesh` (the whole (data, fsdp, tensor) shape) over `devices`
+    (default: all), split over slices by `config.dcn_mesh` (how many slices each axis spans; absent or
+    all ones: one slice), see `sharding.make_mesh`. With a `config.sampler_mesh` the trainer gets the
+    devices the sampler does not take (`build_meshes`)."""
+    return build_meshes(config, devices)[0]
+
+
+def sampler_mesh_setting(config) -> tuple[int, int] | None:
+    """`config.sampler_mesh`: None (absent or None: the sampler runs on the trainer's mesh) or its
+    (replica, tensor) shape, checked in one line (docs/CONTRACTS.md)."""
+    shape = config.get("sampler_mesh")
+    if shape is None:
+        return None
+    return sharding.sampler_mesh_shape(tuple(shape) if isinstance(shape, list | tuple) else shape)
+
+
+def build_meshes(config, devices=None):
+    """(trainer mesh, sampler mesh or None). Without `config.sampler_mesh`: `config.mesh` over all
+    `devices`, and None (co-located: the sampler decodes on the trainer's mesh). With it: the sampler's
+    ("replica", "tensor") mesh over the last replica × tensor devices (`sharding.make_sampler_mesh`) and
+    `config.mesh` over the rest (docs/ARCHITECTURE.md, "Asynchronous GRPO"). One-line errors when the
+    device counts do not add up, with a `config.dcn_mesh` over several slices, or on several processes
+    (both not built yet)."""
+    devices = list(jax.devices() if devices is None else devices)
     dcn = config.get("dcn_mesh")
-    return sharding.make_mesh(tuple(config.mesh), devices, dcn_shape=None if dcn is None else tuple(dcn))
+    dcn = None if dcn is None else tuple(dcn)
+    shape = sampler_mesh_setting(config)
+    if shape is None:
+        return sharding.make_mesh(tuple(config.mesh), devices, dcn_shape=dcn), None
+    if dcn is not None and any(int(d) != 1 for d in dcn):
+        raise ValueError(
+            f"config.sampler_mesh={shape} with config.dcn_mesh={dcn}: a multislice split is not built yet; "
+            "drop one of them"
+        )
+    if jax.process_count() > 1:
+        raise ValueError(
+            f"config.sampler_mesh={shape} runs in a single process for now ({jax.process_count()} processes)"
+        )
+    trainer_devices, sampler_devices = sharding.split_devices(devices, shape)
+    try:
+        trainer = sharding.make_mesh(tuple(config.mesh), trainer_devices, dcn_shape=dcn)
+    except ValueError as error:
+        raise ValueError(
+            f"config.mesh={tuple(config.mesh)} over the {len(trainer_devices)} devices that "
+            f"config.sampler_mesh={shape} leaves of {len(devices)}: {error}"
+        ) from None
+    return trainer, sharding.make_sampler_mesh(shape, sampler_devices)
 
 
 def check_reference_dtype(config, name: str) -> None:
@@ -357,3 +399,13 @@ def max_inflight_groups(config, prompts_per_step: int) -> int:
             f"{prompts_per_step} (0: 4 x it)"
         )
     return groups
+
+
+def off_policy_steps(config, name: str) -> int:
+    """`config.<name>.off_policy_steps` = k: how many updates a stage's rollout may be older than the
+    params it trains (0, the default: on-policy; docs/ARCHITECTURE.md, "Asynchronous GRPO"). One line
+    for anything but an int >= 0."""
+    steps = config[name].get("off_policy_steps", 0)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"config.{name}.off_policy_steps must be an int >= 0 (0: on-policy), got {steps!r}")
+    return steps

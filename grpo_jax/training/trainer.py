@@ -138,6 +138,8 @@ class Run:
     stage_summaries: dict = dataclasses.field(default_factory=dict)  # stage name -> its finish() entries
     load_base: Any = None  # () -> the run's initial model (pretrained weights or the seeded init)
     base: Any = None  # that model while a stage may still start from it (see `base_params`)
+    # `config.sampler_mesh`'s own mesh, where RL stages decode (None: co-located on `mesh`)
+    sampler_mesh: Any = None
     previous: tuple | None = None  # (stage name, result) of the last stage run in this process
     stop_requested: threading.Event | None = None  # set by SIGTERM (see `stop_on_sigterm`)
 
@@ -287,7 +289,7 @@ def _train(config, workdir: str, stop_requested: threading.Event) -> dict:
     task = setup.build_task(config)
     tokenizer = setup.build_tokenizer(config, task, workdir)
     model_config = setup.build_model_config(config, tokenizer)
-    mesh = setup.build_mesh(config)
+    mesh, sampler_mesh = setup.build_meshes(config)  # the sampler's own mesh with config.sampler_mesh
     for name in stages:
         STAGE_KINDS[stage_kind(name)].validate(config, name)
     _check_batches_fit_mesh(config, stages, mesh)
@@ -322,6 +324,7 @@ def _train(config, workdir: str, stop_requested: threading.Event) -> dict:
             offsets,
             {name: [] for name in stages},
             stop_requested=stop_requested,
+            sampler_mesh=sampler_mesh,
         )
         os.makedirs(workdir, exist_ok=True)
         tokenizer_path = os.path.join(workdir, setup.TOKENIZER_FILE)

@@ -11,11 +11,14 @@ the prompts routed "open": R1's all-scenario RL), `step_verifier` (for `advantag
 algorithm's `reference_reset_every`, and `rm_retrain_every` (+ `rm_retrain_steps`, `rm_batch_size`,
 `rm_replay_fraction`, `rm_learning_rate`, `rm_buffer_size`) to keep training the reward model on the
 policy's own samples with 10 % replay (see `rm_retrain.py`). With `config.engine.rollout_token_budget`
-> 0 the stage trains on partial rollouts (`collect_partial`; docs/ARCHITECTURE.md "Partial rollouts").
+> 0 the stage trains on partial rollouts (`collect_partial`; docs/ARCHITECTURE.md "Partial rollouts");
+with `off_policy_steps` = k >= 1 it pipelines its rollouts up to k updates ahead (`pipelined_step`), on
+`config.sampler_mesh`'s devices when there is one (docs/ARCHITECTURE.md "Asynchronous GRPO").
 """
 
 from __future__ import annotations
 
+import collections
 import time
 
 import jax
@@ -25,8 +28,10 @@ import numpy as np
 from grpo_jax import sharding
 from grpo_jax.algorithms import zero_variance_groups
 from grpo_jax.rollout.partial import PartialRollouts, stage_payload_shapes
+from grpo_jax.rollout.weight_sync import SyncedParams
 from grpo_jax.training import refill, setup
 from grpo_jax.training.grpo_step import make_grpo_step, outcome_rewards, rollout_to_batch
+from grpo_jax.training.pipeline import InFlight, InflightDataIterator, check_lag
 from grpo_jax.training.stages.base import host_metrics, register_stage
 from grpo_jax.training.stages.rm_retrain import RewardModelRetrainer
 from grpo_jax.training.stages.rollout import PROMPT_KEYS, RolloutStage, global_mean
@@ -43,14 +48,36 @@ class GRPOStage(RolloutStage):
     trains_on_rollouts = True
     poisons_gradients = True
     partial_rollouts = True
+    pipelines = True
 
     @classmethod
     def validate(cls, config, name):
         super().validate(config, name)
         budget = setup.rollout_token_budget(config)
+        sc, grpo = config[name], cls.algo(config[name])
+        steps, sampler_mesh = setup.off_policy_steps(config, name), setup.sampler_mesh_setting(config)
+        if budget and (steps or sampler_mesh is not None):
+            raise ValueError(
+                f"config.engine.rollout_token_budget={budget} (partial rollouts) with "
+                f"config.{name}.off_policy_steps={steps} / config.sampler_mesh={sampler_mesh}: partial "
+                "rollouts decode on the trainer's mesh, one step at a time, for now; drop one of them"
+            )
+        if steps:
+            where = f"config.{name}.off_policy_steps={steps} trains on rollouts of older params"
+            if grpo.is_correction == "none" and grpo.old_logprobs_source != "trainer":
+                raise ValueError(
+                    f"{where}: set config.{name}.algo.is_correction='token_tis' (decoupled PPO: π_prox "
+                    f"recomputed by the trainer, weight π_prox/π_behaviour) or config.{name}.algo."
+                    "old_logprobs_source='trainer'"
+                )
+            if grpo.dynamic_sampling_refill:
+                raise ValueError(
+                    f"{where}: its refill rounds are not pipelined; set config.{name}.algo."
+                    "dynamic_sampling_refill=False (dynamic_sampling alone still weighs zero-variance "
+                    "groups 0)"
+                )
         if not budget:
             return
-        sc, grpo = config[name], cls.algo(config[name])
         where = f"config.engine.rollout_token_budget={budget} (partial rollouts)"
         if grpo.is_correction == "none":
             raise ValueError(
@@ -92,6 +119,12 @@ class GRPOStage(RolloutStage):
             history = run.stage(sc.reward_model_from).pairs()
             self.retrainer = RewardModelRetrainer(self, history, reward_shardings["reward_model"])
             aux, aux_shardings = self.retrainer.aux(reward_params["reward_model"])
+        self.off_policy_steps = setup.off_policy_steps(run.config, self.name)
+        self.inflight: collections.deque[InFlight] = collections.deque()
+        self.sampler_version: SyncedParams | None = None  # the newest params on the sampler's side
+        self.last_taken_at = None
+        if self.off_policy_steps:  # checkpoints record the data position before the rollouts in flight
+            self.data_iter = InflightDataIterator(self.data_iter, self.inflight)
         self.partial = self.partial_engine()
         if self.partial is not None:  # the in-flight rollouts live in the TrainState: checkpoints hold them
             aux = dict(aux or {}, rollout=self.partial.init())
@@ -289,6 +322,104 @@ class GRPOStage(RolloutStage):
             extras.update(self.to_batch(steps, local))
         return extras, logged
 
+    # -- the pipeline: config.<stage>.off_policy_steps = k >= 1 ----------------------------------------
+
+    def train_step(self, state, global_step):
+        if not self.off_policy_steps:
+            return super().train_step(state, global_step)
+        return self.pipelined_step(state, global_step)
+
+    def push_weights(self, state, version: int, *, wait: bool) -> SyncedParams:
+        """Dispatch the params of `version` to the sampler's side (`WeightSync.push`: cast, and onto the
+        sampler mesh when there is one; co-located, a copy the in-flight rollouts read while the update
+        donates the state). Double-buffered: the previous version stays alive while rollouts read it."""
+        self.sampler_version = self.weight_sync().push(self.sampler_params(state), version, wait=wait)
+        return self.sampler_version
+
+    def dispatch(self, state, target: int) -> InFlight:
+        """Take the next prompt batch and dispatch its rollout for step `target` under the sampler's
+        newest params, with the key the on-policy step `target` would use: fold_in(state.rng, target)."""
+        data_state = self.data_iter.snapshot()
+        prompts = next(self.data_iter)
+        rollout = self.dispatch_rollout(
+            self.sampler_version.params,
+            prompts,
+            self.num_samples,
+            self.temperature,
+            jax.random.fold_in(state.rng, target),
+        )
+        return InFlight(target, self.sampler_version.version, prompts, rollout, data_state, time.time())
+
+    def pipelined_step(self, state, global_step):
+        """Step s = state.step with up to k = off_policy_steps rollouts ahead (docs/ARCHITECTURE.md,
+        "Asynchronous GRPO"): (1) the rollouts of steps up to s + k (not past the stage's last step) are
+        dispatched under the sampler's newest params, version s, on the sampler's devices; nothing waits
+        for them; (2) the rollout of step s, dispatched up to k steps ago, is waited for, moved to the
+        trainer's mesh and scored by the host rewards; (3) the update is dispatched and (4) the new params
+        (version s + 1) are pushed to the sampler behind it while the sampler decodes with version s.
+        Nothing in flight for step s (the stage's first step, a resume) samples it now under the current
+        params: on-policy, lag 0. Asserts every trained rollout is at most k updates old."""
+        t0 = time.time()
+        s, k, G = int(state.step), self.off_policy_steps, self.num_samples
+        sync_time = 0.0
+        if self.sampler_version is None or self.sampler_version.version != s:  # first step; resume
+            sync_time += self.push_weights(state, s, wait=True).time_s
+        if self.inflight and self.inflight[0].target != s:
+            self.inflight.clear()  # not this step's (cannot happen in one run; cheap to be sure)
+        target = self.inflight[-1].target + 1 if self.inflight else s
+        while target <= min(s + k, self.config.steps - 1) or not self.inflight:
+            self.inflight.append(self.dispatch(state, target))
+            target += 1
+        item = self.inflight.popleft()
+        lag = check_lag(item, s, k)
+        wait_from = time.time()
+        jax.block_until_ready(item.rollout.tokens)
+        ready_at = time.time()
+        sample_wait, sample_time = ready_at - wait_from, ready_at - item.dispatched_at
+
+        # (2) the rollout into the trainer's layout, host rewards, the batch
+        placed = sharding.shard_batch({key: item.prompts[key] for key in PROMPT_KEYS}, self.run.mesh)
+        rollout = self.to_trainer(item.rollout)
+        extras, logged = self.host_batch_extras(rollout, placed, G)
+        batch = rollout_to_batch(rollout, placed, G, extras.pop("host_rewards", None))
+        batch.update(extras)
+        batch["behaviour_version"] = jax.device_put(
+            np.full(rollout.tokens.shape, item.version, np.int32), sharding.batch_sharding(self.run.mesh, 2)
+        )
+        batch.update(self.debug_switches(global_step))
+
+        # (3) the update; (4) the next version to the sampler, queued behind it
+        train_from = time.time()
+        state, step_metrics = self.step_fn(state, batch)
+        state, more = self.after_update(state)
+        synced = self.push_weights(state, s + 1, wait=False)
+        m = host_metrics(step_metrics)
+        train_time = time.time() - train_from
+        sync_from = time.time()
+        jax.block_until_ready(synced.params)
+        synced.time_s = time.time() - sync_from
+        sync_time += synced.time_s
+        m.update(
+            logged,
+            **more,
+            sample_time_s=sample_time,
+            train_time_s=train_time,
+            sync_time_s=sync_time,
+            prompt_truncated_frac=global_mean(item.prompts["prompt_truncated"]),
+            step_time_s=time.time() - t0,
+            **{
+                "sync/bytes": float(synced.bytes),
+                "sync/time_s": synced.time_s,
+                "pipeline/lag": float(lag),
+                "pipeline/sample_wait_s": sample_wait,
+                # 1: the trainer waited on the rollout (the sampler binds); 0: it was ready (the trainer
+                # binds)
+                "pipeline/sampler_bound": float(sample_wait > 0.05 * max(train_time, 1e-3)),
+                "pipeline/inflight": float(len(self.inflight)),
+            },
+        )
+        return state, m
+
     def after_update(self, state):
         step, more = int(state.step), {}
         every = self.grpo.reference_reset_every
@@ -301,6 +432,11 @@ class GRPOStage(RolloutStage):
 
     def extra_state(self):
         return self.retrainer.extra_state() if self.retrainer is not None else {}
+
+    def close(self):
+        if getattr(self, "inflight", None):
+            self.inflight.clear()  # rollouts dispatched but never trained on
+        super().close()
 
     def load_extra_state(self, extra):
         if self.retrainer is not None:

@@ -87,6 +87,12 @@ class RolloutStage(Stage):
     batch_field = "prompts_per_step"
     # The stage can train on partial rollouts (`config.engine.rollout_token_budget`).
     partial_rollouts = False
+    # The stage can pipeline its rollouts `config.<stage>.off_policy_steps` ahead of its updates.
+    pipelines = False
+    # Trainer params -> the sampler (`grpo_jax.rollout.weight_sync`), built on first use; and the last
+    # policy version pushed (its `bytes` and `time_s` are logged as `sync/*`).
+    _weight_sync = None
+    last_sync = None
 
     @classmethod
     def validate(cls, config, name):
@@ -102,6 +108,23 @@ class RolloutStage(Stage):
                 )
         if not 0.0 <= sc.get("open_fraction", 0.0) < 1.0:
             raise ValueError(f"config.{name}.open_fraction must be in [0, 1), got {sc.open_fraction}")
+        steps = setup.off_policy_steps(config, name)
+        if steps and not cls.pipelines:
+            raise ValueError(
+                f"config.{name}.off_policy_steps={steps}: only 'grpo' stages pipeline their rollouts, and "
+                f"stage {name!r} ({stage_kind(name)}) samples on-policy; set it to 0 or drop it"
+            )
+        lora, shape = setup.stage_lora(config, name), setup.sampler_mesh_setting(config)
+        if shape is not None and sc[cls.batch_field] % shape[0]:
+            raise ValueError(
+                f"config.{name}.{cls.batch_field}={sc[cls.batch_field]} must be divisible by the sampler's "
+                f"replicas (config.sampler_mesh={shape}: {shape[0]})"
+            )
+        if shape is not None and lora is not None and lora.sampler_weights != "merged":
+            raise ValueError(
+                f"config.sampler_mesh with config.{name}.lora=True needs config.lora.sampler_weights="
+                f"'merged' (the sampler mesh holds plain weights), got {lora.sampler_weights!r}"
+            )
         budget = setup.rollout_token_budget(config)
         if budget and not cls.partial_rollouts:
             raise ValueError(
@@ -212,18 +235,91 @@ class RolloutStage(Stage):
         """The example of each of these rows."""
         return [self.examples[int(i)] for i in local.example_index]
 
+    # -- the sampler's side (docs/ARCHITECTURE.md, "Asynchronous GRPO") ------------------------------
+
+    @property
+    def sampler_mesh(self):
+        """Where rollouts decode: `config.sampler_mesh`'s own mesh, or the trainer's (co-located)."""
+        return self.run.sampler_mesh if self.run.sampler_mesh is not None else self.run.mesh
+
+    def weight_sync(self):
+        """The stage's `WeightSync` onto the sampler mesh (or, co-located, a copy on the trainer mesh)."""
+        if self._weight_sync is None:
+            from grpo_jax.rollout.weight_sync import WeightSync
+
+            self._weight_sync = WeightSync(self.run.model_config, self.run.sampler_mesh)
+        return self._weight_sync
+
+    def sampler_side_params(self, state, version: int | None = None, *, wait: bool = True):
+        """What the sampler decodes with for this state: `sampler_params(state)`, on a sampler mesh cast
+        and moved there (`WeightSync.push`; recorded in `last_sync`). `version` defaults to state.step."""
+        params = self.sampler_params(state)
+        if self.run.sampler_mesh is None:
+            return params
+        version = int(state.step) if version is None else version
+        self.last_sync = self.weight_sync().push(params, version, wait=wait)
+        return self.last_sync.params
+
+    def sync_metrics(self) -> dict[str, float]:
+        """`sync/bytes` and `sync/time_s` of the last push (empty when nothing was pushed)."""
+        if self.last_sync is None:
+            return {}
+        return {"sync/bytes": float(self.last_sync.bytes), "sync/time_s": self.last_sync.time_s}
+
+    def to_trainer(self, rollout):
+        """A rollout decoded on the sampler mesh, moved into the trainer mesh's batch layout (rows over
+        ("data", "fsdp")); unchanged when co-located."""
+        if self.run.sampler_mesh is None:
+            return rollout
+        mesh = self.run.mesh
+        return jax.tree_util.tree_map(
+            lambda x: jax.device_put(
+                x, sharding.batch_sharding(mesh, x.ndim) if x.ndim else sharding.replicated(mesh)
+            ),
+            rollout,
+        )
+
+    def dispatch_rollout(self, params, prompts, num_samples: int, temperature: float, rng):
+        """The sampler's Rollout of `prompts` under `params` (already on the sampler's side), dispatched
+        on the sampler mesh and not waited for (JAX dispatch is asynchronous)."""
+        mesh = self.sampler_mesh
+        placed = sharding.shard_batch({k: prompts[k] for k in ("prompt_tokens", "prompt_mask")}, mesh)
+        if self.run.sampler_mesh is not None:  # the key is the trainer state's: a copy on the sampler mesh
+            rng = jax.device_put(rng, sharding.replicated(mesh))
+        return setup.sampler_fn(self.run.config)(  # config.sampler: "static" or "engine"
+            self.run.model_config,
+            params,
+            placed["prompt_tokens"],
+            placed["prompt_mask"],
+            rng,
+            num_samples=num_samples,
+            max_new_tokens=self.run.config.max_new_tokens,
+            min_new_tokens=self.config.get("min_new_tokens", 0),
+            temperature=temperature,
+            top_p=self.config.top_p,
+            top_k=self.config.top_k,
+            eos_id=self.run.tokenizer.eos_id,
+            pad_id=self.run.tokenizer.pad_id,
+            mesh=mesh,
+        )
+
     def rollout(self, state, prompts, num_samples: int, temperature: float, rng=None):
         """(prompt batch placed on the mesh, sampler Rollout); rng defaults to fold_in(state.rng, step).
         The placed batch carries `example_index`, so each rollout row's example is read from the same
-        global layout as its tokens (`local_rollout`)."""
+        global layout as its tokens (`local_rollout`). With a `config.sampler_mesh` the rollout decodes
+        there and is returned in the trainer mesh's batch layout."""
         placed = sharding.shard_batch({k: prompts[k] for k in PROMPT_KEYS}, self.run.mesh)
-        params = self.rollout_params if self.rollout_params is not None else self.sampler_params(state)
+        params = self.rollout_params if self.rollout_params is not None else self.sampler_side_params(state)
+        rng = jax.random.fold_in(state.rng, state.step) if rng is None else rng
+        if self.run.sampler_mesh is not None:
+            rollout = self.dispatch_rollout(params, prompts, num_samples, temperature, rng)
+            return placed, self.to_trainer(rollout)
         rollout = setup.sampler_fn(self.run.config)(  # config.sampler: "static" or "engine"
             self.run.model_config,
             params,
             placed["prompt_tokens"],
             placed["prompt_mask"],
-            jax.random.fold_in(state.rng, state.step) if rng is None else rng,
+            rng,
             num_samples=num_samples,
             max_new_tokens=self.run.config.max_new_tokens,
             min_new_tokens=self.config.get("min_new_tokens", 0),
@@ -284,7 +380,7 @@ class RolloutStage(Stage):
 
     def train_step(self, state, global_step):
         t0 = time.time()
-        self.rollout_params = self.sampler_params(state)
+        self.rollout_params = self.sampler_side_params(state)
         try:
             state, batch, logged = self.collect_state(state, global_step)
         finally:
@@ -293,7 +389,7 @@ class RolloutStage(Stage):
         state, step_metrics = self.step_fn(state, batch)
         state, more = self.after_update(state)
         m = host_metrics(step_metrics)
-        m.update(logged, **more, step_time_s=time.time() - t0)
+        m.update(logged, **more, **self.sync_metrics(), step_time_s=time.time() - t0)
         return state, m
 
     def after_update(self, state):
