@@ -220,3 +220,60 @@ def test_the_grpo_loss_does_not_see_observation_tokens(params, two_turns, with_l
     assert float(jnp.max(jnp.abs(d_old[drawn]))) > 0 and float(jnp.max(jnp.abs(d_ref[drawn]))) > 0
     observed = float(jnp.max(jnp.abs(d_old[observation]))) + float(jnp.max(jnp.abs(d_ref[observation])))
     assert (observed == 0.0) == with_loss_mask
+
+
+def test_turn_sampler_answers_paused_rows_with_the_calculator_environment():
+    """End to end on the host side: rows that end a turn with `</tool_call>` get the calculator
+    environment's observation (here an error for a malformed call: the random model writes no JSON) as
+    their next tokens, the environment's stats count the calls, and every row gets a final reward."""
+    from grpo_jax.envs import EnvConfig, ToolFormat, format_call, format_observation
+    from grpo_jax.tokenizers import R1_SPECIAL_SYMBOLS, train_sentencepiece
+
+    fmt = ToolFormat()
+    tags = (fmt.call_open, fmt.call_close, fmt.response_open.strip(), fmt.response_close.strip())
+    texts = [format_call("calculator", {"expression": f"{a}*{a + 3}"}, fmt) for a in range(40)]
+    texts += [format_observation(str(a * 7), fmt) + f"<answer>{a}</answer>" for a in range(40)]
+    tokenizer = train_sentencepiece(texts, vocab_size=48, user_defined_symbols=R1_SPECIAL_SYMBOLS + tags)
+    env = EnvConfig(env="calculator", max_tool_turns=3, max_observation_tokens=6, env_workers=0)
+    sampler = turns.TurnSampler(env, tokenizer, max_observation_tokens=6, page_size=PAGE, num_slots=6)
+    config = tiny_model_config(vocab_size=tokenizer.vocab_size)
+    pause = tokenizer.token_to_id(fmt.call_close)
+    assert sampler.pause_id == pause
+    tokens, mask = _prompts()
+    tokens = np.where(mask > 0, tokens % tokenizer.vocab_size, 0)
+    try:
+        out = sampler(
+            config,
+            tiny_params(config, seed=1),
+            tokens,
+            mask,
+            jax.random.key(0),
+            num_samples=4,
+            max_new_tokens=32,
+            temperature=1.0,
+            eos_id=tokenizer.eos_id,
+            examples=[{"prompt": "", "answer": "1"} for _ in range(16)],
+        )
+    finally:
+        sampler.close()
+    out = jax.device_get(out)
+    called = np.flatnonzero(sampler.turns)
+    # Each pause is one environment step: a call (answered) or a turn with no parseable call (the final
+    # answer: the environment ends the row there, nothing more is written).
+    assert called.size >= 2 and 1 <= sampler.stats["tool/num_calls"] <= sampler.turns.sum()
+    assert sampler.stats["env/num_steps"] >= sampler.turns.sum() and sampler.rewards.shape == (16,)
+    answered = 0
+    for i in called:
+        p = int(np.flatnonzero(out.tokens[i] == pause)[0])
+        after = slice(p + 1, None)
+        observation = out.tokens[i, after][(out.mask[i, after] > 0) & (out.loss_mask[i, after] == 0)]
+        if observation.size == 0:
+            assert (out.mask[i, after] == 0).all()  # ended by its environment at the call
+            continue
+        answered += 1
+        text = tokenizer.decode(observation.tolist())
+        # the calculator's error message, cut to the 6 observation tokens the setting allows
+        assert observation.size <= 6 and text.startswith(fmt.observation_prefix + fmt.response_open + "err")
+    observed = (out.mask > 0) & (out.loss_mask == 0)
+    segments = int(np.sum(observed[:, 1:] & ~observed[:, :-1]) + np.sum(observed[:, 0]))
+    assert answered >= 1 and segments == sampler.stats["tool/num_calls"]  # one observation per answered call

@@ -7,6 +7,7 @@ Keys of an RL stage's section (e.g. `config.grpo`), all optional; `env = ""` (th
                          {tool name: {option: value}}, `describe_tools`)
   tool_format            "plain", "qwen2_5" or "chat_template" (read off the run's HF tokenizer)
   max_observation_chars  length limit of one tool result inside the response tags
+  max_observation_tokens the most tokens of one observation the rollout feeds into a row (longer: cut)
   max_tool_turns         model turns per trajectory (T)
   env_timeout_s          time limit of one environment step of one trajectory (above the tools' own)
   env_workers            worker processes (-1: min(8, cpu count); 0: in-process)
@@ -29,6 +30,7 @@ ENV_KEYS = (
     "env_options",
     "tool_format",
     "max_observation_chars",
+    "max_observation_tokens",
     "max_tool_turns",
     "env_timeout_s",
     "env_workers",
@@ -44,6 +46,7 @@ class EnvConfig:
     env_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     tool_format: str = "plain"
     max_observation_chars: int = 2048
+    max_observation_tokens: int = 64
     max_tool_turns: int = 4
     env_timeout_s: float = 30.0
     env_workers: int = -1
@@ -61,6 +64,10 @@ class EnvConfig:
             )
         if self.max_observation_chars < 1:
             raise ValueError(f"{where}.max_observation_chars must be >= 1, got {self.max_observation_chars}")
+        if self.max_observation_tokens < 1:
+            raise ValueError(
+                f"{where}.max_observation_tokens must be >= 1, got {self.max_observation_tokens}"
+            )
         if self.max_tool_turns < 1:
             raise ValueError(f"{where}.max_tool_turns must be >= 1, got {self.max_tool_turns}")
         if not self.env_timeout_s > 0:

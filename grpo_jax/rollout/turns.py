@@ -20,6 +20,7 @@ between decode calls. Single-process only for now: the host reads every row (doc
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -159,7 +160,8 @@ class EnvResponder:
     decoded and stepped in its environment; the observation text is encoded (no BOS) and cut to the
     engine's `observation_len`; an environment that ends the trajectory ends the row. `finish` then steps
     the rows that ended on their own (stop token, length, turn limit) with their last turn, so every row
-    gets its environment's final reward. rewards [N] and per-call stats accumulate over one rollout."""
+    gets its environment's final reward (its tool counters are left out: a call cut off by the row's end
+    was never answered). rewards [N] and per-call stats accumulate over one rollout."""
 
     runner: Any  # grpo_jax.envs.EnvRunner
     tokenizer: Any
@@ -175,12 +177,14 @@ class EnvResponder:
         eos = self.tokenizer.eos_id
         return self.tokenizer.decode([i for i in turn if i != eos])
 
-    def _step(self, rows: Sequence[int], texts: Sequence[str]):
+    def _step(self, rows: Sequence[int], texts: Sequence[str], *, final: bool = False):
         batch: list[str | None] = [None] * len(self.rewards)
         for row, text in zip(rows, texts, strict=True):
             batch[row] = text
         out = self.runner.step(batch)
         for name, value in out.stats.items():
+            if final and name.startswith("tool/"):  # a call cut off by the row's end was never answered
+                continue
             self.stats[name] = self.stats.get(name, 0.0) + float(value)
         self.rewards += out.rewards
         return out
@@ -200,10 +204,121 @@ class EnvResponder:
         if open_rows:
             tokens, loss_mask, lengths = jax.device_get((rollout.tokens, rollout.loss_mask, rollout.lengths))
             texts = [self._text(last_turn(tokens[i], loss_mask[i], int(lengths[i]))) for i in open_rows]
-            self._step(open_rows, texts)
+            self._step(open_rows, texts, final=True)
         return self.rewards.copy()
 
 
 def observation_tokens_of(rollout: sampling.Rollout) -> jax.Array:
     """[N] int32: observation tokens per row (in `mask`, not in `loss_mask`)."""
     return jnp.sum((rollout.mask > 0) & (rollout.loss_mask == 0), axis=-1, dtype=jnp.int32)
+
+
+def single_token_id(tokenizer, text: str, what: str) -> int:
+    """The id of `text` where it is one piece of the tokenizer (a user-defined or special token), or where
+    the tokenizer encodes it as exactly one token; else a one-line error."""
+    piece = tokenizer.token_to_id(text)
+    if piece is not None:
+        return int(piece)
+    ids = tokenizer.encode(text)
+    if len(ids) != 1:
+        raise ValueError(
+            f"{what} {text!r} must be one token of the tokenizer to pause a row on it; it encodes as {ids} "
+            "(train the tokenizer with it as a user-defined symbol, or use a tokenizer whose chat template "
+            "has it as a special token)"
+        )
+    return int(ids[0])
+
+
+class TurnSampler:
+    """`sampling.generate`'s signature over multi-turn rollouts with an environment's tools (for the RL
+    stages and held-out evaluation): `env_config` (`grpo_jax.envs.EnvConfig`) gives the environment, its
+    tool format (whose `call_close` must be one token: the pause token) and `max_tool_turns`;
+    `max_observation_tokens` the most tokens one observation feeds. Each call resets one environment per
+    row (`examples`: the rows' examples, N = B·G; default empty ones, enough for tools that do not read
+    them) and leaves `rewards` [N] (each row's final environment reward), `turns` [N] and `stats` (tool and
+    decode counters) for the caller. Programs are compiled once per static setting."""
+
+    def __init__(
+        self, env_config, tokenizer, *, max_observation_tokens: int, page_size: int = 16, num_slots=None
+    ):
+        if max_observation_tokens < 1:
+            raise ValueError(f"max_observation_tokens must be >= 1, got {max_observation_tokens}")
+        fmt = env_config.tool_format_for(tokenizer)
+        self.pause_id = single_token_id(tokenizer, fmt.call_close, f"{env_config.section}'s tool-call end")
+        self.max_turns = env_config.max_tool_turns
+        self.observation_len = int(max_observation_tokens)
+        self.page_size, self.num_slots = page_size, num_slots
+        self.runner = env_config.make_runner(tokenizer)
+        self.responder = EnvResponder(self.runner, tokenizer)
+        self._programs: dict = {}
+        self.rewards = self.turns = None
+        self.stats: dict = {}
+        atexit.register(self.close)
+
+    def __call__(
+        self,
+        model_config,
+        params,
+        prompt_tokens,
+        prompt_mask,
+        rng,
+        *,
+        num_samples: int,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        eos_id: int,
+        stop_ids: Sequence[int] = (),
+        min_new_tokens: int = 0,
+        pad_id: int = 0,
+        mesh=None,
+        examples: Sequence[Mapping[str, Any]] | None = None,
+    ) -> sampling.Rollout:
+        batch, prompt_len = np.shape(prompt_tokens)
+        settings = dict(
+            num_samples=int(num_samples),
+            max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(top_k),
+            eos_id=int(eos_id),
+            stop_ids=tuple(int(i) for i in stop_ids),
+            min_new_tokens=int(min_new_tokens),
+            pad_id=int(pad_id),
+        )
+        key = (model_config, batch, prompt_len, mesh, tuple(sorted(settings.items())))
+        if key not in self._programs:
+            self._programs[key] = TurnRollouts(
+                model_config,
+                prompts_per_step=batch,
+                prompt_len=prompt_len,
+                pause_id=self.pause_id,
+                max_turns=self.max_turns,
+                observation_len=self.observation_len,
+                num_slots=self.num_slots,
+                page_size=self.page_size,
+                mesh=mesh,
+                **settings,
+            )
+        rows = batch * settings["num_samples"]
+        examples = list(examples) if examples is not None else [{} for _ in range(rows)]
+        if len(examples) != rows:
+            raise ValueError(f"TurnSampler: {len(examples)} examples for {rows} rows")
+        self.responder.reset(examples)
+        prompts = {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask}
+        rollout, turns, stats = self._programs[key].run(params, prompts, rng, self.responder)
+        self.rewards = self.responder.finish(rollout)
+        self.turns = np.asarray(jax.device_get(turns))
+        observation = np.asarray(jax.device_get(observation_tokens_of(rollout)))
+        self.stats = {
+            **self.responder.stats,
+            **{f"turns/{k}": float(v) for k, v in stats.items()},
+            "turns/tool_calls_mean": float(self.turns.mean()),
+            "turns/observation_tokens_mean": float(observation.mean()),
+        }
+        return rollout
+
+    def close(self) -> None:
+        """Stops the environment's worker processes."""
+        self.runner.close()

@@ -366,6 +366,48 @@ def sampler_fn(config):
     return functools.partial(rollout_engine.generate, num_slots=num_slots or None, page_size=page_size)
 
 
+def stage_env(config, name: str):
+    """The tool-use settings of stage `name` (`grpo_jax.envs.EnvConfig`, checked: one line naming the key)
+    or None when its section sets no `env`."""
+    from grpo_jax.envs import EnvConfig
+
+    return EnvConfig.from_config(config[name], name=f"config.{name}")
+
+
+def eval_env_stage(config) -> str | None:
+    """The first stage of the run with an `env`: held-out evaluation lets the model use its tools (every
+    stage's eval, the cold start's included), so a tool-use run is measured as it is meant to work."""
+    for name in config.stages:
+        if config[name].get("env", ""):
+            return name
+    return None
+
+
+def turn_sampler(config, env_config, tokenizer):
+    """Multi-turn rollouts with `env_config`'s tools (`grpo_jax.rollout.turns.TurnSampler`), on the
+    engine's pages and slots settings (`config.engine`)."""
+    from grpo_jax.rollout.turns import TurnSampler
+
+    sampler_fn(config)  # checks config.engine's keys
+    section = config.get("engine") or {}
+    return TurnSampler(
+        env_config,
+        tokenizer,
+        max_observation_tokens=env_config.max_observation_tokens,
+        page_size=section.get("page_size", 16),
+        num_slots=section.get("num_slots", 0) or None,
+    )
+
+
+def eval_generate_fn(config, tokenizer):
+    """The held-out evaluator's sampler: multi-turn with the tools of `eval_env_stage` where a stage has
+    them, else `sampler_fn(config)`."""
+    name = eval_env_stage(config)
+    if name is None:
+        return sampler_fn(config)
+    return turn_sampler(config, stage_env(config, name), tokenizer)
+
+
 def rollout_token_budget(config) -> int:
     """`config.engine.rollout_token_budget`: decode iterations per training step with partial rollouts
     (`grpo_jax.rollout.partial`), 0 (or absent) = off: every step samples whole rollouts. Only with

@@ -352,7 +352,7 @@ def _train(config, workdir: str, stop_requested: threading.Event) -> dict:
             temperature=config.eval.temperature,
             correct_fn=task.correctness,
             mesh=mesh,
-            generate_fn=setup.sampler_fn(config),
+            generate_fn=setup.eval_generate_fn(config, tokenizer),
         )
         run.load_base = lambda: setup.initial_params(config, model_config, mesh)
         while True:

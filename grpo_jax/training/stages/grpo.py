@@ -147,6 +147,7 @@ class GRPOStage(RolloutStage):
             **base,
         )
         self.build_host_rewards()
+        self.build_turns()
         self.step_verifier = None
         if grpo.advantage_estimator == "process":
             from grpo_jax.rewards.process import STEP_VERIFIERS
@@ -297,15 +298,22 @@ class GRPOStage(RolloutStage):
     def host_batch_extras(self, rollout, placed, num_samples):
         """Host rewards, the reward-model retrainer's new pairs and process step rewards, with this
         process's rows decoded (and their examples looked up) once for all of them."""
-        if self.host_rewards is None and self.retrainer is None and self.step_verifier is None:
+        turns = self.turn_sampler
+        if self.host_rewards is None and self.retrainer is None and self.step_verifier is None and not turns:
             return {}, {}
         local = self.local_rollout(rollout, placed, num_samples)
         examples = self.examples_of(local)
         texts = self.decode(local) if self.host_rewards is not None or self.retrainer is not None else None
         extras, logged = {}, {}
+        values = None
         if self.host_rewards is not None:
             values, logged = self.host_rewards(texts, examples)
-            extras["host_rewards"] = self.to_batch(values, local)
+        if turns is not None:  # the environments' final rewards (one process: every row is local)
+            env_rewards = turns.rewards[local.rows]
+            values = env_rewards if values is None else values + env_rewards
+            logged = dict(logged, **turns.stats, **{"env/reward_mean": float(np.mean(turns.rewards))})
+        if values is not None:
+            extras["host_rewards"] = self.to_batch(np.asarray(values, np.float32), local)
         if self.retrainer is not None:
             self.retrainer.observe(local.rows, texts, examples, num_samples)
         if self.step_verifier is not None:

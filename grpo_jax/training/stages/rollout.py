@@ -126,6 +126,21 @@ class RolloutStage(Stage):
                 f"'merged' (the sampler mesh holds plain weights), got {lora.sampler_weights!r}"
             )
         budget = setup.rollout_token_budget(config)
+        env = setup.stage_env(config, name)
+        if env is not None:
+            if stage_kind(name) != "grpo":
+                raise ValueError(
+                    f"config.{name}.env={env.env!r}: multi-turn tool use trains 'grpo' stages for now, and "
+                    f"stage {name!r} is a {stage_kind(name)!r} stage"
+                )
+            steps = config[name].get("off_policy_steps", 0)
+            sampler_mesh = config.get("sampler_mesh", None)
+            if budget or steps or sampler_mesh:
+                raise ValueError(
+                    f"config.{name}.env={env.env!r} decodes whole multi-turn rollouts on the trainer's "
+                    f"mesh for now: drop config.engine.rollout_token_budget={budget}, "
+                    f"config.{name}.off_policy_steps={steps} and config.sampler_mesh={sampler_mesh}"
+                )
         if budget and not cls.partial_rollouts:
             raise ValueError(
                 f"config.engine.rollout_token_budget={budget}: partial rollouts train only 'grpo' stages, "
@@ -303,18 +318,34 @@ class RolloutStage(Stage):
             mesh=mesh,
         )
 
+    # Multi-turn rollouts with the stage's tools (`config.<stage>.env`; `grpo_jax.rollout.turns`), or None.
+    turn_sampler = None
+
+    def build_turns(self):
+        """The stage's `TurnSampler` when its section sets an `env` (its environments' worker processes
+        start here)."""
+        env = setup.stage_env(self.run.config, self.name)
+        if env is not None:
+            self.turn_sampler = setup.turn_sampler(self.run.config, env, self.run.tokenizer)
+
     def rollout(self, state, prompts, num_samples: int, temperature: float, rng=None):
         """(prompt batch placed on the mesh, sampler Rollout); rng defaults to fold_in(state.rng, step).
         The placed batch carries `example_index`, so each rollout row's example is read from the same
         global layout as its tokens (`local_rollout`). With a `config.sampler_mesh` the rollout decodes
-        there and is returned in the trainer mesh's batch layout."""
+        there and is returned in the trainer mesh's batch layout. With the stage's tools: multi-turn
+        rollouts whose environments start on the rows' examples (final rewards: `turn_sampler.rewards`)."""
         placed = sharding.shard_batch({k: prompts[k] for k in PROMPT_KEYS}, self.run.mesh)
         params = self.rollout_params if self.rollout_params is not None else self.sampler_side_params(state)
         rng = jax.random.fold_in(state.rng, state.step) if rng is None else rng
         if self.run.sampler_mesh is not None:
             rollout = self.dispatch_rollout(params, prompts, num_samples, temperature, rng)
             return placed, self.to_trainer(rollout)
-        rollout = setup.sampler_fn(self.run.config)(  # config.sampler: "static" or "engine"
+        sample, extra = setup.sampler_fn(self.run.config), {}  # config.sampler: "static" or "engine"
+        if self.turn_sampler is not None:
+            sample = self.turn_sampler
+            index = np.asarray(prompts["example_index"])
+            extra["examples"] = [self.examples[int(i)] for i in index for _ in range(num_samples)]
+        rollout = sample(
             self.run.model_config,
             params,
             placed["prompt_tokens"],
@@ -329,6 +360,7 @@ class RolloutStage(Stage):
             eos_id=self.run.tokenizer.eos_id,
             pad_id=self.run.tokenizer.pad_id,
             mesh=self.run.mesh,
+            **extra,
         )
         return placed, rollout
 
@@ -402,3 +434,5 @@ class RolloutStage(Stage):
     def close(self):
         if getattr(self, "host_runner", None) is not None:
             self.host_runner.close()
+        if self.turn_sampler is not None:
+            self.turn_sampler.close()
