@@ -401,6 +401,18 @@ def test_gae_gamma_lambda_one_is_return_minus_value():
     np.testing.assert_allclose(returns, [[1.0, 1.0, 1.0, 0.0]], rtol=1e-6)
 
 
+def test_gae_carries_values_across_observation_tokens():
+    """A multi-turn row: tokens 2-3 are an observation (loss mask 0) between the policy's tokens 0-1 and 4.
+    By hand, γ = 0.9, λ = 0.5: token 4 is terminal, Â4 = 1 − 0.75 = 0.25; token 1's next real token is 4:
+    δ1 = 0.9·0.75 − 0.25 = 0.425, Â1 = 0.425 + 0.45·0.25 = 0.5375; δ0 = 0.9·0.25 − 0.5 = −0.275,
+    Â0 = −0.275 + 0.45·0.5375 = −0.033125. (Ending the row at the hole would give Â1 = −0.25.)"""
+    rewards = np.array([[0.0, 0.0, 9.0, 9.0, 1.0]], np.float32)
+    values = np.array([[0.5, 0.25, 7.0, 7.0, 0.75]], np.float32)
+    advantages, returns = gae_advantages(rewards, values, [[1, 1, 0, 0, 1]], gamma=0.9, lam=0.5)
+    np.testing.assert_allclose(advantages, [[-0.033125, 0.5375, 0.0, 0.0, 0.25]], rtol=1e-6)
+    np.testing.assert_allclose(returns, [[0.466875, 0.7875, 0.0, 0.0, 1.0]], rtol=1e-6)
+
+
 def test_ppo_token_rewards():
     kl = jnp.array([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [1.0, 1.0, 1.0]])
     mask = jnp.array([[1, 1, 0], [1, 1, 1], [0, 0, 0]])

@@ -222,6 +222,46 @@ def test_the_grpo_loss_does_not_see_observation_tokens(params, two_turns, with_l
     assert (observed == 0.0) == with_loss_mask
 
 
+@pytest.mark.parametrize("with_loss_mask", [True, False])
+def test_the_ppo_losses_do_not_see_observation_tokens(params, two_turns, with_loss_mask):
+    """PPO's policy loss (d/d old logprobs) and critic loss (d/d returns) are 0 on observation tokens with
+    the loss mask, not without it. (GAE across the holes: test_losses.)"""
+    from grpo_jax.algorithms import PPOConfig
+    from grpo_jax.training.ppo_step import critic_loss, ppo_policy_loss
+
+    out = two_turns[0]
+    n, length = out.tokens.shape
+    mb = {
+        "prompt_tokens": out.prompt_tokens,
+        "prompt_mask": out.prompt_mask,
+        "completion_tokens": out.tokens,
+        "completion_mask": out.mask,
+        "advantages": jnp.broadcast_to(jnp.linspace(-1.0, 1.0, length), (n, length)),
+        "old_values": jnp.zeros((n, length)),
+    }
+    if with_loss_mask:
+        mb["loss_mask"] = out.loss_mask
+    ppo = PPOConfig()
+    value_params = {
+        "backbone": params,
+        "head": {"kernel": jnp.full(CONFIG.hidden_size, 0.1), "bias": jnp.zeros(())},
+    }
+
+    def policy(old):
+        return ppo_policy_loss(params, {**mb, "old_logprobs": old}, ppo=ppo, model_config=CONFIG)[0]
+
+    def critic(returns):
+        return critic_loss(value_params, {**mb, "returns": returns}, ppo=ppo, model_config=CONFIG)[0]
+
+    d_old = jax.jit(jax.grad(policy))(jnp.asarray(out.logprobs) - 0.1)
+    d_returns = jax.jit(jax.grad(critic))(jnp.ones((n, length)))
+    observation = (out.mask > 0) & (out.loss_mask == 0)
+    drawn = out.loss_mask > 0
+    assert float(jnp.max(jnp.abs(d_old[drawn]))) > 0 and float(jnp.max(jnp.abs(d_returns[drawn]))) > 0
+    observed = float(jnp.max(jnp.abs(d_old[observation]))) + float(jnp.max(jnp.abs(d_returns[observation])))
+    assert (observed == 0.0) == with_loss_mask
+
+
 def test_turn_sampler_answers_paused_rows_with_the_calculator_environment():
     """End to end on the host side: rows that end a turn with `</tool_call>` get the calculator
     environment's observation (here an error for a malformed call: the random model writes no JSON) as

@@ -29,26 +29,26 @@ def gae_advantages(
 ) -> tuple[jax.Array, jax.Array]:
     """Generalised advantage estimation (Schulman et al., arXiv 1506.02438 §3), reverse `lax.scan`.
 
-    δ_t = r_t + γ V_{t+1} − V_t and Â_t = Σ_l (γλ)^l δ_{t+l}, computed as Â_t = δ_t + γλ Â_{t+1}; V_{t+1}
-    and Â_{t+1} count only while the next token is real, so the last real token is terminal.
+    δ_t = r_t + γ V_{t'} − V_t and Â_t = δ_t + γλ Â_{t'}, t' being the next real token after t: the last
+    real token is terminal. `mask` may have interior holes (a multi-turn row's observation tokens, loss
+    mask 0): a hole is skipped, the value and advantage of the token after it carried across as if the
+    policy's tokens were adjacent (verl's multi-turn GAE). Right-padded rows are the plain recursion.
     Returns (advantages `[N, T]`, returns = Â + V `[N, T]`), both 0 on masked tokens.
     """
     mask = jnp.asarray(mask, jnp.float32)
     valid = mask > 0
     rewards = jnp.where(valid, rewards.astype(jnp.float32), 0.0)
     values = jnp.where(valid, values.astype(jnp.float32), 0.0)
-    next_valid = jnp.pad(valid[:, 1:], ((0, 0), (0, 1))).astype(jnp.float32)  # [N, T]
-    next_values = jnp.pad(values[:, 1:], ((0, 0), (0, 1))) * next_valid
-    deltas = rewards + gamma * next_values - values  # [N, T]
 
-    def backward_step(next_advantage, inputs):  # carries Â_{t+1} [N]
-        delta, continues = inputs
-        advantage = delta + gamma * lam * continues * next_advantage
-        return advantage, advantage
+    def backward_step(carry, inputs):  # carries (V, Â) of the next real token, 0 after the last
+        next_value, next_advantage = carry
+        reward, value, real = inputs
+        advantage = reward + gamma * next_value - value + gamma * lam * next_advantage
+        carry = (jnp.where(real, value, next_value), jnp.where(real, advantage, next_advantage))
+        return carry, advantage
 
-    _, advantages = jax.lax.scan(
-        backward_step, jnp.zeros(deltas.shape[0], jnp.float32), (deltas.T, next_valid.T), reverse=True
-    )
+    zeros = jnp.zeros(rewards.shape[0], jnp.float32)
+    _, advantages = jax.lax.scan(backward_step, (zeros, zeros), (rewards.T, values.T, valid.T), reverse=True)
     advantages = jnp.where(valid, advantages.T, 0.0)
     returns = jnp.where(valid, advantages + values, 0.0)
     return advantages, returns

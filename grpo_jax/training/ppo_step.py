@@ -20,6 +20,9 @@ Sources, one line each:
 The batch is exactly the GRPO step's (N rows, prompt-major; see `grpo_jax.training.grpo_step`):
     prompt_tokens [N, P], prompt_mask [N, P]          left-padded prompts
     completion_tokens [N, L], completion_mask [N, L]  sampled tokens, 1 up to and including the stop token
+    loss_mask [N, L]                                  multi-turn rollouts: 0 on observation tokens (the
+                                                      rewards, GAE, policy and value losses skip them;
+                                                      the forwards read them; optional)
     old_logprobs [N, L]                               the sampler's logprobs (π_old)
     truncated [N] bool                                no stop token within the budget
     answer_tokens [N, A], answer_mask [N, A]          per-example targets for in-graph rewards (optional)
@@ -52,7 +55,7 @@ from grpo_jax.algorithms import (
 )
 from grpo_jax.models.lora import attach, attach_backbone
 from grpo_jax.rewards.reward_model import init_reward_head
-from grpo_jax.training.grpo_step import RewardFn, completion_logprobs, outcome_rewards
+from grpo_jax.training.grpo_step import RewardFn, completion_logprobs, loss_mask, outcome_rewards
 from grpo_jax.training.minibatches import map_minibatches, to_minibatches
 from grpo_jax.training.state import (
     DEBUG_KEYS,
@@ -240,7 +243,7 @@ def ppo_targets(
     (zeros when β = 0), "token_rewards" [N, L], "old_values" [N, L], "advantages" [N, L] (whitened if
     configured), "returns" [N, L]}.
     """
-    mask = batch["completion_mask"]
+    mask = loss_mask(batch)
     with jax.named_scope("reference_logprobs"):
         if ppo.kl_coef > 0:
             reference = reference_params(state)  # with LoRA: the base, adapters off
@@ -304,7 +307,7 @@ def ppo_policy_loss(params, mb: dict, *, ppo: PPOConfig, model_config, chunk_siz
         mb["old_logprobs"],
         None,
         mb["advantages"],
-        mb["completion_mask"],
+        loss_mask(mb),
         clip_eps_low=ppo.clip_eps,
         clip_eps_high=ppo.clip_eps,
         kl_coef=0.0,
@@ -317,7 +320,7 @@ def ppo_policy_loss(params, mb: dict, *, ppo: PPOConfig, model_config, chunk_siz
 def critic_loss(value_params, mb: dict, *, ppo: PPOConfig, model_config):
     """Clipped value loss of V_ψ against the GAE returns on one minibatch -> (loss, metrics)."""
     values = token_values(model_config, value_params, mb)
-    return value_loss(values, mb["old_values"], mb["returns"], mb["completion_mask"], ppo.value_clip_eps)
+    return value_loss(values, mb["old_values"], mb["returns"], loss_mask(mb), ppo.value_clip_eps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,7 +362,7 @@ def make_ppo_step(
     def step(state: TrainState, batch: dict):
         batch = dict(batch)
         debug = {key: batch.pop(key) for key in DEBUG_KEYS if key in batch}
-        mask = batch["completion_mask"]
+        mask = loss_mask(batch)
         n = mask.shape[0]
         if n % M:
             raise ValueError(f"batch of {n} rows does not split into {M} minibatches")
@@ -373,7 +376,7 @@ def make_ppo_step(
             logprob_chunk_size=logprob_chunk_size,
             mesh=mesh,
         )
-        train = {key: batch[key] for key in _TRAIN_KEYS}
+        train = {key: batch[key] for key in (*_TRAIN_KEYS, "loss_mask") if key in batch}
         train.update({key: targets[key] for key in ("advantages", "returns", "old_values")})
         minibatches = to_minibatches(train, M, mesh)
 
@@ -423,7 +426,7 @@ def make_ppo_step(
 
         with jax.named_scope("metrics"):
             rewards = targets["rewards"]
-            lengths = jnp.sum(mask, axis=-1).astype(jnp.float32)
+            lengths = jnp.sum(batch["completion_mask"], axis=-1).astype(jnp.float32)
             valid = (mask > 0).astype(jnp.float32)
             token_mean = lambda x: jnp.sum(x * valid) / jnp.maximum(jnp.sum(valid), 1.0)
             metrics = {

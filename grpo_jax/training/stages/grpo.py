@@ -308,12 +308,9 @@ class GRPOStage(RolloutStage):
         values = None
         if self.host_rewards is not None:
             values, logged = self.host_rewards(texts, examples)
-        if turns is not None:  # the environments' final rewards (one process: every row is local)
-            env_rewards = turns.rewards[local.rows]
-            values = env_rewards if values is None else values + env_rewards
-            logged = dict(logged, **turns.stats, **{"env/reward_mean": float(np.mean(turns.rewards))})
+        values, logged = self.with_env_rewards(values, logged, local)
         if values is not None:
-            extras["host_rewards"] = self.to_batch(np.asarray(values, np.float32), local)
+            extras["host_rewards"] = self.to_batch(values, local)
         if self.retrainer is not None:
             self.retrainer.observe(local.rows, texts, examples, num_samples)
         if self.step_verifier is not None:

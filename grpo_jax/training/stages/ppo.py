@@ -49,6 +49,7 @@ class PPOStage(RolloutStage):
             **base,
         )
         self.build_host_rewards()
+        self.build_turns()
         self.step_fn = make_ppo_step(
             ppo,
             run.model_config,

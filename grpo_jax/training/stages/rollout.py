@@ -128,10 +128,10 @@ class RolloutStage(Stage):
         budget = setup.rollout_token_budget(config)
         env = setup.stage_env(config, name)
         if env is not None:
-            if stage_kind(name) != "grpo":
+            if stage_kind(name) not in ("grpo", "ppo"):
                 raise ValueError(
-                    f"config.{name}.env={env.env!r}: multi-turn tool use trains 'grpo' stages for now, and "
-                    f"stage {name!r} is a {stage_kind(name)!r} stage"
+                    f"config.{name}.env={env.env!r}: multi-turn tool use trains 'grpo' and 'ppo' stages, "
+                    f"and stage {name!r} is a {stage_kind(name)!r} stage"
                 )
             steps = config[name].get("off_policy_steps", 0)
             sampler_mesh = config.get("sampler_mesh", None)
@@ -367,11 +367,26 @@ class RolloutStage(Stage):
     def host_batch_extras(self, rollout, placed, num_samples: int) -> tuple[dict, dict]:
         """Host-computed batch entries (host rewards), global arrays in the batch layout, and their logged
         metrics; every process scores its own rows (see the module docstring)."""
-        if self.host_rewards is None:
+        if self.host_rewards is None and self.turn_sampler is None:
             return {}, {}
         local = self.local_rollout(rollout, placed, num_samples)
-        values, logged = self.host_rewards(self.decode(local), self.examples_of(local))
+        values, logged = None, {}
+        if self.host_rewards is not None:
+            values, logged = self.host_rewards(self.decode(local), self.examples_of(local))
+        values, logged = self.with_env_rewards(values, logged, local)
         return {"host_rewards": self.to_batch(values, local)}, logged
+
+    def with_env_rewards(self, values, logged: dict, local: LocalRollout):
+        """Host reward values of `local`'s rows plus their environments' final rewards, and the logged
+        metrics plus the tool and turn counters (unchanged without the stage's tools). One process:
+        every row is local."""
+        turns = self.turn_sampler
+        if turns is None:
+            return values, logged
+        env = turns.rewards[local.rows]
+        values = env if values is None else np.asarray(values, np.float32) + env
+        logged = dict(logged, **turns.stats, **{"env/reward_mean": float(np.mean(turns.rewards))})
+        return np.asarray(values, np.float32), logged
 
     def to_batch(self, tree, local: LocalRollout):
         """Per-row host values of `local`'s rows ([n, ...] leaves) as global arrays in the batch layout."""
