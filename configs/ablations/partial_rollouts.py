@@ -4,8 +4,9 @@ on the quickstart itself (configs/quickstart.py: its model, SFT and 225 GRPO ste
     python scripts/sweep.py --config=configs/ablations/partial_rollouts.py \\
         --workdir=workdirs/partial_rollouts --seeds=0,1,2
 
-off: the quickstart as it is (the engine, whole rollouts, DAPO dynamic sampling with refill); whole: the engine with whole
-rollouts and dynamic sampling without refill (what partial rollouts can be combined with); on: the same
+off: the quickstart as it is (the engine, whole rollouts, DAPO dynamic sampling with refill); whole: the
+engine with whole rollouts and dynamic sampling without refill (what partial rollouts can be combined
+with); on: the same
 with a budget of L/4 = 10 decode iterations per step, unfinished samples carried to the next step and
 decoupled PPO's truncated importance weight (`is_correction="token_tis"`, C = 2). The quickstart's
 completions (about 25 of L = 40 tokens) are not long-tailed, so at L/4 a step must decode 4 x as many
