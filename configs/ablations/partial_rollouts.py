@@ -30,7 +30,7 @@ def get_sweep(arg=None):
     runlocal = arg == "runlocal"
     budget, batch, group = (3, 2, 4) if runlocal else (10, 16, 8)  # L/4 of max_new_tokens (12, 40)
     return [
-        {"_name": "off"},  # the quickstart as it is (the engine, DAPO dynamic sampling with refill)
+        {"_name": "off", "sampler": "engine", "grpo.algo.dynamic_sampling_refill": True},  # the quickstart
         {"_name": "whole", **WHOLE},
         {
             "_name": "on",
