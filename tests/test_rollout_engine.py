@@ -342,9 +342,11 @@ def test_the_config_switch_routes_a_rollout_stage_through_the_engine(params, mon
                 mesh=sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]),
                 model_config=CONFIG,
                 tokenizer=types.SimpleNamespace(eos_id=EOS, pad_id=0),
+                sampler_mesh=None,
             ),
             config=ml_collections.ConfigDict(dict(top_p=1.0, top_k=0)),
             rollout_params=params,
+            turn_sampler=None,
         )
         _, rollouts[name] = RolloutStage.rollout(stage, state, prompts, 4, 1.0)
         assert len(calls[name]) == 1 and sum(map(len, calls.values())) == 1 + (name == "engine")

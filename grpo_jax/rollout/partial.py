@@ -95,7 +95,7 @@ class PartialRollouts:
     once (queued, decoding, complete and waiting), a multiple of B (Q − B groups carry over); num_slots:
     S decode slots (None: one per row of a step's batch, B·G); budget: decode iterations per step (each
     live sample gains one token per iteration); page_size; prompt_len: P; pause_ids, max_turns,
-    observation_len: multi-turn rollouts (`grpo_jax.rollout.turns`; `engine` module docstring, "Turns");
+    observation_len: multi-turn rollouts (`grpo_jax.rollout.turns`; `slots` module docstring, "Turns");
     payload_shapes: {name:
     ShapeDtypeStruct of one group's entry} stored with each group and handed out with it; mesh: the
     engine is D sub-engines, one per data shard (D = the mesh's data-parallel size, which must divide B

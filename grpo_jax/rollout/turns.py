@@ -1,6 +1,6 @@
 """Multi-turn rollouts: the rollout engine decodes until rows end a turn with a tool call, the host runs the
 calls, and the observations' tokens are fed into the same rows (docs/ARCHITECTURE.md, "Multi-turn
-rollouts"; the engine's side: `engine` module docstring, "Turns"; the tools and environments:
+rollouts"; the engine's side: `slots` module docstring, "Turns"; the tools and environments:
 `grpo_jax.envs`).
 
 One RL step's B prompts × G samples, all enqueued into an empty engine and decoded to the end:
