@@ -2,6 +2,7 @@
 
 from grpo_jax.data.files import last_boxed, load_jsonl_task
 from grpo_jax.data.pipeline import (
+    completion_tokens,
     make_prompt_dataset,
     make_sft_dataset,
     prompt_length_stats,
@@ -24,8 +25,10 @@ from grpo_jax.data.tasks import (
     ArithmeticTask,
     CountdownTask,
     Example,
+    MultiplicationTask,
     countdown_solution_is_valid,
     evaluate_expression,
+    task_special_symbols,
 )
 from grpo_jax.data.templates import (
     PLAIN_TEMPLATE,
@@ -44,7 +47,9 @@ __all__ = [
     "ArithmeticTask",
     "CountdownTask",
     "Example",
+    "MultiplicationTask",
     "chat_template",
+    "completion_tokens",
     "countdown_solution_is_valid",
     "evaluate_expression",
     "format_prompt",
@@ -58,6 +63,7 @@ __all__ = [
     "prompt_length_stats",
     "sft_length_stats",
     "synthetic_preference_pairs",
+    "task_special_symbols",
     "tokenize_answer",
     "tokenize_preference_pair",
     "tokenize_prompt",

@@ -204,25 +204,52 @@ def make_prompt_dataset(
     return _to_iter(batched, num_threads, prefetch)
 
 
+def completion_tokens(example: Example, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The completion's ids with EOS and a 0/1 trainable flag per id.
+
+    Without `example["completion_segments"]`: `tokenizer.encode(completion)`, every id trainable. With it
+    (`[(text, trainable), ...]`, texts joined = the completion; e.g. a tool call, the tool's observation,
+    the answer): each segment encoded on its own, as a multi-turn rollout encodes an observation
+    (grpo_jax/rollout/turns.py), so SFT sees the token sequence a rollout would hold; ids of an untrainable
+    segment get 0. The EOS is trainable.
+    """
+    segments = example.get("completion_segments")
+    if not segments:
+        ids = tokenizer.encode(example["completion"])
+        return [*ids, tokenizer.eos_id], [1] * (len(ids) + 1)
+    ids, trainable = [], []
+    for index, segment in enumerate(segments):
+        if len(segment) != 2 or not isinstance(segment[0], str):
+            raise ValueError(
+                f"completion_segments[{index}] must be a (text, trainable) pair; got {segment!r} "
+                f"(prompt {example.get('prompt', '')!r})"
+            )
+        text, flag = segment
+        segment_ids = tokenizer.encode(text)
+        ids += segment_ids
+        trainable += [int(bool(flag))] * len(segment_ids)
+    return [*ids, tokenizer.eos_id], [*trainable, 1]
+
+
 def tokenize_sft_example(
     example: Example, tokenizer: Any, template: str, max_len: int, *, add_bos: bool = True
 ) -> dict[str, np.ndarray]:
     """`[bos] prompt completion eos`, right-padded to `max_len`.
 
-    `loss_mask` is 1 on the completion tokens and the EOS (the tokens the model must produce), aligned with
-    `tokens`: the loss reads logits at t-1 for the target at t. Sequences longer than `max_len` lose their end
-    (`truncated`); a prompt that fills `max_len` leaves an all-zero loss_mask.
+    `loss_mask` is 1 on the completion tokens and the EOS (the tokens the model must produce), 0 on the
+    tokens of untrainable `completion_segments` (a tool's observation: see `completion_tokens`), aligned
+    with `tokens`: the loss reads logits at t-1 for the target at t. Sequences longer than `max_len` lose
+    their end (`truncated`); a prompt that fills `max_len` leaves an all-zero loss_mask.
     """
     prompt = _encode_prompt_text(example, tokenizer, template, add_bos)
-    completion = tokenizer.encode(example["completion"], add_eos=True)
+    completion, trainable = completion_tokens(example, tokenizer)
     ids = (prompt + completion)[:max_len]
-    num_prompt = min(len(prompt), max_len)
     tokens = np.full((max_len,), tokenizer.pad_id, dtype=np.int32)
     tokens[: len(ids)] = ids
     attention_mask = np.zeros((max_len,), dtype=np.int32)
     attention_mask[: len(ids)] = 1
-    loss_mask = attention_mask.copy()
-    loss_mask[:num_prompt] = 0
+    loss_mask = np.zeros((max_len,), dtype=np.int32)
+    loss_mask[: len(ids)] = ([0] * len(prompt) + trainable)[:max_len]
     return {
         "tokens": tokens,
         "loss_mask": loss_mask,
@@ -251,7 +278,7 @@ def make_sft_dataset(
 
     Each batch (B = batch_size // shard_count, T = max_len), right-padded, see `tokenize_sft_example`:
       tokens         int32 [B, T]
-      loss_mask      int32 [B, T]  1 on completion tokens incl. EOS
+      loss_mask      int32 [B, T]  1 on completion tokens incl. EOS, 0 on untrainable segments
       attention_mask int32 [B, T]  1 on real tokens
       truncated      bool  [B]
       example_index  int32 [B]
@@ -282,7 +309,7 @@ def sft_length_stats(
 ) -> dict[str, int]:
     """How many SFT sequences `max_len` would truncate, and the longest one; for logging at start."""
     lengths = [
-        len(_encode_prompt_text(e, tokenizer, template, add_bos)) + len(tokenizer.encode(e["completion"])) + 1
+        len(_encode_prompt_text(e, tokenizer, template, add_bos)) + len(completion_tokens(e, tokenizer)[0])
         for e in examples
     ]
     return {

@@ -1,7 +1,16 @@
-"""Synthetic reasoning tasks with verifiable answers: arithmetic and Countdown. No download, seeded.
+"""Synthetic reasoning tasks with verifiable answers: arithmetic, Countdown, and multiplication with a
+calculator tool. No download, seeded.
 
 An example is a plain dict: `{"prompt", "answer", "completion", "task", ...task fields}`; `completion` is
-an R1 format demonstration (`<think> steps </think> <answer> answer </answer>`) for cold-start SFT.
+a demonstration for cold-start SFT: R1 format (`<think> steps </think> <answer> answer </answer>`), or, for
+a task whose demonstrations call tools, a tool call, the tool's observation and the answer. Such an example
+also has `completion_segments`, `[(text, trainable), ...]` whose texts join to `completion`: the SFT
+pipeline encodes each segment on its own (as the multi-turn rollout encodes an observation) and masks the
+loss on the untrainable ones, so the model never learns to write a tool's result
+(`grpo_jax.data.pipeline.tokenize_sft_example`).
+
+A task's `special_symbols` are the pieces an in-process tokenizer must hold as single tokens
+(`task_special_symbols`): the R1 tags, plus the tool-call tags when the demonstrations call tools.
 
 Splits. Every problem belongs to "train" or "test" by a stable hash of its canonical form (operand order
 of commutative operations and of Countdown numbers removed), independent of the seed and of the sizes
@@ -21,6 +30,10 @@ from fractions import Fraction
 from typing import Any
 
 import numpy as np
+
+from grpo_jax.envs.tool_format import ToolFormat, format_call, format_observation
+from grpo_jax.envs.tools import Calculator
+from grpo_jax.tokenizers import R1_SPECIAL_SYMBOLS
 
 Example = dict[str, Any]
 SPLITS = ("train", "test")
@@ -46,6 +59,8 @@ class _HashSplitTask:
     """Problems drawn by seed, assigned to a split by hash. Subclasses define the problem space."""
 
     name = ""
+    # The user-defined symbols (one token each) of an in-process tokenizer for this task.
+    special_symbols: tuple[str, ...] = R1_SPECIAL_SYMBOLS
 
     def __init__(self, *, seed: int, test_fraction: float, max_enumerate: int):
         if not 0.0 < test_fraction < 1.0:
@@ -288,6 +303,97 @@ class ArithmeticTask(_HashSplitTask):
 
 
 # --------------------------------------------------------------------------------------------------
+# Multiplication with a calculator tool
+# --------------------------------------------------------------------------------------------------
+
+DEMONSTRATIONS = ("tool", "steps", "answer")
+
+
+def tool_symbols(fmt: ToolFormat = ToolFormat()) -> tuple[str, ...]:
+    """The tags of a tool-call format, each to be one token: `</tool_call>` is the token that pauses a row
+    of a multi-turn rollout (grpo_jax/rollout/turns.py)."""
+    return (fmt.call_open, fmt.call_close, fmt.response_open, fmt.response_close)
+
+
+class MultiplicationTask(_HashSplitTask):
+    """`a*b` with a 3-4 digit `a` and a 2-3 digit `b` (by default): beyond what the tiny model computes
+    alone, one call for a calculator (docs/ARCHITECTURE.md, "Tool use").
+
+    Prompt `347*29`, answer `10063`. `demonstration` picks the SFT completion:
+      "tool"    `<tool_call>{"name": "calculator", "arguments": {"expression": "347*29"}}</tool_call>` (the
+                call, trained), `\n<tool_response>10063</tool_response>\n` (the observation exactly as the
+                `calculator` environment renders it, loss-masked), `<answer> 10063 </answer>` (trained);
+                its `completion_segments` say which is which.
+      "steps"   the no-tool baseline with written work: ArithmeticTask's partial products,
+                `<think> 347*9=3123 , 347*20=6940 , 3123+6940=10063 </think> <answer> 10063 </answer>`.
+      "answer"  the no-tool baseline without work: `<answer> 10063 </answer>`.
+    The problems and splits do not depend on `demonstration`, so every flavour is judged on the same
+    held-out problems. Splits by the hash of `min*max` (operand order removed), as ArithmeticTask's.
+
+    Args:
+      a_digits, b_digits: digits of the first and second operand, an int or an inclusive (min, max) range;
+        each problem draws a digit count uniformly, then the value.
+      demonstration: one of DEMONSTRATIONS.
+      seed, test_fraction: as for every task.
+    """
+
+    name = "multiplication"
+
+    def __init__(
+        self,
+        a_digits: int | Sequence[int] = (3, 4),
+        b_digits: int | Sequence[int] = (2, 3),
+        demonstration: str = "tool",
+        seed: int = 0,
+        test_fraction: float = 0.1,
+    ):
+        super().__init__(seed=seed, test_fraction=test_fraction, max_enumerate=0)
+        self.a_digits = _inclusive_range(a_digits, "a_digits")
+        self.b_digits = _inclusive_range(b_digits, "b_digits")
+        if demonstration not in DEMONSTRATIONS:
+            raise ValueError(f"demonstration must be one of {DEMONSTRATIONS}; got {demonstration!r}.")
+        self.demonstration = demonstration
+        self.fmt = ToolFormat()  # the calculator environment's default ("plain") format
+        self.calculator = Calculator()
+        if demonstration == "tool":
+            self.special_symbols = (*R1_SPECIAL_SYMBOLS, *tool_symbols(self.fmt))
+
+    @staticmethod
+    def _draw(rng: np.random.Generator, digits: tuple[int, int]) -> int:
+        count = int(rng.integers(digits[0], digits[1] + 1))
+        return int(rng.integers(0 if count == 1 else 10 ** (count - 1), 10**count))
+
+    def _sample(self, rng: np.random.Generator) -> tuple[int, int]:
+        return self._draw(rng, self.a_digits), self._draw(rng, self.b_digits)
+
+    def _canonical(self, problem: tuple[int, int]) -> str:
+        return "*".join(map(str, sorted(problem)))
+
+    def _dedupe_key(self, problem: tuple[int, int]) -> str:
+        return self._canonical(problem)
+
+    def _example(self, problem: tuple[int, int]) -> Example:
+        a, b = problem
+        expression = f"{a}*{b}"
+        answer = str(a * b)
+        final = f"<answer> {answer} </answer>"
+        example = {"prompt": expression, "answer": answer, "task": self.name, "operation": "*"}
+        example["operands"] = [a, b]
+        if self.demonstration == "tool":
+            call = format_call(self.calculator.name, {"expression": expression}, self.fmt)
+            observation = format_observation(self.calculator({"expression": expression}), self.fmt)
+            segments = [(call, True), (observation, False), (final, True)]
+            example["completion"] = "".join(text for text, _ in segments)
+            example["completion_segments"] = segments
+        elif self.demonstration == "steps":
+            steps, _ = multiplication_steps(a, b)
+            example["completion"] = _r1_completion(steps, answer)
+        else:
+            example["completion"] = final
+        return example
+
+
+# --------------------------------------------------------------------------------------------------
 # Countdown
 # --------------------------------------------------------------------------------------------------
 
@@ -399,4 +505,13 @@ class CountdownTask(_HashSplitTask):
         }
 
 
-TASKS = {"arithmetic": ArithmeticTask, "countdown": CountdownTask}
+TASKS = {"arithmetic": ArithmeticTask, "countdown": CountdownTask, "multiplication": MultiplicationTask}
+
+
+def task_special_symbols(name: str, kwargs: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The user-defined symbols an in-process tokenizer for task `name` (built with `kwargs`) must hold as
+    single tokens: the task's `special_symbols` (the R1 tags, plus the tool tags for tool demonstrations);
+    the R1 tags for a file task (gsm8k, math). Bad kwargs raise as building the task does."""
+    if name not in TASKS:
+        return R1_SPECIAL_SYMBOLS
+    return tuple(TASKS[name](**dict(kwargs or {})).special_symbols)

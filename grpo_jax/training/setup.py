@@ -104,7 +104,9 @@ def build_tokenizer(config, task: TaskData, workdir: str):
     """Load `config.tokenizer.path`, or reuse the workdir's trained tokenizer, or train one in-process.
 
     The trained SentencePiece model is deterministic in its texts (the task's train split, templated),
-    and is saved into the workdir so a resume (and `scripts/evaluate.py`) reads the same vocabulary.
+    holds the task's `special_symbols` as single tokens (`data.tasks.task_special_symbols`: the R1 tags,
+    and the tool tags for tool demonstrations), and is saved into the workdir so a resume (and
+    `scripts/evaluate.py`) reads the same vocabulary.
     """
     if config.tokenizer.path:
         return load_tokenizer(config.tokenizer.path)
@@ -114,7 +116,10 @@ def build_tokenizer(config, task: TaskData, workdir: str):
     if os.path.exists(saved):
         return load_tokenizer(saved)
     texts = [format_prompt(config.template, e["prompt"]) + " " + e.get("completion", "") for e in task.train]
-    return train_sentencepiece(texts, vocab_size=config.tokenizer.vocab_size)
+    from grpo_jax.data.tasks import task_special_symbols
+
+    symbols = task_special_symbols(config.task.name, _plain(config.task.get("kwargs", {})))
+    return train_sentencepiece(texts, vocab_size=config.tokenizer.vocab_size, user_defined_symbols=symbols)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
