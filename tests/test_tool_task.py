@@ -280,3 +280,58 @@ def test_runlocal_sft_stage_trains_with_the_tool_tokenizer(tmp_path):
     assert [m["step"] for m in sft] == [1, 2] and all(math.isfinite(m["loss"]) for m in sft)
     tokenizer = load_tokenizer(tmp_path / setup.TOKENIZER_FILE)
     assert tokenizer.encode("</tool_call>")[-1] == tokenizer.token_to_id("</tool_call>")
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+    from shared_runs import compilation_cache
+
+    return compilation_cache(tmp_path_factory)
+
+
+TOOL_RUN = (
+    "--config.grpo.steps=4",
+    "--config.checkpoint.keep_last=3",
+    # a reward that varies between an untrained model's rows, so the updates move the params
+    '--config.grpo.rewards=(("length_penalty", 1.0, {"max_len": 12}),)',
+)
+
+
+@pytest.mark.slow
+def test_the_tool_config_trains_and_a_killed_multi_turn_run_reruns_to_the_same_metrics(tmp_path, xla_cache):
+    """configs/tool_calculator.py:runlocal end to end (cold start, then GRPO on multi-turn rollouts with the
+    calculator): some rows call the tool and get its answer; SIGKILL right after GRPO's third step (global
+    step 4), the rerun resumes from the newest checkpoint and every metrics line, the tool counters
+    included, equals the uninterrupted run's (a multi-turn rollout lives inside its step: fresh engine
+    state and environments, the step's key)."""
+    from test_resume import _complete_lines, assert_reproduces, run_and_kill
+    from test_train_script import assert_ok, checkpoint_steps, metric_lines, train
+
+    config = f"--config={CONFIG}:runlocal"
+    reference = tmp_path / "reference"
+    assert_ok(train(reference, *TOOL_RUN, cache=xla_cache, config=config))
+    grpo = [x for x in metric_lines(reference) if x["stage"] == "grpo"]
+    assert len(grpo) == 4 and sum(x["env/num_steps"] for x in grpo) > 0
+    assert (
+        max(x["turns/observation_tokens_mean"] for x in grpo[1:]) > 0
+    )  # calls answered after the kill point
+    assert all(x["grad_norm"] > 0 and math.isfinite(x["loss"]) for x in grpo)
+
+    workdir = tmp_path / "run"
+
+    def ready():
+        lines = _complete_lines(workdir)
+        return 3 in checkpoint_steps(workdir) and any(x["stage"] == "grpo" and x["step"] == 4 for x in lines)
+
+    run_and_kill(
+        workdir,
+        tmp_path / "killed.log",
+        xla_cache,
+        ready,
+        config=config,
+        overrides=TOOL_RUN,
+        HANG_AFTER="grpo:4",
+    )
+    result = train(workdir, *TOOL_RUN, cache=xla_cache, config=config)
+    assert_ok(result)
+    assert_reproduces(workdir, reference)

@@ -117,12 +117,12 @@ class TurnRollouts:
         """B prompts' G multi-turn samples under `params`: prompts {"prompt_tokens", "prompt_mask" [B, P]}
         (left-padded, in the batch layout); rng: the rows' streams, as `sampling.generate`'s; respond: the
         host's answer to paused rows (`Responder`). -> (`sampling.Rollout` with `loss_mask`, turns [N]
-        int32: each row's answered tool calls, stats {"decode_calls", "decode_iterations", "respond_s"})."""
+        int32: each row's pauses, stats {"decode_calls", "decode_iterations", "respond_time_s"})."""
         engine, geom = self.engine, self.geom
         d, slots_per_shard, g = engine.d, geom.slots, geom.group
         rows_per_shard = engine.target * g
         st = engine.enqueue(engine.init(), params, dict(prompts), rng, version)
-        iterations, calls, respond_s = 0, 0, 0.0
+        iterations, calls, respond_time_s = 0, 0, 0.0
         while True:
             st, ran = engine.decode(st, params, version, _NO_LIMIT)
             iterations, calls = iterations + int(ran), calls + 1
@@ -136,7 +136,7 @@ class TurnRollouts:
             turns = [last_turn(tokens[s, items[s, k]], generated[s, items[s, k]], t[s, k]) for s, k in where]
             start = time.monotonic()
             answers = list(respond(rows, turns))
-            respond_s += time.monotonic() - start
+            respond_time_s += time.monotonic() - start
             if len(answers) != len(rows):
                 raise ValueError(f"respond answered {len(answers)} of {len(rows)} paused rows")
             width = max(geom.observation_len, 1)
@@ -150,7 +150,7 @@ class TurnRollouts:
             st = engine.resume(st, observations, lengths, end)
         st, handout = engine.hand_out(st, iterations)
         del st
-        stats = {"decode_calls": calls, "decode_iterations": iterations, "respond_s": respond_s}
+        stats = {"decode_calls": calls, "decode_iterations": iterations, "respond_time_s": respond_time_s}
         return handout.rollout, handout.stats["turns"], stats
 
 
@@ -314,7 +314,7 @@ class TurnSampler:
         self.stats = {
             **self.responder.stats,
             **{f"turns/{k}": float(v) for k, v in stats.items()},
-            "turns/tool_calls_mean": float(self.turns.mean()),
+            "turns/pauses_mean": float(self.turns.mean()),
             "turns/observation_tokens_mean": float(observation.mean()),
         }
         return rollout
