@@ -522,7 +522,16 @@ def advance(
             page_table=constrain_slots(jnp.where(take[:, None], st.prompt_table[entry], st.page_table)),
         )
 
-    def iteration(st: EngineState) -> EngineState:
+    def copies(st: EngineState) -> jax.Array:
+        """[S] bool: live slots feeding their row's first token onto a partly filled prompt page."""
+        live = (st.item < nq) & ~st.paused
+        prompt_len = st.prompt_lengths[jnp.minimum(st.item, nq - 1) // g]
+        return live & (st.t == 1) & (prompt_len % ps > 0)
+
+    def iteration(st: EngineState, any_copy) -> EngineState:
+        """One iteration; `any_copy` (unbatched: computed over every data shard) says whether some slot
+        copies a page, so under `vmap` the copy stays a real `cond`, not a select of the whole pages array
+        every iteration."""
         live = (st.item < nq) & ~st.paused
         item = jnp.minimum(st.item, nq - 1)
         entry = item // g
@@ -532,8 +541,7 @@ def advance(
         # row's first token on a partly filled prompt page takes a copy of that page (copy-on-write).
         prompt_len = st.prompt_lengths[entry]
         pos = prompt_len + st.t - 1
-        tail = prompt_len % ps
-        copy = live & (st.t == 1) & (tail > 0)
+        copy = copies(st)
         need = live & ((pos % ps == 0) | copy)
         pool, new_page = paged_cache.pop_pages(st.pool, need)
         column = pos // ps
@@ -541,7 +549,7 @@ def advance(
         tail_page = st.prompt_pages[entry, jnp.minimum(prompt_len // ps, geom.prompt_pages - 1)]
         copy_src, copy_dst = jnp.where(copy, tail_page, scratch), jnp.where(copy, new_page, scratch)
         pages = jax.lax.cond(
-            jnp.any(copy),
+            any_copy,
             lambda p: paged_cache.copy_pages(p, copy_src, copy_dst, num_pages, num_layers),
             lambda p: p,
             st.pages,
@@ -648,10 +656,15 @@ def advance(
         work = admissible | jnp.any((st.item < nq) & ~st.paused)
         return work & (jnp.sum(complete_groups(st), dtype=jnp.int32) < target)
 
-    admit_all = admit
+    admit_all, any_copy = admit, lambda st: jnp.any(copies(st))
     if vmap is not None:
-        iteration, admit_all, shard_wants_more = vmap(iteration), vmap(admit), vmap(wants_more)
+        iteration, admit_all, shard_wants_more = (
+            vmap(iteration, in_axes=(0, None)),
+            vmap(admit),
+            vmap(wants_more),
+        )
         wants_more = lambda st: jnp.any(shard_wants_more(st))  # noqa: E731
+        any_copy = lambda st: jnp.any(vmap(copies)(st))  # noqa: E731
 
     def cond(carry):
         st, used = carry
@@ -659,7 +672,7 @@ def advance(
 
     def body(carry):
         st, used = carry
-        return iteration(st), used + 1
+        return iteration(st, any_copy(st)), used + 1
 
     st, _ = jax.lax.while_loop(cond, body, (admit_all(st), jnp.asarray(0, jnp.int32)))
     return st
