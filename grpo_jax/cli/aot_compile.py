@@ -2,7 +2,7 @@
 
     python scripts/aot_compile.py --config=configs/NAME.py --topology=v5e:4x4 [--config.a.b=value ...]
         [--model_preset=qwen2.5-7b] [--activation_sharding=batch] [--programs=sampler,grpo_step]
-        [--out=FILE.json]
+        [--out=FILE.json] [--config.sampler_mesh="(replica,tensor)" --sampler_topology=v5e:8x8]
 
 Nothing runs and no weights are read: parameters, optimizer state and batches are
 `jax.ShapeDtypeStruct`s carrying the shardings the trainer would give them on the config's mesh
@@ -16,6 +16,13 @@ devices). The programs are the ones `scripts/train.py` compiles for the config's
   In-graph rule rewards are not compiled (they need the tokenizer; their cost is a few element-wise ops
   over [N, L] tokens); the rewards enter as the `host_rewards` array instead. A reward model
   (`reward_model_from`) is not included either.
+
+With `config.sampler_mesh` (asynchronous GRPO: the sampler on its own chips, docs/ARCHITECTURE.md) and
+`--sampler_topology`, the sampler's programs compile on the sampler's (replica, 1, tensor) mesh over that
+topology, on weights in the compute dtype (what the weight sync lands there), the step on `--topology`
+with `config.mesh`, and the report gains `sampler_mesh`, each program's `mesh` and `weight_sync` (bytes
+per chip, from the shardings). Each side is its own slice: libtpu compiles a program only over a whole
+topology's device ids, so half of one topology is not expressible.
 
 Needs libtpu (`pip install -e ".[tpu]"`): the TPU compiler runs on the CPU against compile-only
 devices from `jax.experimental.topologies.get_topology_desc`. Topology names are
