@@ -195,6 +195,16 @@ def test_the_mirror_moves_weights_between_meshes_as_device_put_does():
     assert [pairs[d] for d in sampler_mesh.devices.flat] == devices[:4]
     with pytest.raises(ValueError, match="must be the same multiple of its sampler devices"):
         mirror_mesh(devices[:3], sampler_mesh)
+    # twice the trainer's devices: two mirror copies, the first one's chips send
+    small = sharding.make_sampler_mesh((1, 2), devices[6:])
+    mirror, pairs = mirror_mesh(devices[:4], small)
+    assert dict(mirror.shape)[MIRROR_AXIS] == 2 and [pairs[d] for d in small.devices.flat] == devices[:2]
+    targets = models.model_param_shardings(small, config)
+    tree = {k: v for k, v in params.items() if k != "scalar"}
+    moved, direct = move_to(tree, targets, via_mirror=True), jax.device_put(tree, targets)
+    for a, b in zip(jax.tree_util.tree_leaves(moved), jax.tree_util.tree_leaves(direct), strict=True):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_in_flight_batches_are_not_in_the_checkpointed_data_position():
