@@ -246,21 +246,27 @@ def verdict(summary: dict, result: dict, load: float, cores: int) -> str:
     text = (
         f"the k = 1 step ({summary['k1_step_s']:.2f} s) sits at {position:.2f} between max(sample, train) "
         f"({summary['max_s']:.2f} s) and their sum ({summary['sum_s']:.2f} s): "
-        + ("it overlaps. " if overlapped else "**no overlap on this host.** ")
+        + (
+            "it overlaps. "
+            if overlapped
+            else "**little overlap on this host.** "
+            if position < 0.9
+            else "**no overlap on this host.** "
+        )
     )
     if trace:
         text += (
             f"The runtime did run the two devices' programs at the same time ({trace['both_s']:.2f} s of "
             f"{trace['window_s']:.2f} s in the trace), "
         )
-    text += f"but two programs together take {probe:.2f}× one alone (the probe), " if not overlapped else ""
     if not overlapped:
+        text += f"and two programs together took {probe:.2f}× one alone (the probe). "
         text += (
-            f"so side by side they only share the cores (load average {load:.1f} on {cores} cores"
-            + (": no free core for the second program" if load >= cores - 1 else "")
-            + "), and the pipeline cannot shorten the step here."
-            if probe > 1.3
-            else "so the cores were free; the step is bound elsewhere (host work between the programs)."
+            f"With a load average of {load:.1f} on {cores} cores there is no free core for the second "
+            "program: side by side the two only share the cores, and the pipeline cannot shorten the step "
+            "on this host."
+            if load >= cores or probe > 1.3
+            else "The cores were free, so the step is bound elsewhere (host work between the programs)."
         )
     return text
 
@@ -309,6 +315,14 @@ def write(report: dict) -> None:
                 f"Profiler trace of 3 steady k = 1 steps ({t['window_s']:.2f} s): XLA:CPU runtime threads "
                 f"executing: {per_thread}; two of them at the same time: {t['both_s']:.2f} s."
             )
+    for run in report.get("previous_runs", []):
+        lines += [
+            "",
+            f"An earlier run of the same command ({run['date_utc']}, load average {run['load_average']:.2f} "
+            "at the start), k = 1 step against k = 0: "
+            + ", ".join(f"`{name}` {speedup:.2f}×" for name, speedup in run["speedup"].items())
+            + ".",
+        ]
     with open(OUT + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -347,6 +361,16 @@ def main() -> None:
         report["results"][threads] = run_child(threads, args)
     report["load_average_end"] = list(os.getloadavg())
     report["summary"] = {name: summarise(r) for name, r in report["results"].items()}
+    if os.path.exists(OUT + ".json") and (args.write or args.threads == "one,default"):
+        with open(OUT + ".json") as f:  # the runs before this one stay listed (their speedups)
+            before = json.load(f)
+        report["previous_runs"] = before.get("previous_runs", []) + [
+            {
+                "date_utc": before["date_utc"],
+                "load_average": before["load_average_start"][0],
+                "speedup": {name: s["speedup"] for name, s in before["summary"].items()},
+            }
+        ]
     print(json.dumps(report["summary"]))
     if args.write or args.threads == "one,default":
         write(report)
