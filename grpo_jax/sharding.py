@@ -113,8 +113,13 @@ def sampler_mesh_shape(shape, what: str = "config.sampler_mesh") -> tuple[int, i
 
 
 def split_devices(devices, sampler_shape, what: str = "config.sampler_mesh") -> tuple[list, list]:
-    """(trainer devices, sampler devices): the sampler takes the LAST replica × tensor devices of
-    `devices` (in their order), the trainer the rest. Raises one line when none would be left."""
+    """(trainer devices, sampler devices), each in `devices`' order. One host (every device's
+    `process_index` the same): the sampler takes the LAST replica × tensor devices, the trainer the rest.
+    Several hosts: every host gives the sampler the last replica × tensor / hosts of ITS devices and keeps
+    the rest for the trainer, so each process holds devices of both meshes and takes part in every
+    transfer between them (multi-controller JAX: every process issues the same programs and copies;
+    docs/ARCHITECTURE.md, "Asynchronous GRPO"). Raises one line when none would be left for the trainer
+    or the sampler's devices do not divide over the hosts."""
     devices = list(devices)
     replica, tensor = sampler_mesh_shape(sampler_shape, what)
     wanted = replica * tensor
@@ -123,7 +128,20 @@ def split_devices(devices, sampler_shape, what: str = "config.sampler_mesh") -> 
             f"{what}={(replica, tensor)} takes {wanted} devices and leaves none of the {len(devices)} "
             "for the trainer's config.mesh"
         )
-    return devices[:-wanted], devices[-wanted:]
+    hosts: dict[int, list] = {}
+    for d in devices:
+        hosts.setdefault(getattr(d, "process_index", 0), []).append(d)
+    if len(hosts) == 1:
+        return devices[:-wanted], devices[-wanted:]
+    per_host = wanted // len(hosts)
+    sizes = {len(h) for h in hosts.values()}
+    if wanted % len(hosts) or len(sizes) != 1 or per_host >= min(sizes):
+        raise ValueError(
+            f"{what}={(replica, tensor)}: its {wanted} devices must split evenly over the {len(hosts)} "
+            f"processes, leaving each some of its {sorted(sizes)} devices for the trainer"
+        )
+    taken = {d for key in sorted(hosts) for d in hosts[key][-per_host:]}
+    return [d for d in devices if d not in taken], [d for d in devices if d in taken]
 
 
 def make_sampler_mesh(sampler_shape, devices) -> Mesh:

@@ -130,3 +130,41 @@ def test_the_engine_on_the_pallas_paged_kernel_compiles_for_a_tpu():
         assert "tpu_custom_call" in program["custom_calls"], name
         assert program["xla_bytes_accessed"] > 0, name
     assert any("engine_step: fits" in line for line in printed)
+
+
+def test_a_sampler_mesh_compiles_the_sampler_on_its_own_slice_with_bf16_weights():
+    """--config.sampler_mesh with --sampler_topology: the step on the trainer's slice (v5e:2x2, mesh
+    4 × 1 × 1), the sampler on its own (v5e:2x2 as 2 replicas × 2 tensor) with the weights in the compute
+    dtype, and the weight sync's bytes per chip: each sampler chip receives its tensor slice, each trainer
+    chip casts the copy it holds (replicated on a data-parallel mesh). Without the topology, one line."""
+    split = (
+        *SMALL,
+        "--config.model.dtype=bfloat16",
+        "--config.sampler_mesh=(2,2)",
+        "--sampler_topology=v5e:2x2",
+    )
+    report, printed = aot(*split, "--programs=sampler,grpo_step")
+    assert report["sampler_mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+    assert report["programs"]["sampler"]["mesh"] == report["sampler_mesh"]
+    assert report["programs"]["grpo_step"]["mesh"] == report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert all(p["fits"] for p in report["programs"].values())
+    sync = report["weight_sync"]
+    assert sync["dtype"] == "bfloat16" and sync["mirror_copies"] == 1
+    assert sync["received_bytes_per_sampler_chip"] < sync["total_bytes"]  # a tensor slice, not the whole
+    assert sync["cast_shard_bytes_per_trainer_chip"] == sync["total_bytes"]  # data-parallel: replicated
+    # the sampler's arguments are the bf16 weights: half the fp32 ones the co-located sampler takes
+    colocated, _ = aot(*SMALL, "--config.model.dtype=bfloat16", "--programs=sampler")
+    weights = lambda r: r["programs"]["sampler"]["unpadded_input_bytes_per_device"]
+    assert weights(report) < weights(colocated)
+    assert any(line.startswith("split: trainer mesh") for line in printed)
+    result = subprocess.run(
+        [sys.executable, SCRIPT, *SMALL, "--config.sampler_mesh=(2,2)"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert (
+        "--sampler_topology and --config.sampler_mesh go together" in result.stderr.strip().splitlines()[-1]
+    )

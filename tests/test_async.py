@@ -152,6 +152,61 @@ def test_weight_sync_casts_each_shard_in_place_and_lands_in_the_sampler_sharding
     np.testing.assert_array_equal(np.asarray(second.params["embed"]), np.asarray(first.params["embed"]) * 2)
 
 
+def test_on_several_hosts_every_host_gives_the_sampler_its_last_devices():
+    """Two hosts of 4 (fake) devices, a 2 x 2 sampler: each host keeps its first 2 for the trainer and gives
+    its last 2 to the sampler, so every process holds devices of both meshes; one line when the sampler's
+    devices do not split evenly over the hosts or leave a host none for the trainer."""
+    from test_sharding import FakeHostDevice
+
+    hosts = [FakeHostDevice(id=i, process_index=i // 4) for i in range(8)]
+    trainer_devices, sampler_devices = sharding.split_devices(hosts, (2, 2))
+    assert [d.id for d in trainer_devices] == [0, 1, 4, 5]
+    assert [d.id for d in sampler_devices] == [2, 3, 6, 7]
+    assert [d.id for d in sharding.split_devices(jax.devices(), (2, 2))[1]] == [4, 5, 6, 7]  # one host
+    uneven = [FakeHostDevice(id=i, process_index=int(i >= 4)) for i in range(6)]  # hosts of 4 and 2
+    for devices, shape in ((hosts, (3, 1)), (uneven, (2, 1))):
+        with pytest.raises(ValueError, match="must split evenly over the 2 processes") as error:
+            sharding.split_devices(devices, shape)
+        assert "\n" not in str(error.value)
+
+
+def test_the_mirror_moves_weights_between_meshes_as_device_put_does():
+    """`move_to`'s several-process path, forced in one process: a `device_put` onto the sampler's layout
+    mirrored on the trainer's own devices, then each slice copied chip to chip to its paired sampler
+    device. Leaf by leaf it equals `jax.device_put` (shardings and values), replicated arrays included;
+    each sampler device's source is the trainer device at its place in the mirror."""
+    from grpo_jax.rollout.weight_sync import MIRROR_AXIS, mirror_mesh, move_to
+
+    config = tiny_model_config()
+    devices = jax.devices()
+    trainer_mesh = sharding.make_mesh((1, 4, 1), devices[:4])
+    sampler_mesh = sharding.make_sampler_mesh((2, 2), devices[4:])
+    params = models.init_sharded_params(config, jax.random.key(0), trainer_mesh)
+    params["scalar"] = jax.device_put(np.float32(3.0), sharding.replicated(trainer_mesh))
+    targets = dict(
+        models.model_param_shardings(sampler_mesh, config), scalar=sharding.replicated(sampler_mesh)
+    )
+    moved, direct = move_to(params, targets, via_mirror=True), jax.device_put(params, targets)
+    for a, b in zip(jax.tree_util.tree_leaves(moved), jax.tree_util.tree_leaves(direct), strict=True):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    mirror, pairs = mirror_mesh(devices[:4], sampler_mesh)
+    assert dict(mirror.shape) == {MIRROR_AXIS: 1, "data": 2, "fsdp": 1, "tensor": 2}
+    assert [pairs[d] for d in sampler_mesh.devices.flat] == devices[:4]
+    with pytest.raises(ValueError, match="must be the same multiple of its sampler devices"):
+        mirror_mesh(devices[:3], sampler_mesh)
+    # twice the trainer's devices: two mirror copies, the first one's chips send
+    small = sharding.make_sampler_mesh((1, 2), devices[6:])
+    mirror, pairs = mirror_mesh(devices[:4], small)
+    assert dict(mirror.shape)[MIRROR_AXIS] == 2 and [pairs[d] for d in small.devices.flat] == devices[:2]
+    targets = models.model_param_shardings(small, config)
+    tree = {k: v for k, v in params.items() if k != "scalar"}
+    moved, direct = move_to(tree, targets, via_mirror=True), jax.device_put(tree, targets)
+    for a, b in zip(jax.tree_util.tree_leaves(moved), jax.tree_util.tree_leaves(direct), strict=True):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_in_flight_batches_are_not_in_the_checkpointed_data_position():
     class Counter:
         def __init__(self):

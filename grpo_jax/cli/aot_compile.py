@@ -2,7 +2,7 @@
 
     python scripts/aot_compile.py --config=configs/NAME.py --topology=v5e:4x4 [--config.a.b=value ...]
         [--model_preset=qwen2.5-7b] [--activation_sharding=batch] [--programs=sampler,grpo_step]
-        [--out=FILE.json]
+        [--out=FILE.json] [--config.sampler_mesh="(replica,tensor)" --sampler_topology=v5e:8x8]
 
 Nothing runs and no weights are read: parameters, optimizer state and batches are
 `jax.ShapeDtypeStruct`s carrying the shardings the trainer would give them on the config's mesh
@@ -16,6 +16,13 @@ devices). The programs are the ones `scripts/train.py` compiles for the config's
   In-graph rule rewards are not compiled (they need the tokenizer; their cost is a few element-wise ops
   over [N, L] tokens); the rewards enter as the `host_rewards` array instead. A reward model
   (`reward_model_from`) is not included either.
+
+With `config.sampler_mesh` (asynchronous GRPO: the sampler on its own chips, docs/ARCHITECTURE.md) and
+`--sampler_topology`, the sampler's programs compile on the sampler's (replica, 1, tensor) mesh over that
+topology, on weights in the compute dtype (what the weight sync lands there), the step on `--topology`
+with `config.mesh`, and the report gains `sampler_mesh`, each program's `mesh` and `weight_sync` (bytes
+per chip, from the shardings). Each side is its own slice: libtpu compiles a program only over a whole
+topology's device ids, so half of one topology is not expressible.
 
 Needs libtpu (`pip install -e ".[tpu]"`): the TPU compiler runs on the CPU against compile-only
 devices from `jax.experimental.topologies.get_topology_desc`. Topology names are
@@ -89,6 +96,13 @@ _ACTIVATION_SHARDING = flags.DEFINE_enum(
     "(data, fsdp), a stand-in for a hook the model code does not have yet (docs/SCALING.md): without it "
     "XLA shards the residual stream like the embedding table (on its hidden dimension over fsdp) and "
     "replicates the batch on every fsdp device.",
+)
+_SAMPLER_TOPOLOGY = flags.DEFINE_string(
+    "sampler_topology",
+    "",
+    "With --config.sampler_mesh=(replica,tensor): the TPU topology of the sampler's own slice (its mesh "
+    "takes all of its chips); the step compiles on --topology with config.mesh. A split of ONE topology's "
+    "chips is not expressible here: libtpu compiles a program only over a whole topology's device ids.",
 )
 _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "HBM per device in GiB (default: from the chip kind).")
 _OUT = flags.DEFINE_string("out", "", "Also write the final JSON object to this file.")
@@ -171,6 +185,14 @@ def topology_devices(name: str):
         raise AotError(f"--topology={name}: {text}") from error
 
 
+def config_without_sampler_mesh(config):
+    """A copy of `config` whose `sampler_mesh` is None (the trainer's mesh then takes every device)."""
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        c.sampler_mesh = None
+    return c
+
+
 @contextlib.contextmanager
 def batch_sharded_embeddings(mesh):
     """Within the block, `grpo_jax.models.transformer.embed_tokens` returns its [B, T, D] output
@@ -239,9 +261,19 @@ class Programs:
 
 
 def build_programs(
-    config, stage: str, model_config, mesh, *, engine_decode_layout: bool = True, with_engine: bool = True
+    config,
+    stage: str,
+    model_config,
+    mesh,
+    *,
+    engine_decode_layout: bool = True,
+    with_engine: bool = True,
+    sampler_dtype=None,
 ) -> Programs:
-    """The sampler and the GRPO step as `scripts/train.py` builds them for `stage`, with abstract inputs."""
+    """The sampler and the GRPO step as `scripts/train.py` builds them for `stage`, with abstract inputs.
+    `sampler_dtype`: the sampler's params arrive in that dtype (a `config.sampler_mesh` run: the weight
+    sync casts them to the compute dtype before they land on the sampler's mesh); None: as the trainer
+    holds them (co-located)."""
     import jax
     import jax.numpy as jnp
 
@@ -336,6 +368,12 @@ def build_programs(
         prompt_batch["prompt_mask"],
         rng,
     )
+    if sampler_dtype is not None:
+        floating = lambda x: jnp.issubdtype(x.dtype, jnp.floating)
+        cast = lambda x: jax.ShapeDtypeStruct(
+            x.shape, sampler_dtype if floating(x) else x.dtype, sharding=x.sharding
+        )
+        sampler_args = (jax.tree_util.tree_map(cast, sampler_args[0]), *sampler_args[1:])
 
     # The step: the stage's optimizer and state layout (create_train_state), the batch rollout_to_batch
     # makes from the sampler's output, plus the host rewards and the debug switch the stage always adds.
@@ -499,6 +537,43 @@ def add_engine_programs(p: Programs, config, sample_kwargs: dict, params, *, dec
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
+def weight_sync_bytes(model_config, trainer_mesh, sampler_mesh) -> dict:
+    """What the weight sync (`rollout.weight_sync`) moves per policy version, per chip, from the
+    shardings (nothing to compile: the cast is elementwise and the copies are transfers): the weights in
+    the compute dtype, the trainer chip's own cast shard, the slice each sampler chip receives, and, on
+    several hosts, the mirror on the trainer chips (`mirror_mesh`: each trainer chip paired with a sampler
+    chip of its host gathers that chip's slice from its fsdp peers, then copies it across)."""
+    import jax
+    import jax.numpy as jnp
+
+    from grpo_jax import models
+
+    dtype = jnp.dtype(model_config.compute_dtype)
+    shapes = jax.eval_shape(lambda k: models.init_params(model_config, k), jax.random.key(0))
+    cast = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
+        shapes,
+    )
+    total = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cast))
+    own = _per_device_bytes(_sds(cast, models.model_param_shardings(trainer_mesh, model_config)))
+    received = _per_device_bytes(_sds(cast, models.model_param_shardings(sampler_mesh, model_config)))
+    trainer_chips, sampler_chips = trainer_mesh.devices.size, sampler_mesh.devices.size
+    out = {
+        "dtype": str(dtype),
+        "total_bytes": int(total),
+        "cast_shard_bytes_per_trainer_chip": own,
+        "received_bytes_per_sampler_chip": received,
+    }
+    if trainer_chips % sampler_chips == 0:  # every host splits its chips in this ratio (split_devices)
+        out.update(
+            mirror_copies=trainer_chips // sampler_chips,
+            mirror_bytes_per_trainer_chip=received,  # held while it moves: one sampler chip's slice
+            mirror_gathered_bytes_per_trainer_chip=max(received - own, 0),  # at least, over the trainer's ICI
+            copied_bytes_per_chip_pair=received,  # trainer chip -> its paired sampler chip
+        )
+    return out
+
+
 def bytes_from_oom(message: str) -> int | None:
     """The memory the TPU compiler said a program needs, from its RESOURCE_EXHAUSTED message, e.g.
     'the total memory required for HLO temporaries (20.00G) exceeds available HBM (15.75G)' or
@@ -596,8 +671,12 @@ def run(
     hbm_gib: float = 0.0,
     activation_sharding: str = "none",
     engine_decode_layout: bool = True,
+    sampler_topology: str = "",
 ) -> dict:
-    """Resolve the config, model, topology and mesh, compile `programs`, print and return the report."""
+    """Resolve the config, model, topology and mesh, compile `programs`, print and return the report.
+    With `config.sampler_mesh` and `sampler_topology`: the sampler's programs (sampler, engine,
+    engine_step) on the sampler's mesh over that topology, on weights in the compute dtype, the step on
+    `topology`, and the weight sync's bytes per chip (`weight_sync_bytes`)."""
     from grpo_jax.flops import TPU_CHIPS
     from grpo_jax.training import setup
 
@@ -613,10 +692,29 @@ def run(
     if not hbm:
         raise AotError(f"unknown HBM size for {kind!r}: pass --hbm_gib")
     hbm_bytes = int(hbm * GIB)
+    sampler_mesh = None
     try:
-        mesh = setup.build_mesh(config, devices)  # config.mesh, split over slices by config.dcn_mesh
+        mesh = setup.build_mesh(config_without_sampler_mesh(config), devices)  # split by config.dcn_mesh
+        shape = setup.sampler_mesh_setting(config)
     except ValueError as error:
         raise AotError(f"config.mesh: {error}") from error
+    if (shape is None) != (not sampler_topology):
+        raise AotError(
+            "--sampler_topology and --config.sampler_mesh go together: the sampler's slice compiles as its "
+            "own topology (libtpu compiles a program only over a whole topology's chips)"
+        )
+    if shape is not None:
+        from grpo_jax import sharding
+
+        sampler_devices = topology_devices(sampler_topology)
+        if sampler_devices[0].device_kind != kind:
+            raise AotError(
+                f"--sampler_topology={sampler_topology}: {sampler_devices[0].device_kind}, not {kind}"
+            )
+        try:
+            sampler_mesh = sharding.make_sampler_mesh(shape, sampler_devices)
+        except ValueError as error:
+            raise AotError(f"--sampler_topology={sampler_topology}: {error}") from error
     with contextlib.ExitStack() as stack:
         if activation_sharding == "batch":
             stack.enter_context(batch_sharded_embeddings(mesh))
@@ -634,6 +732,7 @@ def run(
             model_config,
             activation_sharding,
             engine_decode_layout,
+            sampler_mesh,
         )
 
 
@@ -649,6 +748,7 @@ def _compile_all(
     model_config,
     activation_sharding,
     engine_decode_layout=True,
+    sampler_mesh=None,
 ) -> dict:
     import jax
 
@@ -660,6 +760,19 @@ def _compile_all(
     p = build_programs(
         config, stage, model_config, mesh, engine_decode_layout=engine_decode_layout, with_engine=with_engine
     )
+    # With config.sampler_mesh the sampler's programs compile on its own mesh, on bf16 weights (what the
+    # weight sync lands there); the step on the trainer's mesh.
+    ps = p
+    if sampler_mesh is not None:
+        ps = build_programs(
+            config,
+            stage,
+            model_config,
+            sampler_mesh,
+            engine_decode_layout=engine_decode_layout,
+            with_engine=with_engine,
+            sampler_dtype=model_config.compute_dtype,
+        )
 
     report = {
         "topology": topology,
@@ -710,7 +823,19 @@ def _compile_all(
         "programs": {},
     }
     if with_engine:
-        report["engine"] = p.engine_info
+        report["engine"] = ps.engine_info
+    if sampler_mesh is not None:
+        report["sampler_mesh"] = dict(sampler_mesh.shape)
+        report["weight_sync"] = weight_sync_bytes(model_config, mesh, sampler_mesh)
+    if sampler_mesh is not None:
+        sync = report["weight_sync"]
+        print(
+            f"split: trainer mesh {dict(mesh.shape)} on {mesh.devices.size} chips, sampler mesh "
+            f"{dict(sampler_mesh.shape)} on {sampler_mesh.devices.size}; weight sync "
+            f"{_gib(sync['total_bytes'])} in {sync['dtype']}: "
+            f"{_gib(sync['received_bytes_per_sampler_chip'])} into each sampler chip",
+            flush=True,
+        )
     print(
         f"{topology}: {len(devices)} x {kind}, {_gib(hbm_bytes)} HBM each; mesh {dict(mesh.shape)}; "
         f"model {model_config.num_params() / 1e9:.2f} B params ({model_config.param_dtype} weights, "
@@ -727,7 +852,7 @@ def _compile_all(
         "engine": grpo_sampler_flops(*shape),
     }
     if with_engine:  # one decode step over every slot of every shard, the attention over a full table
-        info = p.engine_info
+        info = ps.engine_info
         analytic["engine_step"] = decode_step_costs(
             p.model_config,
             info["shards"] * info["slots_per_shard"],
@@ -735,15 +860,17 @@ def _compile_all(
             info["max_pages"] * info["page_size"],
         )["flops_full_cache"]
     inputs = {
-        "sampler": (p.sampler, p.sampler_args),
+        "sampler": (ps.sampler, ps.sampler_args),
         "grpo_step": (p.step, p.step_args),
-        "engine": (p.engine, p.sampler_args),
-        "engine_step": (p.engine_step, p.engine_step_args),
+        "engine": (ps.engine, ps.sampler_args),
+        "engine_step": (ps.engine_step, ps.engine_step_args),
     }
     for name in programs:
         fn, args = inputs[name]
         result = compile_program(fn, args, hbm_bytes)
         result["analytic_flops"] = analytic[name]
+        if sampler_mesh is not None:
+            result["mesh"] = dict((mesh if name == "grpo_step" else sampler_mesh).shape)
         report["programs"][name] = result
         verdict = "fits" if result["fits"] else "DOES NOT FIT"
         peak = _gib(result["peak_bytes_per_device"])
@@ -777,6 +904,7 @@ def main(argv):
             hbm_gib=_HBM_GIB.value,
             activation_sharding=_ACTIVATION_SHARDING.value,
             engine_decode_layout=_ENGINE_DECODE_LAYOUT.value,
+            sampler_topology=_SAMPLER_TOPOLOGY.value,
         )
     except AotError as error:
         _fail(error)

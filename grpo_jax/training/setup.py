@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import math
 import os
 from typing import Any
 
@@ -188,10 +189,11 @@ def sampler_mesh_setting(config) -> tuple[int, int] | None:
 def build_meshes(config, devices=None):
     """(trainer mesh, sampler mesh or None). Without `config.sampler_mesh`: `config.mesh` over all
     `devices`, and None (co-located: the sampler decodes on the trainer's mesh). With it: the sampler's
-    ("replica", "tensor") mesh over the last replica × tensor devices (`sharding.make_sampler_mesh`) and
-    `config.mesh` over the rest (docs/ARCHITECTURE.md, "Asynchronous GRPO"). One-line errors when the
-    device counts do not add up, with a `config.dcn_mesh` over several slices, or on several processes
-    (both not built yet)."""
+    ("replica", "tensor") mesh over the last replica × tensor devices, on several processes the last of
+    each process's devices (`sharding.split_devices`, `sharding.make_sampler_mesh`), and `config.mesh`
+    over the rest (docs/ARCHITECTURE.md, "Asynchronous GRPO"). One-line errors when the device counts do
+    not add up, with a `config.dcn_mesh` over several slices (not built yet), or when the processes hold
+    different rows on the two meshes (`check_same_rows`)."""
     devices = list(jax.devices() if devices is None else devices)
     dcn = config.get("dcn_mesh")
     dcn = None if dcn is None else tuple(dcn)
@@ -203,10 +205,6 @@ def build_meshes(config, devices=None):
             f"config.sampler_mesh={shape} with config.dcn_mesh={dcn}: a multislice split is not built yet; "
             "drop one of them"
         )
-    if jax.process_count() > 1:
-        raise ValueError(
-            f"config.sampler_mesh={shape} runs in a single process for now ({jax.process_count()} processes)"
-        )
     trainer_devices, sampler_devices = sharding.split_devices(devices, shape)
     try:
         trainer = sharding.make_mesh(tuple(config.mesh), trainer_devices, dcn_shape=dcn)
@@ -215,7 +213,56 @@ def build_meshes(config, devices=None):
             f"config.mesh={tuple(config.mesh)} over the {len(trainer_devices)} devices that "
             f"config.sampler_mesh={shape} leaves of {len(devices)}: {error}"
         ) from None
-    return trainer, sharding.make_sampler_mesh(shape, sampler_devices)
+    sampler = sharding.make_sampler_mesh(shape, in_trainer_row_order(trainer, sampler_devices))
+    check_same_rows(trainer, sampler)
+    return trainer, sampler
+
+
+def in_trainer_row_order(trainer, sampler_devices) -> list:
+    """The sampler's devices with the processes in the order of the first batch row each holds on the
+    trainer's mesh (one process: unchanged), so the sampler's replicas take the processes' rows in the
+    trainer's order (`jax.make_mesh` lays a TPU slice's hosts out physically, not by process index)."""
+    processes = sorted({d.process_index for d in sampler_devices})
+    if len(processes) == 1:
+        return list(sampler_devices)
+    n = sharding.data_parallel_size(trainer)
+    first = {
+        p: int(
+            sharding.process_rows(trainer, n, [d for d in trainer.devices.flat if d.process_index == p])[0]
+        )
+        for p in processes
+    }
+    return sorted(sampler_devices, key=lambda d: first[d.process_index])  # stable: in order within a process
+
+
+def check_same_rows(trainer, sampler) -> None:
+    """On several processes each must hold the same rows of a batch on both meshes (a rollout comes back
+    to the trainer row by row, in each process, `RolloutStage.to_trainer`), and its trainer devices must
+    be a multiple of its sampler devices (the weight sync's mirror, `rollout.weight_sync.mirror_mesh`).
+    Raises one line otherwise; nothing to check on one process."""
+    processes = sorted(
+        {d.process_index for d in trainer.devices.flat} | {d.process_index for d in sampler.devices.flat}
+    )
+    if len(processes) == 1:
+        return
+    from grpo_jax.rollout.weight_sync import mirror_mesh
+
+    try:
+        mirror_mesh(list(trainer.devices.flat), sampler)
+    except ValueError as error:
+        raise ValueError(f"config.sampler_mesh: {error}") from None
+    n = math.lcm(sharding.data_parallel_size(trainer), sharding.data_parallel_size(sampler))
+    for p in processes:
+        rows = [
+            sharding.process_rows(m, n, [d for d in m.devices.flat if d.process_index == p]).tolist()
+            for m in (trainer, sampler)
+        ]
+        if rows[0] != rows[1]:
+            raise ValueError(
+                f"config.sampler_mesh with config.mesh={dict(trainer.shape)}: process {p} holds batch rows "
+                f"{rows[0]} of {n} on the trainer's mesh but {rows[1]} on the sampler's; lay the trainer's "
+                "batch axes out over the processes in order"
+            )
 
 
 def check_reference_dtype(config, name: str) -> None:

@@ -287,11 +287,24 @@ class RolloutStage(Stage):
         if self.run.sampler_mesh is None:
             return rollout
         mesh = self.run.mesh
-        return jax.tree_util.tree_map(
-            lambda x: jax.device_put(
-                x, sharding.batch_sharding(mesh, x.ndim) if x.ndim else sharding.replicated(mesh)
-            ),
-            rollout,
+        if jax.process_count() == 1:
+            return jax.tree_util.tree_map(
+                lambda x: jax.device_put(
+                    x, sharding.batch_sharding(mesh, x.ndim) if x.ndim else sharding.replicated(mesh)
+                ),
+                rollout,
+            )
+        # Several processes: JAX does not copy between disjoint device sets there. Each process holds the
+        # same rows on both meshes (`setup.build_meshes` checks it), so it reads its rows from its sampler
+        # chips and places them on its trainer chips (a few MB per step: tokens, logprobs, masks).
+        from grpo_jax.rollout.weight_sync import move_to
+
+        leaves, treedef = jax.tree_util.tree_flatten(rollout)
+        rows_of = [x for x in leaves if x.ndim]
+        rows, values = sharding.local_rows(rows_of, self.run.sampler_mesh)
+        placed = iter(sharding.from_local_rows(values, rows, mesh, rows_of[0].shape[0]))
+        return jax.tree_util.tree_unflatten(
+            treedef, [next(placed) if x.ndim else move_to(x, sharding.replicated(mesh)) for x in leaves]
         )
 
     def dispatch_rollout(self, params, prompts, num_samples: int, temperature: float, rng):
@@ -300,7 +313,12 @@ class RolloutStage(Stage):
         mesh = self.sampler_mesh
         placed = sharding.shard_batch({k: prompts[k] for k in ("prompt_tokens", "prompt_mask")}, mesh)
         if self.run.sampler_mesh is not None:  # the key is the trainer state's: a copy on the sampler mesh
-            rng = jax.device_put(rng, sharding.replicated(mesh))
+            from grpo_jax.rollout.weight_sync import move_to
+
+            impl = jax.random.key_impl(rng)
+            rng = jax.random.wrap_key_data(
+                move_to(jax.random.key_data(rng), sharding.replicated(mesh)), impl=impl
+            )
         return setup.sampler_fn(self.run.config)(  # config.sampler: "static" or "engine"
             self.run.model_config,
             params,
