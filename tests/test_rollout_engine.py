@@ -348,6 +348,7 @@ def test_the_config_switch_routes_a_rollout_stage_through_the_engine(params, mon
             rollout_params=params,
             turn_sampler=None,
         )
+        stage.sampling_kwargs = lambda n, t, stage=stage: RolloutStage.sampling_kwargs(stage, n, t)
         _, rollouts[name] = RolloutStage.rollout(stage, state, prompts, 4, 1.0)
         assert len(calls[name]) == 1 and sum(map(len, calls.values())) == 1 + (name == "engine")
     assert rollouts == {"static": "static rollout", "engine": "engine rollout"}

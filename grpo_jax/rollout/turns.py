@@ -276,18 +276,18 @@ class TurnSampler:
         examples: Sequence[Mapping[str, Any]] | None = None,
     ) -> sampling.Rollout:
         batch, prompt_len = np.shape(prompt_tokens)
-        settings = dict(
-            num_samples=int(num_samples),
-            max_new_tokens=int(max_new_tokens),
-            temperature=float(temperature),
-            top_p=float(top_p),
-            top_k=int(top_k),
-            eos_id=int(eos_id),
-            stop_ids=tuple(int(i) for i in stop_ids),
-            min_new_tokens=int(min_new_tokens),
-            pad_id=int(pad_id),
+        settings = sampling.static_settings(
+            num_samples=num_samples,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            eos_id=eos_id,
+            stop_ids=stop_ids,
+            min_new_tokens=min_new_tokens,
+            pad_id=pad_id,
         )
-        key = (model_config, batch, prompt_len, mesh, tuple(sorted(settings.items())))
+        key = (model_config, batch, prompt_len, mesh, int(eos_id), tuple(sorted(settings.items())))
         if key not in self._programs:
             self._programs[key] = TurnRollouts(
                 model_config,
@@ -299,6 +299,7 @@ class TurnSampler:
                 num_slots=self.num_slots,
                 page_size=self.page_size,
                 mesh=mesh,
+                eos_id=int(eos_id),
                 **settings,
             )
         rows = batch * settings["num_samples"]

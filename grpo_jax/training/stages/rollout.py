@@ -325,6 +325,13 @@ class RolloutStage(Stage):
             placed["prompt_tokens"],
             placed["prompt_mask"],
             rng,
+            **self.sampling_kwargs(num_samples, temperature),
+            mesh=mesh,
+        )
+
+    def sampling_kwargs(self, num_samples: int, temperature: float) -> dict:
+        """The stage's sampling settings in `sampling.generate`'s keywords (besides the mesh)."""
+        return dict(
             num_samples=num_samples,
             max_new_tokens=self.run.config.max_new_tokens,
             min_new_tokens=self.config.get("min_new_tokens", 0),
@@ -333,7 +340,6 @@ class RolloutStage(Stage):
             top_k=self.config.top_k,
             eos_id=self.run.tokenizer.eos_id,
             pad_id=self.run.tokenizer.pad_id,
-            mesh=mesh,
         )
 
     # Multi-turn rollouts with the stage's tools (`config.<stage>.env`; `grpo_jax.rollout.turns`), or None.
@@ -369,14 +375,7 @@ class RolloutStage(Stage):
             placed["prompt_tokens"],
             placed["prompt_mask"],
             rng,
-            num_samples=num_samples,
-            max_new_tokens=self.run.config.max_new_tokens,
-            min_new_tokens=self.config.get("min_new_tokens", 0),
-            temperature=temperature,
-            top_p=self.config.top_p,
-            top_k=self.config.top_k,
-            eos_id=self.run.tokenizer.eos_id,
-            pad_id=self.run.tokenizer.pad_id,
+            **self.sampling_kwargs(num_samples, temperature),
             mesh=self.run.mesh,
             **extra,
         )
