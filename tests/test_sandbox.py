@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -119,9 +120,10 @@ for address in [("127.0.0.1", {port}), ("1.1.1.1", 53)]:
 
 
 def test_no_writes_outside_the_working_dir_and_the_dir_is_thrown_away(backend, tmp_path):
-    target = tmp_path / "escaped.txt"
+    name = f"escaped-{uuid.uuid4().hex}.txt"  # a name of this run's own: no leftover can pass or fail it
+    target = tmp_path / name
     code = f"""
-for path in [{str(target)!r}, "/usr/escaped.txt", "/escaped.txt", "../escaped.txt"]:
+for path in [{str(target)!r}, "/usr/{name}", "/{name}", "../{name}"]:
     try:
         open(path, "w").write("x")
         print("wrote", path)
@@ -135,7 +137,7 @@ print("inside ok")
     assert result.returncode == 0, result.stderr
     assert set(_run_dirs()) == before  # the run's directory is gone
     assert "wrote" not in result.stdout and "inside ok" in result.stdout
-    assert not target.exists() and not Path("/escaped.txt").exists() and not Path("/usr/escaped.txt").exists()
+    assert not target.exists() and not Path(f"/{name}").exists() and not Path(f"/usr/{name}").exists()
 
 
 def test_project_files_and_parent_environment_are_invisible(backend, monkeypatch):
