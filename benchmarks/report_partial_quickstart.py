@@ -1,12 +1,13 @@
-"""Report of the partial-rollouts ablation on the quickstart (configs/ablations/partial_rollouts.py):
-held-out accuracy after SFT and after GRPO per point and seed, the reward's first and last 10 steps, step
-time, the share of fill places and the staleness of the trained tokens.
+"""Report of a staleness ablation on the quickstart: partial rollouts (configs/ablations/partial_rollouts.py,
+`--sweep=partial`) or pipelined rollouts k updates ahead (configs/ablations/off_policy.py,
+`--sweep=off_policy`): held-out accuracy after SFT and after GRPO per point and seed, the reward's first
+and last 10 steps, step time, the share of fill places and the staleness of the trained tokens.
 
     python scripts/sweep.py --config=configs/ablations/partial_rollouts.py --workdir=DIR --seeds=0,1,2
-    python benchmarks/report_partial_quickstart.py --workdir=DIR [--command="..."]
+    python benchmarks/report_partial_quickstart.py --workdir=DIR [--sweep=off_policy] [--command="..."]
 
 Reads DIR/<point>/seed<k>/{summary.json,metrics.jsonl}; writes benchmarks/partial_rollouts_quickstart.md
-(and prints it).
+or benchmarks/off_policy_quickstart.md (and prints it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import os
 import statistics
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "partial_rollouts_quickstart.md")
+HERE = os.path.dirname(os.path.abspath(__file__))
 POINTS = {
     "off": "`configs/quickstart.py` as it is (the engine, whole rollouts, DAPO dynamic sampling with "
     "refill).",
@@ -24,6 +25,27 @@ POINTS = {
     "the baseline partial rollouts can be combined with.",
     "on": "whole + `engine.rollout_token_budget=10` (L/4 of 40), `engine.num_slots=512`, "
     "`engine.max_inflight_groups=128`, `algo.is_correction=token_tis` (C = 2).",
+}
+
+
+OFF_POLICY_POINTS = {
+    f"k{k}": f"`grpo.off_policy_steps={k}`, co-located; every point without refill and with "
+    "`algo.is_correction=token_tis` (C = 2)"
+    for k in (0, 1, 2)
+}
+SWEEPS = {
+    "partial": dict(
+        points=POINTS,
+        title="Partial rollouts on the quickstart: learning curves, 3 seeds",
+        config="configs/ablations/partial_rollouts.py",
+        out="partial_rollouts_quickstart.md",
+    ),
+    "off_policy": dict(
+        points=OFF_POLICY_POINTS,
+        title="Pipelined rollouts k updates ahead on the quickstart: learning curves, 3 seeds",
+        config="configs/ablations/off_policy.py",
+        out="off_policy_quickstart.md",
+    ),
 }
 
 
@@ -49,9 +71,10 @@ def run_row(folder: str) -> dict:
     }
 
 
-def render(workdir: str, command: str) -> str:
+def render(workdir: str, command: str, sweep: str = "partial") -> str:
+    setting = SWEEPS[sweep]
     rows, gains = [], {}
-    for point in POINTS:
+    for point in setting["points"]:
         folder = os.path.join(workdir, point)
         if not os.path.isdir(folder):
             continue
@@ -63,13 +86,13 @@ def render(workdir: str, command: str) -> str:
             gains.setdefault(point, []).append(r["gain"])
             rows.append((point, seed_dir.removeprefix("seed"), r))
     lines = [
-        "# Partial rollouts on the quickstart: learning curves, 3 seeds",
+        f"# {setting['title']}",
         "",
         f"Made by `{command}`, reported by `python benchmarks/report_partial_quickstart.py "
-        "--workdir=DIR`, on a 2-core CPU shared with other jobs (wall times are not comparable with "
-        "benchmarks/quickstart.md).",
+        f"--workdir=DIR --sweep={sweep}`, on a 2-core CPU shared with other jobs (wall times are not "
+        "comparable with benchmarks/quickstart.md).",
         "",
-        *[f"- {name}: {text}" for name, text in POINTS.items()],
+        *[f"- {name}: {text}" for name, text in setting["points"].items()],
         "",
         "Held-out greedy pass@1 (500 problems) after SFT and after 225 GRPO steps:",
         "",
@@ -96,15 +119,16 @@ def render(workdir: str, command: str) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="the sweep's --workdir")
-    parser.add_argument(
-        "--command",
-        default="python scripts/sweep.py --config=configs/ablations/partial_rollouts.py --workdir=DIR "
-        "--seeds=0,1,2",
-    )
-    parser.add_argument("--out", default=OUT)
+    parser.add_argument("--sweep", choices=tuple(SWEEPS), default="partial")
+    parser.add_argument("--command", default="", help="the sweep's command (default: its config, 3 seeds)")
+    parser.add_argument("--out", default="", help="default: benchmarks/<the sweep's file>.md")
     args = parser.parse_args(argv)
-    text = render(args.workdir, args.command)
-    with open(args.out, "w") as f:
+    setting = SWEEPS[args.sweep]
+    command = (
+        args.command or f"python scripts/sweep.py --config={setting['config']} --workdir=DIR --seeds=0,1,2"
+    )
+    text = render(args.workdir, command, args.sweep)
+    with open(args.out or os.path.join(HERE, setting["out"]), "w") as f:
         f.write(text)
     print(text)
 
