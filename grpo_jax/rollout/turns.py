@@ -129,8 +129,7 @@ class TurnRollouts:
             paused = np.asarray(jax.device_get(st.paused))  # [D, S]
             if not paused.any():
                 break
-            items, t = np.asarray(jax.device_get(st.item)), np.asarray(jax.device_get(st.t))
-            tokens, generated = jax.device_get((st.tokens, st.generated))  # [D, NQ, L]
+            items, t, tokens, generated = jax.device_get((st.item, st.t, st.tokens, st.generated))
             where = np.argwhere(paused)  # [(shard, slot)]
             rows = [int(s * rows_per_shard + items[s, k]) for s, k in where]
             turns = [last_turn(tokens[s, items[s, k]], generated[s, items[s, k]], t[s, k]) for s, k in where]

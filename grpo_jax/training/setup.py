@@ -409,13 +409,19 @@ def sampler_fn(config):
     rollout_token_budget(config)  # checked wherever the sampler is: before anything is written
     if name == "static":
         return sampling.generate
+    return functools.partial(rollout_engine.generate, **engine_settings(config))
+
+
+def engine_settings(config) -> dict:
+    """`config.engine`'s slots and page size, checked (one line naming the key): {"num_slots": S or None
+    (one per row), "page_size"}, for every path that runs the engine (one-shot, partial, multi-turn)."""
     section = config.get("engine") or {}
     num_slots, page_size = section.get("num_slots", 0), section.get("page_size", 16)
     if not isinstance(num_slots, int) or num_slots < 0:
         raise ValueError(f"config.engine.num_slots must be an int >= 0 (0: one per row), got {num_slots!r}")
     if not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"config.engine.page_size must be an int >= 1, got {page_size!r}")
-    return functools.partial(rollout_engine.generate, num_slots=num_slots or None, page_size=page_size)
+    return {"num_slots": num_slots or None, "page_size": page_size}
 
 
 def stage_env(config, name: str):
@@ -440,14 +446,11 @@ def turn_sampler(config, env_config, tokenizer):
     engine's pages and slots settings (`config.engine`)."""
     from grpo_jax.rollout.turns import TurnSampler
 
-    sampler_fn(config)  # checks config.engine's keys
-    section = config.get("engine") or {}
     return TurnSampler(
         env_config,
         tokenizer,
         max_observation_tokens=env_config.max_observation_tokens,
-        page_size=section.get("page_size", 16),
-        num_slots=section.get("num_slots", 0) or None,
+        **engine_settings(config),
     )
 
 

@@ -186,14 +186,12 @@ class GRPOStage(RolloutStage):
         budget = setup.rollout_token_budget(run.config)
         if not budget:
             return None
-        engine = run.config.engine
         return PartialRollouts(
             run.model_config,
             prompts_per_step=sc.prompts_per_step,
             max_groups=setup.max_inflight_groups(run.config, sc.prompts_per_step),
-            num_slots=engine.get("num_slots", 0) or None,
             budget=budget,
-            page_size=engine.get("page_size", 16),
+            **setup.engine_settings(run.config),
             prompt_len=run.config.max_prompt_len,
             num_samples=self.num_samples,
             max_new_tokens=run.config.max_new_tokens,
