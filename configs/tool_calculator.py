@@ -12,7 +12,8 @@ the model never learns to write a tool's result) and the answer `<answer> 829569
 samples multi-turn rollouts in that environment (docs/ARCHITECTURE.md, "Tool use"): a turn ending in
 `</tool_call>` (one token of the run's tokenizer, which holds the tool tags as user-defined symbols) is
 answered by the calculator; a turn without a call is the final answer, scored by `math_accuracy`
-(`grpo.env_options.reward`). Two turns: the call, then the answer.
+(`grpo.env_options.reward`), plus a small reward (0.1) for a well-formed call (`call_reward`). Two turns:
+the call, then the answer.
 
 `get_sweep()` compares `tool` with `no_tool`: the same model, sequence budget, steps and batch, no
 environment, and demonstrations that do the work in writing (ArithmeticTask's partial products,
@@ -40,13 +41,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.max_answer_len = 10
     c.sft.update(num_examples=2000, max_len=120)
     c.grpo.update(
-        # In-graph rewards: none; the environment's reward (math_accuracy on the final turn) is the score
-        # (no reward for a well-formed call: the cold start already calls on every held-out prompt).
+        # In-graph rewards: none; the environment's reward is the score: math_accuracy on the final turn,
+        # plus call_reward for the trajectory's first well-formed call (parsed, known tool, no error).
         rewards=(),
         env="calculator",
         # describe_tools=False: the prompt is the task's alone (the demonstrations teach the call), so the
         # environment's first observation is the prompt the SFT stage trained on.
-        env_options=ml_collections.ConfigDict(dict(reward="math_accuracy", describe_tools=False)),
+        env_options=ml_collections.ConfigDict(
+            dict(reward="math_accuracy", describe_tools=False, call_reward=0.1)
+        ),
         tool_format="plain",  # the demonstrations' format (MultiplicationTask uses ToolFormat())
         max_observation_chars=64,  # a product of at most 7 digits, or a one-line error
         max_tool_turns=2,

@@ -267,6 +267,22 @@ def test_tool_env_turns_rewards_and_turn_limit():
     assert countdown.step("<answer>1 + 2</answer>")[1:3] == (1.0, True)
 
 
+def test_call_reward_pays_the_first_well_formed_call_only():
+    """`call_reward` (the issue's "small reward for well-formed calls"): a malformed call and a call that
+    errors earn nothing, the first good call earns it, a second good call nothing more; off by default."""
+    example = {"prompt": "What is 6 times 7?", "answer": "42"}
+    env = make_env("calculator", max_turns=6, call_reward=0.25)
+    env.reset(example)
+    rewards = [env.step(text)[1] for text in ("<tool_call>{oops}</tool_call>", CALL_42, CALL_42)]
+    assert rewards == [0.0, 0.25, 0.0]
+    assert env.step(r"It is \boxed{42}.")[1:3] == (1.0, True)
+    env.reset(example)  # a new trajectory pays again
+    assert env.step(CALL_42)[1] == 0.25
+    plain = make_env("calculator", max_turns=6)
+    plain.reset(example)
+    assert plain.step(CALL_42)[1] == 0.0
+
+
 def test_env_registry_and_errors():
     assert {"calculator", "python", "python_countdown"} <= set(ENVIRONMENTS)
     with pytest.raises(ValueError, match=r"unknown environment 'chess'; known: \["):

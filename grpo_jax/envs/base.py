@@ -136,6 +136,9 @@ class ToolEnv(Environment):
       reward: a host reward name (`rewards/host.py:HOST_REWARDS`) scored on the final turn's text.
       describe_tools: reset's observation starts with `tool_instructions` (False: the prompt alone, for chat
         templates that list the tools themselves).
+      call_reward: added to the trajectory's reward for its first well-formed call (parsed, a known tool,
+        ran without error): the issue's "small reward for well-formed calls"; once per trajectory, so
+        calling more often than needed earns nothing more.
     """
 
     def __init__(
@@ -146,6 +149,7 @@ class ToolEnv(Environment):
         max_turns: int = 4,
         reward: str = "math_accuracy",
         describe_tools: bool = True,
+        call_reward: float = 0.0,
     ):
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
@@ -158,12 +162,15 @@ class ToolEnv(Environment):
         self.max_turns = int(max_turns)
         self.reward = reward
         self.describe_tools = describe_tools
+        self.call_reward = float(call_reward)
         self.example: dict[str, Any] = {}
         self.turn = 0
+        self.rewarded_call = False
 
     def reset(self, example: Mapping[str, Any]) -> str:
         self.example = dict(example)
         self.turn = 0
+        self.rewarded_call = False
         prompt = str(self.example.get("prompt", ""))
         if not self.describe_tools:
             return prompt
@@ -178,7 +185,10 @@ class ToolEnv(Environment):
             return "", float(_host_reward(self.reward)(text, self.example)), True, info
         outcome = run_tool_call(call, self.tools)
         info.update(tool=outcome.tool, tool_error=outcome.error)
-        return format_observation(outcome.message, self.fmt), 0.0, False, info
+        reward = 0.0
+        if outcome.error is None and not self.rewarded_call:
+            reward, self.rewarded_call = self.call_reward, True
+        return format_observation(outcome.message, self.fmt), reward, False, info
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -224,6 +234,7 @@ def _tool_env(
     fmt: ToolFormat | str,
     tools: Mapping[str, Mapping[str, Any]] | None,
     describe_tools: bool,
+    call_reward: float,
 ) -> ToolEnv:
     if isinstance(fmt, str):
         if fmt not in TOOL_FORMATS:
@@ -236,7 +247,14 @@ def _tool_env(
             f"tools: options for tool(s) {unknown} this environment does not have ({list(tool_names)})"
         )
     built = [make_tool(name, **dict(options.get(name, {}))) for name in tool_names]
-    return ToolEnv(built, fmt=fmt, max_turns=max_turns, reward=reward, describe_tools=describe_tools)
+    return ToolEnv(
+        built,
+        fmt=fmt,
+        max_turns=max_turns,
+        reward=reward,
+        describe_tools=describe_tools,
+        call_reward=call_reward,
+    )
 
 
 @register_env("calculator")
@@ -246,6 +264,7 @@ def make_calculator_env(
     fmt: ToolFormat | str = "plain",
     tools: Mapping[str, Mapping[str, Any]] | None = None,
     describe_tools: bool = True,
+    call_reward: float = 0.0,
 ) -> ToolEnv:
     """Arithmetic word problems with a calculator; scored by the math verifier on the final answer."""
     return _tool_env(
@@ -255,6 +274,7 @@ def make_calculator_env(
         fmt=fmt,
         tools=tools,
         describe_tools=describe_tools,
+        call_reward=call_reward,
     )
 
 
@@ -265,10 +285,17 @@ def make_python_env(
     fmt: ToolFormat | str = "plain",
     tools: Mapping[str, Mapping[str, Any]] | None = None,
     describe_tools: bool = True,
+    call_reward: float = 0.0,
 ) -> ToolEnv:
     """Math with a sandboxed Python interpreter; scored by the math verifier on the final answer."""
     return _tool_env(
-        ["python"], max_turns=max_turns, reward=reward, fmt=fmt, tools=tools, describe_tools=describe_tools
+        ["python"],
+        max_turns=max_turns,
+        reward=reward,
+        fmt=fmt,
+        tools=tools,
+        describe_tools=describe_tools,
+        call_reward=call_reward,
     )
 
 
@@ -279,8 +306,15 @@ def make_python_countdown_env(
     fmt: ToolFormat | str = "plain",
     tools: Mapping[str, Mapping[str, Any]] | None = None,
     describe_tools: bool = True,
+    call_reward: float = 0.0,
 ) -> ToolEnv:
     """Countdown (TinyZero) with a sandboxed Python interpreter; scored by the Countdown reward."""
     return _tool_env(
-        ["python"], max_turns=max_turns, reward=reward, fmt=fmt, tools=tools, describe_tools=describe_tools
+        ["python"],
+        max_turns=max_turns,
+        reward=reward,
+        fmt=fmt,
+        tools=tools,
+        describe_tools=describe_tools,
+        call_reward=call_reward,
     )

@@ -3,7 +3,7 @@
 Keys of an RL stage's section (e.g. `config.grpo`), all optional; `env = ""` (the default) is off:
   env                    registered environment name (`envs.ENVIRONMENTS`): "calculator", "python",
                          "python_countdown"
-  env_options            dict of the environment factory's options (`max_turns`, `reward`, `tools`:
+  env_options            dict of the environment factory's options (`reward`, `call_reward`, `tools`:
                          {tool name: {option: value}}, `describe_tools`)
   tool_format            "plain", "qwen2_5" or "chat_template" (read off the run's HF tokenizer)
   max_observation_chars  length limit of one tool result inside the response tags
