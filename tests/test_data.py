@@ -612,6 +612,34 @@ def test_rejection_mixing_ratio(tmp_path, num_reasoning, num_other, want):
         write_rejection_sft(path, prompts, ["ok"], [1.0] * num_reasoning)
 
 
+def test_sft_file_completion_segments(tmp_path, tokenizer):
+    """A tool-use demonstration in an SFT file: its `completion_segments` reach the SFT tokenizer (the
+    response's tokens untrainable), and a malformed one names the file and line."""
+    from grpo_jax.data.pipeline import completion_tokens
+
+    call, response, answer = "<tool_call>1+2</tool_call>", " 3 ", " <answer> 3 </answer>"
+    record = {
+        "prompt": "1+2",
+        "completion": call + response + answer,
+        "completion_segments": [[call, True], [response, False], [answer, True]],
+    }
+    path = tmp_path / "tool_sft.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    (example,) = load_jsonl_task(path, kind="sft")
+    assert example["answer"] == "3"
+    ids, trainable = completion_tokens(example, tokenizer)
+    assert len(ids) == len(trainable) and 0 in trainable
+    assert [i for i, t in zip(ids, trainable, strict=True) if not t] == tokenizer.encode(response)
+    for bad, message in [
+        ([[call, True], [response, "no"], [answer, True]], r"completion_segments\[1\] must be a \[text"),
+        ([[call, True], [answer, True]], "texts joined differ"),
+        ([], "non-empty list"),
+    ]:
+        path.write_text(json.dumps(record) + "\n" + json.dumps({**record, "completion_segments": bad}) + "\n")
+        with pytest.raises(ValueError, match=f"tool_sft.jsonl:2: .*{message}"):
+            load_jsonl_task(path, kind="sft")
+
+
 def test_pad_operands_changes_only_the_prompt_text():
     from grpo_jax.data.tasks import ArithmeticTask
 

@@ -147,7 +147,32 @@ def _example(record: Any, kind: str, question_field: str, answer_field: str, tas
         answer = str(answer)
 
     extra = {k: v for k, v in record.items() if k not in (question_field, answer_field)}
+    if "completion_segments" in extra:
+        extra["completion_segments"] = _segments(extra["completion_segments"], completion)
     return {**extra, "prompt": question, "answer": answer, "completion": completion, "task": task_name}
+
+
+def _segments(value: Any, completion: str) -> list[tuple[str, bool]]:
+    """A record's `completion_segments` (`[[text, trainable], ...]`, e.g. a tool call, the tool's response
+    with trainable false, the answer) checked: pairs of a string and a bool whose texts join to the
+    completion, as the SFT tokenizer (`data/pipeline.py:completion_tokens`) expects."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"field 'completion_segments' must be a non-empty list, got {value!r}")
+    segments = []
+    for i, segment in enumerate(value):
+        if not (
+            isinstance(segment, list | tuple)
+            and len(segment) == 2
+            and isinstance(segment[0], str)
+            and isinstance(segment[1], bool)
+        ):
+            raise ValueError(
+                f"completion_segments[{i}] must be a [text, trainable (bool)] pair, got {segment!r}"
+            )
+        segments.append((segment[0], segment[1]))
+    if "".join(text for text, _ in segments) != completion:
+        raise ValueError("completion_segments: their texts joined differ from the record's completion")
+    return segments
 
 
 def load_jsonl_task(
@@ -165,7 +190,9 @@ def load_jsonl_task(
         reasoning = the text before it without `<<...>>` calculator annotations.
       math (`problem`, `solution`): answer = content of the last `\\boxed{}`; reasoning = the solution.
       sft (`prompt`, `completion`): the completion is used as is; answer = the record's `answer` field if
-        present, else the content of the completion's last `<answer> </answer>` block, else "".
+        present, else the content of the completion's last `<answer> </answer>` block, else "". An
+        optional `completion_segments` field, `[[text, trainable], ...]` joining to the completion, marks
+        text the model must not learn to write (a tool's response in a tool-use demonstration: false).
 
     Raises:
       FileNotFoundError: no file at `path`.
