@@ -249,6 +249,10 @@ def test_config_environment_renders_the_demonstrations_and_budgets_fit(tmp_path)
             assert env.reset(example) == example["prompt"]
             assert env.step(call)[0] == observation
             assert len(tokenizer.encode(observation)) <= run.grpo.max_observation_tokens
+        setup.check_tool_demonstrations(run, run.stages, task, tokenizer)  # "plain": the demos' format
+        run.grpo.tool_format = "qwen2_5"
+        with pytest.raises(ValueError, match=r"config.grpo.tool_format='qwen2_5': the task's tool-use demon"):
+            setup.check_tool_demonstrations(run, run.stages, task, tokenizer)
 
 
 @pytest.mark.slow

@@ -432,6 +432,34 @@ def stage_env(config, name: str):
     return EnvConfig.from_config(config[name], name=f"config.{name}")
 
 
+def check_tool_demonstrations(config, stages, task, tokenizer, num_examples: int = 8) -> None:
+    """Each tool-use stage's call format (`config.<stage>.tool_format`) against the task's tool-use
+    demonstrations (examples with `completion_segments`): a call segment (the trainable text before an
+    untrainable one) must parse as a call and the untrainable segment must be a response in that format.
+    A cold start that taught another format would otherwise leave every rollout without an answered call.
+    One line naming the stage's key; a task without such demonstrations is not checked."""
+    from grpo_jax.envs.tool_format import ToolCall, parse_tool_call
+
+    demos = [e for e in task.train[: 16 * num_examples] if e.get("completion_segments")][:num_examples]
+    for name in stages:
+        env = stage_env(config, name) if "env" in config[name] else None
+        if env is None or not demos:
+            continue
+        fmt = env.tool_format_for(tokenizer)
+        for example in demos:
+            segments = list(example["completion_segments"])
+            for (call, _), (response, trainable) in zip(segments, segments[1:], strict=False):
+                if trainable:
+                    continue
+                parsed = parse_tool_call(call, fmt)
+                if not isinstance(parsed, ToolCall) or fmt.response_open not in response:
+                    raise ValueError(
+                        f"config.{name}.tool_format={env.tool_format!r}: the task's tool-use demonstrations "
+                        f"are in another format (prompt {example.get('prompt', '')!r}: call {call!r}, "
+                        f"response {response!r}); set the format the demonstrations use"
+                    )
+
+
 def eval_env_stage(config) -> str | None:
     """The first stage of the run with an `env`: held-out evaluation lets the model use its tools (every
     stage's eval, the cold start's included), so a tool-use run is measured as it is meant to work."""
