@@ -317,3 +317,28 @@ def test_turn_sampler_answers_paused_rows_with_the_calculator_environment():
     observed = (out.mask > 0) & (out.loss_mask == 0)
     segments = int(np.sum(observed[:, 1:] & ~observed[:, :-1]) + np.sum(observed[:, 0]))
     assert answered >= 1 and segments == sampler.stats["tool/num_calls"]  # one observation per answered call
+
+
+def test_turn_stats_of_refill_rounds_merge_into_one_step():
+    """Counters and seconds of a step's rollouts (refill rounds) add up; per-row means are weighted by
+    each round's trajectories; other metrics are not turn stats."""
+    first = {
+        "tool/num_calls": 3.0,
+        "env/time_s": 0.5,
+        "turns/respond_time_s": 0.25,
+        "turns/num_trajectories": 4.0,
+        "turns/pauses_mean": 1.0,
+        "env/reward_mean": 0.5,
+        "reward/mean": 9.0,
+    }
+    second = {**first, "tool/num_calls": 1.0, "turns/num_trajectories": 12.0, "turns/pauses_mean": 0.0}
+    merged = turns.merge_turn_stats([first, second, {"reward/mean": 1.0}])
+    assert merged == {
+        "tool/num_calls": 4.0,
+        "env/time_s": 1.0,
+        "turns/respond_time_s": 0.5,
+        "turns/num_trajectories": 16.0,
+        "turns/pauses_mean": 0.25,
+        "env/reward_mean": 0.5,
+    }
+    assert turns.merge_turn_stats([{"reward/mean": 1.0}]) == {}

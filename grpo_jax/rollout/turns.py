@@ -207,6 +207,27 @@ class EnvResponder:
         return self.rewards.copy()
 
 
+_ROW_MEANS = ("turns/pauses_mean", "turns/observation_tokens_mean", "env/reward_mean")
+
+
+def merge_turn_stats(rounds: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """`TurnSampler.stats` of several rollouts of one training step (refill rounds) as one step's: the
+    counters and seconds (`tool/*`, `env/num_*`, `env/time_s`, `turns/decode_*`, `turns/respond_time_s`,
+    `turns/num_trajectories`) summed, the per-row means weighted by each round's trajectories. Keys that
+    are not turn stats are left out."""
+    rounds = [r for r in rounds if "turns/num_trajectories" in r]
+    if not rounds:
+        return {}
+    weights = np.array([r["turns/num_trajectories"] for r in rounds], np.float64)
+    merged = {}
+    for key in dict.fromkeys(k for r in rounds for k in r):
+        if not key.startswith(("tool/", "env/", "turns/")):
+            continue
+        values = np.array([r.get(key, 0.0) for r in rounds], np.float64)
+        merged[key] = float(values @ weights / weights.sum() if key in _ROW_MEANS else values.sum())
+    return merged
+
+
 def observation_tokens_of(rollout: sampling.Rollout) -> jax.Array:
     """[N] int32: observation tokens per row (in `mask`, not in `loss_mask`)."""
     return jnp.sum((rollout.mask > 0) & (rollout.loss_mask == 0), axis=-1, dtype=jnp.int32)
@@ -314,8 +335,10 @@ class TurnSampler:
         self.stats = {
             **self.responder.stats,
             **{f"turns/{k}": float(v) for k, v in stats.items()},
+            "turns/num_trajectories": float(rows),
             "turns/pauses_mean": float(self.turns.mean()),
             "turns/observation_tokens_mean": float(observation.mean()),
+            "env/reward_mean": float(np.mean(self.rewards)),
         }
         return rollout
 

@@ -28,6 +28,7 @@ import numpy as np
 from grpo_jax import sharding
 from grpo_jax.algorithms import zero_variance_groups
 from grpo_jax.rollout.partial import PartialRollouts, stage_payload_shapes
+from grpo_jax.rollout.turns import merge_turn_stats
 from grpo_jax.rollout.weight_sync import SyncedParams
 from grpo_jax.training import refill, setup
 from grpo_jax.training.grpo_step import make_grpo_step, outcome_rewards, rollout_to_batch
@@ -267,11 +268,12 @@ class GRPOStage(RolloutStage):
             return super().collect(state, global_step)
         target, G = self.config.prompts_per_step, self.num_samples
         step_rng = jax.random.fold_in(state.rng, state.step)
-        batches, flags, truncated, sample_time, logged = [], [], [], 0.0, {}
+        batches, flags, truncated, sample_time, logged, rounds_logged = [], [], [], 0.0, {}, []
         for round_ in range(self.grpo.refill_max_rounds + 1):
             prompts = next(self.data_iter)
             rng = step_rng if round_ == 0 else jax.random.fold_in(step_rng, round_)
             batch, logged, seconds = self.sample_batch(state, prompts, rng)
+            rounds_logged.append(logged)
             batches.append(batch)
             flags.append(np.asarray(sharding.to_host(self.refill_score(batch, state.reward_params))))
             truncated.append(np.asarray(prompts["prompt_truncated"]))
@@ -281,6 +283,7 @@ class GRPOStage(RolloutStage):
         selection = refill.select_groups(flags, target)
         return refill.merge_rounds(self.refill_merge, batches, selection, G), dict(
             logged,  # host rewards: of the last round
+            **merge_turn_stats(rounds_logged),  # tool calls and time: of every round
             sample_time_s=sample_time,
             prompt_truncated_frac=global_mean(np.concatenate(truncated)),
             **{

@@ -402,7 +402,7 @@ class RolloutStage(Stage):
             return values, logged
         env = turns.rewards[local.rows]
         values = env if values is None else np.asarray(values, np.float32) + env
-        logged = dict(logged, **turns.stats, **{"env/reward_mean": float(np.mean(turns.rewards))})
+        logged = dict(logged, **turns.stats)
         return np.asarray(values, np.float32), logged
 
     def to_batch(self, tree, local: LocalRollout):
