@@ -49,13 +49,19 @@ def runs(workdir: str) -> dict[str, dict[str, dict]]:
 
 
 def ratio(steps: list[dict], num: str, den: str) -> float:
-    total = sum(x.get(den, 0.0) for x in steps)
-    return sum(x.get(num, 0.0) for x in steps) / total if total else float("nan")
+    """sum(num) / sum(den) over the steps that log both (a run resumed across a change of its metrics
+    logs some steps without the newer key)."""
+    steps = [x for x in steps if num in x and den in x]
+    total = sum(x[den] for x in steps)
+    return sum(x[num] for x in steps) / total if total else float("nan")
 
 
 def time_split(steps: list[dict]) -> dict[str, float]:
-    """Mean seconds per GRPO step after the first (it compiles)."""
+    """Mean seconds per GRPO step after the first (it compiles); multi-turn runs: over the steps that log
+    every refill round's tool time (`turns/num_trajectories`)."""
     steps = steps[1:]
+    if any("turns/num_trajectories" in x for x in steps):
+        steps = [x for x in steps if "turns/num_trajectories" in x]
     tool = statistics.mean(x.get("turns/respond_time_s", 0.0) for x in steps)
     sample = statistics.mean(x["sample_time_s"] for x in steps)
     step = statistics.mean(x["step_time_s"] for x in steps)
@@ -108,7 +114,7 @@ def render(workdir: str, command: str) -> str:
         lines += [
             "",
             f"Goal (issue 22): with the tool at least {GOAL_POINTS:.0f} points above the no-tool baseline: "
-            f"{met} ({statistics.mean(diffs):+.1f} points, {len(diffs)} seeds).",
+            f"{met} ({statistics.mean(diffs):+.1f} points, mean of {len(diffs)} seed(s)).",
         ]
     if tool:
         num_steps = min(len(r["steps"]) for r in tool.values())

@@ -22,7 +22,11 @@ def report():
     del sys.modules[spec.name]
 
 
-def _run(folder: pathlib.Path, sft: float, grpo: float, calls: float = 0.0, errors: float = 0.0):
+def _run(
+    folder: pathlib.Path, sft: float, grpo: float, calls: float = 0.0, errors: float = 0.0, old: int = 0
+):
+    """A finished run; its first `old` GRPO steps log tool calls without `turns/num_trajectories` (logging
+    from before that key: left out of the rates and the time split)."""
     folder.mkdir(parents=True)
     stages = {
         "sft": {"final_eval_accuracy": sft},
@@ -48,17 +52,20 @@ def _run(folder: pathlib.Path, sft: float, grpo: float, calls: float = 0.0, erro
                     "turns/respond_time_s": 0.5,
                 }
             )
+        if step < old:
+            m["turns/respond_time_s"] = 99.0
+            m.pop("turns/num_trajectories")
         lines.append(m)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
 
 
 def test_report_states_the_goal_rates_and_time_split(tmp_path, report):
     for seed, (tool, base) in enumerate([(0.80, 0.02), (0.70, 0.04)]):
-        _run(tmp_path / "tool" / f"seed{seed}", 0.5, tool, calls=128.0, errors=32.0)
+        _run(tmp_path / "tool" / f"seed{seed}", 0.5, tool, calls=128.0, errors=32.0, old=3 * seed)
         _run(tmp_path / "no_tool" / f"seed{seed}", 0.01, base)
     text = report.render(str(tmp_path), "CMD")
     assert "| 0 | 50.0% → 80.0% | 1.0% → 2.0% | +78.0 |" in text
-    assert "goal" in text.lower() and "met (+72.0 points, 2 seeds)" in text
+    assert "goal" in text.lower() and "met (+72.0 points, mean of 2 seed(s))" in text
     assert "| 1–25 | 1.000 | 25.0 % | 0.500 |" in text and "| 26–30 |" in text
     assert "Errors by kind over every seed's training: malformed 1920." in text
     assert "| tool | 1.500 | 0.500 | 1.000 | 3.000 |" in text
