@@ -232,3 +232,30 @@ def test_a_4_plus_4_split_with_partial_rollouts_and_k_0_is_the_colocated_run(
         assert mine["staleness/max"] <= mine["partial/carried_steps_max"]
     assert any(x["partial/complete_groups"] for x in split) and any(x["partial/fill_groups"] for x in split)
     assert max(x["staleness/max"] for x in split) > 0
+
+
+def test_a_resume_starts_the_engine_empty_at_the_checkpointed_data_position(tmp_path):
+    """k = 1, a checkpoint after every step, none holding the engine (it is the sampler's): rerun from
+    checkpoint 2 (steps 3 and 4 deleted), the resumed step samples its own call under the restored params
+    (lag 0) from an empty engine, then the pipeline is one step off again."""
+    import shutil
+
+    from grpo_jax.checkpointing import Checkpointer, checkpoint_directory
+
+    changes = {
+        **PARTIAL,
+        "grpo.off_policy_steps": 1,
+        "grpo.checkpoint_every": 1,
+        "checkpoint.keep_last": 4,
+        "checkpoint.async_save": False,
+    }
+    first = _train(tmp_path, **changes)
+    assert [x["pipeline/lag"] for x in first] == [0.0, 1.0, 1.0, 1.0]
+    with Checkpointer(checkpoint_directory(tmp_path), read_only=True) as checkpointer:
+        assert not any(leaf.startswith("aux/rollout") for leaf in checkpointer.read_meta(2)["leaves"])
+    for step in (3, 4):
+        shutil.rmtree(tmp_path / "checkpoints" / str(step))
+    lines = _train(tmp_path, **changes)
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert [x["pipeline/lag"] for x in lines] == [0.0, 1.0, 0.0, 1.0]
+    assert lines[2]["partial/prompt_batches"] == 4  # an empty engine takes max_inflight_groups / B batches
