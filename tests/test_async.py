@@ -249,10 +249,6 @@ def test_the_config_is_checked_in_one_line():
             {"grpo.off_policy_steps": 1, "grpo.algo.dynamic_sampling_refill": True},
             "dynamic_sampling_refill=False",
         ),
-        (
-            {"grpo.off_policy_steps": 1, "sampler": "engine", "engine.rollout_token_budget": 4},
-            "partial rollouts.*drop one of them",
-        ),
         ({"sampler_mesh": (3, 1)}, r"prompts_per_step=8 must be divisible by the sampler's replicas"),
     ]
     for changes, message in cases:

@@ -7,6 +7,10 @@ params the sampler had then, so the one step s trains on was sampled by the para
 later. The rollouts are not checkpointed: a resume samples them again, under the restored params, from
 the same prompts and keys (`fold_in(state.rng, target step)`), so a resumed run is deterministic, though
 not bit-identical to the uninterrupted pipelined run (its first resumed step is on-policy).
+
+With partial rollouts each in-flight item is one engine call (enqueue, decode <= budget, hand out) and the
+engine's state runs ahead with them: `oldest_versions` and `check_partial_lag` bound a trained group's
+staleness by its oldest token (k + the steps it was carried).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import copy
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -52,6 +57,41 @@ def check_lag(item: InFlight, step: int, max_lag: int) -> int:
             f"more than off_policy_steps={max_lag}"
         )
     return lag
+
+
+def oldest_versions(version, mask, num_samples: int):
+    """[B] int32: the version of the oldest token of each group of a partial-rollout hand-out (the min over
+    its G rows' valid tokens; int32 max for a fill place). version, mask [B·G, L]. Jittable."""
+    big = jnp.iinfo(jnp.int32).max
+    rows = jnp.min(jnp.where(mask > 0, version.astype(jnp.int32), big), axis=1)
+    return jnp.min(rows.reshape(-1, num_samples), axis=1)
+
+
+def check_partial_lag(step: int, oldest, enqueued, fill, max_lag: int) -> dict[str, float]:
+    """The staleness bound of pipelined partial rollouts, checked on what step `step` trains
+    (docs/ARCHITECTURE.md, "Partial rollouts in the pipeline"). A group enqueued by the engine call of
+    step e (its token 0 drawn by that call's prefill, under version v_0 with e − k <= v_0 <= e) and handed
+    out by the call of step `step` was carried c = step − e calls; every later token of it was drawn by a
+    later call, under a version no older than that call's − k. So the oldest token bounds the group's
+    staleness: step − v_0 <= k + c, each of its tokens at most k + c updates old. Raises one line when a
+    group's tags break it (v_0 outside [e − k, e], or e after `step`).
+
+    oldest, enqueued, fill: [B] host arrays (the `oldest_versions` of the hand-out, its groups' enqueue
+    step, its fill flags); max_lag: k = off_policy_steps. -> the carry metrics of the real groups."""
+    oldest, enqueued = np.asarray(oldest, np.int64), np.asarray(enqueued, np.int64)
+    real = ~np.asarray(fill, bool)
+    for v0, e in zip(oldest[real], enqueued[real]):
+        if not (e - max_lag <= v0 <= e <= step):
+            raise RuntimeError(
+                f"step {step} would train a partial-rollout group enqueued at step {e} whose oldest token is "
+                f"of policy version {v0}: {step - v0} updates old, more than off_policy_steps={max_lag} "
+                f"+ its {step - e} carried steps"
+            )
+    carried = (step - enqueued[real]).astype(np.float64)
+    return {
+        "partial/carried_steps_mean": float(carried.mean()) if carried.size else 0.0,
+        "partial/carried_steps_max": float(carried.max()) if carried.size else 0.0,
+    }
 
 
 class InflightDataIterator:

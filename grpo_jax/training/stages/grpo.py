@@ -13,12 +13,16 @@ algorithm's `reference_reset_every`, and `rm_retrain_every` (+ `rm_retrain_steps
 policy's own samples with 10 % replay (see `rm_retrain.py`). With `config.engine.rollout_token_budget`
 > 0 the stage trains on partial rollouts (`collect_partial`; docs/ARCHITECTURE.md "Partial rollouts");
 with `off_policy_steps` = k >= 1 it pipelines its rollouts up to k updates ahead (`pipelined_step`), on
-`config.sampler_mesh`'s devices when there is one (docs/ARCHITECTURE.md "Asynchronous GRPO").
+`config.sampler_mesh`'s devices when there is one (docs/ARCHITECTURE.md "Asynchronous GRPO"). Both, or
+partial rollouts with a sampler mesh: the engine is the sampler's, its calls run up to k steps ahead of
+the updates and a trained group's oldest token is at most k + (steps it was carried) updates old
+(`pipelined_partial_step`; docs/ARCHITECTURE.md "Partial rollouts in the pipeline").
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import time
 
 import jax
@@ -32,7 +36,13 @@ from grpo_jax.rollout.turns import merge_turn_stats
 from grpo_jax.rollout.weight_sync import SyncedParams
 from grpo_jax.training import refill, setup
 from grpo_jax.training.grpo_step import make_grpo_step, outcome_rewards, rollout_to_batch
-from grpo_jax.training.pipeline import InFlight, InflightDataIterator, check_lag
+from grpo_jax.training.pipeline import (
+    InFlight,
+    InflightDataIterator,
+    check_lag,
+    check_partial_lag,
+    oldest_versions,
+)
 from grpo_jax.training.stages.base import host_metrics, register_stage
 from grpo_jax.training.stages.rm_retrain import RewardModelRetrainer
 from grpo_jax.training.stages.rollout import PROMPT_KEYS, RolloutStage, global_mean
@@ -42,6 +52,12 @@ from grpo_jax.training.state import (
     make_optimizer,
     reset_reference,
 )
+
+
+@functools.cache
+def oldest_versions_fn(num_samples: int):
+    """`pipeline.oldest_versions` jitted for groups of `num_samples`."""
+    return jax.jit(functools.partial(oldest_versions, num_samples=num_samples))
 
 
 @register_stage("grpo")
@@ -56,13 +72,7 @@ class GRPOStage(RolloutStage):
         super().validate(config, name)
         budget = setup.rollout_token_budget(config)
         sc, grpo = config[name], cls.algo(config[name])
-        steps, sampler_mesh = setup.off_policy_steps(config, name), setup.sampler_mesh_setting(config)
-        if budget and (steps or sampler_mesh is not None):
-            raise ValueError(
-                f"config.engine.rollout_token_budget={budget} (partial rollouts) with "
-                f"config.{name}.off_policy_steps={steps} / config.sampler_mesh={sampler_mesh}: partial "
-                "rollouts decode on the trainer's mesh, one step at a time, for now; drop one of them"
-            )
+        steps = setup.off_policy_steps(config, name)
         if steps:
             where = f"config.{name}.off_policy_steps={steps} trains on rollouts of older params"
             if grpo.is_correction == "none" and grpo.old_logprobs_source != "trainer":
@@ -124,10 +134,18 @@ class GRPOStage(RolloutStage):
         self.inflight: collections.deque[InFlight] = collections.deque()
         self.sampler_version: SyncedParams | None = None  # the newest params on the sampler's side
         self.last_taken_at = None
-        if self.off_policy_steps:  # checkpoints record the data position before the rollouts in flight
+        # Partial rollouts with k >= 1 or a sampler mesh: the engine is the sampler's, its state held here
+        # and run ahead of the updates (`pipelined_partial_step`); else it lives in the TrainState.
+        self.partial_pipelined = bool(setup.rollout_token_budget(run.config)) and (
+            self.off_policy_steps > 0 or run.sampler_mesh is not None
+        )
+        self.engine_state = None
+        if self.off_policy_steps or self.partial_pipelined:
+            # checkpoints record the data position before the rollouts in flight
             self.data_iter = InflightDataIterator(self.data_iter, self.inflight)
         self.partial = self.partial_engine()
-        if self.partial is not None:  # the in-flight rollouts live in the TrainState: checkpoints hold them
+        if self.partial is not None and not self.partial_pipelined:
+            # the in-flight rollouts live in the TrainState: checkpoints hold them
             aux = dict(aux or {}, rollout=self.partial.init())
             aux_shardings = dict(aux_shardings or {}, rollout=self.partial.shardings)
         params, param_shardings, base = self.trainable_start(params)
@@ -182,11 +200,16 @@ class GRPOStage(RolloutStage):
         return state, shardings
 
     def partial_engine(self) -> PartialRollouts | None:
-        """The partial-rollout engine of `config.engine.rollout_token_budget` (None when 0)."""
+        """The partial-rollout engine of `config.engine.rollout_token_budget` (None when 0). Pipelined
+        (`partial_pipelined`): on the sampler's mesh, each group stored with the step whose engine call
+        enqueued it (`enqueue_step`, for the staleness check)."""
         run, sc = self.run, self.config
         budget = setup.rollout_token_budget(run.config)
         if not budget:
             return None
+        payload = stage_payload_shapes(run.config.max_prompt_len, run.config.max_answer_len)
+        if self.partial_pipelined:
+            payload["enqueue_step"] = jax.ShapeDtypeStruct((), jnp.int32)
         return PartialRollouts(
             run.model_config,
             prompts_per_step=sc.prompts_per_step,
@@ -202,8 +225,8 @@ class GRPOStage(RolloutStage):
             top_k=sc.top_k,
             min_new_tokens=sc.get("min_new_tokens", 0),
             pad_id=run.tokenizer.pad_id,
-            payload_shapes=stage_payload_shapes(run.config.max_prompt_len, run.config.max_answer_len),
-            mesh=run.mesh,
+            payload_shapes=payload,
+            mesh=self.sampler_mesh if self.partial_pipelined else run.mesh,
         )
 
     def collect_state(self, state, global_step):
@@ -331,6 +354,8 @@ class GRPOStage(RolloutStage):
     # -- the pipeline: config.<stage>.off_policy_steps = k >= 1 ----------------------------------------
 
     def train_step(self, state, global_step):
+        if self.partial_pipelined:
+            return self.pipelined_partial_step(state, global_step)
         if not self.off_policy_steps:
             return super().train_step(state, global_step)
         return self.pipelined_step(state, global_step)
@@ -426,6 +451,116 @@ class GRPOStage(RolloutStage):
         )
         return state, m
 
+    # -- partial rollouts in the pipeline: engine.rollout_token_budget with k >= 1 or a sampler mesh -----
+
+    def dispatch_partial(self, state, target: int) -> InFlight:
+        """Dispatch the partial-rollout engine call of step `target` under the sampler's newest params
+        (version v): while every data shard has room for a prompt batch, enqueue the next one (its groups
+        tagged `enqueue_step` = target; batch r samples with fold_in(fold_in(state.rng, target), r), r = 0:
+        the step key itself, as `collect_partial`), then decode at most the budget and hand out B group
+        places. The engine state it continues is the previous call's: reading its room waits for that
+        call (the host blocks, the devices do not). Nothing waits for this one."""
+        rollouts, B = self.partial, self.config.prompts_per_step
+        synced, data_state = self.sampler_version, self.data_iter.snapshot()
+        step_rng = self.sampler_key(jax.random.fold_in(state.rng, target))
+        st, truncated = self.engine_state, []
+        while rollouts.room(st) >= B:
+            prompts = next(self.data_iter)
+            batch = {k: prompts[k] for k in PROMPT_KEYS}
+            batch["enqueue_step"] = np.full(len(prompts["prompt_tokens"]), target, np.int32)
+            placed = sharding.shard_batch(batch, self.sampler_mesh)
+            rng = step_rng if not truncated else jax.random.fold_in(step_rng, len(truncated))
+            st = rollouts.enqueue(st, synced.params, placed, rng, synced.version)
+            truncated.append(np.asarray(prompts["prompt_truncated"]))
+        self.engine_state, out = rollouts.step(st, synced.params, synced.version)
+        taken = {"prompt_truncated": truncated}
+        return InFlight(target, synced.version, taken, out, data_state, time.time())
+
+    def pipelined_partial_step(self, state, global_step):
+        """Step s = state.step with partial rollouts, their engine on the sampler's side (the sampler mesh,
+        or co-located a cast copy of the params) and its calls up to k = off_policy_steps steps ahead
+        (docs/ARCHITECTURE.md, "Partial rollouts in the pipeline"). The engine call of step t (enqueue,
+        decode <= budget, hand out: `dispatch_partial`) runs under the sampler's newest params when it is
+        dispatched, version v_t with t − k <= v_t <= t (`check_lag`); a group carried c calls is trained
+        with its oldest token at most k + c updates old (`check_partial_lag`). The order: (1) at the
+        stage's first step or a resume, θ_s to the sampler and an empty engine; (2) the call of step s
+        (dispatched now when nothing is in flight: lag 0) is waited for; (3) the call of step s + 1 is
+        dispatched (its room reads call s's state, done); (4) host rewards, the batch and the update;
+        (5) the calls up to s + k behind it, each waiting on the host for the one before while the
+        update runs; (6) θ_{s+1} to the sampler. k = 0 with a sampler mesh: one call per step, on-policy.
+        """
+        t0 = time.time()
+        s, k, G = int(state.step), self.off_policy_steps, self.num_samples
+        last = self.config.steps - 1
+        sync_time = 0.0
+        if self.sampler_version is None or self.sampler_version.version != s:  # first step; resume
+            sync_time += self.push_weights(state, s, wait=True).time_s
+            self.inflight.clear()
+            self.engine_state = self.partial.init()  # carried groups are not checkpointed: start empty
+        if self.inflight and self.inflight[0].target != s:
+            self.inflight.clear()  # not this step's (cannot happen in one run; cheap to be sure)
+        if not self.inflight:
+            self.inflight.append(self.dispatch_partial(state, s))
+        item = self.inflight.popleft()
+        lag = check_lag(item, s, k)
+        wait_from = time.time()
+        jax.block_until_ready(item.rollout.rollout.tokens)
+        ready_at = time.time()
+        sample_wait, sample_time = ready_at - wait_from, ready_at - item.dispatched_at
+        if k and s + 1 <= last and not self.inflight:
+            self.inflight.append(self.dispatch_partial(state, s + 1))
+
+        # the hand-out into the trainer's layout, the staleness check, host rewards, the batch
+        out = item.rollout
+        rollout, version = self.to_trainer((out.rollout, out.version))
+        payload, fill = self.to_trainer((out.payload, out.fill))
+        oldest = oldest_versions_fn(G)(version, rollout.mask)
+        host = sharding.to_host({"oldest": oldest, "enqueued": payload["enqueue_step"], "fill": fill})
+        carried = check_partial_lag(s, host["oldest"], host["enqueued"], host["fill"], k)
+        extras, logged = self.host_batch_extras(rollout, payload, G)
+        batch = rollout_to_batch(rollout, payload, G, extras.pop("host_rewards", None))
+        batch.update(extras)
+        batch["fill"] = jnp.repeat(fill, G, axis=0)
+        batch["behaviour_version"] = version
+        batch.update(self.debug_switches(global_step))
+
+        train_from = time.time()
+        state, step_metrics = self.step_fn(state, batch)
+        state, more = self.after_update(state)
+        target = self.inflight[-1].target + 1 if self.inflight else s + 1
+        while target <= min(s + k, last):
+            self.inflight.append(self.dispatch_partial(state, target))
+            target += 1
+        synced = self.push_weights(state, s + 1, wait=False)
+        m = host_metrics(step_metrics)
+        train_time = time.time() - train_from
+        sync_from = time.time()
+        jax.block_until_ready(synced.params)
+        synced.time_s = time.time() - sync_from
+        sync_time += synced.time_s
+        truncated = item.prompts["prompt_truncated"]
+        m.update(
+            logged,
+            **more,
+            **{f"partial/{key}": v for key, v in host_metrics(out.stats).items()},
+            **carried,
+            sample_time_s=sample_time,
+            train_time_s=train_time,
+            sync_time_s=sync_time,
+            prompt_truncated_frac=global_mean(np.concatenate(truncated)) if truncated else 0.0,
+            step_time_s=time.time() - t0,
+            **{
+                "partial/prompt_batches": float(len(truncated)),
+                "sync/bytes": float(synced.bytes),
+                "sync/time_s": synced.time_s,
+                "pipeline/lag": float(lag),
+                "pipeline/sample_wait_s": sample_wait,
+                "pipeline/sampler_bound": float(sample_wait > 0.05 * max(train_time, 1e-3)),
+                "pipeline/inflight": float(len(self.inflight)),
+            },
+        )
+        return state, m
+
     def after_update(self, state):
         step, more = int(state.step), {}
         every = self.grpo.reference_reset_every
@@ -442,6 +577,7 @@ class GRPOStage(RolloutStage):
     def close(self):
         if getattr(self, "inflight", None):
             self.inflight.clear()  # rollouts dispatched but never trained on
+        self.engine_state = None
         super().close()
 
     def load_extra_state(self, extra):

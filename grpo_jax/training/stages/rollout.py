@@ -307,24 +307,29 @@ class RolloutStage(Stage):
             treedef, [next(placed) if x.ndim else move_to(x, sharding.replicated(mesh)) for x in leaves]
         )
 
+    def sampler_key(self, rng):
+        """`rng` (a key of the trainer state's, on the trainer's mesh) as a replicated copy on the sampler
+        mesh; itself when co-located."""
+        if self.run.sampler_mesh is None:
+            return rng
+        from grpo_jax.rollout.weight_sync import move_to
+
+        impl = jax.random.key_impl(rng)
+        return jax.random.wrap_key_data(
+            move_to(jax.random.key_data(rng), sharding.replicated(self.run.sampler_mesh)), impl=impl
+        )
+
     def dispatch_rollout(self, params, prompts, num_samples: int, temperature: float, rng):
         """The sampler's Rollout of `prompts` under `params` (already on the sampler's side), dispatched
         on the sampler mesh and not waited for (JAX dispatch is asynchronous)."""
         mesh = self.sampler_mesh
         placed = sharding.shard_batch({k: prompts[k] for k in ("prompt_tokens", "prompt_mask")}, mesh)
-        if self.run.sampler_mesh is not None:  # the key is the trainer state's: a copy on the sampler mesh
-            from grpo_jax.rollout.weight_sync import move_to
-
-            impl = jax.random.key_impl(rng)
-            rng = jax.random.wrap_key_data(
-                move_to(jax.random.key_data(rng), sharding.replicated(mesh)), impl=impl
-            )
         return setup.sampler_fn(self.run.config)(  # config.sampler: "static" or "engine"
             self.run.model_config,
             params,
             placed["prompt_tokens"],
             placed["prompt_mask"],
-            rng,
+            self.sampler_key(rng),
             **self.sampling_kwargs(num_samples, temperature),
             mesh=mesh,
         )
