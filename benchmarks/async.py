@@ -323,6 +323,12 @@ def write(report: dict) -> None:
             + ", ".join(f"`{name}` {speedup:.2f}×" for name, speedup in run["speedup"].items())
             + ".",
         ]
+    delta = os.path.join(ROOT, "benchmarks", "weight_delta.json")
+    if os.path.exists(delta):  # benchmarks/weight_delta.py's section stays at the end of the file
+        from weight_delta import markdown
+
+        with open(delta) as f:
+            lines += ["", *markdown(json.load(f))]
     with open(OUT + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -71,6 +71,11 @@ def _lines(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _flags(changes: dict) -> list[str]:
+    """`changes` as scripts/train.py's `--config.KEY=VALUE` flags."""
+    return [f"--config.{k}={v}" if isinstance(v, str) else f"--config.{k}={v!r}" for k, v in changes.items()]
+
+
 def _train(workdir: Path, **changes) -> list[dict]:
     trainer.train(_config(**changes), str(workdir))
     return [x for x in _lines(workdir) if x["stage"] == "grpo"]
@@ -277,10 +282,7 @@ def colocated_on_4(tmp_path_factory) -> list[dict]:
     from test_train_script import assert_ok, train
 
     workdir = tmp_path_factory.mktemp("colocated")
-    overrides = [
-        f"--config.{k}={v!r}" if not isinstance(v, str) else f"--config.{k}={v}" for k, v in OVERRIDES.items()
-    ]
-    assert_ok(train(workdir, *overrides, devices=4))
+    assert_ok(train(workdir, *_flags(OVERRIDES), devices=4))
     return [x for x in _lines(workdir) if x["stage"] == "grpo"]
 
 
@@ -368,3 +370,68 @@ def test_co_located_off_policy_steps_2_lags_up_to_2_and_the_weights_see_it(tmp_p
     for x in lines[1:]:
         assert x["mismatch/abs_logp_diff_max"] > 1e-3
         assert x["is_weight_mean"] != pytest.approx(1.0, abs=1e-4)
+
+
+# k = 1 on a 1 + 1 split (2 CPU devices) with params that move, a checkpoint after every step: the pipelined
+# run that tests/test_resume.py's SIGKILL helpers kill and rerun.
+KILLED_RUN = _flags(
+    {
+        **OVERRIDES,
+        "sampler_mesh": (1, 1),
+        "grpo.off_policy_steps": 1,
+        "grpo.checkpoint_every": 1,
+        "checkpoint.keep_last": 3,
+    }
+)
+
+
+def _replayed(line: dict) -> dict:
+    """What a rerun must reproduce: every number but timings and what is read off them (`_numbers`),
+    with the pipeline's own counters."""
+    return dict(_numbers(line), **{k: line[k] for k in ("pipeline/lag", "pipeline/inflight", "sync/bytes")})
+
+
+@pytest.mark.slow
+def test_a_pipelined_run_killed_with_a_rollout_in_flight_reruns_as_a_run_restarted_at_that_step(
+    tmp_path, tmp_path_factory
+):
+    """SIGKILL right after step 2's line (checkpoint 1 written, step 2's own not yet; step 3's rollout in
+    flight, dispatched under the params of step 1): the rerun resumes from checkpoint 1, samples step 2
+    again under the restored params (lag 0; that these are step 2's prompts and key is checked in-process
+    above), then pipelines step 3 (lag 1). The issue's definition of a resume: the in-flight rollout is not
+    saved, so a rerun after kill -9 is a run restarted at that step. Every line equals the uninterrupted
+    run's own restart from its checkpoint 1 exactly (floats compared with ==), every metric but those read
+    off the clock (`*time_s`, `pipeline/sample_wait_s`, `pipeline/sampler_bound`) and the compile count;
+    it is not the uninterrupted run's step 2, which trained on a rollout one step old."""
+    from shared_runs import compilation_cache
+    from test_resume import _complete_lines, run_and_kill
+    from test_train_script import assert_ok, checkpoint_steps, train
+
+    cache = compilation_cache(tmp_path_factory)
+    reference, restarted, workdir = tmp_path / "reference", tmp_path / "restarted", tmp_path / "run"
+    assert_ok(train(reference, *KILLED_RUN, devices=2, cache=cache))
+    uninterrupted = _lines(reference)
+    assert [x["pipeline/lag"] for x in uninterrupted] == [0.0, 1.0, 1.0]
+    assert uninterrupted[1]["pipeline/inflight"] == 1.0  # step 3's rollout, when step 2's line is written
+
+    def ready():
+        return 1 in checkpoint_steps(workdir) and any(x["step"] == 2 for x in _complete_lines(workdir))
+
+    run_and_kill(
+        workdir, tmp_path / "killed.log", cache, ready, overrides=KILLED_RUN, devices=2, HANG_AFTER="grpo:2"
+    )
+    assert checkpoint_steps(workdir) == [1]
+    assert [_replayed(x) for x in _lines(workdir)] == [_replayed(x) for x in uninterrupted[:2]]
+    result = train(workdir, *KILLED_RUN, devices=2, cache=cache)
+    assert_ok(result)
+    assert "at stage grpo step 1" in result.stderr
+
+    shutil.copytree(reference, restarted)
+    for step in (2, 3):
+        shutil.rmtree(restarted / "checkpoints" / str(step))
+    assert_ok(train(restarted, *KILLED_RUN, devices=2, cache=cache))
+
+    resumed = _lines(workdir)
+    assert [x["pipeline/lag"] for x in resumed] == [0.0, 0.0, 1.0]
+    assert [_replayed(x) for x in resumed] == [_replayed(x) for x in _lines(restarted)]
+    assert resumed[1]["loss"] != uninterrupted[1]["loss"]  # step 2 now trains on an on-policy rollout

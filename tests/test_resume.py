@@ -120,12 +120,13 @@ def run_and_kill(
     config: str | None = None,
     overrides=BASELINE,
     deadline_s: float = 240,
+    devices: int = 1,
     **hang: str,
 ) -> None:
-    """Run BASELINE (or `config` with `overrides`) with the hang points `hang` (environment variables)
-    and SIGKILL it once `ready()` holds; fails if the run ends first or `ready` takes over
-    `deadline_s` seconds."""
-    env = dict(with_compilation_cache(_env(1), cache), **hang)
+    """Run BASELINE (or `config` with `overrides`) on `devices` CPU devices with the hang points `hang`
+    (environment variables) and SIGKILL it once `ready()` holds; fails if the run ends first or `ready`
+    takes over `deadline_s` seconds."""
+    env = dict(with_compilation_cache(_env(devices), cache), **hang)
     config = {} if config is None else {"config": config}
     with open(log, "w") as stderr:
         process = subprocess.Popen(
