@@ -1,5 +1,5 @@
-"""Synthetic reasoning tasks with verifiable answers: arithmetic, Countdown, and multiplication with a
-calculator tool. No download, seeded.
+"""Synthetic reasoning tasks with verifiable answers: arithmetic, Countdown (also with a Python tool), and
+multiplication with a calculator tool. No download, seeded.
 
 An example is a plain dict: `{"prompt", "answer", "completion", "task", ...task fields}`; `completion` is
 a demonstration for cold-start SFT: R1 format (`<think> steps </think> <answer> answer </answer>`), or, for
