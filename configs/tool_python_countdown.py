@@ -63,14 +63,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             dict(
                 reward="countdown",
                 describe_tools=False,
-                # `solve` searches at most 4 numbers in milliseconds; a runaway program is cut at 2 s
-                tools=dict(python=dict(prelude=PRELUDE, wall_time_s=2.0, cpu_time_s=2, memory_mb=256)),
+                # `solve` searches 4 numbers in milliseconds: a runaway program is cut at 2 s of CPU (the
+                # wall-clock limit leaves room for a loaded host, where starting the sandbox takes seconds)
+                tools=dict(python=dict(prelude=PRELUDE, wall_time_s=10.0, cpu_time_s=2, memory_mb=256)),
             )
         ),
         tool_format="plain",  # the demonstrations' format (CountdownTask uses ToolFormat())
         max_observation_chars=48,  # an expression of 4 numbers, `none`, or the head of an error
         max_tool_turns=2,
-        env_timeout_s=10.0,
+        env_timeout_s=30.0,  # one environment step, above the tool's own 10 s
         env_workers=-1,  # min(8, cpu count) processes, each waiting on its sandboxed runs
         allow_unsandboxed=False,
         # observation tokens fed back per call: `\n <tool_response> ≤16 characters </tool_response> \n` is

@@ -38,6 +38,9 @@ from grpo_jax.training import setup
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tool_python_countdown.py")
 UNSANDBOXED = sandbox.isolation().backend is None  # then the runs below opt in, as the docstring says
+# Starting a sandboxed interpreter takes 0.1 s on an idle machine and seconds on a loaded one: the tests
+# check what the tool answers, not its limits (tests/test_sandbox.py does), so they give it a minute.
+WALL_TIME_S = 60.0
 
 
 def _config(arg=None):
@@ -67,9 +70,10 @@ def test_python_tool_runs_its_prelude_before_every_call():
     """`prelude` is defined for the call's code (and not shown in the output); without it the same call is
     a NameError; a prelude that is not a string fails in one line."""
     prelude = "def f(x):\n    print(x * 2)\n"
-    tool = make_tool("python", prelude=prelude, allow_unsandboxed=UNSANDBOXED)
+    options = dict(allow_unsandboxed=UNSANDBOXED, wall_time_s=WALL_TIME_S)
+    tool = make_tool("python", prelude=prelude, **options)
     assert tool({"code": "f(21)"}) == "42"
-    bare = make_tool("python", allow_unsandboxed=UNSANDBOXED)({"code": "f(21)"})
+    bare = make_tool("python", **options)({"code": "f(21)"})
     assert "NameError" in bare and "[exit status 1]" in bare
     with pytest.raises(ValueError, match="prelude must be a string"):
         make_tool("python", prelude=["def f(): pass"])
@@ -139,7 +143,9 @@ def test_demonstration_observations_are_what_the_configs_environment_returns(too
     """The observation segment equals the `python_countdown` environment's answer to the call, built from
     the config (the real python tool: the prelude, the sandbox, the formatting); the answer then ends the
     trajectory with reward 1."""
-    env_config = EnvConfig.from_config(_config().grpo, name="config.grpo")
+    config = _config()
+    config.grpo.env_options.tools.python.wall_time_s = WALL_TIME_S
+    env_config = EnvConfig.from_config(config.grpo, name="config.grpo")
     env = env_config.env_factory()()
     for e in tool_examples[:4]:
         (call, _), (observation, _), (answer, _) = e["completion_segments"]
@@ -207,10 +213,15 @@ def test_runlocal_trains_end_to_end_and_its_tool_calls_run(tmp_path, xla_cache):
     on multi-turn rollouts in `python_countdown`): every stage's losses are finite, the GRPO steps' rows
     call the python tool and some calls run in the sandbox without a tool error (a malformed call, an
     unavailable sandbox or a time-out would be one), their observations are fed back into the rows, and
-    the held-out evaluation runs after each stage."""
+    the held-out evaluation runs after each stage. (The tool's wall-clock limit is raised for a loaded
+    test machine, as above.)"""
     from test_train_script import assert_ok, metric_lines, train
 
-    overrides = ["--config.grpo.allow_unsandboxed=True"] if UNSANDBOXED else []
+    overrides = [
+        f"--config.grpo.env_options.tools.python.wall_time_s={WALL_TIME_S}",
+        f"--config.grpo.env_timeout_s={2 * WALL_TIME_S}",
+    ]
+    overrides += ["--config.grpo.allow_unsandboxed=True"] if UNSANDBOXED else []
     assert_ok(train(tmp_path, *overrides, cache=xla_cache, config=f"--config={CONFIG}:runlocal"))
     lines = metric_lines(tmp_path)
     sft = [x for x in lines if x["stage"] == "sft"]
