@@ -1,5 +1,5 @@
-"""Synthetic reasoning tasks with verifiable answers: arithmetic, Countdown, and multiplication with a
-calculator tool. No download, seeded.
+"""Synthetic reasoning tasks with verifiable answers: arithmetic, Countdown (also with a Python tool), and
+multiplication with a calculator tool. No download, seeded.
 
 An example is a plain dict: `{"prompt", "answer", "completion", "task", ...task fields}`; `completion` is
 a demonstration for cold-start SFT: R1 format (`<think> steps </think> <answer> answer </answer>`), or, for
@@ -31,8 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from grpo_jax.data import countdown_program
+from grpo_jax.envs.sandbox import SandboxResult
 from grpo_jax.envs.tool_format import ToolFormat, format_call, format_observation
-from grpo_jax.envs.tools import Calculator
+from grpo_jax.envs.tools import Calculator, PythonTool
 from grpo_jax.tokenizers import R1_SPECIAL_SYMBOLS
 
 Example = dict[str, Any]
@@ -436,8 +438,18 @@ class CountdownTask(_HashSplitTask):
 
     Problems are made by drawing the numbers and combining them at random (every intermediate a positive
     integer, divisions exact) until the result lands in [1, max_target]; that construction is the known
-    solution stored as `answer`, and its steps (`44-19=25 , 25*3=75 , 75+7=82`) are the demonstration. Any
-    valid expression is a correct answer (see `countdown_solution_is_valid`).
+    solution stored as `answer`. Any valid expression is a correct answer (see `countdown_solution_is_valid`).
+
+    `demonstration` picks the SFT completion (the problems and splits do not depend on it):
+      "steps"   (default) the construction's steps, R1 format:
+                `<think> 44-19=25 , 25*3=75 , 75+7=82 </think> <answer> (44-19)*3+7 </answer>`.
+      "tool"    a call of the `python` tool whose code is `solve([44, 19, 3, 7], 82)` (trained; `solve` is
+                the tool's prelude, `data/countdown_program.py`), the observation exactly as the
+                `python_countdown` environment renders that program's output
+                (`\n<tool_response>7+3*(44-19)</tool_response>\n`, loss-masked), and the expression it found
+                as the answer, `<answer> 7+3*(44-19) </answer>` (trained); `completion_segments` say which is
+                which.
+      "answer"  the bare answer, `<answer> (44-19)*3+7 </answer>`.
     """
 
     name = "countdown"
@@ -448,10 +460,17 @@ class CountdownTask(_HashSplitTask):
         min_number: int = 1,
         max_number: int = 100,
         max_target: int = 100,
+        demonstration: str = "steps",
         seed: int = 0,
         test_fraction: float = 0.1,
     ):
         super().__init__(seed=seed, test_fraction=test_fraction, max_enumerate=0)
+        if demonstration not in DEMONSTRATIONS:
+            raise ValueError(f"demonstration must be one of {DEMONSTRATIONS}; got {demonstration!r}.")
+        self.demonstration = demonstration
+        self.fmt = ToolFormat()  # the python_countdown environment's default ("plain") format
+        if demonstration == "tool":
+            self.special_symbols = (*R1_SPECIAL_SYMBOLS, *tool_symbols(self.fmt))
         self.num_numbers = _inclusive_range(num_numbers, "num_numbers")
         if self.num_numbers[0] < 2:
             raise ValueError(f"num_numbers must be >= 2; got {num_numbers!r}.")
@@ -495,7 +514,7 @@ class CountdownTask(_HashSplitTask):
             f"Using the numbers {list(numbers)}, create an equation that equals {target}. You can use basic "
             "arithmetic operations (+, -, *, /) and each number can only be used once."
         )
-        return {
+        example = {
             "prompt": prompt,
             "answer": expression,
             "completion": _r1_completion(steps, expression),
@@ -503,6 +522,35 @@ class CountdownTask(_HashSplitTask):
             "numbers": list(numbers),
             "target": target,
         }
+        if self.demonstration == "tool":
+            example["completion_segments"] = countdown_tool_segments(numbers, target, self.fmt)
+            example["completion"] = "".join(text for text, _ in example["completion_segments"])
+        elif self.demonstration == "answer":
+            example["completion"] = f"<answer> {expression} </answer>"
+        return example
+
+
+def countdown_tool_segments(
+    numbers: Sequence[int], target: int, fmt: ToolFormat = ToolFormat()
+) -> list[tuple[str, bool]]:
+    """A Countdown tool demonstration: [(the python call, True), (its observation, False), (the answer,
+    True)]. The observation is the python tool's rendering (`PythonTool.render`) of what the call's program
+    prints (`countdown_program.expected_output`), wrapped as the environment wraps it (`format_observation`);
+    the answer is the expression found (`<answer> none </answer>` for an unsolvable problem)."""
+    code = countdown_program.call_code(numbers, target)
+    stdout = countdown_program.expected_output(numbers, target)
+    result = SandboxResult(
+        stdout=stdout,
+        stderr="",
+        returncode=0,
+        timed_out=False,
+        output_truncated=False,
+        backend="",
+        wall_s=0.0,
+    )
+    call = format_call("python", {"code": code}, fmt)
+    observation = format_observation(PythonTool().render(result), fmt)
+    return [(call, True), (observation, False), (f"<answer> {stdout.strip()} </answer>", True)]
 
 
 TASKS = {"arithmetic": ArithmeticTask, "countdown": CountdownTask, "multiplication": MultiplicationTask}

@@ -9,7 +9,9 @@ never an exception in the caller (`envs/base.py:run_tool_call`).
               walking only numbers, + - * / // % **, unary +/- and parentheses), no `eval`; limits on
               the expression's length, the exponent and the size of every intermediate result.
   python      {"code": "print(1 + 1)"}: the code runs in the subprocess sandbox of `envs/sandbox.py`;
-              the observation is its stdout, then its stderr, then a note of a non-zero exit.
+              the observation is its stdout, then its stderr, then a note of a non-zero exit. Option
+              `prelude`: source run before every call's code in the same program (e.g. a helper the
+              model calls, `solve(nums, target)` of `data/countdown_program.py`), never shown to it.
 
 A new tool: a factory `make(**options) -> tool` decorated with `@register_tool("name")`;
 `make_tool(name, **options)` builds one (unknown names and options fail in one line).
@@ -187,11 +189,14 @@ _LIMIT_SIGNALS = {
 @dataclasses.dataclass(frozen=True)
 class PythonTool:
     """Runs model-written Python in the sandbox (`envs/sandbox.py`); fails closed where none works unless
-    `allow_unsandboxed`. The observation: stdout, then `[stderr]` and stderr, then `[exit status N]`."""
+    `allow_unsandboxed`. The observation: stdout, then `[stderr]` and stderr, then `[exit status N]`
+    (`render`). `prelude`: source prepended to every call's code (the program is `prelude + "\n" + code`:
+    definitions the model may call without writing them; a traceback's line numbers count the prelude's)."""
 
     limits: sandbox.SandboxLimits = sandbox.SandboxLimits()
     allow_unsandboxed: bool = False
     backend: str | None = None
+    prelude: str = ""
     name: str = "python"
     description: str = (
         "Runs a Python program (standard library only, no network, no files) and returns its output."
@@ -213,12 +218,19 @@ class PythonTool:
 
     def __call__(self, arguments: Mapping[str, Any]) -> str:
         code = _string_argument(arguments, "code")
+        if self.prelude:
+            code = f"{self.prelude}\n{code}"
         try:
             result = sandbox.run_python(
                 code, limits=self.limits, allow_unsandboxed=self.allow_unsandboxed, backend=self.backend
             )
         except sandbox.SandboxUnavailable as error:
             raise ToolError(str(error), kind="sandbox_unavailable") from None
+        return self.render(result)
+
+    def render(self, result: sandbox.SandboxResult) -> str:
+        """The tool's answer for a finished run (a time-out raises ToolError "timeout"); tasks build their
+        demonstrations' observations with it, from the output their program is known to print."""
         if result.timed_out:
             raise ToolError(f"timed out after {self.limits.wall_time_s} s; killed", kind="timeout")
         parts = [result.stdout]
@@ -241,6 +253,7 @@ def make_python_tool(
     max_output_bytes: int = 64 * 2**10,
     allow_unsandboxed: bool = False,
     backend: str | None = None,
+    prelude: str = "",
 ) -> PythonTool:
     limits = sandbox.SandboxLimits(
         wall_time_s=wall_time_s,
@@ -249,4 +262,8 @@ def make_python_tool(
         max_processes=max_processes,
         max_output_bytes=max_output_bytes,
     )
-    return PythonTool(limits=limits, allow_unsandboxed=allow_unsandboxed, backend=backend)
+    if not isinstance(prelude, str):
+        raise ValueError(
+            f"python tool: prelude must be a string of Python source, got {type(prelude).__name__}"
+        )
+    return PythonTool(limits=limits, allow_unsandboxed=allow_unsandboxed, backend=backend, prelude=prelude)
