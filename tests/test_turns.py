@@ -5,6 +5,8 @@ end finish a row at its call; no page is leaked; the same rows on a 2x2x2 mesh; 
 see observation tokens (its gradient with respect to their old and reference logprobs is 0, and is not
 without the loss mask)."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -342,3 +344,47 @@ def test_turn_stats_of_refill_rounds_merge_into_one_step():
         "env/reward_mean": 0.5,
     }
     assert turns.merge_turn_stats([{"reward/mean": 1.0}]) == {}
+
+
+def test_the_evaluator_gives_a_multi_turn_sampler_each_rows_example():
+    """Held-out evaluation with tools: each row's environment starts on its own problem (row b·k + j: the
+    example of prompt b, the last chunk's fill included), so a final turn can be scored; a plain sampler
+    gets no `examples`."""
+    from grpo_jax.data.tasks import ArithmeticTask
+    from grpo_jax.testing import tiny_tokenizer
+    from grpo_jax.training.evaluator import Evaluator
+
+    tokenizer = tiny_tokenizer()
+    examples = ArithmeticTask(seed=0).split("test", 5)
+    seen = []
+
+    def fake_generate(model_config, params, prompt_tokens, prompt_mask, rng, *, num_samples, **kwargs):
+        seen.append(kwargs.get("examples"))
+        rows = len(prompt_tokens) * num_samples
+        return types.SimpleNamespace(tokens=np.zeros((rows, 2), np.int32), mask=np.zeros((rows, 2), np.int32))
+
+    def evaluator(generate_fn):
+        return Evaluator(
+            None,
+            tokenizer,
+            examples,
+            template="plain",
+            max_prompt_len=12,
+            max_new_tokens=2,
+            batch_size=4,
+            k=2,
+            generate_fn=generate_fn,
+        )
+
+    assert turns.TurnSampler.takes_examples  # the multi-turn sampler asks for them
+    evaluator(fake_generate)(None, jax.random.key(0))
+    assert seen == [None] * 4  # greedy and k samples, two chunks each
+    fake_generate.takes_examples = True
+    seen.clear()
+    evaluator(fake_generate)(None, jax.random.key(0))
+    prompts = [[e["prompt"] for e in rows] for rows in seen]
+    fill = [examples[i % 5]["prompt"] for i in range(8)]
+    assert prompts[0] == fill[:4] and prompts[1] == fill[4:]  # greedy: one row per prompt
+    assert prompts[2] == [p for p in fill[:4] for _ in range(2)] and prompts[3] == [
+        p for p in fill[4:] for _ in range(2)
+    ]

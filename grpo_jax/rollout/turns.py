@@ -258,6 +258,8 @@ class TurnSampler:
     them) and leaves `rewards` [N] (each row's final environment reward), `turns` [N] and `stats` (tool and
     decode counters) for the caller. Programs are compiled once per static setting."""
 
+    takes_examples = True  # callers (the held-out evaluator) pass each row's example for its environment
+
     def __init__(
         self, env_config, tokenizer, *, max_observation_tokens: int, page_size: int = 16, num_slots=None
     ):

@@ -75,12 +75,16 @@ class Evaluator:
         padded = -(-len(rows) // batch_size) * batch_size
         fill = np.arange(padded) % len(rows)  # repeat problems to fill the last chunk; results are cut
         self.prompt_tokens, self.prompt_mask = tokens[fill], mask[fill]
+        self.fill = fill
 
     def _generate(self, params, rng, *, num_samples, temperature):
         """Completion texts [E][num_samples]."""
         texts: list[list[str]] = []
         for start in range(0, len(self.prompt_tokens), self.batch_size):
             chunk = slice(start, start + self.batch_size)
+            extra = {}
+            if getattr(self.generate_fn, "takes_examples", False):  # multi-turn: environments per row
+                extra["examples"] = [self.examples[i] for i in self.fill[chunk] for _ in range(num_samples)]
             rollout = self.generate_fn(
                 self.model_config,
                 params,
@@ -96,6 +100,7 @@ class Evaluator:
                 stop_ids=self.stop_ids,
                 pad_id=self.tokenizer.pad_id,
                 mesh=self.mesh,
+                **extra,
             )
             tokens, mask = sharding.to_host((rollout.tokens, rollout.mask))
             decoded = [
