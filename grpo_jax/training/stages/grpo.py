@@ -438,18 +438,21 @@ class GRPOStage(RolloutStage):
             sync_time_s=sync_time,
             prompt_truncated_frac=global_mean(item.prompts["prompt_truncated"]),
             step_time_s=time.time() - t0,
-            **{
-                "sync/bytes": float(synced.bytes),
-                "sync/time_s": synced.time_s,
-                "pipeline/lag": float(lag),
-                "pipeline/sample_wait_s": sample_wait,
-                # 1: the trainer waited on the rollout (the sampler binds); 0: it was ready (the trainer
-                # binds)
-                "pipeline/sampler_bound": float(sample_wait > 0.05 * max(train_time, 1e-3)),
-                "pipeline/inflight": float(len(self.inflight)),
-            },
+            **self.pipeline_metrics(synced, lag, sample_wait, train_time),
         )
         return state, m
+
+    def pipeline_metrics(self, synced, lag: int, sample_wait: float, train_time: float) -> dict:
+        """The weight sync's and the pipeline's per-step metrics (docs/CONTRACTS.md)."""
+        return {
+            "sync/bytes": float(synced.bytes),
+            "sync/time_s": synced.time_s,
+            "pipeline/lag": float(lag),
+            "pipeline/sample_wait_s": sample_wait,
+            # 1: the trainer waited on the rollout (the sampler binds); 0: it was ready (the trainer binds)
+            "pipeline/sampler_bound": float(sample_wait > 0.05 * max(train_time, 1e-3)),
+            "pipeline/inflight": float(len(self.inflight)),
+        }
 
     # -- partial rollouts in the pipeline: engine.rollout_token_budget with k >= 1 or a sampler mesh -----
 
@@ -549,15 +552,8 @@ class GRPOStage(RolloutStage):
             sync_time_s=sync_time,
             prompt_truncated_frac=global_mean(np.concatenate(truncated)) if truncated else 0.0,
             step_time_s=time.time() - t0,
-            **{
-                "partial/prompt_batches": float(len(truncated)),
-                "sync/bytes": float(synced.bytes),
-                "sync/time_s": synced.time_s,
-                "pipeline/lag": float(lag),
-                "pipeline/sample_wait_s": sample_wait,
-                "pipeline/sampler_bound": float(sample_wait > 0.05 * max(train_time, 1e-3)),
-                "pipeline/inflight": float(len(self.inflight)),
-            },
+            **{"partial/prompt_batches": float(len(truncated))},
+            **self.pipeline_metrics(synced, lag, sample_wait, train_time),
         )
         return state, m
 
