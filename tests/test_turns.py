@@ -388,3 +388,24 @@ def test_the_evaluator_gives_a_multi_turn_sampler_each_rows_example():
     assert prompts[2] == [p for p in fill[:4] for _ in range(2)] and prompts[3] == [
         p for p in fill[4:] for _ in range(2)
     ]
+
+
+def test_a_call_cut_off_by_the_rows_end_earns_no_call_reward():
+    """`call_reward` pays a call the model sees answered; `EnvResponder.finish` steps a row that ended on
+    a call (its length limit) only to score it, so that call is neither counted nor paid."""
+    import functools
+
+    from grpo_jax.envs import EnvRunner, make_env
+    from grpo_jax.testing import tiny_tokenizer
+
+    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "6*7"}}</tool_call>'
+    factory = functools.partial(make_env, "calculator", call_reward=0.5, describe_tools=False)
+    runner = EnvRunner(factory, timeout_s=5.0, num_workers=0)
+    try:
+        responder = turns.EnvResponder(runner, tiny_tokenizer())
+        for final, want in ((False, 0.5), (True, 0.0)):
+            responder.reset([{"prompt": "6*7", "answer": "42"}])
+            responder._step([0], [call], final=final)
+            assert responder.rewards.tolist() == [want]
+    finally:
+        runner.close()

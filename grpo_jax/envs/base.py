@@ -188,6 +188,7 @@ class ToolEnv(Environment):
         reward = 0.0
         if outcome.error is None and not self.rewarded_call:
             reward, self.rewarded_call = self.call_reward, True
+            info["call_reward"] = reward  # a caller that never shows the answer takes it back
         return format_observation(outcome.message, self.fmt), reward, False, info
 
 

@@ -186,6 +186,8 @@ class EnvResponder:
                 continue
             self.stats[name] = self.stats.get(name, 0.0) + float(value)
         self.rewards += out.rewards
+        if final:  # nor is it paid for (`call_reward` of envs/base.py:ToolEnv)
+            self.rewards -= np.array([info.get("call_reward", 0.0) for info in out.infos], np.float32)
         return out
 
     def __call__(self, rows: Sequence[int], turns: Sequence[list[int]]):

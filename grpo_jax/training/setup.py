@@ -437,7 +437,9 @@ def check_tool_demonstrations(config, stages, task, tokenizer, num_examples: int
     demonstrations (examples with `completion_segments`): a call segment (the trainable text before an
     untrainable one) must parse as a call and the untrainable segment must be a response in that format.
     A cold start that taught another format would otherwise leave every rollout without an answered call.
-    One line naming the stage's key; a task without such demonstrations is not checked."""
+    One line naming the stage's key; a task without such demonstrations is not checked. The trainer calls
+    it only for runs with an SFT stage (a run that never trains on the demonstrations may use another
+    format)."""
     from grpo_jax.envs.tool_format import ToolCall, parse_tool_call
 
     demos = [e for e in task.train[: 16 * num_examples] if e.get("completion_segments")][:num_examples]

@@ -292,7 +292,8 @@ def _train(config, workdir: str, stop_requested: threading.Event) -> dict:
     mesh, sampler_mesh = setup.build_meshes(config)  # the sampler's own mesh with config.sampler_mesh
     for name in stages:
         STAGE_KINDS[stage_kind(name)].validate(config, name)
-    setup.check_tool_demonstrations(config, stages, task, tokenizer)
+    if any(stage_kind(name) == "sft" for name in stages):  # a cold start trains on the demonstrations
+        setup.check_tool_demonstrations(config, stages, task, tokenizer)
     _check_batches_fit_mesh(config, stages, mesh)
 
     # A resume is refused before anything (config.json included) is written into the old run's workdir.
