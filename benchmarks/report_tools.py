@@ -36,7 +36,11 @@ GOAL_POINTS = 30.0
 def load_run(folder: str) -> dict:
     summary = json.load(open(os.path.join(folder, "summary.json")))["stages"]
     lines = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+    config_path = os.path.join(folder, "config.json")
+    config = json.load(open(config_path)) if os.path.exists(config_path) else {}
     return {
+        "sft_steps": config.get("sft", {}).get("steps", "?"),
+        "grpo_steps": config.get("grpo", {}).get("steps", "?"),
         "sft": 100 * summary["sft"]["final_eval_accuracy"],
         "grpo": 100 * summary["grpo"]["final_eval_accuracy"],
         "curve": [(e["step"], 100 * e["eval/accuracy"]) for e in summary["grpo"]["evals"]],
@@ -84,21 +88,22 @@ def mean_sd(values: list[float]) -> str:
 def render(workdir: str, command: str) -> str:
     found = runs(workdir)
     tool, base = found.get("tool", {}), found.get("no_tool", {})
+    first = next(iter(tool.values()), {"sft_steps": "?", "grpo_steps": "?"})
     lines = [
         "# Tool use: 3-4 digit × 2-3 digit multiplication with and without a calculator",
         "",
         f"Made by `{command}`, reported by `python benchmarks/report_tools.py --workdir=DIR`, on a 2-core "
         "CPU shared with other jobs (times are for comparing the parts of one step, not with other files).",
         "",
-        "- `tool`: configs/tool_calculator.py as it is: cold-start SFT (400 steps) on demonstrations that "
-        "call the calculator (its response loss-masked), then 225 steps of multi-turn GRPO in the "
+        f"- `tool`: configs/tool_calculator.py as it is: cold-start SFT ({first['sft_steps']} steps) on "
+        "demonstrations that call the calculator (its response loss-masked), then "
+        f"{first['grpo_steps']} steps of multi-turn GRPO in the "
         "`calculator` environment (reward: the final answer's `math_accuracy` + 0.1 for the first "
         "well-formed call).",
         "- `no_tool`: the same model, budgets, steps and batch; demonstrations that do the multiplication in "
         "writing (partial products), no environment, the in-graph `accuracy` reward.",
         "",
-        "Held-out greedy pass@1 on the same 500 problems (evaluation lets the `tool` model call the "
-        "calculator):",
+        "Held-out greedy pass@1 on the same problems (evaluation lets the `tool` model call the calculator):",
         "",
         "| seed | tool: SFT → GRPO | no_tool: SFT → GRPO | tool − no_tool after GRPO (points) |",
         "| --- | --- | --- | --- |",

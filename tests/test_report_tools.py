@@ -33,6 +33,7 @@ def _run(
         "grpo": {"final_eval_accuracy": grpo, "evals": [{"step": 450, "eval/accuracy": grpo}]},
     }
     (folder / "summary.json").write_text(json.dumps({"stages": stages}))
+    (folder / "config.json").write_text(json.dumps({"sft": {"steps": 1000}, "grpo": {"steps": 225}}))
     lines = [{"step": 1, "stage": "sft", "loss": 1.0}]
     for step in range(30):
         m = {
@@ -64,7 +65,7 @@ def test_report_states_the_goal_rates_and_time_split(tmp_path, report):
         _run(tmp_path / "tool" / f"seed{seed}", 0.5, tool, calls=128.0, errors=32.0, old=3 * seed)
         _run(tmp_path / "no_tool" / f"seed{seed}", 0.01, base)
     text = report.render(str(tmp_path), "CMD")
-    assert "| 0 | 50.0% → 80.0% | 1.0% → 2.0% | +78.0 |" in text
+    assert "| 0 | 50.0% → 80.0% | 1.0% → 2.0% | +78.0 |" in text and "SFT (1000 steps)" in text
     assert "goal" in text.lower() and "met (+72.0 points, mean of 2 seed(s))" in text
     assert "| 1–25 | 1.000 | 25.0 % | 0.500 |" in text and "| 26–30 |" in text
     assert "Errors by kind over every seed's training: malformed 1920." in text
