@@ -186,7 +186,7 @@ class ToolEnv(Environment):
         outcome = run_tool_call(call, self.tools)
         info.update(tool=outcome.tool, tool_error=outcome.error)
         reward = 0.0
-        if outcome.error is None and not self.rewarded_call:
+        if outcome.error is None and self.call_reward and not self.rewarded_call:
             reward, self.rewarded_call = self.call_reward, True
             info["call_reward"] = reward  # a caller that never shows the answer takes it back
         return format_observation(outcome.message, self.fmt), reward, False, info
