@@ -183,8 +183,9 @@ def main(argv=None) -> None:
         default="python scripts/sweep.py --config=configs/tool_calculator.py --workdir=DIR --seeds=0,1,2",
     )
     parser.add_argument("--out", default=os.path.join(HERE, "tools.md"))
+    parser.add_argument("--note", default="", help="a paragraph to add (e.g. the commit the runs used)")
     args = parser.parse_args(argv)
-    text = render(args.workdir, args.command)
+    text = render(args.workdir, args.command) + (f"\n{args.note}\n" if args.note else "")
     with open(args.out, "w") as f:
         f.write(text)
     print(text)
