@@ -443,9 +443,11 @@ def check_tool_demonstrations(config, stages, task, tokenizer, num_examples: int
     from grpo_jax.envs.tool_format import ToolCall, parse_tool_call
 
     demos = [e for e in task.train[: 16 * num_examples] if e.get("completion_segments")][:num_examples]
+    if not demos:
+        return
     for name in stages:
-        env = stage_env(config, name) if "env" in config[name] else None
-        if env is None or not demos:
+        env = stage_env(config, name)
+        if env is None:
             continue
         fmt = env.tool_format_for(tokenizer)
         for example in demos:
