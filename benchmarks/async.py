@@ -16,7 +16,7 @@ In a child: `rounds` rounds of (k = 0 run, k = 1 run), each a GRPO-only run of t
 `steps` steps through `trainer.train`, the programs compiled once per process (a persistent compilation
 cache in a temporary directory). The first `warmup` steps of each run are dropped (compiles; at k = 1 the
 first step samples its own rollout). Per run, the medians over the steady steps of `step_time_s`,
-`sample_time_s` and, at k = 1, `train_time_s` and `pipeline/sample_wait_s`; at k = 0 the training part is
+`sample_time_s` and, at k = 1, `train_time_s` and `pipeline/sample_wait_time_s`; at k = 0 the training part is
 `step_time_s − sample_time_s − sync/time_s` (host rewards included). The verdict compares the k = 1 step
 with the k = 0 parts: overlap means step(k=1) ≈ max(sample, train), none means ≈ sample + train.
 
@@ -101,7 +101,7 @@ def child(args) -> dict:
             if k:
                 run.update(
                     train_s=_median(steady, "train_time_s"),
-                    sample_wait_s=_median(steady, "pipeline/sample_wait_s"),
+                    sample_wait_s=_median(steady, "pipeline/sample_wait_time_s"),
                 )
             else:
                 run["train_s"] = statistics.median(

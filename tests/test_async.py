@@ -401,8 +401,8 @@ def test_a_pipelined_run_killed_with_a_rollout_in_flight_reruns_as_a_run_restart
     above), then pipelines step 3 (lag 1). The issue's definition of a resume: the in-flight rollout is not
     saved, so a rerun after kill -9 is a run restarted at that step. Every line equals the uninterrupted
     run's own restart from its checkpoint 1 exactly (floats compared with ==), every metric but those read
-    off the clock (`*time_s`, `pipeline/sample_wait_s`, `pipeline/sampler_bound`) and the compile count;
-    it is not the uninterrupted run's step 2, which trained on a rollout one step old."""
+    off the clock (`*time_s`, `pipeline/sample_wait_time_s` among them, and `pipeline/sampler_bound`) and
+    the compile count; it is not the uninterrupted run's step 2, which trained on a rollout one step old."""
     from shared_runs import compilation_cache
     from test_resume import _complete_lines, run_and_kill
     from test_train_script import assert_ok, checkpoint_steps, train

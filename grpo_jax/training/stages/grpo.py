@@ -448,7 +448,7 @@ class GRPOStage(RolloutStage):
             "sync/bytes": float(synced.bytes),
             "sync/time_s": synced.time_s,
             "pipeline/lag": float(lag),
-            "pipeline/sample_wait_s": sample_wait,
+            "pipeline/sample_wait_time_s": sample_wait,
             # 1: the trainer waited on the rollout (the sampler binds); 0: it was ready (the trainer binds)
             "pipeline/sampler_bound": float(sample_wait > 0.05 * max(train_time, 1e-3)),
             "pipeline/inflight": float(len(self.inflight)),
