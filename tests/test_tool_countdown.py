@@ -198,6 +198,7 @@ def test_config_is_sandboxed_and_both_sweep_points_fit_their_budgets(tmp_path):
             assert tokenizer.decode(tokenizer.encode(example["completion"])) == example["completion"]
             (_, _), (observation, _), _ = example["completion_segments"]
             assert len(tokenizer.encode(observation)) <= run.grpo.max_observation_tokens
+        setup.check_tool_demonstrations(run, run.stages, task, tokenizer)  # format and tool name agree
 
 
 @pytest.fixture(scope="module")

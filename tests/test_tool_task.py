@@ -253,6 +253,13 @@ def test_config_environment_renders_the_demonstrations_and_budgets_fit(tmp_path)
         run.grpo.tool_format = "qwen2_5"
         with pytest.raises(ValueError, match=r"config.grpo.tool_format='qwen2_5': the task's tool-use demon"):
             setup.check_tool_demonstrations(run, run.stages, task, tokenizer)
+        run.grpo.tool_format, run.grpo.env = "plain", "python"  # the right format, another env's tools
+        with pytest.raises(
+            ValueError,
+            match=r"config.grpo.env='python' offers the tools \['python'\]; .* "
+            r"call 'calculator'",
+        ):
+            setup.check_tool_demonstrations(run, run.stages, task, tokenizer)
 
 
 @pytest.mark.slow

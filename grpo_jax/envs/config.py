@@ -96,6 +96,19 @@ class EnvConfig:
             return ToolFormat.from_chat_template(tokenizer, max_observation_chars=self.max_observation_chars)
         return TOOL_FORMATS[self.tool_format](max_observation_chars=self.max_observation_chars)
 
+    def tool_names(self, tokenizer: Any = None) -> list[str]:
+        """The names of the tools this stage's environment offers (built without its sandbox check)."""
+        try:
+            env = make_env(
+                self.env,
+                max_turns=self.max_tool_turns,
+                fmt=self.tool_format_for(tokenizer),
+                **self.env_options,
+            )
+        except ValueError as error:
+            raise ValueError(f"{self.section}.env_options: {error}") from error
+        return sorted(getattr(env, "tools", {}))
+
     def env_factory(self, tokenizer: Any = None) -> functools.partial:
         """A picklable `() -> Environment`; building one here checks every option (and, for the python tool,
         that a sandbox works or `allow_unsandboxed` is set: fails closed in one line)."""

@@ -435,11 +435,11 @@ def stage_env(config, name: str):
 def check_tool_demonstrations(config, stages, task, tokenizer, num_examples: int = 8) -> None:
     """Each tool-use stage's call format (`config.<stage>.tool_format`) against the task's tool-use
     demonstrations (examples with `completion_segments`): a call segment (the trainable text before an
-    untrainable one) must parse as a call and the untrainable segment must be a response in that format.
-    A cold start that taught another format would otherwise leave every rollout without an answered call.
-    One line naming the stage's key; a task without such demonstrations is not checked. The trainer calls
-    it only for runs with an SFT stage (a run that never trains on the demonstrations may use another
-    format)."""
+    untrainable one) must parse as a call of one of the stage environment's tools and the untrainable
+    segment must be a response in that format. A cold start that taught another format or another tool
+    would otherwise leave every rollout without an answered call. One line naming the stage's key; a
+    task without such demonstrations is not checked. The trainer calls it only for runs with an SFT stage
+    (a run that never trains on the demonstrations may use another format)."""
     from grpo_jax.envs.tool_format import ToolCall, parse_tool_call
 
     demos = [e for e in task.train[: 16 * num_examples] if e.get("completion_segments")][:num_examples]
@@ -449,7 +449,7 @@ def check_tool_demonstrations(config, stages, task, tokenizer, num_examples: int
         env = stage_env(config, name)
         if env is None:
             continue
-        fmt = env.tool_format_for(tokenizer)
+        fmt, tools = env.tool_format_for(tokenizer), env.tool_names(tokenizer)
         for example in demos:
             segments = list(example["completion_segments"])
             for (call, _), (response, trainable) in zip(segments, segments[1:], strict=False):
@@ -461,6 +461,12 @@ def check_tool_demonstrations(config, stages, task, tokenizer, num_examples: int
                         f"config.{name}.tool_format={env.tool_format!r}: the task's tool-use demonstrations "
                         f"are in another format (prompt {example.get('prompt', '')!r}: call {call!r}, "
                         f"response {response!r}); set the format the demonstrations use"
+                    )
+                if parsed.name not in tools:
+                    raise ValueError(
+                        f"config.{name}.env={env.env!r} offers the tools {tools}; the task's tool-use "
+                        f"demonstrations call {parsed.name!r} (prompt {example.get('prompt', '')!r}: call "
+                        f"{call!r}); set the env whose tools they call"
                     )
 
 
