@@ -24,6 +24,8 @@ A non-finite loss or gradient skips the update (counted in `nonfinite_updates`),
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -168,11 +170,20 @@ def dpo_objective(
     return debug_poison(loss, batch), metrics
 
 
-def _check_dpo_args(beta: float, label_smoothing: float) -> None:
+def _bound_dpo_objective(model_config, beta: float, label_smoothing: float, chunk_size: int):
+    """`dpo_objective` with the run's settings bound (checked): `(params, ref_chosen, ref_rejected, batch)
+    -> (loss, metrics)`, the step's and the held-out eval's one objective."""
     if not beta > 0:
         raise ValueError(f"DPO beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"DPO label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    return functools.partial(
+        dpo_objective,
+        model_config=model_config,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        chunk_size=chunk_size,
+    )
 
 
 def make_dpo_step(
@@ -197,19 +208,10 @@ def make_dpo_step(
     dpo/logp_chosen, dpo/logp_rejected (mean policy sequence logprobs), grad_norm, nonfinite_updates,
     learning_rate (with lr_schedule).
     """
-    _check_dpo_args(beta, label_smoothing)
+    bound = _bound_dpo_objective(model_config, beta, label_smoothing, chunk_size)
 
     def objective(params, base, ref_chosen, ref_rejected, batch):
-        return dpo_objective(
-            attach(base, params),
-            ref_chosen,
-            ref_rejected,
-            batch,
-            model_config=model_config,
-            beta=beta,
-            label_smoothing=label_smoothing,
-            chunk_size=chunk_size,
-        )
+        return bound(attach(base, params), ref_chosen, ref_rejected, batch)
 
     def step(state: TrainState, batch):
         with jax.named_scope("reference_logprobs"):
@@ -227,20 +229,11 @@ def make_dpo_step(
 
 def make_dpo_eval(model_config, *, beta: float, label_smoothing: float = 0.0, chunk_size: int = 128):
     """Jitted held-out DPO metrics: `eval(params, ref_params, batch) -> {loss, dpo/...}` (as the step's)."""
-    _check_dpo_args(beta, label_smoothing)
+    objective = _bound_dpo_objective(model_config, beta, label_smoothing, chunk_size)
 
     def evaluate(params, ref_params, batch):
         ref_chosen, ref_rejected = reference_logprobs(model_config, ref_params, batch, chunk_size=chunk_size)
-        loss, metrics = dpo_objective(
-            params,
-            ref_chosen,
-            ref_rejected,
-            batch,
-            model_config=model_config,
-            beta=beta,
-            label_smoothing=label_smoothing,
-            chunk_size=chunk_size,
-        )
+        loss, metrics = objective(params, ref_chosen, ref_rejected, batch)
         return dict(metrics, loss=loss)
 
     return jax.jit(evaluate)
