@@ -4,6 +4,14 @@ alternated in one run (issue 20, "Measured").
     python benchmarks/rollout_engine.py                       # long-tailed workload, the default sizes
     python benchmarks/rollout_engine.py --workload=uniform    # configs/bench_trl_d.py's setting
     python benchmarks/rollout_engine.py --prompt_len=256 --max_new_tokens=2048   # the issue's size
+    python benchmarks/rollout_engine.py --preset=qwen2.5-0.5b --dtype=bfloat16 --prompt_len=512 \
+        --max_new_tokens=4096 --repeats=1 --tag=gpu_qwen2.5-0.5b_P512_L4096      # the issue's GPU run
+
+`--preset` takes the long-tailed model's shape from `grpo_jax.MODEL_PRESETS` (layers, widths, heads,
+vocabulary, q/k/v biases, RoPE theta), untied (its zeroed `lm_head` is the method below: the head's
+matmul is the same as a tied one's); `--dtype` is its weights' and activations' dtype. On an accelerator
+the peak matmul rate is measured in that dtype at 8192³ (2048³ float32 on CPU), and the report names the
+device.
 
 Workloads:
 - `long_tailed` (default): B prompts x G samples of a random model whose completion lengths are
@@ -69,6 +77,7 @@ import numpy as np
 from benchlib import measure_peak_matmul
 
 from grpo_jax import flops, models, rollout, sampling
+from grpo_jax.models.presets import MODEL_PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "benchmarks", "rollout_engine")
@@ -125,6 +134,21 @@ def uniform_setting() -> dict:
     )
 
 
+SHAPE_FLAGS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")
+
+
+def preset_extras(preset: str) -> dict:
+    """A preset's model settings other than its shape and head tying (`--preset`; {} without one)."""
+    if not preset:
+        return {}
+    return {k: v for k, v in MODEL_PRESETS[preset].items() if k not in SHAPE_FLAGS and k != "tie_embeddings"}
+
+
+def peak_setting(dtype: str) -> tuple[int, str]:
+    """(size, dtype) of the peak-rate matmul: 2048³ float32 on CPU, 8192³ in the model's dtype elsewhere."""
+    return (2048, "float32") if jax.default_backend() == "cpu" else (8192, dtype)
+
+
 def build(args) -> dict:
     """The workload: model config, params, prompts and sampling settings."""
     if args.workload == "uniform":
@@ -140,6 +164,7 @@ def build(args) -> dict:
         )
     else:
         model = models.ModelConfig(
+            **preset_extras(args.preset),
             vocab_size=args.vocab_size,
             hidden_size=args.hidden_size,
             intermediate_size=args.intermediate_size,
@@ -147,6 +172,8 @@ def build(args) -> dict:
             num_heads=args.num_heads,
             num_kv_heads=args.num_kv_heads,
             tie_embeddings=False,
+            param_dtype=args.dtype,
+            dtype=args.dtype,
         )
         mean_len = args.mean_len or args.max_new_tokens / 5
         k = max(1, round(args.vocab_size / mean_len))
@@ -288,11 +315,13 @@ def make_systems(w: dict, args) -> dict:
 
 def matmul_chain_ms(model: models.ModelConfig, rows: int, steps: int, repeats: int) -> float:
     """Fastest ms per step of the decode step's weight matmuls alone (`flops.matmul_param_count`'s
-    projections, float32, for `rows` rows), chained through `steps` iterations of a jitted `fori_loop`:
-    what a decode step would cost if it did nothing but its matmuls at this machine's small-matmul rate."""
+    projections, in the model's dtype, for `rows` rows), chained through `steps` iterations of a jitted
+    `fori_loop`: what a decode step would cost if it did nothing but its matmuls at this machine's
+    small-matmul rate."""
     d, f, dh = model.hidden_size, model.intermediate_size, model.resolved_head_dim
     keys = iter(jax.random.split(jax.random.key(0), 8 * model.num_layers + 2))
-    weight = lambda *shape: 0.02 * jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
+    dtype = jnp.dtype(model.dtype)
+    weight = lambda *shape: (0.02 * jax.random.normal(next(keys), shape)).astype(dtype)  # noqa: E731
     layers = [
         dict(
             q=weight(d, model.num_heads * dh),
@@ -341,7 +370,8 @@ def percentiles(lengths: np.ndarray) -> dict:
 def run(args, command: str) -> dict:
     w = build(args)
     systems, equal_info = make_systems(w, args)
-    peaks = [measure_peak_matmul(2048, "float32", 3)["gflops"]]
+    peak_size, peak_dtype = peak_setting(w["model"].dtype)
+    peaks = [measure_peak_matmul(peak_size, peak_dtype, 3)["gflops"]]
     results, outputs = {}, {}
     for name, (call, info) in systems.items():  # the untimed first call of each: compile + run
         start = time.perf_counter()
@@ -356,7 +386,7 @@ def run(args, command: str) -> dict:
     cpu_share = (
         (time.process_time() - cpu_start) / max(time.perf_counter() - wall_start, 1e-9) / os.cpu_count()
     )
-    peaks.append(measure_peak_matmul(2048, "float32", 3)["gflops"])
+    peaks.append(measure_peak_matmul(peak_size, peak_dtype, 3)["gflops"])
     peak_flops = max(peaks) * 1e9
     chain_ms = {}  # rows -> ms per step of the matmuls alone
 
@@ -420,6 +450,8 @@ def run(args, command: str) -> dict:
         "workload_name": args.workload,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} CPU cores, {jax.default_backend()}, jax {jax.__version__}",
+        "device": jax.devices()[0].device_kind,
+        "peak_matmul": f"{peak_size}³ {peak_dtype}",
         "load_average_start": list(os.getloadavg()),
         "timed_cpu_share": cpu_share,
         "peak_matmul_gflops": peaks,  # before and after the systems; the bound uses the larger
@@ -475,7 +507,9 @@ def render(reports: dict) -> str:
                 if "@" in name
                 else ""
             )
-            + f"Made by `{r['command']}` ({r['date_utc']}; {r['machine']}; load average at the start "
+            + f"Made by `{r['command']}` ({r['date_utc']}; {r['machine']}"
+            + (f", {r['device']}" if r.get("device", "cpu") != "cpu" else "")
+            + "; load average at the start "
             f"{r['load_average_start'][0]:.2f}, CPU share while timed {r['timed_cpu_share']:.2f}).",
             "",
             f"B = {w['prompts']} prompts × G = {w['num_samples']} = N = {w['rows']} rows, "
@@ -491,7 +525,7 @@ def render(reports: dict) -> str:
             + f"; {100 * w['truncated_frac']:.1f} % reached L"
             + (f" (expected mean {w['expected_mean_len']:.1f})." if "expected_mean_len" in w else "."),
             "",
-            "Peak matmul rate (2048³ float32, before / after the systems): "
+            f"Peak matmul rate ({r.get('peak_matmul', '2048³ float32')}, before / after the systems): "
             + " / ".join(f"{g:.0f}" for g in r.get("peak_matmul_gflops", []))
             + " GFLOP/s.",
             "",
@@ -582,8 +616,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--slots", type=int, default=0, help="engine_all_slots' S (0: N)")
     parser.add_argument("--page_size", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds")
-    for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):
+    for name in SHAPE_FLAGS:
         parser.add_argument(f"--{name}", type=int, default=None, help="long_tailed model shape")
+    parser.add_argument(
+        "--preset", default="", choices=("", *MODEL_PRESETS), help="long_tailed model shape of a preset"
+    )
+    parser.add_argument("--dtype", default="float32", help="long_tailed weights' and activations' dtype")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=OUT, help="OUT.json (one entry per workload) and OUT.md")
     parser.add_argument("--no_write", action="store_true")
@@ -591,7 +629,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--report_only", action="store_true", help="rewrite OUT.md and OUT.png from OUT.json")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    for name, value in DEFAULTS[args.workload].items():
+    if args.preset and args.workload != "long_tailed":
+        parser.error("--preset shapes the long_tailed workload's model")
+    preset_shape = {k: v for k, v in MODEL_PRESETS.get(args.preset, {}).items() if k in SHAPE_FLAGS}
+    for name, value in {**DEFAULTS[args.workload], **preset_shape}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.static_rows = args.static_rows or 0

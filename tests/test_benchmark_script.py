@@ -174,3 +174,29 @@ def test_rollout_engine_benchmark_runs_and_its_systems_agree(capsys):
     assert all(report["systems"][name]["tokens_equal_static"] for name in systems)
     assert report["workload"]["stop_ids"] == tuple(range(1, 9))  # p = 8/32 = 1/mean_len
     assert "| static |" in module.render({"long_tailed": report})
+
+
+def test_rollout_engine_benchmark_takes_a_preset_shape_and_a_dtype():
+    """`--preset` fills the long-tailed model's shape (flags still win) and its other settings (q/k/v
+    biases, RoPE theta), untied; `--dtype` sets its weights and activations; a preset on the uniform
+    workload (its model is bench_trl_d's) is refused."""
+    import types
+
+    module = _load("rollout_engine")
+    try:
+        preset = module.MODEL_PRESETS["qwen2.5-0.5b"]
+        extras = module.preset_extras("qwen2.5-0.5b")
+        assert extras["qkv_bias"] is True and extras["rope_theta"] == preset["rope_theta"]
+        assert not set(extras) & {*module.SHAPE_FLAGS, "tie_embeddings"} and module.preset_extras("") == {}
+        args = types.SimpleNamespace(
+            workload="long_tailed", preset="qwen2.5-0.5b", dtype="bfloat16", prompts=1, num_samples=2,
+            prompt_len=4, max_new_tokens=8, mean_len=0, seed=0, hidden_size=16, num_layers=1, num_heads=2,
+            num_kv_heads=1, intermediate_size=32, vocab_size=64,
+        )  # fmt: skip
+        w = module.build(args)
+        assert w["model"].qkv_bias and not w["model"].tie_embeddings and w["model"].dtype == "bfloat16"
+        assert w["params"]["lm_head"].dtype == jax.numpy.bfloat16
+        with pytest.raises(SystemExit):
+            module.main(["--workload=uniform", "--preset=qwen2.5-0.5b", "--no_write"])
+    finally:
+        del sys.modules[module.__name__]
