@@ -54,6 +54,15 @@ from grpo_jax.training.state import (
 )
 
 
+def _wait_for_rollout(item: InFlight, tokens) -> tuple[float, float]:
+    """Block until the rollout `item` (whose `tokens` are its last output) is done: (seconds waited now,
+    seconds since it was dispatched)."""
+    wait_from = time.time()
+    jax.block_until_ready(tokens)
+    ready_at = time.time()
+    return ready_at - wait_from, ready_at - item.dispatched_at
+
+
 @functools.cache
 def oldest_versions_fn(num_samples: int):
     """`pipeline.oldest_versions` jitted for groups of `num_samples`."""
@@ -403,10 +412,7 @@ class GRPOStage(RolloutStage):
             target += 1
         item = self.inflight.popleft()
         lag = check_lag(item, s, k)
-        wait_from = time.time()
-        jax.block_until_ready(item.rollout.tokens)
-        ready_at = time.time()
-        sample_wait, sample_time = ready_at - wait_from, ready_at - item.dispatched_at
+        sample_wait, sample_time = _wait_for_rollout(item, item.rollout.tokens)
 
         # (2) the rollout into the trainer's layout, host rewards, the batch
         placed = sharding.shard_batch({key: item.prompts[key] for key in PROMPT_KEYS}, self.run.mesh)
@@ -420,31 +426,39 @@ class GRPOStage(RolloutStage):
         batch.update(self.debug_switches(global_step))
 
         # (3) the update; (4) the next version to the sampler, queued behind it
-        train_from = time.time()
-        state, step_metrics = self.step_fn(state, batch)
-        state, more = self.after_update(state)
-        synced = self.push_weights(state, s + 1, wait=False)
-        m = host_metrics(step_metrics)
-        train_time = time.time() - train_from
-        sync_from = time.time()
-        jax.block_until_ready(synced.params)
-        synced.time_s = time.time() - sync_from
-        sync_time += synced.time_s
+        state, m, synced = self.update_and_push(state, batch, s)
         m.update(
             logged,
-            **more,
-            sample_time_s=sample_time,
-            train_time_s=train_time,
-            sync_time_s=sync_time,
             prompt_truncated_frac=global_mean(item.prompts["prompt_truncated"]),
-            step_time_s=time.time() - t0,
-            **self.pipeline_metrics(synced, lag, sample_wait, train_time),
+            **self.pipeline_metrics(synced, m, lag, sample_wait, sample_time, sync_time, t0),
         )
         return state, m
 
-    def pipeline_metrics(self, synced, lag: int, sample_wait: float, train_time: float) -> dict:
-        """The weight sync's and the pipeline's per-step metrics (docs/CONTRACTS.md)."""
+    def update_and_push(self, state, batch, s: int, behind_update=None):
+        """The update of step s (then `after_update`), then `behind_update(state)` (dispatches queued
+        behind it), then θ_{s+1} pushed to the sampler and waited for: (state, the update's metrics with
+        `train_time_s`, the push's `SyncedParams` with its `time_s`)."""
+        train_from = time.time()
+        state, step_metrics = self.step_fn(state, batch)
+        state, more = self.after_update(state)
+        if behind_update is not None:
+            behind_update(state)
+        synced = self.push_weights(state, s + 1, wait=False)
+        m = dict(host_metrics(step_metrics), **more, train_time_s=time.time() - train_from)
+        sync_from = time.time()
+        jax.block_until_ready(synced.params)
+        synced.time_s = time.time() - sync_from
+        return state, m, synced
+
+    def pipeline_metrics(self, synced, m, lag: int, sample_wait, sample_time, sync_time, t0) -> dict:
+        """The timings, the weight sync's and the pipeline's per-step metrics (docs/CONTRACTS.md) of a
+        pipelined step begun at `t0`: `synced` and `m` from `update_and_push`; `sync_time`: a wait for
+        the weights before the step."""
+        train_time = m["train_time_s"]
         return {
+            "sample_time_s": sample_time,
+            "sync_time_s": sync_time + synced.time_s,
+            "step_time_s": time.time() - t0,
             "sync/bytes": float(synced.bytes),
             "sync/time_s": synced.time_s,
             "pipeline/lag": float(lag),
@@ -506,10 +520,7 @@ class GRPOStage(RolloutStage):
             self.inflight.append(self.dispatch_partial(state, s))
         item = self.inflight.popleft()
         lag = check_lag(item, s, k)
-        wait_from = time.time()
-        jax.block_until_ready(item.rollout.rollout.tokens)
-        ready_at = time.time()
-        sample_wait, sample_time = ready_at - wait_from, ready_at - item.dispatched_at
+        sample_wait, sample_time = _wait_for_rollout(item, item.rollout.rollout.tokens)
         if k and s + 1 <= last and not self.inflight:
             self.inflight.append(self.dispatch_partial(state, s + 1))
 
@@ -527,33 +538,21 @@ class GRPOStage(RolloutStage):
         batch["behaviour_version"] = version
         batch.update(self.debug_switches(global_step))
 
-        train_from = time.time()
-        state, step_metrics = self.step_fn(state, batch)
-        state, more = self.after_update(state)
-        target = self.inflight[-1].target + 1 if self.inflight else s + 1
-        while target <= min(s + k, last):
-            self.inflight.append(self.dispatch_partial(state, target))
-            target += 1
-        synced = self.push_weights(state, s + 1, wait=False)
-        m = host_metrics(step_metrics)
-        train_time = time.time() - train_from
-        sync_from = time.time()
-        jax.block_until_ready(synced.params)
-        synced.time_s = time.time() - sync_from
-        sync_time += synced.time_s
+        def dispatch_ahead(state):  # (5): the calls up to s + k, queued behind the update
+            target = self.inflight[-1].target + 1 if self.inflight else s + 1
+            while target <= min(s + k, last):
+                self.inflight.append(self.dispatch_partial(state, target))
+                target += 1
+
+        state, m, synced = self.update_and_push(state, batch, s, behind_update=dispatch_ahead)
         truncated = item.prompts["prompt_truncated"]
         m.update(
             logged,
-            **more,
             **{f"partial/{key}": v for key, v in host_metrics(out.stats).items()},
             **carried,
-            sample_time_s=sample_time,
-            train_time_s=train_time,
-            sync_time_s=sync_time,
             prompt_truncated_frac=global_mean(np.concatenate(truncated)) if truncated else 0.0,
-            step_time_s=time.time() - t0,
             **{"partial/prompt_batches": float(len(truncated))},
-            **self.pipeline_metrics(synced, lag, sample_wait, train_time),
+            **self.pipeline_metrics(synced, m, lag, sample_wait, sample_time, sync_time, t0),
         )
         return state, m
 
