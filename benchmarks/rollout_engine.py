@@ -163,8 +163,11 @@ def build(args) -> dict:
             "by min_new_tokens = L (every row exactly L tokens)",
         )
     else:
+        dtype = getattr(
+            args, "dtype", "float32"
+        )  # benchmarks/partial_rollouts.py's args have no preset/dtype
         model = models.ModelConfig(
-            **preset_extras(args.preset),
+            **preset_extras(getattr(args, "preset", "")),
             vocab_size=args.vocab_size,
             hidden_size=args.hidden_size,
             intermediate_size=args.intermediate_size,
@@ -172,8 +175,8 @@ def build(args) -> dict:
             num_heads=args.num_heads,
             num_kv_heads=args.num_kv_heads,
             tie_embeddings=False,
-            param_dtype=args.dtype,
-            dtype=args.dtype,
+            param_dtype=dtype,
+            dtype=dtype,
         )
         mean_len = args.mean_len or args.max_new_tokens / 5
         k = max(1, round(args.vocab_size / mean_len))
