@@ -32,16 +32,13 @@ from grpo_jax import sampling
 from grpo_jax.inputs import as_key
 from grpo_jax.models import ModelConfig, activation_sharding
 from grpo_jax.rollout.decode_layout import DECODE_RULES, decode_params, decode_specs  # noqa: F401 (API)
+from grpo_jax.rollout.engine_state import EngineState, Geometry, init_state, pool_geometry  # noqa: F401 (API)
 from grpo_jax.rollout.slots import (  # noqa: F401 (the engine's API)
-    EngineState,
-    Geometry,
     _constraints,
     advance,
     complete_groups,
     enqueue,
-    init_state,
     paged_attention_of,
-    pool_geometry,
     prefill,
     resume,
     token_chooser,
