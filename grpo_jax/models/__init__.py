@@ -4,12 +4,12 @@ from grpo_jax.models.config import ModelConfig
 from grpo_jax.models.hf import load_pretrained, save_pretrained
 from grpo_jax.models.kv_cache import forward_with_cache, init_cache
 from grpo_jax.models.placement import init_sharded_params, model_param_shardings
+from grpo_jax.models.shared_prefix import completion_logprobs_shared_prefix
 from grpo_jax.models.transformer import (
     KVCache,
     Params,
     activation_sharding,
     completion_logprobs,
-    completion_logprobs_shared_prefix,
     forward,
     forward_hidden,
     init_params,
