@@ -34,17 +34,13 @@ resumed process, unlike every other value of the line. `config.compilation_cache
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -59,6 +55,12 @@ from grpo_jax.metrics import MetricsWriter, ProgressBar, plot_curves, write_summ
 from grpo_jax.training import setup
 from grpo_jax.training.compilation import compile_count, enable_persistent_cache
 from grpo_jax.training.evaluator import Evaluator
+from grpo_jax.training.preemption import (  # noqa: F401 (PREEMPTED_EXIT_CODE: the trainer's API)
+    PREEMPTED_EXIT_CODE,
+    Preempted,
+    stop_agreed,
+    stop_on_sigterm,
+)
 from grpo_jax.training.stages import INIT_BASE, INIT_PREVIOUS, STAGE_KINDS, stage_kind
 from grpo_jax.training.stages.base import stage_dir
 from grpo_jax.training.state import state_bytes
@@ -66,57 +68,6 @@ from grpo_jax.training.state import state_bytes
 
 class TrainingError(RuntimeError):
     """A run that cannot continue (e.g. too many non-finite updates in a row); the message says why."""
-
-
-# os.EX_TEMPFAIL: "temporary failure, retry"; distinct from success (0), an error (1) and a process killed
-# by a signal, so a job script can requeue the same command on it.
-PREEMPTED_EXIT_CODE = 75
-
-
-class Preempted(Exception):
-    """SIGTERM stopped the run after a step whose checkpoint is saved; the same command resumes it.
-
-    `checkpoint_step` is the resume point (None if no checkpoint could be saved yet)."""
-
-    def __init__(self, message: str, checkpoint_step: int | None):
-        super().__init__(message)
-        self.checkpoint_step = checkpoint_step
-
-
-# ------------------------------------------------------------------------------------------------
-# Preemption
-# ------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[threading.Event]:
-    """While inside, SIGTERM sets the yielded event instead of killing the process; the previous
-    handler is restored on exit. Outside the main thread (where Python cannot install handlers) the
-    event is never set and SIGTERM keeps its old meaning."""
-    request = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    # Only sets a flag: the loop checks it between steps, where stopping leaves a consistent state.
-    signal.signal(signal.SIGTERM, lambda signum, frame: request.set())
-    try:
-        yield request
-    finally:  # None: a handler installed outside Python, which Python cannot reinstall
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-def stop_agreed(request: threading.Event | None) -> bool:
-    """True on every process once any process's `request` is set, False on every process otherwise.
-
-    Every process must call it at the same points (it is a collective when process_count() > 1): the
-    signal may reach the hosts of a pod at different steps, and a checkpoint is a collective save."""
-    local = request is not None and request.is_set()
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
-
-    return bool(np.asarray(multihost_utils.process_allgather(np.int32(local))).any())
 
 
 @dataclasses.dataclass
