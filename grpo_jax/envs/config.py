@@ -98,13 +98,9 @@ class EnvConfig:
 
     def tool_names(self, tokenizer: Any = None) -> list[str]:
         """The names of the tools this stage's environment offers (built without its sandbox check)."""
+        fmt = self.tool_format_for(tokenizer)
         try:
-            env = make_env(
-                self.env,
-                max_turns=self.max_tool_turns,
-                fmt=self.tool_format_for(tokenizer),
-                **self.env_options,
-            )
+            env = make_env(self.env, max_turns=self.max_tool_turns, fmt=fmt, **self.env_options)
         except ValueError as error:
             raise ValueError(f"{self.section}.env_options: {error}") from error
         return sorted(getattr(env, "tools", {}))

@@ -426,37 +426,39 @@ class GRPOStage(RolloutStage):
         batch.update(self.debug_switches(global_step))
 
         # (3) the update; (4) the next version to the sampler, queued behind it
-        state, m, synced = self.update_and_push(state, batch, s)
+        state, m, more, synced, train_time = self.update_and_push(state, batch, s)
         m.update(
             logged,
+            **more,
             prompt_truncated_frac=global_mean(item.prompts["prompt_truncated"]),
-            **self.pipeline_metrics(synced, m, lag, sample_wait, sample_time, sync_time, t0),
+            **self.pipeline_metrics(synced, train_time, lag, sample_wait, sample_time, sync_time, t0),
         )
         return state, m
 
     def update_and_push(self, state, batch, s: int, behind_update=None):
         """The update of step s (then `after_update`), then `behind_update(state)` (dispatches queued
-        behind it), then θ_{s+1} pushed to the sampler and waited for: (state, the update's metrics with
-        `train_time_s`, the push's `SyncedParams` with its `time_s`)."""
+        behind it), then θ_{s+1} pushed to the sampler and waited for: (state, the update's host
+        metrics, `after_update`'s, the push's `SyncedParams` with its `time_s`, the update's seconds)."""
         train_from = time.time()
         state, step_metrics = self.step_fn(state, batch)
         state, more = self.after_update(state)
         if behind_update is not None:
             behind_update(state)
         synced = self.push_weights(state, s + 1, wait=False)
-        m = dict(host_metrics(step_metrics), **more, train_time_s=time.time() - train_from)
+        m = host_metrics(step_metrics)
+        train_time = time.time() - train_from
         sync_from = time.time()
         jax.block_until_ready(synced.params)
         synced.time_s = time.time() - sync_from
-        return state, m, synced
+        return state, m, more, synced, train_time
 
-    def pipeline_metrics(self, synced, m, lag: int, sample_wait, sample_time, sync_time, t0) -> dict:
+    def pipeline_metrics(self, synced, train_time, lag: int, sample_wait, sample_time, sync_time, t0) -> dict:
         """The timings, the weight sync's and the pipeline's per-step metrics (docs/CONTRACTS.md) of a
-        pipelined step begun at `t0`: `synced` and `m` from `update_and_push`; `sync_time`: a wait for
-        the weights before the step."""
-        train_time = m["train_time_s"]
+        pipelined step begun at `t0`: `synced` and `train_time` from `update_and_push`; `sync_time`: a
+        wait for the weights before the step."""
         return {
             "sample_time_s": sample_time,
+            "train_time_s": train_time,
             "sync_time_s": sync_time + synced.time_s,
             "step_time_s": time.time() - t0,
             "sync/bytes": float(synced.bytes),
@@ -544,15 +546,18 @@ class GRPOStage(RolloutStage):
                 self.inflight.append(self.dispatch_partial(state, target))
                 target += 1
 
-        state, m, synced = self.update_and_push(state, batch, s, behind_update=dispatch_ahead)
+        state, m, more, synced, train_time = self.update_and_push(
+            state, batch, s, behind_update=dispatch_ahead
+        )
         truncated = item.prompts["prompt_truncated"]
         m.update(
             logged,
+            **more,
             **{f"partial/{key}": v for key, v in host_metrics(out.stats).items()},
             **carried,
             prompt_truncated_frac=global_mean(np.concatenate(truncated)) if truncated else 0.0,
             **{"partial/prompt_batches": float(len(truncated))},
-            **self.pipeline_metrics(synced, m, lag, sample_wait, sample_time, sync_time, t0),
+            **self.pipeline_metrics(synced, train_time, lag, sample_wait, sample_time, sync_time, t0),
         )
         return state, m
 
