@@ -10,7 +10,7 @@ paged decode attention (S = 64 slots, K = 2 KV heads, G = 2 queries per KV head,
 - and the gather alone: `pages[:, table]` (what the reference does) against one row per page of the
   pages seen as `[K * pages, page_size * Dh]`;
 
-and how fast this machine reads 17 MB (the keys and values a uniform decode step attends to) and 64 MB.
+and how fast this machine reads 17 MiB (the keys and values a uniform decode step attends to) and 64 MiB.
 Each figure is the fastest of `--repeats` loops; the forms alternate within a round. Prints one JSON line.
 
     python benchmarks/decode_attention_forms.py [--repeats=5]
@@ -72,13 +72,13 @@ def timed_loop(step, operands, repeats: int) -> float:
     return 1e6 * min(times) / STEPS
 
 
-def read_rate(megabytes: int, repeats: int) -> float:
-    """GB/s of a jitted sum over `megabytes` of float32."""
-    x = jnp.ones((megabytes * 2**20 // 4 // 64, 64))
+def read_rate(mebibytes: int, repeats: int) -> float:
+    """GiB/s of a jitted sum over `mebibytes` MiB of float32 (17 MiB may stay partly in the CPU's cache)."""
+    x = jnp.ones((mebibytes * 2**20 // 4 // 64, 64))
     total = jax.jit(lambda x: jnp.sum(x, axis=0))
     jax.block_until_ready(total(x))
     best = min(_timed(lambda: total(x)) for _ in range(max(repeats, 10)))
-    return megabytes / 1024 / best
+    return mebibytes / 1024 / best
 
 
 def _timed(call) -> float:
@@ -111,7 +111,7 @@ def main() -> None:
             step = lambda i, pages, t, fn=fn: fn(pages, shifted(i, t))  # noqa: E731
             results[name].append(timed_loop(step, (k_pages, table), args.repeats))
     out = {f"{name}_us": round(min(times), 1) for name, times in results.items()}
-    out.update({f"read_{mb}mb_gb_per_s": round(read_rate(mb, args.repeats), 1) for mb in (17, 64)})
+    out.update({f"read_{mib}mib_gib_per_s": round(read_rate(mib, args.repeats), 1) for mib in (17, 64)})
     out["device"] = jax.devices()[0].device_kind
     print(json.dumps(out))
 

@@ -632,8 +632,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--report_only", action="store_true", help="rewrite OUT.md and OUT.png from OUT.json")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    if args.preset and args.workload != "long_tailed":
-        parser.error("--preset shapes the long_tailed workload's model")
+    if (args.preset or args.dtype != "float32") and args.workload != "long_tailed":
+        parser.error("--preset and --dtype set the long_tailed workload's model (uniform's is bench_trl_d's)")
     preset_shape = {k: v for k, v in MODEL_PRESETS.get(args.preset, {}).items() if k in SHAPE_FLAGS}
     for name, value in {**DEFAULTS[args.workload], **preset_shape}.items():
         if getattr(args, name) is None:
