@@ -18,6 +18,10 @@ from grpo_jax.envs.config import EnvConfig
 from grpo_jax.envs.tool_format import format_call
 from grpo_jax.envs.tools import PythonTool
 
+# Sandboxes start here, and tests/test_sandbox.py looks for them machine-wide (processes, temp folders):
+# under `pytest -n 2` the modules that start them share one worker (`--dist loadgroup`, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("sandbox")
+
 REPO = Path(__file__).resolve().parents[1]
 WALL_S = 2.0
 LIMITS = sandbox.SandboxLimits(wall_time_s=WALL_S, cpu_time_s=2, memory_bytes=256 * 2**20, max_processes=8)
