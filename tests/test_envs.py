@@ -30,10 +30,6 @@ from grpo_jax.envs import (
 )
 from grpo_jax.envs.tools import ToolError
 
-# Sandboxes start here, and tests/test_sandbox.py looks for them machine-wide (processes, temp folders):
-# under `pytest -n 2` the modules that start them share one worker (`--dist loadgroup`, pyproject.toml).
-pytestmark = pytest.mark.xdist_group("sandbox")
-
 CALL_42 = format_call("calculator", {"expression": "6 * 7"})
 
 

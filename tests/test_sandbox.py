@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -18,14 +19,28 @@ from grpo_jax.envs.config import EnvConfig
 from grpo_jax.envs.tool_format import format_call
 from grpo_jax.envs.tools import PythonTool
 
-# Sandboxes start here, and tests/test_sandbox.py looks for them machine-wide (processes, temp folders):
-# under `pytest -n 2` the modules that start them share one worker (`--dist loadgroup`, pyproject.toml).
-pytestmark = pytest.mark.xdist_group("sandbox")
-
 REPO = Path(__file__).resolve().parents[1]
 WALL_S = 2.0
 LIMITS = sandbox.SandboxLimits(wall_time_s=WALL_S, cpu_time_s=2, memory_bytes=256 * 2**20, max_processes=8)
 SECRET = "grpo-sandbox-test-secret-7f3a"
+
+
+# This test's folder for sandbox run folders (`own_sandbox_folder`): the checks below look only there and
+# at the processes whose argv names it, not at another pytest worker's sandboxes (`pytest -n 2`).
+_SANDBOX_TMP: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def own_sandbox_folder(tmp_path, monkeypatch):
+    """Sandbox run folders go under this test's own temp folder (`tempfile` here, TMPDIR for the worker
+    processes a test starts), so "nothing left behind" is checked on this test's sandboxes alone."""
+    folder = tmp_path / "sandbox_tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    _SANDBOX_TMP[:] = [folder]
+    yield
+    _SANDBOX_TMP.clear()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +65,9 @@ def _pid_namespace_members(namespace: str) -> list[int]:
 
 
 def _sandbox_launchers() -> list[int]:
-    """Host pids of sandbox launchers (their argv names the run's `grpo-sandbox-` directory)."""
+    """Host pids of this test's sandbox launchers (their argv names the run's `grpo-sandbox-` directory,
+    under the test's own folder)."""
+    mark = f"{_SANDBOX_TMP[0]}/grpo-sandbox-".encode()
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -58,15 +75,13 @@ def _sandbox_launchers() -> list[int]:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"grpo-sandbox-" in cmdline and int(entry) != os.getpid():
+            if mark in cmdline and int(entry) != os.getpid():
                 found.append(int(entry))
     return found
 
 
 def _run_dirs() -> list[Path]:
-    import tempfile
-
-    return list(Path(tempfile.gettempdir()).glob("grpo-sandbox-*"))
+    return list(_SANDBOX_TMP[0].glob("grpo-sandbox-*"))
 
 
 def _run(code: str, backend: str, limits=LIMITS) -> tuple[sandbox.SandboxResult, float]:

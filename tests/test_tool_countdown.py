@@ -36,10 +36,6 @@ from grpo_jax.rewards.host import countdown_host_reward
 from grpo_jax.tokenizers import R1_SPECIAL_SYMBOLS
 from grpo_jax.training import setup
 
-# Sandboxes start here, and tests/test_sandbox.py looks for them machine-wide (processes, temp folders):
-# under `pytest -n 2` the modules that start them share one worker (`--dist loadgroup`, pyproject.toml).
-pytestmark = pytest.mark.xdist_group("sandbox")
-
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tool_python_countdown.py")
 UNSANDBOXED = sandbox.isolation().backend is None  # then the runs below opt in, as the docstring says
 # Starting a sandboxed interpreter takes 0.1 s on an idle machine and seconds on a loaded one: the tests
