@@ -21,10 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 
 import jax
 import jax.numpy as jnp
+from benchlib import time_calls
 
 from grpo_jax.rollout.paged_cache import paged_attention_reference
 
@@ -63,28 +63,14 @@ def timed_loop(step, operands, repeats: int) -> float:
     def loop(*operands):
         return jax.lax.fori_loop(0, STEPS, lambda i, acc: acc + jnp.sum(step(i, *operands)), 0.0)
 
-    jax.block_until_ready(loop(*operands))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(loop(*operands))
-        times.append(time.perf_counter() - start)
-    return 1e6 * min(times) / STEPS
+    return 1e6 * time_calls(lambda: loop(*operands), repeats)["min_s"] / STEPS
 
 
 def read_rate(mebibytes: int, repeats: int) -> float:
     """GiB/s of a jitted sum over `mebibytes` MiB of float32 (17 MiB may stay partly in the CPU's cache)."""
     x = jnp.ones((mebibytes * 2**20 // 4 // 64, 64))
     total = jax.jit(lambda x: jnp.sum(x, axis=0))
-    jax.block_until_ready(total(x))
-    best = min(_timed(lambda: total(x)) for _ in range(max(repeats, 10)))
-    return mebibytes / 1024 / best
-
-
-def _timed(call) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    return time.perf_counter() - start
+    return mebibytes / 1024 / time_calls(lambda: total(x), max(repeats, 10))["min_s"]
 
 
 def main() -> None:
