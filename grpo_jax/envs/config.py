@@ -96,29 +96,28 @@ class EnvConfig:
             return ToolFormat.from_chat_template(tokenizer, max_observation_chars=self.max_observation_chars)
         return TOOL_FORMATS[self.tool_format](max_observation_chars=self.max_observation_chars)
 
-    def tool_names(self, tokenizer: Any = None) -> list[str]:
-        """The names of the tools this stage's environment offers (built without its sandbox check)."""
-        fmt = self.tool_format_for(tokenizer)
+    def _build(self, fmt: ToolFormat, options: dict) -> Environment:
+        """One environment with `options`; a bad option -> ValueError naming `<section>.env_options`."""
         try:
-            env = make_env(self.env, max_turns=self.max_tool_turns, fmt=fmt, **self.env_options)
+            return make_env(self.env, max_turns=self.max_tool_turns, fmt=fmt, **options)
         except ValueError as error:
             raise ValueError(f"{self.section}.env_options: {error}") from error
-        return sorted(getattr(env, "tools", {}))
+
+    def tool_names(self, tokenizer: Any = None) -> list[str]:
+        """The names of the tools this stage's environment offers (built without its sandbox check)."""
+        return sorted(getattr(self._build(self.tool_format_for(tokenizer), self.env_options), "tools", {}))
 
     def env_factory(self, tokenizer: Any = None) -> functools.partial:
         """A picklable `() -> Environment`; building one here checks every option (and, for the python tool,
         that a sandbox works or `allow_unsandboxed` is set: fails closed in one line)."""
         options = dict(self.env_options)
         fmt = self.tool_format_for(tokenizer)
-        try:
-            env = make_env(self.env, max_turns=self.max_tool_turns, fmt=fmt, **options)
-            if self.allow_unsandboxed and "python" in getattr(env, "tools", {}):
-                tools = {k: dict(v) for k, v in dict(options.get("tools") or {}).items()}
-                tools.setdefault("python", {})["allow_unsandboxed"] = True
-                options["tools"] = tools
-                env = make_env(self.env, max_turns=self.max_tool_turns, fmt=fmt, **options)
-        except ValueError as error:
-            raise ValueError(f"{self.section}.env_options: {error}") from error
+        env = self._build(fmt, options)
+        if self.allow_unsandboxed and "python" in getattr(env, "tools", {}):
+            tools = {k: dict(v) for k, v in dict(options.get("tools") or {}).items()}
+            tools.setdefault("python", {})["allow_unsandboxed"] = True
+            options["tools"] = tools
+            env = self._build(fmt, options)
         factory = functools.partial(make_env, self.env, max_turns=self.max_tool_turns, fmt=fmt, **options)
         _check_sandbox(env)
         return factory
