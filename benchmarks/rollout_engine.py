@@ -7,11 +7,11 @@ alternated in one run (issue 20, "Measured").
     python benchmarks/rollout_engine.py --preset=qwen2.5-0.5b --dtype=bfloat16 --prompt_len=512 \
         --max_new_tokens=4096 --repeats=1 --tag=gpu_qwen2.5-0.5b_P512_L4096      # the issue's GPU run
 
-`--preset` takes the long-tailed model's shape from `grpo_jax.MODEL_PRESETS` (layers, widths, heads,
-vocabulary, q/k/v biases, RoPE theta), untied (its zeroed `lm_head` is the method below: the head's
-matmul is the same as a tied one's); `--dtype` is its weights' and activations' dtype. On an accelerator
-the peak matmul rate is measured in that dtype at 8192³ (2048³ float32 on CPU), and the report names the
-device.
+`--preset` takes the long-tailed model's shape from `grpo_jax.models.presets.MODEL_PRESETS` (layers,
+widths, heads, vocabulary, q/k/v biases, RoPE theta), untied (its zeroed `lm_head` is the method below:
+the head's matmul is the same as a tied one's); `--dtype` is its weights' and activations' dtype. On an
+accelerator the peak matmul rate is measured in that dtype at 8192³ (2048³ float32 on CPU), and the
+report names the device.
 
 Workloads:
 - `long_tailed` (default): B prompts x G samples of a random model whose completion lengths are
@@ -163,9 +163,8 @@ def build(args) -> dict:
             "by min_new_tokens = L (every row exactly L tokens)",
         )
     else:
-        dtype = getattr(
-            args, "dtype", "float32"
-        )  # benchmarks/partial_rollouts.py's args have no preset/dtype
+        # benchmarks/partial_rollouts.py builds this workload from args without --preset/--dtype
+        dtype = getattr(args, "dtype", "float32")
         model = models.ModelConfig(
             **preset_extras(getattr(args, "preset", "")),
             vocab_size=args.vocab_size,
